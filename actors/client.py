@@ -1,0 +1,202 @@
+"""The client worker: one frozen backbone that trains and evaluates any client's adapter.
+
+``ClientWorker`` is a plain class (testable without Ray); :mod:`actors.pool` wraps it with
+``ray.remote``. A worker serves whichever clients it is handed: each client's data partition is
+rebuilt from the seed, never shipped, and its adapter is loaded into the worker's rank-``r``
+peft adapter in place.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import torch
+
+from aggregation import edit_layerwise, fold_scaling, get_merger, merger_class, unfold_scaling
+from fedsim.config import FedSimConfig, resolve_ranks
+from fedsim.data.federated import Batcher, FederatedData, load_dataset
+from fedsim.data.partition import rng_for
+from fedsim.evaluation import classification_metrics, predict
+from fedsim.models.backbone import build_backbone
+from fedsim.models.lora import AdapterHost, client_scaling
+from fedsim.training import train_local
+
+_SHUFFLE, _TORCH = 201, 202
+State = dict[str, torch.Tensor]
+
+
+def nbytes(state: State) -> int:
+    """Bytes of the tensors of a state dict (what crosses the network)."""
+    return sum(t.numel() * t.element_size() for t in state.values())
+
+
+@dataclass(frozen=True)
+class ClientTask:
+    """Train client ``client_id`` (of LoRA rank ``rank``) in round ``round_idx`` (1-based)."""
+
+    client_id: int
+    rank: int
+    round_idx: int
+
+
+@dataclass
+class ClientReport:
+    """Everything a client sends back besides its adapter update (plain Python values)."""
+
+    client_id: int
+    rank: int
+    num_samples: int
+    steps: int
+    train_loss: float
+    personalized: dict[str, float]
+    edited: list[str] = field(default_factory=list)
+    similarities: dict[str, float] = field(default_factory=dict)
+    upload_bytes: int = 0
+    download_bytes: int = 0
+    time_s: float = 0.0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class ClientWorker:
+    """Holds one backbone copy and runs client tasks on it.
+
+    Args:
+        cfg: the resolved experiment config.
+    """
+
+    def __init__(self, cfg: FedSimConfig):
+        torch.set_num_threads(max(1, int(cfg.resources.client.num_cpus)))
+        self.cfg = cfg
+        self.device = torch.device(
+            "cuda" if cfg.resources.client.num_gpus > 0 and torch.cuda.is_available() else "cpu"
+        )
+        self.ranks = resolve_ranks(cfg.clients, cfg.seed)
+        self.global_rank = max(self.ranks)
+        self.data = FederatedData(cfg, load_dataset(cfg))
+        self.backbone = build_backbone(cfg.model, self.data.num_classes, cfg.seed)
+        self.backbone.model.to(self.device)
+        self.host = AdapterHost(self.backbone, cfg.lora, self.global_rank)
+        self.batcher = Batcher(
+            self.data.dataset,
+            self.backbone.tokenizer,
+            cfg.data.max_text_tokens,
+            cfg.data.text_placeholder,
+        )
+        self.merger = get_merger(cfg.aggregation.method, **merger_options(cfg))
+
+    def ping(self) -> str:
+        return "ok"
+
+    def describe(self) -> dict:
+        """Facts about the backbone and the split that the driver needs (plain values)."""
+        return {
+            "max_rank": self.backbone.max_rank,
+            "target_modules": self.backbone.target_modules,
+            "classes": list(self.data.dataset.classes),
+            "num_test": len(self.data.test),
+            "client_train_sizes": [len(c.train) for c in self.data.clients],
+        }
+
+    def initial_global(self) -> State:
+        """The seeded initial global adapter at the global rank, in the ``s = 1`` space."""
+        self.host.activate(self.global_rank, seed=self.cfg.seed)
+        return fold_scaling(self.host.state(self.global_rank), self._scaling(self.global_rank))
+
+    def _scaling(self, rank: int) -> float:
+        return client_scaling(self.cfg.lora, rank, self.global_rank)
+
+    def train(self, task: ClientTask, global_state: State) -> tuple[dict, State]:
+        """Run one client's round: load, train, edit, evaluate, and package the upload.
+
+        Returns:
+            ``(report, update)``: the report as a plain dict and the upload (CPU tensors, in
+            the ``s = 1`` space the server merges in).
+        """
+        start = time.perf_counter()
+        cfg = self.cfg
+        client = self.data.clients[task.client_id]
+        s = self._scaling(task.rank)
+        received = unfold_scaling(self.merger.redistribute(global_state, task.rank), s)
+        model = self.host.load(task.rank, received)
+        seed_seq = np.random.SeedSequence([cfg.seed, _TORCH, task.round_idx, task.client_id])
+        torch.manual_seed(int(seed_seq.generate_state(1)[0]))
+        shuffle = rng_for(cfg.seed, _SHUFFLE, task.round_idx, task.client_id)
+        stats = train_local(
+            model,
+            self.host.trainable_parameters(task.rank),
+            lambda _epoch: self.batcher.iterate(client.train, cfg.train.batch_size, shuffle),
+            num_epochs=cfg.train.local_epochs,
+            max_steps=cfg.train.max_local_steps,
+            lr=cfg.train.lr,
+            weight_decay=cfg.train.weight_decay,
+            precision=cfg.train.precision,
+            device=self.device,
+        )
+        local = self.host.state(task.rank)
+        edited: list[str] = []
+        similarities: dict[str, float] = {}
+        if cfg.editing.enabled and task.round_idx >= 2:
+            e = cfg.editing
+            result = edit_layerwise(
+                local, received, key=e.key, count=e.count, threshold=e.threshold, mode=e.mode
+            )
+            edited, similarities = list(result.edited), dict(result.similarities)
+            if edited:
+                local = result.state
+                self.host.load(task.rank, local)
+        personalized = self._metrics(client.holdout)
+        update = fold_scaling(local, s)
+        report = ClientReport(
+            client_id=task.client_id,
+            rank=task.rank,
+            num_samples=len(client.train),
+            steps=stats.steps,
+            train_loss=stats.loss_mean,
+            personalized=personalized,
+            edited=edited,
+            similarities=similarities,
+            upload_bytes=nbytes(update),
+            download_bytes=nbytes(received),
+            time_s=time.perf_counter() - start,
+        )
+        return report.to_dict(), update
+
+    def _metrics(self, split) -> dict[str, float]:
+        y, p, loss = predict(
+            self.host.model,
+            self.batcher.iterate(split, self.cfg.train.eval_batch_size),
+            self.cfg.train.precision,
+            self.device,
+        )
+        return classification_metrics(y, p, loss)
+
+    def evaluate_global(
+        self, global_state: State, shard: int, num_shards: int
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Predictions of the global adapter on shard ``shard`` of ``num_shards`` of the test set.
+
+        The test set is cut into fixed batches first and the batches are dealt out in
+        contiguous runs, so every batch, and hence every number, is the same whatever the
+        number of shards.
+
+        Returns:
+            ``(labels, predictions, per-batch summed losses)``, to be concatenated in shard order.
+        """
+        state = unfold_scaling(global_state, self._scaling(self.global_rank))
+        self.host.load(self.global_rank, state)
+        size = self.cfg.train.eval_batch_size
+        split = self.data.test
+        starts = np.array_split(np.arange(0, len(split), size), num_shards)[shard]
+        batches = (
+            self.batcher.batch(split, np.arange(s, min(s + size, len(split)))) for s in starts
+        )
+        return predict(self.host.model, batches, self.cfg.train.precision, self.device)
+
+
+def merger_options(cfg: FedSimConfig) -> dict:
+    """The ``aggregation.*`` values that the configured merger's constructor takes."""
+    return {k: getattr(cfg.aggregation, k) for k in merger_class(cfg.aggregation.method).options}

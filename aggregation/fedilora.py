@@ -1,0 +1,109 @@
+"""FediLoRA dimension-wise reweighting (ALGORITHMS 1.2): each dimension averages its coverers.
+
+For dimension ``j`` let ``C_j = {i : r_i >= j}``; then ``w_ij = n_i / sum_{l in C_j} n_l`` for
+``i in C_j`` (else 0), ``A_g[j] = sum_i w_ij A_i[j]`` and ``B_g[:, j] = sum_i w_ij B_i[:, j]``.
+With equal ranks this is FedAvg. A dimension no sampled client covers keeps its previous global
+value (``empty_dim="keep"``) or is zeroed (``"zero"``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Literal, get_args
+
+import torch
+from torch import Tensor
+
+from aggregation.lora_keys import default_global_rank, rank_axis
+from aggregation.stacking import (
+    accumulation_dtype,
+    restore_rank_axis,
+    sample_weights,
+    stack_rank_first,
+    weighted_average,
+    weighted_rank_sum,
+)
+from aggregation.validate import check_merge_inputs
+
+EmptyDim = Literal["keep", "zero"]
+EMPTY_DIM_CHOICES: tuple[str, ...] = get_args(EmptyDim)
+
+
+def dimension_weights(
+    ranks: Sequence[int], num_samples: Sequence[float], global_rank: int
+) -> tuple[Tensor, Tensor]:
+    """Build FediLoRA's ``|S| x R`` weight matrix and the mask of covered dimensions.
+
+    Args:
+        ranks: Each client's rank ``r_i``.
+        num_samples: Each client's sample count ``n_i`` (positive).
+        global_rank: The global rank ``R``.
+
+    Returns:
+        ``(weights, covered)``: float64 ``weights[i, j] = w_ij`` of shape ``(|S|, R)`` whose
+        covered columns sum to 1 and uncovered columns are 0, and bool ``covered`` of shape
+        ``(R,)``, true where some client has ``r_i > j`` (0-based ``j``).
+    """
+    counts = torch.as_tensor(num_samples, dtype=torch.float64)
+    client_ranks = torch.as_tensor(ranks, dtype=torch.long)
+    covers = torch.arange(global_rank)[None, :] < client_ranks[:, None]  # (|S|, R)
+    mass = counts[:, None] * covers  # (|S|, R): n_i where client i covers j
+    totals = mass.sum(dim=0)  # (R,)
+    covered = totals > 0
+    weights = mass / torch.where(covered, totals, torch.ones_like(totals))
+    return weights, covered
+
+
+def fedilora_merge(
+    states: Sequence[Mapping[str, Tensor]],
+    ranks: Sequence[int],
+    num_samples: Sequence[float],
+    *,
+    previous: Mapping[str, Tensor] | None = None,
+    global_rank: int | None = None,
+    empty_dim: EmptyDim = "keep",
+) -> dict[str, Tensor]:
+    """Merge clients with FediLoRA's per-dimension weights; dense tensors use ``p_i``.
+
+    Args:
+        states: The clients' LoRA state dicts (same keys), client ``i`` at rank ``ranks[i]``.
+        ranks: Each client's rank.
+        num_samples: Each client's number of training samples.
+        previous: The previous global state (any rank up to ``R``; missing dimensions count
+            as zero). Used only for dimensions no client covers, under ``empty_dim="keep"``;
+            when it is None such dimensions are zero.
+        global_rank: The global rank ``R``; defaults to ``max(ranks)``, or the rank of
+            ``previous`` if larger.
+        empty_dim: ``"keep"`` an uncovered dimension's previous value, or ``"zero"`` it.
+
+    Returns:
+        A new rank-``R`` state dict, each tensor in the dtype of client 0's tensor.
+
+    Raises:
+        ValueError: If ``empty_dim`` is not a valid choice or the inputs are inconsistent (see
+            ``check_merge_inputs``).
+    """
+    if empty_dim not in EMPTY_DIM_CHOICES:
+        raise ValueError(f"empty_dim must be one of {EMPTY_DIM_CHOICES}, got {empty_dim!r}")
+    rank = global_rank if global_rank is not None else default_global_rank(ranks, previous)
+    check_merge_inputs(states, ranks, num_samples, rank, previous)
+    weights, covered = dimension_weights(ranks, num_samples, rank)
+    uncovered = ~covered
+    # Only an uncovered dimension reads ``previous``; without one it is never touched.
+    kept = previous if empty_dim == "keep" and bool(uncovered.any()) else None
+    client_weights = sample_weights(num_samples)
+    merged: dict[str, Tensor] = {}
+    for key in states[0]:
+        tensors = [state[key] for state in states]
+        if rank_axis(key) is None:
+            merged[key] = weighted_average(tensors, client_weights)
+            continue
+        dtype = accumulation_dtype(tensors)
+        stacked = stack_rank_first(key, tensors, rank, dtype)  # (|S|, R, *rest)
+        combined = weighted_rank_sum(stacked, weights)  # (R, *rest); uncovered rows are 0
+        if kept is not None:
+            old = stack_rank_first(key, [kept[key]], rank, dtype)[0]  # (R, *rest), zero-padded
+            mask = uncovered.to(combined.device)
+            combined[mask] = old[mask]
+        merged[key] = restore_rank_axis(key, combined).to(tensors[0].dtype)
+    return merged

@@ -1,0 +1,17 @@
+"""fedsim: a Ray-distributed simulation engine for federated LoRA fine-tuning of
+vision-language models under heterogeneous ranks, data and modalities.
+
+``fedsim.run(config)`` runs one simulation and returns its per-round metrics and MLflow run id.
+"""
+
+from fedsim.config import ConfigError, FedSimConfig, load_config
+
+__all__ = ["ConfigError", "FedSimConfig", "load_config", "run"]
+__version__ = "0.1.0"
+
+
+def run(config=None):
+    """Run one simulation; see :func:`fedsim.simulation.run`."""
+    from fedsim.simulation import run as _run
+
+    return _run(config)

@@ -1,0 +1,70 @@
+"""The ``fedsim`` command line: ``fedsim run [CONFIG.yaml] [key=value ...]``."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from fedsim.config import ConfigError, load_config
+
+DEFAULT_EXPERIMENT = Path("experiments") / "default.yaml"
+
+
+def _default_config() -> Path | None:
+    """``experiments/default.yaml`` of the working directory, else the one in this checkout."""
+    here = Path(__file__).resolve().parent.parent / DEFAULT_EXPERIMENT
+    for candidate in (Path.cwd() / DEFAULT_EXPERIMENT, here):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def _split_args(items: list[str]) -> tuple[str | None, list[str]]:
+    if items and "=" not in items[0]:
+        return items[0], items[1:]
+    return None, items
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``fedsim`` console script; returns the exit status."""
+    parser = argparse.ArgumentParser(prog="fedsim", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    run_p = sub.add_parser(
+        "run",
+        help="run a simulation",
+        description="Run a simulation. With no CONFIG, experiments/default.yaml is used.",
+    )
+    run_p.add_argument(
+        "args", nargs="*", metavar="[CONFIG.yaml] [key=value ...]", help="experiment and overrides"
+    )
+    show_p = sub.add_parser("config", help="print the resolved config as YAML")
+    show_p.add_argument("args", nargs="*", metavar="[CONFIG.yaml] [key=value ...]")
+    ns = parser.parse_args(argv)
+
+    path, overrides = _split_args(ns.args)
+    try:
+        cfg = load_config(path or _default_config(), overrides)
+    except ConfigError as exc:
+        print(f"fedsim: {exc}", file=sys.stderr)
+        return 2
+    if ns.command == "config":
+        from fedsim.config import to_yaml
+
+        print(to_yaml(cfg), end="")
+        return 0
+    from fedsim.simulation import run
+
+    try:
+        run(cfg)
+    except ConfigError as exc:
+        print(f"fedsim: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("fedsim: interrupted; the MLflow run is marked KILLED", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

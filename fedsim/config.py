@@ -1,0 +1,404 @@
+"""Typed experiment configuration: defaults, then a YAML file, then dotlist overrides.
+
+Every field has help text in its ``metadata``; cross-field rules are checked once in
+:func:`validate`, which raises :class:`ConfigError` naming the key and what is allowed.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field, fields, is_dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from aggregation import MERGERS
+
+# FediLoRA's setting: ranks of its 10 clients. Repeated in blocks of 10 for more clients.
+FEDILORA_RANKS = (32, 32, 16, 16, 8, 8, 4, 4, 4, 4)
+BACKBONES = ("minilm-effnet", "tiny", "hf")
+
+
+class ConfigError(ValueError):
+    """A configuration key holds a value that is not allowed; the message names the key."""
+
+    def __init__(self, key: str, message: str):
+        super().__init__(f"config error: {key}: {message}")
+        self.key = key
+
+
+def _help(text: str) -> dict[str, str]:
+    return {"help": text}
+
+
+@dataclass
+class ClientsConfig:
+    num: int = field(default=10, metadata=_help("Number of simulated clients."))
+    fraction: float = field(
+        default=0.4, metadata=_help("Share of clients sampled per round, in (0, 1].")
+    )
+    ranks: Any = field(
+        default_factory=lambda: list(FEDILORA_RANKS),
+        metadata=_help(
+            "LoRA rank per client: a list of clients.num ints, or a named distribution: "
+            "'fedilora' (FediLoRA's 32,32,16,16,8,8,4,4,4,4 pattern repeated), "
+            "'equal:R' (every client R), 'choice:R1,R2,...' (seeded draw per client)."
+        ),
+    )
+
+
+@dataclass
+class DataConfig:
+    dataset: Literal["emoji"] = field(
+        default="emoji", metadata=_help("Built-in dataset: 'emoji' (OpenMoji + Unicode names).")
+    )
+    label: Literal["group", "subgroup"] = field(
+        default="group", metadata=_help("Target: Unicode group (9 classes) or subgroup.")
+    )
+    image_size: int = field(default=32, metadata=_help("Rendered image side in pixels."))
+    test_fraction: float = field(default=0.2, metadata=_help("Share held out as global test."))
+    holdout_fraction: float = field(
+        default=0.2, metadata=_help("Share of each client's data held out for personalised eval.")
+    )
+    alpha: float = field(default=0.5, metadata=_help("Dirichlet concentration of label skew."))
+    min_per_client: int = field(default=10, metadata=_help("Minimum samples per client."))
+    missing_rate: float = field(
+        default=0.4,
+        metadata=_help(
+            "FediLoRA missing rate: share of each client's samples missing one modality."
+        ),
+    )
+    image_fill: Literal["zeros"] = field(
+        default="zeros", metadata=_help("Fill for a missing image (FediLoRA: zeros).")
+    )
+    text_placeholder: str = field(
+        default="", metadata=_help("Text that stands in for a missing text (empty string).")
+    )
+    max_text_tokens: int = field(default=32, metadata=_help("Token limit of the text tower."))
+    subset: int | None = field(
+        default=None, metadata=_help("Keep only this many samples (seeded), for quick runs.")
+    )
+    cache_dir: str | None = field(
+        default=None, metadata=_help("Where built datasets are cached (default ~/.cache/fedsim).")
+    )
+
+
+@dataclass
+class ModelConfig:
+    backbone: str = field(
+        default="minilm-effnet",
+        metadata=_help(
+            "'minilm-effnet' (pretrained MiniLM + EfficientNet-Lite0), 'tiny' (random, tests), "
+            "or 'hf' (model.text_encoder / model.vision_encoder by hub id or local path)."
+        ),
+    )
+    text_encoder: str | None = field(default=None, metadata=_help("hf: text encoder id/path."))
+    vision_encoder: str | None = field(default=None, metadata=_help("hf: vision encoder id/path."))
+    text_targets: list[str] = field(
+        default_factory=lambda: ["query", "value"],
+        metadata=_help("hf: module-name suffixes that get LoRA in the text tower."),
+    )
+    vision_targets: list[str] = field(
+        default_factory=lambda: ["query", "value"],
+        metadata=_help("hf: module-name suffixes that get LoRA in the vision tower."),
+    )
+    head_hidden: int = field(default=256, metadata=_help("Hidden width of the fusion head."))
+    head_dropout: float = field(default=0.1, metadata=_help("Dropout in the fusion head."))
+
+
+@dataclass
+class LoraConfig:
+    alpha: float = field(default=16.0, metadata=_help("LoRA alpha."))
+    scaling: Literal["constant", "rank"] = field(
+        default="constant",
+        metadata=_help(
+            "'constant': every client uses s = alpha / R (R = largest rank), so B@A means the "
+            "same on every client; 'rank': peft's per-client alpha / r_i."
+        ),
+    )
+    dropout: float = field(default=0.0, metadata=_help("LoRA dropout."))
+
+
+@dataclass
+class AggregationConfig:
+    method: str = field(
+        default="fedilora", metadata=_help("Heterogeneous-rank merge: " + ", ".join(MERGERS))
+    )
+    empty_dim: Literal["keep", "zero"] = field(
+        default="keep",
+        metadata=_help("FediLoRA: a rank dimension no sampled client covers keeps or zeroes."),
+    )
+
+
+@dataclass
+class EditingConfig:
+    enabled: bool = field(default=True, metadata=_help("FediLoRA layer-wise model editing."))
+    key: Literal["lora_A", "lora_B", "all"] = field(
+        default="lora_A", metadata=_help("Which LoRA tensors are candidates for editing.")
+    )
+    count: int = field(default=1, metadata=_help("How many lowest-similarity tensors to edit."))
+    threshold: float = field(default=0.95, metadata=_help("Edit only if cosine < threshold."))
+    mode: Literal["weighted", "replace", "half"] = field(
+        default="weighted", metadata=_help("weighted: mix by clamped cosine; replace; half.")
+    )
+
+
+@dataclass
+class TrainConfig:
+    local_epochs: int = field(default=1, metadata=_help("Local epochs per round."))
+    max_local_steps: int | None = field(
+        default=None, metadata=_help("Cap on local optimiser steps per round.")
+    )
+    batch_size: int = field(default=32, metadata=_help("Local training batch size."))
+    eval_batch_size: int = field(default=256, metadata=_help("Evaluation batch size."))
+    lr: float = field(default=2e-3, metadata=_help("Local AdamW learning rate."))
+    weight_decay: float = field(default=0.0, metadata=_help("AdamW weight decay."))
+    precision: Literal["fp32", "bf16"] = field(
+        default="fp32", metadata=_help("Autocast precision of the forward pass.")
+    )
+
+
+@dataclass
+class ClientResources:
+    num_cpus: float = field(default=1.0, metadata=_help("CPUs per client actor."))
+    num_gpus: float = field(default=0.0, metadata=_help("GPU fraction per client actor."))
+
+
+@dataclass
+class ResourcesConfig:
+    client: ClientResources = field(default_factory=ClientResources)
+    actors: int | None = field(
+        default=None, metadata=_help("Cap on the actor pool (default: what the cluster fits).")
+    )
+    max_retries: int = field(
+        default=1, metadata=_help("Retries of a failed client task on another actor.")
+    )
+
+
+@dataclass
+class TrackingConfig:
+    uri: str = field(default="sqlite:///mlflow.db", metadata=_help("MLflow tracking URI."))
+    experiment: str = field(default="fedsim", metadata=_help("MLflow experiment name."))
+    run_name: str | None = field(default=None, metadata=_help("MLflow run name."))
+    save_adapter: bool = field(default=True, metadata=_help("Log the final global adapter."))
+    plots: bool = field(default=True, metadata=_help("Log PNG plots of the curves."))
+
+
+@dataclass
+class FedSimConfig:
+    seed: int = field(default=0, metadata=_help("Seed of every random choice."))
+    rounds: int = field(default=10, metadata=_help("Federated rounds."))
+    clients: ClientsConfig = field(default_factory=ClientsConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    aggregation: AggregationConfig = field(default_factory=AggregationConfig)
+    editing: EditingConfig = field(default_factory=EditingConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    resources: ResourcesConfig = field(default_factory=ResourcesConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    progress: bool = field(default=True, metadata=_help("Show a progress bar and summary."))
+
+
+_KEY_RE = re.compile(r"full_key: (\S+)")
+
+
+def _raise_from_omegaconf(exc: OmegaConfBaseException) -> ConfigError:
+    msg = str(exc).splitlines()[0]
+    match = _KEY_RE.search(str(exc))
+    key = match.group(1) if match else getattr(exc, "full_key", None) or "config"
+    if "not in struct" in msg or "Key '" in msg and "not" in msg:
+        return ConfigError(key, f"unknown key ({msg})")
+    return ConfigError(key, msg)
+
+
+def load_config(
+    path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()
+) -> FedSimConfig:
+    """Build a validated config from defaults, an optional YAML file and dotlist overrides.
+
+    Args:
+        path: experiment YAML; ``None`` means defaults only.
+        overrides: ``key=value`` strings applied last.
+
+    Returns:
+        The resolved, validated :class:`FedSimConfig`.
+
+    Raises:
+        ConfigError: unreadable file, unknown key or value not allowed.
+    """
+    merged = OmegaConf.structured(FedSimConfig)
+    try:
+        if path is not None:
+            path = Path(path)
+            if not path.is_file():
+                raise ConfigError("config", f"file not found: {path}")
+            try:
+                loaded = OmegaConf.load(path)
+            except Exception as exc:  # yaml errors carry line numbers
+                raise ConfigError("config", f"cannot parse {path}: {exc}") from None
+            merged = OmegaConf.merge(merged, loaded)
+        for item in overrides:
+            if "=" not in item:
+                raise ConfigError(item, "an override must look like key=value")
+        if overrides:
+            merged = OmegaConf.merge(merged, OmegaConf.from_dotlist(list(overrides)))
+        cfg = OmegaConf.to_object(merged)
+    except OmegaConfBaseException as exc:
+        raise _raise_from_omegaconf(exc) from None
+    validate(cfg)
+    return cfg
+
+
+def as_config(config: FedSimConfig | DictConfig | dict | str | Path | None) -> FedSimConfig:
+    """Accept a config object, a plain dict of overrides, a YAML path or None (defaults)."""
+    if isinstance(config, FedSimConfig):
+        validate(config)
+        return config
+    if config is None or isinstance(config, (str, Path)):
+        return load_config(config)
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(FedSimConfig), config)
+        cfg = OmegaConf.to_object(merged)
+    except OmegaConfBaseException as exc:
+        raise _raise_from_omegaconf(exc) from None
+    validate(cfg)
+    return cfg
+
+
+def to_yaml(cfg: FedSimConfig) -> str:
+    """The resolved config as YAML, re-loadable with :func:`load_config`."""
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def flatten(cfg: Any, prefix: str = "") -> dict[str, Any]:
+    """Flatten a config dataclass into ``{"a.b": value}`` (for MLflow params)."""
+    out: dict[str, Any] = {}
+    for f in fields(cfg):
+        value = getattr(cfg, f.name)
+        key = f"{prefix}{f.name}"
+        if is_dataclass(value):
+            out.update(flatten(value, key + "."))
+        else:
+            out[key] = value
+    return out
+
+
+def resolve_ranks(clients: ClientsConfig, seed: int) -> list[int]:
+    """Turn ``clients.ranks`` into one rank per client.
+
+    Raises:
+        ConfigError: a malformed list or distribution name.
+    """
+    import numpy as np
+
+    spec = clients.ranks
+    n = clients.num
+    if isinstance(spec, (list, tuple)):
+        ranks = list(spec)
+        if len(ranks) != n:
+            raise ConfigError("clients.ranks", f"has {len(ranks)} entries but clients.num is {n}")
+    elif isinstance(spec, int):
+        ranks = [spec] * n
+    elif isinstance(spec, str):
+        name, _, arg = spec.partition(":")
+        if name == "fedilora" and not arg:
+            ranks = [FEDILORA_RANKS[i % len(FEDILORA_RANKS)] for i in range(n)]
+        elif name == "equal" and arg.strip().isdigit():
+            ranks = [int(arg)] * n
+        elif name == "choice" and arg and all(p.strip().isdigit() for p in arg.split(",")):
+            options = [int(p) for p in arg.split(",")]
+            rng = np.random.default_rng([seed, 0x5A4B])
+            ranks = [int(r) for r in rng.choice(options, size=n)]
+        else:
+            raise ConfigError(
+                "clients.ranks",
+                f"unknown distribution {spec!r}; allowed: a list of ints, 'fedilora', "
+                "'equal:R', 'choice:R1,R2,...'",
+            )
+    else:
+        raise ConfigError("clients.ranks", f"must be a list of ints or a name, got {spec!r}")
+    for i, r in enumerate(ranks):
+        if not isinstance(r, int) or isinstance(r, bool) or r < 1:
+            raise ConfigError("clients.ranks", f"client {i}: rank must be an int >= 1, got {r!r}")
+    return ranks
+
+
+def _check(cond: bool, key: str, message: str) -> None:
+    if not cond:
+        raise ConfigError(key, message)
+
+
+def validate(cfg: FedSimConfig) -> None:
+    """Check cross-field rules once; raise :class:`ConfigError` naming the key."""
+    _check(cfg.rounds >= 1, "rounds", f"must be >= 1, got {cfg.rounds}")
+    _check(cfg.clients.num >= 1, "clients.num", f"must be >= 1, got {cfg.clients.num}")
+    _check(
+        0 < cfg.clients.fraction <= 1,
+        "clients.fraction",
+        f"must be in (0, 1], got {cfg.clients.fraction}",
+    )
+    resolve_ranks(cfg.clients, cfg.seed)
+    d = cfg.data
+    _check(d.alpha > 0, "data.alpha", f"must be > 0, got {d.alpha}")
+    _check(
+        0 <= d.missing_rate <= 1, "data.missing_rate", f"must be in [0, 1], got {d.missing_rate}"
+    )
+    _check(
+        0 < d.test_fraction < 1, "data.test_fraction", f"must be in (0, 1), got {d.test_fraction}"
+    )
+    _check(
+        0 < d.holdout_fraction < 1,
+        "data.holdout_fraction",
+        f"must be in (0, 1), got {d.holdout_fraction}",
+    )
+    _check(8 <= d.image_size <= 512, "data.image_size", f"must be in [8, 512], got {d.image_size}")
+    _check(d.min_per_client >= 2, "data.min_per_client", f"must be >= 2, got {d.min_per_client}")
+    _check(d.max_text_tokens >= 4, "data.max_text_tokens", "must be >= 4")
+    _check(
+        d.subset is None or d.subset >= 2 * cfg.clients.num,
+        "data.subset",
+        f"must be at least 2 * clients.num = {2 * cfg.clients.num}, got {d.subset}",
+    )
+    m = cfg.model
+    _check(
+        m.backbone in BACKBONES,
+        "model.backbone",
+        f"unknown backbone {m.backbone!r}; allowed: {', '.join(BACKBONES)}",
+    )
+    if m.backbone == "hf":
+        _check(bool(m.text_encoder), "model.text_encoder", "is required when model.backbone=hf")
+        _check(bool(m.vision_encoder), "model.vision_encoder", "is required when model.backbone=hf")
+    _check(0 <= m.head_dropout < 1, "model.head_dropout", "must be in [0, 1)")
+    _check(cfg.lora.alpha > 0, "lora.alpha", f"must be > 0, got {cfg.lora.alpha}")
+    _check(0 <= cfg.lora.dropout < 1, "lora.dropout", "must be in [0, 1)")
+    _check(
+        cfg.aggregation.method in MERGERS,
+        "aggregation.method",
+        f"unknown method {cfg.aggregation.method!r}; allowed: {', '.join(sorted(MERGERS))}",
+    )
+    e = cfg.editing
+    _check(e.count >= 1, "editing.count", f"must be >= 1, got {e.count}")
+    _check(0 <= e.threshold <= 1.0 + 1e-9, "editing.threshold", "must be in [0, 1]")
+    t = cfg.train
+    _check(t.local_epochs >= 1, "train.local_epochs", "must be >= 1")
+    _check(
+        t.max_local_steps is None or t.max_local_steps >= 1, "train.max_local_steps", "must be >= 1"
+    )
+    _check(t.batch_size >= 1, "train.batch_size", "must be >= 1")
+    _check(t.eval_batch_size >= 1, "train.eval_batch_size", "must be >= 1")
+    _check(t.lr > 0, "train.lr", f"must be > 0, got {t.lr}")
+    r = cfg.resources
+    _check(r.client.num_cpus > 0, "resources.client.num_cpus", "must be > 0")
+    _check(
+        r.client.num_gpus == 0
+        or 0 < r.client.num_gpus <= 1
+        or float(r.client.num_gpus).is_integer(),
+        "resources.client.num_gpus",
+        f"must be 0, a fraction in (0, 1] or a whole number, got {r.client.num_gpus}",
+    )
+    _check(r.actors is None or r.actors >= 1, "resources.actors", "must be >= 1")
+    _check(r.max_retries >= 0, "resources.max_retries", "must be >= 0")
+    _check(bool(cfg.tracking.experiment), "tracking.experiment", "must not be empty")

