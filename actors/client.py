@@ -150,6 +150,8 @@ class ClientWorker:
                 self.host.load(task.rank, local)
         personalized = self._metrics(client.holdout)
         update = fold_scaling(local, s)
+        if task.client_id in cfg.faults.nan_update_clients:
+            update = {k: torch.full_like(v, float("nan")) for k, v in update.items()}
         report = ClientReport(
             client_id=task.client_id,
             rank=task.rank,

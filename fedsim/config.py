@@ -178,6 +178,17 @@ class ResourcesConfig:
 
 
 @dataclass
+class FaultsConfig:
+    nan_update_clients: list[int] = field(
+        default_factory=list,
+        metadata=_help(
+            "Client ids whose uploads are poisoned with NaN, to exercise the server's update "
+            "validation (such updates must be rejected and logged, never merged)."
+        ),
+    )
+
+
+@dataclass
 class TrackingConfig:
     uri: str = field(default="sqlite:///mlflow.db", metadata=_help("MLflow tracking URI."))
     experiment: str = field(default="fedsim", metadata=_help("MLflow experiment name."))
@@ -199,6 +210,7 @@ class FedSimConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     resources: ResourcesConfig = field(default_factory=ResourcesConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    faults: FaultsConfig = field(default_factory=FaultsConfig)
     progress: bool = field(default=True, metadata=_help("Show a progress bar and summary."))
 
 
@@ -402,3 +414,9 @@ def validate(cfg: FedSimConfig) -> None:
     _check(r.actors is None or r.actors >= 1, "resources.actors", "must be >= 1")
     _check(r.max_retries >= 0, "resources.max_retries", "must be >= 0")
     _check(bool(cfg.tracking.experiment), "tracking.experiment", "must not be empty")
+    for cid in cfg.faults.nan_update_clients:
+        _check(
+            0 <= cid < cfg.clients.num,
+            "faults.nan_update_clients",
+            f"client id {cid} is not in [0, {cfg.clients.num})",
+        )

@@ -237,6 +237,9 @@ def build_backbone(cfg: ModelConfig, num_classes: int, seed: int = 0) -> Backbon
             "model.backbone",
             f"unknown backbone {cfg.backbone!r}; allowed: {', '.join(BACKBONE_BUILDERS)}",
         ) from None
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # one "Loading weights" bar per actor is noise
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         backbone = builder(cfg, num_classes)

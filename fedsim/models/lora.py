@@ -29,7 +29,7 @@ def client_scaling(cfg: LoraConfig, rank: int, global_rank: int) -> float:
 def peft_config(
     cfg: LoraConfig, target_modules: str, rank: int, global_rank: int
 ) -> PeftLoraConfig:
-    """The peft config of a rank-``rank`` adapter whose peft scaling equals :func:`client_scaling`."""
+    """The peft config of a rank-``rank`` adapter; its peft scaling is :func:`client_scaling`."""
     return PeftLoraConfig(
         r=rank,
         lora_alpha=client_scaling(cfg, rank, global_rank) * rank,

@@ -1,0 +1,112 @@
+"""Shared fixtures: a session emoji cache, tiny configs, a local Ray and an MLflow store.
+
+Everything heavy is built once per session: the 16 px emoji cache (every test and every Ray
+actor reads the same directory, so no actor ever renders the font) and the local Ray cluster.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from fedsim.config import FedSimConfig, load_config
+
+IMAGE_SIZE = 16
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _offline_hub():
+    """Tests never reach the Hugging Face Hub: every model they build is local."""
+    saved = {k: os.environ.get(k) for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")}
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    os.environ["TRANSFORMERS_OFFLINE"] = "1"
+    yield
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+
+
+@pytest.fixture(scope="session")
+def emoji_cache(tmp_path_factory) -> Path:
+    """A cache directory holding the 16 px emoji dataset, built once for the session."""
+    from fedsim.data.emoji import load_emoji
+
+    root = tmp_path_factory.mktemp("fedsim-cache")
+    load_emoji(IMAGE_SIZE, "group", root)
+    return root
+
+
+@pytest.fixture(scope="session")
+def tiny_overrides(emoji_cache) -> list[str]:
+    """Dotlist overrides that make a config fast: tiny backbone, 16 px, 300 rows, 2 steps."""
+    return [
+        "model.backbone=tiny",
+        "model.head_hidden=32",
+        f"data.image_size={IMAGE_SIZE}",
+        "data.subset=300",
+        "data.min_per_client=5",
+        f"data.cache_dir={emoji_cache}",
+        "train.max_local_steps=2",
+        "train.batch_size=16",
+        "train.eval_batch_size=32",
+        "clients.num=6",
+        "clients.ranks=[8,8,4,4,2,2]",
+        "clients.fraction=0.5",
+        "rounds=2",
+        "progress=false",
+    ]
+
+
+@pytest.fixture(scope="session")
+def make_config(tiny_overrides) -> Callable[..., FedSimConfig]:
+    """``make_config("rounds=3", ...)``: the tiny config with further dotlist overrides."""
+
+    def make(*overrides: str) -> FedSimConfig:
+        return load_config(None, [*tiny_overrides, *overrides])
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """One local Ray cluster with 2 CPUs for every test that needs Ray."""
+    import ray
+
+    if ray.is_initialized():  # pragma: no cover - another plugin started it
+        yield ray
+        return
+    ray.init(
+        num_cpus=2,
+        include_dashboard=False,
+        logging_level="ERROR",
+        log_to_driver=False,
+        runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false"}},
+    )
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def mlflow_store(tmp_path_factory) -> Callable[[str], str]:
+    """``mlflow_store(experiment)``: a SQLite URI whose experiment keeps artifacts in tmp.
+
+    The experiment is created up front with an artifact location under the temp dir, so a
+    run never writes ``./mlruns`` into the working directory.
+    """
+    from mlflow.tracking import MlflowClient
+
+    root = tmp_path_factory.mktemp("mlflow")
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    client = MlflowClient(tracking_uri=uri)
+
+    def experiment(name: str) -> str:
+        if client.get_experiment_by_name(name) is None:
+            client.create_experiment(name, artifact_location=(root / name).as_uri())
+        return uri
+
+    return experiment
