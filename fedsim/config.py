@@ -97,11 +97,11 @@ class ModelConfig:
     text_encoder: str | None = field(default=None, metadata=_help("hf: text encoder id/path."))
     vision_encoder: str | None = field(default=None, metadata=_help("hf: vision encoder id/path."))
     text_targets: list[str] = field(
-        default_factory=lambda: ["query", "value"],
+        default_factory=lambda: ["query", "value", "q_proj", "v_proj"],
         metadata=_help("hf: module-name suffixes that get LoRA in the text tower."),
     )
     vision_targets: list[str] = field(
-        default_factory=lambda: ["query", "value"],
+        default_factory=lambda: ["query", "value", "q_proj", "v_proj"],
         metadata=_help("hf: module-name suffixes that get LoRA in the vision tower."),
     )
     head_hidden: int = field(default=256, metadata=_help("Hidden width of the fusion head."))
@@ -251,12 +251,20 @@ def load_config(
                 loaded = OmegaConf.load(path)
             except Exception as exc:  # yaml errors carry line numbers
                 raise ConfigError("config", f"cannot parse {path}: {exc}") from None
-            merged = OmegaConf.merge(merged, loaded)
+            try:
+                merged = OmegaConf.merge(merged, loaded)
+            except TypeError as exc:  # a list where a mapping belongs, or the reverse
+                raise ConfigError(
+                    "config", f"{path} does not fit the config's shape: {exc}"
+                ) from None
         for item in overrides:
-            if "=" not in item:
+            key, eq, _ = item.partition("=")
+            if not eq:
                 raise ConfigError(item, "an override must look like key=value")
-        if overrides:
-            merged = OmegaConf.merge(merged, OmegaConf.from_dotlist(list(overrides)))
+            try:
+                merged = OmegaConf.merge(merged, OmegaConf.from_dotlist([item]))
+            except TypeError as exc:
+                raise ConfigError(key, f"cannot set {item!r}: {exc}") from None
         cfg = OmegaConf.to_object(merged)
     except OmegaConfBaseException as exc:
         raise _raise_from_omegaconf(exc) from None
@@ -276,6 +284,8 @@ def as_config(config: FedSimConfig | DictConfig | dict | str | Path | None) -> F
         cfg = OmegaConf.to_object(merged)
     except OmegaConfBaseException as exc:
         raise _raise_from_omegaconf(exc) from None
+    except TypeError as exc:
+        raise ConfigError("config", f"does not fit the config's shape: {exc}") from None
     validate(cfg)
     return cfg
 
@@ -405,9 +415,8 @@ def validate(cfg: FedSimConfig) -> None:
     r = cfg.resources
     _check(r.client.num_cpus > 0, "resources.client.num_cpus", "must be > 0")
     _check(
-        r.client.num_gpus == 0
-        or 0 < r.client.num_gpus <= 1
-        or float(r.client.num_gpus).is_integer(),
+        r.client.num_gpus >= 0
+        and (r.client.num_gpus <= 1 or float(r.client.num_gpus).is_integer()),
         "resources.client.num_gpus",
         f"must be 0, a fraction in (0, 1] or a whole number, got {r.client.num_gpus}",
     )

@@ -21,6 +21,7 @@ from actors.pool import ClientPool, pool_size, start_server
 from aggregation import get_merger, unfold_scaling
 from fedsim.adapter_io import save_peft_adapter
 from fedsim.config import ConfigError, FedSimConfig, as_config, resolve_ranks
+from fedsim.data.federated import FederatedData, load_dataset
 from fedsim.data.partition import sample_clients
 from fedsim.evaluation import classification_metrics, summarize
 from fedsim.models.lora import client_scaling
@@ -148,6 +149,9 @@ def run(config: FedSimConfig | dict | str | Path | None = None) -> RunResult:
     cfg = as_config(config)
     ranks = resolve_ranks(cfg.clients, cfg.seed)
     per_round = len(sample_clients(cfg.clients.num, cfg.clients.fraction, cfg.seed, 1))
+    # Build the dataset cache and check the split here, once, before any actor starts: a
+    # split that cannot be made is a config error, not N dead actors.
+    FederatedData(cfg, load_dataset(cfg))
     started = init_ray()
     pool = server = tracker = None
     try:

@@ -137,18 +137,18 @@ def test_missing_file_and_malformed_override_raise_config_error(tmp_path):
         load_config(None, ["rounds"])
 
 
-@pytest.mark.xfail(
-    reason="BUG: a rank spec that YAML parses as a mapping (e.g. 'choice:' with nothing after "
-    "the colon, or '{a: 1}') escapes load_config as OmegaConf's TypeError 'Cannot merge "
-    "incompatible container types' instead of a ConfigError naming clients.ranks; the CLI "
-    "then dies with a traceback",
-    strict=True,
-)
 @pytest.mark.parametrize("spec", ["choice:", "{a: 1}"])
 def test_rank_spec_parsed_as_a_mapping_raises_config_error(spec):
     with pytest.raises(ConfigError) as info:
         load_config(None, [f"clients.ranks={spec}"])
     assert info.value.key == "clients.ranks"
+
+
+@pytest.mark.parametrize("value", ["-1", "-2"])
+def test_negative_gpu_count_raises_config_error(value):
+    with pytest.raises(ConfigError) as info:
+        load_config(None, [f"resources.client.num_gpus={value}"])
+    assert info.value.key == "resources.client.num_gpus"
 
 
 def _ranks(spec, num: int = 10, seed: int = 0) -> list[int]:

@@ -169,6 +169,8 @@ def global_adapter(simulation, mlflow_client, tmp_path_factory) -> Path:
     return Path(mlflow_client.download_artifacts(result.run_id, "global_adapter", dst))
 
 
+# peft looks for the base model's config under base_model_name_or_path ("tiny"): harmless.
+@pytest.mark.filterwarnings("ignore:Could not find a config file:UserWarning")
 def test_global_adapter_loads_with_peft(simulation, global_adapter):
     cfg, _ = simulation
     assert (global_adapter / "adapter_config.json").is_file()
@@ -187,6 +189,7 @@ def test_global_adapter_loads_with_peft(simulation, global_adapter):
     assert all(torch.isfinite(t).all() for t in saved.values())
 
 
+@pytest.mark.filterwarnings("ignore:Could not find a config file:UserWarning")
 def test_saved_adapter_reproduces_the_final_global_accuracy(simulation, global_adapter):
     cfg, result = simulation
     data = FederatedData(cfg, load_dataset(cfg))
@@ -227,6 +230,7 @@ def test_ranks_above_the_backbone_raise_config_error(ray_cluster, make_config, m
     uri = mlflow_store("fedsim-bad-ranks")
     cfg = make_config(
         "clients.ranks=[32,8,4,4,2,2]",
+        "resources.actors=1",
         f"tracking.uri={uri}",
         "tracking.experiment=fedsim-bad-ranks",
     )
@@ -237,3 +241,18 @@ def test_ranks_above_the_backbone_raise_config_error(ray_cluster, make_config, m
     client = MlflowClient(tracking_uri=uri)
     experiment = client.get_experiment_by_name("fedsim-bad-ranks")
     assert client.search_runs([experiment.experiment_id]) == []
+
+
+def test_impossible_partition_raises_config_error(ray_cluster, make_config, mlflow_store):
+    uri = mlflow_store("fedsim-bad-partition")
+    cfg = make_config(
+        "data.subset=40",  # 32 training rows for 6 clients of at least 10
+        "data.min_per_client=10",
+        "resources.actors=1",
+        "resources.max_retries=0",
+        f"tracking.uri={uri}",
+        "tracking.experiment=fedsim-bad-partition",
+    )
+    with pytest.raises(ConfigError) as info:
+        fedsim.run(cfg)
+    assert info.value.key in ("data.min_per_client", "data.subset")

@@ -279,22 +279,22 @@ def test_hf_backbone_from_local_dirs(hf_encoders):
     assert model(**_batch(backbone.tokenizer, size=16)).shape == (len(TEXTS), 3)
 
 
-@pytest.mark.xfail(
-    reason="BUG: with the default model.vision_targets ['query', 'value'] a transformers>=5 "
-    "ViT (whose attention uses q_proj/v_proj) gets no LoRA at all, silently: _max_rank only "
-    "fails when neither tower matches, so the image tower stays frozen and max_rank ignores it",
-    strict=True,
-)
-def test_hf_vision_targets_that_match_nothing_are_not_silently_ignored(hf_encoders):
+def test_hf_default_targets_give_both_towers_lora(hf_encoders):
     text_dir, vision_dir = hf_encoders
     cfg = ModelConfig(backbone="hf", text_encoder=text_dir, vision_encoder=vision_dir)
-    try:
-        backbone = build_backbone(cfg, 3, seed=0)
-    except ConfigError as exc:  # acceptable: a clear error naming the key
-        assert exc.key == "model.vision_targets"
-        return
-    model = AdapterHost(backbone, LoraConfig(), global_rank=4).activate(4, seed=0)
+    model = AdapterHost(build_backbone(cfg, 3, seed=0), LoraConfig(), global_rank=4).activate(4)
+    assert _lora_modules(model, "text")
     assert _lora_modules(model, "image")
+
+
+@pytest.mark.parametrize("key", ["vision_targets", "text_targets"])
+def test_hf_targets_that_match_nothing_name_the_key(hf_encoders, key):
+    text_dir, vision_dir = hf_encoders
+    cfg = ModelConfig(backbone="hf", text_encoder=text_dir, vision_encoder=vision_dir)
+    setattr(cfg, key, ["no_such_module"])
+    with pytest.raises(ConfigError) as info:
+        build_backbone(cfg, 3, seed=0)
+    assert info.value.key == f"model.{key}"
 
 
 def test_hf_backbone_bad_text_path_names_the_key(hf_encoders, tmp_path):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from fedsim.config import ConfigError
 from fedsim.data.federated import FederatedData, load_dataset
 from fedsim.data.partition import (
     dirichlet_partition,
@@ -65,12 +66,19 @@ def test_dirichlet_impossible_split_raises_a_clear_error(labels):
         dirichlet_partition(labels, 10, 0.5, 61, seed=0)  # 600 < 10 * 61
 
 
-def test_dirichlet_unreachable_minimum_raises_a_clear_error():
+def test_dirichlet_tops_up_clients_a_skewed_draw_leaves_short():
     # 30 rows in 2 classes; 3 clients need exactly 10 each, but alpha=0.001 hands each class
-    # (almost) wholly to one client, so some client always ends up short.
+    # (almost) wholly to one client, so the draw alone always leaves some client short.
     labels = np.repeat(np.arange(2), 15)
-    with pytest.raises(ValueError, match="data.alpha"):
-        dirichlet_partition(labels, 3, 0.001, 10, seed=0)
+    parts = dirichlet_partition(labels, 3, 0.001, 10, seed=0)
+    assert [len(p) for p in parts] == [10, 10, 10]
+    assert np.array_equal(np.sort(np.concatenate(parts)), np.arange(30))
+
+
+def test_dirichlet_scales_to_many_clients_at_small_alpha(labels):
+    parts = dirichlet_partition(labels, 200, 0.05, 3, seed=0)
+    assert min(len(p) for p in parts) >= 3
+    assert np.array_equal(np.sort(np.concatenate(parts)), np.arange(len(labels)))
 
 
 def _mean_label_entropy(labels: np.ndarray, parts: list[np.ndarray]) -> float:
@@ -196,3 +204,10 @@ def test_federated_data_is_identical_when_rebuilt(federated, make_config):
         np.array_equal(a.train.rows, b.train.rows)
         for a, b in zip(data.clients, other.clients, strict=True)
     )
+
+
+def test_too_few_rows_for_the_clients_names_min_per_client(make_config):
+    cfg = make_config("data.subset=40", "data.min_per_client=10")  # 32 train rows < 6 * 10
+    with pytest.raises(ConfigError) as info:
+        FederatedData(cfg, load_dataset(cfg))
+    assert info.value.key == "data.min_per_client"

