@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from aggregation import RankMerger, UpdateRejected, check_update
+from aggregation import RankMerger, UpdateRejected, check_update, lora_rank
 
 State = dict[str, torch.Tensor]
 
@@ -39,9 +39,7 @@ class ServerState:
     def __init__(self, merger: RankMerger, initial: State):
         self.merger = merger
         self.global_state = {k: v.clone() for k, v in initial.items()}
-        self.global_rank = int(
-            next(v.shape[0] for k, v in initial.items() if k.endswith("lora_A.weight"))
-        )
+        self.global_rank = lora_rank(initial)
 
     def get_global(self) -> State:
         return self.global_state

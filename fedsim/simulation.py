@@ -9,6 +9,7 @@ new global adapter on the global test set and logs the round to MLflow.
 from __future__ import annotations
 
 import os
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,7 +27,7 @@ from fedsim.data.partition import sample_clients
 from fedsim.evaluation import classification_metrics, summarize
 from fedsim.models.lora import client_scaling
 from fedsim.progress import RoundProgress
-from fedsim.tracking import Tracker, plot_history, temp_dir
+from fedsim.tracking import Tracker, plot_history
 
 
 @dataclass
@@ -227,7 +228,7 @@ def _finish(cfg, info, server, tracker, result: RunResult, global_rank: int) -> 
     if cfg.tracking.save_adapter:
         state = ray.get(server.get_global.remote())
         state = unfold_scaling(state, client_scaling(cfg.lora, global_rank, global_rank))
-        with temp_dir() as tmp:
+        with tempfile.TemporaryDirectory(prefix="fedsim-") as tmp:
             save_peft_adapter(state, tmp, cfg, info["target_modules"], global_rank, global_rank)
             tracker.log_dir(tmp, "global_adapter")
     if cfg.tracking.plots:

@@ -7,7 +7,6 @@ YAML, per-round per-client tables, the final global adapter in peft's format and
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 
 import mlflow
@@ -120,7 +119,3 @@ def plot_history(history: list[dict[str, float]]):
     axes[1].grid(alpha=0.3)
     fig.tight_layout()
     return fig
-
-
-def temp_dir() -> tempfile.TemporaryDirectory:
-    return tempfile.TemporaryDirectory(prefix="fedsim-")
