@@ -14,16 +14,26 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import torch
 
-from aggregation import edit_layerwise, fold_scaling, get_merger, merger_class, unfold_scaling
+from aggregation import (
+    edit_layerwise,
+    fold_scaling,
+    get_merger,
+    merger_class,
+    scaffold_client_variate,
+    shared_keys,
+    truncate,
+    unfold_scaling,
+)
 from fedsim.config import FedSimConfig, resolve_ranks
 from fedsim.data.federated import Batcher, FederatedData, load_dataset
 from fedsim.data.partition import rng_for
 from fedsim.evaluation import classification_metrics, predict
 from fedsim.models.backbone import build_backbone
-from fedsim.models.lora import AdapterHost, client_scaling
+from fedsim.models.lora import AdapterHost, client_scaling, fresh_lora_state
+from fedsim.objectives import build_objective, tower_depths
 from fedsim.training import train_local
 
-_SHUFFLE, _TORCH = 201, 202
+_SHUFFLE, _TORCH, _FRESH = 201, 202, 203
 State = dict[str, torch.Tensor]
 
 
@@ -87,6 +97,8 @@ class ClientWorker:
             cfg.data.text_placeholder,
         )
         self.merger = get_merger(cfg.aggregation.method, **merger_options(cfg))
+        self.depths = tower_depths(n for n, _ in self.backbone.model.named_modules())
+        self._base_version = 0
 
     def ping(self) -> str:
         return "ok"
@@ -109,19 +121,61 @@ class ClientWorker:
     def _scaling(self, rank: int) -> float:
         return client_scaling(self.cfg.lora, rank, self.global_rank)
 
-    def train(self, task: ClientTask, global_state: State) -> tuple[dict, State]:
+    def _sync_base(self, broadcast: dict) -> None:
+        """Apply FLoRA's merged base-weight updates if they changed since the last task."""
+        version = broadcast.get("base_version", 0)
+        if version != self._base_version:
+            self.host.set_base_delta(broadcast.get("base_delta"))
+            self._base_version = version
+
+    def _received(self, task: ClientTask, broadcast: dict) -> State:
+        """The client's rank-``r_i`` starting adapter (model space) from the broadcast."""
+        view = self.merger.redistribute(broadcast["adapter"], task.rank)
+        if self.merger.fresh_adapter_each_round:
+            seq = np.random.SeedSequence([self.cfg.seed, _FRESH, task.round_idx, task.client_id])
+            gen = torch.Generator().manual_seed(int(seq.generate_state(1)[0]))
+            return {**fresh_lora_state(self.host.state(task.rank), gen), **view}
+        return unfold_scaling(view, self._scaling(task.rank))
+
+    def train(
+        self, task: ClientTask, broadcast: dict, state: dict | None = None
+    ) -> tuple[dict, State, State | None, dict]:
         """Run one client's round: load, train, edit, evaluate, and package the upload.
 
+        Args:
+            task: which client, rank and round.
+            broadcast: the server's round broadcast: ``adapter`` (global, ``s = 1`` space),
+                ``scaffold_c`` (SCAFFOLD's server variate or None), ``base_delta`` /
+                ``base_version`` (FLoRA's merged base updates).
+            state: the client's persistent state from earlier rounds (None the first time):
+                ``private`` tensors its sharing policy keeps, ``scaffold_c`` its variate.
+
         Returns:
-            ``(report, update)``: the report as a plain dict and the upload (CPU tensors, in
-            the ``s = 1`` space the server merges in).
+            ``(report, update, scaffold_delta, new_state)``: the report as a plain dict, the
+            shared tensors (CPU, ``s = 1`` space), SCAFFOLD's ``c_i+ - c_i`` (or None) and the
+            client's new persistent state.
         """
         start = time.perf_counter()
         cfg = self.cfg
         client = self.data.clients[task.client_id]
         s = self._scaling(task.rank)
-        received = unfold_scaling(self.merger.redistribute(global_state, task.rank), s)
-        model = self.host.load(task.rank, received)
+        self._sync_base(broadcast)
+        received = self._received(task, broadcast)
+        state = state or {}
+        start_state = {**received, **state.get("private", {})}
+        model = self.host.load(task.rank, start_state)
+        shared = shared_keys(list(start_state), cfg.sharing.policy)
+        params = self.host.parameters_by_key(task.rank)
+        scaffold = broadcast.get("scaffold_c") is not None
+        c_i = c_view = None
+        correction = None
+        if scaffold:
+            c_view = truncate(broadcast["scaffold_c"], task.rank)
+            c_i = state.get("scaffold_c") or {k: torch.zeros_like(c_view[k]) for k in c_view}
+            correction = {k: c_view[k] - c_i[k] for k in c_view}
+        objective = build_objective(
+            cfg.objective, start_state, shared, self.depths, scaffold_correction=correction
+        )
         seed_seq = np.random.SeedSequence([cfg.seed, _TORCH, task.round_idx, task.client_id])
         torch.manual_seed(int(seed_seq.generate_state(1)[0]))
         shuffle = rng_for(cfg.seed, _SHUFFLE, task.round_idx, task.client_id)
@@ -135,23 +189,45 @@ class ClientWorker:
             weight_decay=cfg.train.weight_decay,
             precision=cfg.train.precision,
             device=self.device,
+            optimizer=cfg.train.optimizer,
+            objective=objective,
+            named_params=params,
         )
         local = self.host.state(task.rank)
+        scaffold_delta = None
+        new_state: dict = {}
+        if scaffold:
+            c_new = scaffold_client_variate(
+                c_i,
+                c_view,
+                {k: start_state[k] for k in c_view},
+                {k: local[k] for k in c_view},
+                stats.steps,
+                cfg.train.lr,
+            )
+            scaffold_delta = {k: c_new[k] - c_i[k] for k in c_new}
+            new_state["scaffold_c"] = c_new
         edited: list[str] = []
         similarities: dict[str, float] = {}
         if cfg.editing.enabled and task.round_idx >= 2:
             e = cfg.editing
             result = edit_layerwise(
-                local, received, key=e.key, count=e.count, threshold=e.threshold, mode=e.mode
+                {k: local[k] for k in shared},
+                {k: received[k] for k in shared},
+                key=e.key,
+                count=e.count,
+                threshold=e.threshold,
+                mode=e.mode,
             )
             edited, similarities = list(result.edited), dict(result.similarities)
             if edited:
-                local = result.state
+                local = {**local, **result.state}
                 self.host.load(task.rank, local)
         personalized = self._metrics(client.holdout)
-        update = fold_scaling(local, s)
+        update = fold_scaling({k: local[k] for k in shared}, s)
         if task.client_id in cfg.faults.nan_update_clients:
             update = {k: torch.full_like(v, float("nan")) for k, v in update.items()}
+        new_state["private"] = {k: v for k, v in local.items() if k not in shared}
         report = ClientReport(
             client_id=task.client_id,
             rank=task.rank,
@@ -161,11 +237,11 @@ class ClientWorker:
             personalized=personalized,
             edited=edited,
             similarities=similarities,
-            upload_bytes=nbytes(update),
-            download_bytes=nbytes(received),
+            upload_bytes=nbytes(update) + (nbytes(scaffold_delta) if scaffold_delta else 0),
+            download_bytes=nbytes(received) + (nbytes(c_view) if c_view else 0),
             time_s=time.perf_counter() - start,
         )
-        return report.to_dict(), update
+        return report.to_dict(), update, scaffold_delta, new_state
 
     def _metrics(self, split) -> dict[str, float]:
         y, p, loss = predict(
@@ -177,7 +253,7 @@ class ClientWorker:
         return classification_metrics(y, p, loss)
 
     def evaluate_global(
-        self, global_state: State, shard: int, num_shards: int
+        self, broadcast: dict, shard: int, num_shards: int
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Predictions of the global adapter on shard ``shard`` of ``num_shards`` of the test set.
 
@@ -188,7 +264,8 @@ class ClientWorker:
         Returns:
             ``(labels, predictions, per-batch summed losses)``, to be concatenated in shard order.
         """
-        state = unfold_scaling(global_state, self._scaling(self.global_rank))
+        self._sync_base(broadcast)
+        state = unfold_scaling(broadcast["adapter"], self._scaling(self.global_rank))
         self.host.load(self.global_rank, state)
         size = self.cfg.train.eval_batch_size
         split = self.data.test

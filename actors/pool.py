@@ -86,19 +86,33 @@ class ClientPool:
         """Call ``method`` on the first actor and return its value."""
         return ray.get(getattr(self.actors[0], method).remote(*args))
 
-    def train(self, tasks: list[ClientTask], global_ref) -> Outcome:
-        """Run client tasks; ``values[cid]`` is the report, ``refs[cid]`` the update's ref."""
+    def train(self, tasks: list[ClientTask], broadcast_ref, states: dict) -> Outcome:
+        """Run client tasks.
+
+        Args:
+            tasks: the round's client tasks.
+            broadcast_ref: object-store ref of the server's broadcast (shared by all tasks).
+            states: client id to the ref of its persistent state (absent: first round).
+
+        Returns:
+            ``values[cid]`` is the report; ``refs[cid]`` the refs of (update, scaffold delta,
+            new state).
+        """
         jobs = {
-            t.client_id: (lambda a, t=t: a.train.options(num_returns=2).remote(t, global_ref))
+            t.client_id: (
+                lambda a, t=t: a.train.options(num_returns=4).remote(
+                    t, broadcast_ref, states.get(t.client_id)
+                )
+            )
             for t in tasks
         }
         return self._run(jobs)
 
-    def evaluate(self, global_ref) -> Outcome:
+    def evaluate(self, broadcast_ref) -> Outcome:
         """Evaluate the global adapter, the test set split in one shard per actor."""
         n = len(self.actors)
         jobs = {
-            shard: (lambda a, s=shard: (a.evaluate_global.remote(global_ref, s, n),))
+            shard: (lambda a, s=shard: (a.evaluate_global.remote(broadcast_ref, s, n),))
             for shard in range(n)
         }
         return self._run(jobs)
@@ -142,6 +156,6 @@ class ClientPool:
         self.actors = []
 
 
-def start_server(merger, initial) -> object:
+def start_server(merger, initial, options) -> object:
     """Start the server actor (no CPU reserved: it only merges between client tasks)."""
-    return RemoteServer.options(num_cpus=0).remote(merger, initial)
+    return RemoteServer.options(num_cpus=0).remote(merger, initial, options)

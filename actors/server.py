@@ -1,7 +1,10 @@
 """The server: owns the global adapter, validates client updates and merges them.
 
 ``ServerState`` is a plain class; :mod:`actors.pool` runs it as a Ray actor so the merge runs
-next to the updates in the object store, not in the driver.
+next to the updates in the object store, not in the driver. Per round it validates each
+update, optionally rescales them (FedNova), merges the shared tensors with the heterogeneous-
+rank rule, applies the server optimiser to the pseudo-gradient, updates SCAFFOLD's server
+variate and, for FLoRA, folds the stacked product into the base-weight updates it broadcasts.
 """
 
 from __future__ import annotations
@@ -12,7 +15,15 @@ from dataclasses import dataclass, field
 
 import torch
 
-from aggregation import RankMerger, UpdateRejected, check_update, lora_rank
+from aggregation import (
+    RankMerger,
+    UpdateRejected,
+    check_update,
+    fednova_rescale,
+    flora_delta,
+    lora_rank,
+    scaffold_server_variate,
+)
 
 State = dict[str, torch.Tensor]
 
@@ -28,61 +39,154 @@ class AggregateReport:
     global_delta_norm: float = 0.0
 
 
+@dataclass(frozen=True)
+class ServerOptions:
+    """How the server combines updates, beyond the merge rule.
+
+    Attributes:
+        shared: the keys clients upload (their sharing policy); others stay at their init.
+        optimizer: a server optimiser from :mod:`aggregation` (``step``, ``is_identity``).
+        fednova: rescale updates by their local step counts before merging.
+        scaffold_clients: total number of clients N if SCAFFOLD is on, else None.
+    """
+
+    shared: tuple[str, ...]
+    optimizer: object
+    fednova: bool = False
+    scaffold_clients: int | None = None
+
+
 class ServerState:
-    """Global adapter plus the merge rule.
+    """Global adapter, merge rule and the server-side state of the configured methods.
 
     Args:
         merger: the heterogeneous-rank merge rule.
         initial: the initial global adapter at the global rank (``s = 1`` space).
+        options: the other server-side choices.
     """
 
-    def __init__(self, merger: RankMerger, initial: State):
+    def __init__(self, merger: RankMerger, initial: State, options: ServerOptions):
         self.merger = merger
+        self.options = options
+        self.template = {k: v.clone() for k, v in initial.items()}
         self.global_state = {k: v.clone() for k, v in initial.items()}
         self.global_rank = lora_rank(initial)
+        self.shared = [k for k in initial if k in set(options.shared)]
+        self.scaffold_c = (
+            {k: torch.zeros_like(initial[k]) for k in self.shared}
+            if options.scaffold_clients
+            else None
+        )
+        self.base_delta: dict[str, torch.Tensor] | None = None
+        self.base_version = 0
+        self.stacked: list[State] = []  # FLoRA: every round's stacked LoRA, for the export
+
+    def broadcast(self) -> dict:
+        """What every client task of the next round receives (one object in the store)."""
+        return {
+            "adapter": self.global_state,
+            "scaffold_c": self.scaffold_c,
+            "base_delta": self.base_delta,
+            "base_version": self.base_version,
+        }
 
     def get_global(self) -> State:
         return self.global_state
 
+    def stacked_history(self) -> list[State]:
+        """FLoRA: the stacked LoRA of every round (their products sum to the base updates)."""
+        return self.stacked
+
     def aggregate(
-        self, round_idx: int, clients: list[tuple[int, int, int]], *updates: State
+        self,
+        round_idx: int,
+        clients: list[tuple[int, int, int, int]],
+        updates: list[State],
+        scaffold_deltas: list[State | None] | None = None,
     ) -> AggregateReport:
         """Validate and merge the updates of one round.
 
         Args:
             round_idx: the round (for the report).
-            clients: ``(client_id, rank, num_samples)`` per update, in the updates' order.
-            updates: the clients' uploads.
+            clients: ``(client_id, rank, num_samples, local_steps)`` per update, in order.
+            updates: the clients' uploads (shared keys, ``s = 1`` space).
+            scaffold_deltas: SCAFFOLD's ``c_i+ - c_i`` per client, if SCAFFOLD is on.
 
         Returns:
-            The report; the global adapter is replaced unless every update was rejected.
+            The report; the global adapter is unchanged if every update was rejected.
         """
         start = time.perf_counter()
         report = AggregateReport(round_idx)
-        kept: list[tuple[int, int, int, State]] = []
-        for (cid, rank, n), update in sorted(zip(clients, updates), key=lambda x: x[0][0]):
+        if not self.shared:  # local-only training: nothing reaches the server
+            report.accepted = sorted(m[0] for m in clients)
+            return report
+        deltas = scaffold_deltas or [None] * len(updates)
+        reference = {k: self.template[k] for k in self.shared}
+        kept = []
+        for meta, update, delta in sorted(zip(clients, updates, deltas), key=lambda x: x[0][0]):
+            cid, rank, n, _ = meta
             try:
                 if n <= 0:
                     raise UpdateRejected(f"sample count must be positive, got {n}")
-                check_update(update, self.global_state, rank)
+                check_update(update, reference, rank)
             except UpdateRejected as exc:
                 report.rejected[cid] = str(exc)
                 continue
-            kept.append((cid, rank, n, update))
+            kept.append((meta, update, delta))
         if kept:
-            merged = self.merger.merge(
-                [u for *_, u in kept],
-                [r for _, r, _, _ in kept],
-                [n for _, _, n, _ in kept],
-                previous=self.global_state,
-                global_rank=self.global_rank,
-            )
-            delta = sum(
-                float((merged[k].double() - self.global_state[k].double()).pow(2).sum())
-                for k in merged
-            )
-            self.global_state = merged
-            report.accepted = [cid for cid, *_ in kept]
-            report.global_delta_norm = math.sqrt(delta)
+            report.global_delta_norm = self._merge(kept)
+            report.accepted = [m[0] for m, _, _ in kept]
         report.aggregate_s = time.perf_counter() - start
         return report
+
+    def aggregate_packed(
+        self, round_idx: int, clients: list[tuple[int, int, int, int]], *tensors
+    ) -> AggregateReport:
+        """:meth:`aggregate` with updates (then SCAFFOLD deltas, if any) as positional args.
+
+        Ray resolves object refs only when they are top-level arguments, so the driver passes
+        the clients' update refs this way and they never travel through the driver.
+        """
+        n = len(clients)
+        deltas = list(tensors[n:]) if len(tensors) > n else None
+        return self.aggregate(round_idx, clients, list(tensors[:n]), deltas)
+
+    def _merge(self, kept) -> float:
+        """Merge the accepted updates into the global state; returns the global change's norm."""
+        ranks = [m[1] for m, _, _ in kept]
+        counts = [m[2] for m, _, _ in kept]
+        updates = [u for _, u, _ in kept]
+        current = {k: self.global_state[k] for k in self.shared}
+        if self.options.fednova:
+            refs = [self.merger.redistribute(current, r) for r in ranks]
+            updates = fednova_rescale(updates, refs, [m[3] for m, _, _ in kept], counts)
+        merged = self.merger.merge(
+            updates, ranks, counts, previous=current, global_rank=self.global_rank
+        )
+        if self.merger.fresh_adapter_each_round:
+            merged = self._fold_into_base(merged)
+        new = self.options.optimizer.step(current, merged)
+        delta = sum(float((new[k].double() - current[k].double()).pow(2).sum()) for k in new)
+        self.global_state = {**self.global_state, **new}
+        if self.scaffold_c is not None:
+            self.scaffold_c = scaffold_server_variate(
+                self.scaffold_c,
+                [d for _, _, d in kept],
+                ranks,
+                self.options.scaffold_clients,
+                self.global_rank,
+            )
+        return math.sqrt(delta)
+
+    def _fold_into_base(self, stacked: State) -> State:
+        """FLoRA: add ``B_g @ A_g`` to the base updates; the adapter restarts from its init."""
+        lora = {k: v for k, v in stacked.items() if k.endswith(("lora_A.weight", "lora_B.weight"))}
+        self.stacked.append(lora)
+        product = flora_delta(lora)
+        if self.base_delta is None:
+            self.base_delta = product
+        else:
+            self.base_delta = {k: self.base_delta[k] + product[k] for k in product}
+        self.base_version += 1
+        dense = {k: v for k, v in stacked.items() if k not in lora}
+        return {**{k: self.template[k] for k in lora}, **dense}

@@ -1,11 +1,29 @@
 """Pure math on LoRA adapter tensors: merging heterogeneous ranks, editing, validating updates.
 
+Also the pieces of federated optimisation that act on state dicts: server optimisers, SCAFFOLD
+control variates, FedNova's rescaling, and the sharing policies that split a client's state.
 Mappings of tensors plus ranks and weights in, new dicts out; inputs are never mutated. Depends
 on torch only: no Ray, no I/O, no config objects.
 """
 
 from aggregation.editing import EditResult, cosine_similarity, edit_layerwise
-from aggregation.fedilora import dimension_weights, fedilora_merge
+from aggregation.fedilora import FediLoRAMerger, dimension_weights, fedilora_merge
+from aggregation.fednova import fednova_rescale
+from aggregation.flexlora import (
+    SVD_CHOICES,
+    FlexLoRAMerger,
+    flexlora_merge,
+    svd_factors,
+    use_lowrank,
+)
+from aggregation.flora import FLoRAMerger, flora_delta, flora_stack
+from aggregation.hetlora import (
+    HetLoRAMerger,
+    hetlora_merge,
+    hetlora_tail_norm,
+    hetlora_weights,
+    product_norm,
+)
 from aggregation.lora_keys import (
     default_global_rank,
     is_lora,
@@ -16,24 +34,43 @@ from aggregation.lora_keys import (
     rank_axis,
     truncate,
 )
+from aggregation.lora_pairs import factor_product, lora_pairs, pair_products
 from aggregation.merge import merge_lora_state_dicts
-from aggregation.registry import (
-    MERGERS,
-    FediLoRAMerger,
-    RankMerger,
-    ZeroPadMerger,
-    get_merger,
-    merger_class,
-)
+from aggregation.rank_merger import RankMerger
+from aggregation.registry import MERGERS, get_merger, merger_class
+from aggregation.scaffold import scaffold_client_variate, scaffold_server_variate
 from aggregation.scaling import fold_scaling, unfold_scaling
+from aggregation.server_opt import (
+    SERVER_OPTIMIZERS,
+    FedAdagrad,
+    FedAdam,
+    FedAvg,
+    FedAvgM,
+    FedYogi,
+    ServerOptimizer,
+    get_server_optimizer,
+)
+from aggregation.sharing import SHARING_POLICIES, join_state, shared_keys, split_state
 from aggregation.validate import UpdateRejected, check_merge_inputs, check_update
-from aggregation.zeropad import zeropad_merge
+from aggregation.zeropad import ZeroPadMerger, zeropad_merge
 
 __all__ = [
     "MERGERS",
+    "SERVER_OPTIMIZERS",
+    "SHARING_POLICIES",
+    "SVD_CHOICES",
     "EditResult",
+    "FLoRAMerger",
+    "FedAdagrad",
+    "FedAdam",
+    "FedAvg",
+    "FedAvgM",
+    "FedYogi",
     "FediLoRAMerger",
+    "FlexLoRAMerger",
+    "HetLoRAMerger",
     "RankMerger",
+    "ServerOptimizer",
     "UpdateRejected",
     "ZeroPadMerger",
     "check_merge_inputs",
@@ -42,18 +79,37 @@ __all__ = [
     "default_global_rank",
     "dimension_weights",
     "edit_layerwise",
+    "factor_product",
     "fedilora_merge",
+    "fednova_rescale",
+    "flexlora_merge",
+    "flora_delta",
+    "flora_stack",
     "fold_scaling",
     "get_merger",
+    "get_server_optimizer",
+    "hetlora_merge",
+    "hetlora_tail_norm",
+    "hetlora_weights",
     "is_lora",
     "is_lora_a",
     "is_lora_b",
+    "join_state",
+    "lora_pairs",
     "lora_rank",
     "merge_lora_state_dicts",
     "merger_class",
     "pad",
+    "pair_products",
+    "product_norm",
     "rank_axis",
+    "scaffold_client_variate",
+    "scaffold_server_variate",
+    "shared_keys",
+    "split_state",
+    "svd_factors",
     "truncate",
     "unfold_scaling",
+    "use_lowrank",
     "zeropad_merge",
 ]

@@ -9,12 +9,13 @@ value (``empty_dim="keep"``) or is zeroed (``"zero"``).
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Literal, get_args
+from typing import ClassVar, Literal, get_args
 
 import torch
 from torch import Tensor
 
 from aggregation.lora_keys import default_global_rank, rank_axis
+from aggregation.rank_merger import RankMerger
 from aggregation.stacking import (
     accumulation_dtype,
     restore_rank_axis,
@@ -107,3 +108,41 @@ def fedilora_merge(
             combined[mask] = old[mask]
         merged[key] = restore_rank_axis(key, combined).to(tensors[0].dtype)
     return merged
+
+
+class FediLoRAMerger(RankMerger):
+    """FediLoRA dimension-wise reweighting (ALGORITHMS 1.2).
+
+    Args:
+        empty_dim: What an uncovered dimension becomes: ``"keep"`` its previous global value,
+            or ``"zero"``.
+
+    Raises:
+        ValueError: If ``empty_dim`` is not a valid choice.
+    """
+
+    name: ClassVar[str] = "fedilora"
+    options: ClassVar[tuple[str, ...]] = ("empty_dim",)
+    linear_in_factors: ClassVar[bool] = True
+
+    def __init__(self, empty_dim: EmptyDim = "keep") -> None:
+        if empty_dim not in EMPTY_DIM_CHOICES:
+            raise ValueError(f"empty_dim must be one of {EMPTY_DIM_CHOICES}, got {empty_dim!r}")
+        self.empty_dim: EmptyDim = empty_dim
+
+    def _combine(
+        self,
+        states: Sequence[Mapping[str, Tensor]],
+        ranks: Sequence[int],
+        num_samples: Sequence[float],
+        previous: Mapping[str, Tensor] | None,
+        global_rank: int,
+    ) -> dict[str, Tensor]:
+        return fedilora_merge(
+            states,
+            ranks,
+            num_samples,
+            previous=previous,
+            global_rank=global_rank,
+            empty_dim=self.empty_dim,
+        )

@@ -20,6 +20,7 @@ def merge_lora_state_dicts(
     global_rank: int | None = None,
     scalings: Sequence[float] | None = None,
     empty_dim: str = "keep",
+    svd: str = "auto",
 ) -> dict[str, Tensor]:
     """Merge clients' LoRA adapters of different ranks into one global adapter.
 
@@ -33,24 +34,29 @@ def merge_lora_state_dicts(
         states: The sampled clients' LoRA state dicts (peft keys, same key set).
         ranks: Each client's LoRA rank; must match its tensors.
         num_samples: Each client's number of training samples (positive).
-        method: A merge method registered in ``MERGERS`` (``"fedilora"``, ``"zeropad"``).
+        method: A merge method registered in ``MERGERS`` (``"fedilora"``, ``"zeropad"``,
+            ``"hetlora"``, ``"flexlora"``, ``"flora"``).
         previous: The previous global adapter (used by FediLoRA for uncovered dimensions).
         global_rank: The global rank ``R``; defaults to ``max(ranks)``, or the rank of
-            ``previous`` if larger.
+            ``previous`` if larger. Methods without a fixed rank (FLoRA, whose global rank is
+            ``sum(ranks)``) ignore it and ``previous``.
         scalings: Optional per-client peft scaling ``s_i``, folded into ``lora_B``.
         empty_dim: FediLoRA's rule for a dimension no client covers: ``"keep"`` its previous
             value or ``"zero"`` it; ignored by methods that take no such option.
+        svd: FlexLoRA's factorisation, ``"exact"``, ``"lowrank"`` or ``"auto"``; ignored by
+            methods that take no such option.
 
     Returns:
         A new rank-``R`` global state dict; each tensor keeps the dtype of the clients' tensor.
 
     Raises:
         ValueError: If ``method`` is unknown (valid names are listed), ``scalings`` has the
-            wrong length or holds a zero or non-finite value, ``empty_dim`` is invalid, or the
-            inputs are inconsistent (see ``RankMerger.merge``).
+            wrong length or holds a zero or non-finite value, ``empty_dim`` or ``svd`` is
+            invalid, or the inputs are inconsistent (see ``RankMerger.merge``).
     """
     cls = merger_class(method)
-    options = {"empty_dim": empty_dim} if "empty_dim" in cls.options else {}
+    given = {"empty_dim": empty_dim, "svd": svd}
+    options = {name: value for name, value in given.items() if name in cls.options}
     merger = get_merger(method, **options)
     if scalings is not None:
         if len(scalings) != len(states):

@@ -8,10 +8,12 @@ Dimension ``j`` is divided by the weight of all clients although only clients wi
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from typing import ClassVar
 
 from torch import Tensor
 
 from aggregation.lora_keys import rank_axis
+from aggregation.rank_merger import RankMerger
 from aggregation.stacking import (
     accumulation_dtype,
     restore_rank_axis,
@@ -62,3 +64,20 @@ def zeropad_merge(
         combined = weighted_rank_sum(stacked, weights)  # (R, *rest)
         merged[key] = restore_rank_axis(key, combined).to(tensors[0].dtype)
     return merged
+
+
+class ZeroPadMerger(RankMerger):
+    """Zero-padding FedAvg (ALGORITHMS 1.1), the baseline that dilutes high dimensions."""
+
+    name: ClassVar[str] = "zeropad"
+    linear_in_factors: ClassVar[bool] = True
+
+    def _combine(
+        self,
+        states: Sequence[Mapping[str, Tensor]],
+        ranks: Sequence[int],
+        num_samples: Sequence[float],
+        previous: Mapping[str, Tensor] | None,
+        global_rank: int,
+    ) -> dict[str, Tensor]:
+        return zeropad_merge(states, ranks, num_samples, global_rank=global_rank)

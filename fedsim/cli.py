@@ -40,7 +40,24 @@ def main(argv: list[str] | None = None) -> int:
     )
     show_p = sub.add_parser("config", help="print the resolved config as YAML")
     show_p.add_argument("args", nargs="*", metavar="[CONFIG.yaml] [key=value ...]")
+    cmp_p = sub.add_parser(
+        "compare",
+        help="run a comparison study (variants x seeds) and write a Markdown table",
+        description="Run a study YAML such as experiments/compare.yaml; overrides apply to "
+        "every run.",
+    )
+    cmp_p.add_argument("study", metavar="STUDY.yaml")
+    cmp_p.add_argument("args", nargs="*", metavar="key=value")
     ns = parser.parse_args(argv)
+    if ns.command == "compare":
+        from fedsim.study import run_study
+
+        try:
+            run_study(ns.study, ns.args)
+        except ConfigError as exc:
+            print(f"fedsim: {exc}", file=sys.stderr)
+            return 2
+        return 0
 
     path, overrides = _split_args(ns.args)
     try:

@@ -62,6 +62,13 @@ class DataConfig:
     holdout_fraction: float = field(
         default=0.2, metadata=_help("Share of each client's data held out for personalised eval.")
     )
+    partition: Literal["dirichlet", "centralized"] = field(
+        default="dirichlet",
+        metadata=_help(
+            "dirichlet: label-skew split over clients; centralized: the centralised baseline, "
+            "one client (clients.num=1) holding all training data."
+        ),
+    )
     alpha: float = field(default=0.5, metadata=_help("Dirichlet concentration of label skew."))
     min_per_client: int = field(default=10, metadata=_help("Minimum samples per client."))
     missing_rate: float = field(
@@ -130,6 +137,56 @@ class AggregationConfig:
         default="keep",
         metadata=_help("FediLoRA: a rank dimension no sampled client covers keeps or zeroes."),
     )
+    svd: Literal["auto", "exact", "lowrank"] = field(
+        default="auto",
+        metadata=_help("FlexLoRA: exact SVD, randomised torch.svd_lowrank, or auto by size."),
+    )
+
+
+@dataclass
+class SharingConfig:
+    policy: Literal["all", "B", "A", "none"] = field(
+        default="all",
+        metadata=_help(
+            "Which LoRA parts go to the server: all; B (pLoRA: each client keeps its own A); "
+            "A (FedSA-LoRA: each client keeps its own B); none (local-only baseline)."
+        ),
+    )
+
+
+@dataclass
+class ServerConfig:
+    optimizer: Literal["fedavg", "fedavgm", "fedadagrad", "fedadam", "fedyogi"] = field(
+        default="fedavg",
+        metadata=_help("Server optimiser on the pseudo-gradient (Reddi et al. 2021)."),
+    )
+    lr: float | None = field(
+        default=None, metadata=_help("Server learning rate (default: 1.0 FedAvgM, 1e-2 adaptive).")
+    )
+    beta1: float = field(default=0.9, metadata=_help("First-moment decay."))
+    beta2: float = field(default=0.99, metadata=_help("Second-moment decay."))
+    tau: float = field(default=1e-3, metadata=_help("Adaptivity (epsilon) of adaptive optimisers."))
+
+
+@dataclass
+class ObjectiveConfig:
+    method: Literal["plain", "fedprox", "scaffold", "fednova", "fedmllm"] = field(
+        default="plain",
+        metadata=_help(
+            "Client objective: plain; fedprox (mu/2 ||theta - theta_g||^2); scaffold (control "
+            "variates); fednova (normalised averaging); fedmllm (FedProx term weighted by "
+            "layer_weight on layers layer_skip .. L-1-layer_skip only)."
+        ),
+    )
+    mu: float = field(default=0.01, metadata=_help("Proximal coefficient (fedprox, fedmllm)."))
+    layer_weight: float = field(default=0.1, metadata=_help("fedmllm: weight w of the term."))
+    layer_skip: int = field(
+        default=1,
+        metadata=_help(
+            "fedmllm: layers s .. L-1-s of each tower get the term (FedMLLM uses s=4 on a "
+            "32-layer LLM; the default MiniLM tower has 6 layers, hence 1)."
+        ),
+    )
 
 
 @dataclass
@@ -153,7 +210,10 @@ class TrainConfig:
     )
     batch_size: int = field(default=32, metadata=_help("Local training batch size."))
     eval_batch_size: int = field(default=256, metadata=_help("Evaluation batch size."))
-    lr: float = field(default=2e-3, metadata=_help("Local AdamW learning rate."))
+    optimizer: Literal["adamw", "sgd"] = field(
+        default="adamw", metadata=_help("Local optimiser (SCAFFOLD needs sgd).")
+    )
+    lr: float = field(default=2e-3, metadata=_help("Local learning rate."))
     weight_decay: float = field(default=0.0, metadata=_help("AdamW weight decay."))
     precision: Literal["fp32", "bf16"] = field(
         default="fp32", metadata=_help("Autocast precision of the forward pass.")
@@ -206,6 +266,9 @@ class FedSimConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
     aggregation: AggregationConfig = field(default_factory=AggregationConfig)
+    sharing: SharingConfig = field(default_factory=SharingConfig)
+    server: ServerConfig = field(default_factory=ServerConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
     editing: EditingConfig = field(default_factory=EditingConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     resources: ResourcesConfig = field(default_factory=ResourcesConfig)
@@ -423,9 +486,87 @@ def validate(cfg: FedSimConfig) -> None:
     _check(r.actors is None or r.actors >= 1, "resources.actors", "must be >= 1")
     _check(r.max_retries >= 0, "resources.max_retries", "must be >= 0")
     _check(bool(cfg.tracking.experiment), "tracking.experiment", "must not be empty")
+    _check_combinations(cfg)
     for cid in cfg.faults.nan_update_clients:
         _check(
             0 <= cid < cfg.clients.num,
             "faults.nan_update_clients",
             f"client id {cid} is not in [0, {cfg.clients.num})",
         )
+
+
+def _check_combinations(cfg: FedSimConfig) -> None:
+    """Reject method combinations that make no sense, using the merge rules' capability flags."""
+    merger = MERGERS[cfg.aggregation.method]
+    method = f"aggregation.method={cfg.aggregation.method}"
+    policy = cfg.sharing.policy
+    opt, objective = cfg.server.optimizer, cfg.objective.method
+    _check(
+        not (merger.needs_pairs and policy in ("A", "B")),
+        "sharing.policy",
+        f"{method} needs both A and B of every module on the server, but sharing.policy={policy}"
+        " keeps one of them on the clients; use sharing.policy=all or a merge of factors "
+        "(zeropad, fedilora)",
+    )
+    _check(
+        opt == "fedavg" or merger.linear_in_factors,
+        "server.optimizer",
+        f"{method} does not compose with server.optimizer={opt}: "
+        + (
+            "FLoRA stacks a fresh adapter every round, so there is no persistent global "
+            "adapter for moments to act on"
+            if merger.fresh_adapter_each_round
+            else "its factors are re-derived by an SVD every round (signs and bases change), "
+            "so moments over them are meaningless"
+        )
+        + "; use server.optimizer=fedavg",
+    )
+    if objective in ("scaffold", "fednova"):
+        _check(
+            merger.linear_in_factors and merger.fixed_rank,
+            "objective.method",
+            f"objective.method={objective} needs a merge that is a weighted sum of the clients' "
+            f"factors with a fixed rank (zeropad, fedilora, hetlora), not {method}",
+        )
+    if objective == "scaffold":
+        _check(
+            cfg.train.optimizer == "sgd",
+            "train.optimizer",
+            "objective.method=scaffold derives its control variates for SGD; set "
+            "train.optimizer=sgd",
+        )
+        _check(
+            cfg.lora.scaling == "constant",
+            "lora.scaling",
+            "objective.method=scaffold needs lora.scaling=constant: with per-rank scaling the "
+            "clients' B tensors live in different spaces and their control variates cannot be "
+            "averaged",
+        )
+    if cfg.editing.enabled:
+        without = method if merger.fresh_adapter_each_round else "sharing.policy=none"
+        _check(
+            not merger.fresh_adapter_each_round and policy != "none",
+            "editing.enabled",
+            "layer-wise editing compares a client's adapter with the global one it received, "
+            f"which does not exist with {without}; set editing.enabled=false",
+        )
+        private = {"B": "lora_A", "A": "lora_B"}.get(policy)
+        _check(
+            cfg.editing.key != private,
+            "editing.key",
+            f"editing.key={cfg.editing.key} edits tensors that sharing.policy={policy} keeps "
+            "private (there is no global version to compare with); use the shared part or all",
+        )
+    _check(
+        cfg.data.partition != "centralized" or cfg.clients.num == 1,
+        "clients.num",
+        f"data.partition=centralized is one client holding all data; set clients.num=1 "
+        f"(got {cfg.clients.num})",
+    )
+    _check(cfg.objective.mu >= 0, "objective.mu", "must be >= 0")
+    _check(cfg.objective.layer_weight >= 0, "objective.layer_weight", "must be >= 0")
+    _check(cfg.objective.layer_skip >= 0, "objective.layer_skip", "must be >= 0")
+    _check(cfg.server.lr is None or cfg.server.lr > 0, "server.lr", "must be > 0")
+    _check(0 <= cfg.server.beta1 < 1, "server.beta1", "must be in [0, 1)")
+    _check(0 <= cfg.server.beta2 < 1, "server.beta2", "must be in [0, 1)")
+    _check(cfg.server.tau > 0, "server.tau", "must be > 0")

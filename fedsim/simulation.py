@@ -16,16 +16,19 @@ from pathlib import Path
 
 import numpy as np
 import ray
+import torch
 
 from actors.client import ClientTask, merger_options
 from actors.pool import ClientPool, pool_size, start_server
-from aggregation import get_merger, unfold_scaling
+from actors.server import ServerOptions
+from aggregation import SERVER_OPTIMIZERS, get_merger, lora_rank, shared_keys, unfold_scaling
 from fedsim.adapter_io import save_peft_adapter
 from fedsim.config import ConfigError, FedSimConfig, as_config, resolve_ranks
 from fedsim.data.federated import FederatedData, load_dataset
 from fedsim.data.partition import sample_clients
 from fedsim.evaluation import classification_metrics, summarize
 from fedsim.models.lora import client_scaling
+from fedsim.objectives import objective_spec
 from fedsim.progress import RoundProgress
 from fedsim.tracking import Tracker, plot_history
 
@@ -78,6 +81,36 @@ def _check_ranks(ranks: list[int], max_rank: int) -> None:
                 f"client {cid} has rank {r} but the backbone's LoRA target modules admit at "
                 f"most rank {max_rank}",
             )
+
+
+def server_options(cfg: FedSimConfig, keys: list[str]) -> ServerOptions:
+    """The server-side choices of ``cfg`` (sharing, server optimiser, FedNova, SCAFFOLD)."""
+    spec = objective_spec(cfg.objective.method)
+    return ServerOptions(
+        shared=tuple(shared_keys(keys, cfg.sharing.policy)),
+        optimizer=server_optimizer(cfg.server),
+        fednova=spec.rescale_by_steps,
+        scaffold_clients=cfg.clients.num if spec.control_variates else None,
+    )
+
+
+def server_optimizer(cfg) -> object:
+    """The configured server optimiser, given only the options its class takes."""
+    import inspect
+
+    cls = SERVER_OPTIMIZERS[cfg.optimizer]
+    accepted = inspect.signature(cls).parameters
+    values = {"lr": cfg.lr, "beta1": cfg.beta1, "beta2": cfg.beta2, "tau": cfg.tau}
+    return cls(**{k: v for k, v in values.items() if k in accepted and v is not None})
+
+
+def concat_stacks(stacks: list[dict]) -> dict:
+    """FLoRA's rounds as one adapter: A rows and B columns concatenated in round order."""
+    out = {}
+    for k in stacks[0]:
+        axis = 0 if k.endswith("lora_A.weight") else 1
+        out[k] = torch.cat([s[k] for s in stacks], dim=axis)
+    return out
 
 
 def _global_metrics(outcome) -> dict[str, float]:
@@ -159,9 +192,11 @@ def run(config: FedSimConfig | dict | str | Path | None = None) -> RunResult:
         pool = ClientPool(cfg, pool_size(cfg, per_round))
         info = pool.call_first("describe")
         _check_ranks(ranks, info["max_rank"])
+        initial = pool.call_first("initial_global")
         server = start_server(
             get_merger(cfg.aggregation.method, **merger_options(cfg)),
-            pool.call_first("initial_global"),
+            initial,
+            server_options(cfg, list(initial)),
         )
         tracker = Tracker(cfg)
         result = RunResult(tracker.run_id, tracker.uri)
@@ -189,7 +224,8 @@ def run(config: FedSimConfig | dict | str | Path | None = None) -> RunResult:
 def _loop(cfg, ranks, pool, server, tracker, result: RunResult, progress) -> None:
     """The round loop: round 0 evaluates the initial adapter, rounds 1..T train."""
     start = time.perf_counter()
-    metrics = _global_metrics(pool.evaluate(server.get_global.remote()))
+    states: dict[int, object] = {}  # client id -> object ref of its persistent state
+    metrics = _global_metrics(pool.evaluate(server.broadcast.remote()))
     metrics["time/round_s"] = time.perf_counter() - start
     tracker.log_metrics(metrics, step=0)
     result.history.append({"round": 0, **metrics})
@@ -198,21 +234,24 @@ def _loop(cfg, ranks, pool, server, tracker, result: RunResult, progress) -> Non
     for t in range(1, cfg.rounds + 1):
         start = time.perf_counter()
         sampled = sample_clients(cfg.clients.num, cfg.clients.fraction, cfg.seed, t)
-        global_ref = server.get_global.remote()  # one object in the store, shared by all tasks
-        outcome = pool.train([ClientTask(c, ranks[c], t) for c in sampled], global_ref)
+        broadcast = server.broadcast.remote()  # one object in the store, shared by all tasks
+        outcome = pool.train([ClientTask(c, ranks[c], t) for c in sampled], broadcast, states)
         done = sorted(outcome.values)
         reports = [outcome.values[c] for c in done]
-        agg = ray.get(
-            server.aggregate.remote(
-                t,
-                [(c, ranks[c], outcome.values[c]["num_samples"]) for c in done],
-                *[outcome.refs[c][0] for c in done],
-            )
-        )
+        for c in done:
+            states[c] = outcome.refs[c][2]
+        meta = [
+            (c, ranks[c], outcome.values[c]["num_samples"], outcome.values[c]["steps"])
+            for c in done
+        ]
+        refs = [outcome.refs[c][0] for c in done]
+        if objective_spec(cfg.objective.method).control_variates:
+            refs += [outcome.refs[c][1] for c in done]
+        agg = ray.get(server.aggregate_packed.remote(t, meta, *refs))
         for cid, reason in agg.rejected.items():
             print(f"round {t}: update of client {cid} rejected: {reason}", flush=True)
         metrics = _round_metrics(reports, agg.rejected, outcome.failed)
-        metrics.update(_global_metrics(pool.evaluate(server.get_global.remote())))
+        metrics.update(_global_metrics(pool.evaluate(server.broadcast.remote())))
         metrics["time/aggregate_s"] = agg.aggregate_s
         metrics["time/round_s"] = time.perf_counter() - start
         rows = _client_rows(reports, agg.rejected, outcome.failed)
@@ -227,9 +266,14 @@ def _finish(cfg, info, server, tracker, result: RunResult, global_rank: int) -> 
     """Log the final global adapter (peft format) and the plots."""
     if cfg.tracking.save_adapter:
         state = ray.get(server.get_global.remote())
-        state = unfold_scaling(state, client_scaling(cfg.lora, global_rank, global_rank))
+        stacked = ray.get(server.stacked_history.remote())
+        rank = global_rank
+        if stacked:  # FLoRA: the base updates are the sum of every round's stacked product
+            state = {**state, **concat_stacks(stacked)}
+            rank = lora_rank(state)
+        state = unfold_scaling(state, client_scaling(cfg.lora, rank, rank))
         with tempfile.TemporaryDirectory(prefix="fedsim-") as tmp:
-            save_peft_adapter(state, tmp, cfg, info["target_modules"], global_rank, global_rank)
+            save_peft_adapter(state, tmp, cfg, info["target_modules"], rank, rank)
             tracker.log_dir(tmp, "global_adapter")
     if cfg.tracking.plots:
         import matplotlib.pyplot as plt

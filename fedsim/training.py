@@ -1,4 +1,4 @@
-"""Local training of one client's adapter: a few epochs of AdamW on LoRA tensors and the head."""
+"""Local training of one client's adapter: a few epochs on its LoRA tensors and the head."""
 
 from __future__ import annotations
 
@@ -37,6 +37,9 @@ def train_local(
     weight_decay: float,
     precision: str = "fp32",
     device: torch.device | None = None,
+    optimizer: str = "adamw",
+    objective=None,
+    named_params: dict[str, torch.nn.Parameter] | None = None,
 ) -> TrainStats:
     """Train ``params`` of ``model`` with cross-entropy.
 
@@ -50,12 +53,19 @@ def train_local(
         weight_decay: AdamW weight decay.
         precision: ``fp32`` or ``bf16`` autocast.
         device: where the model lives (default CPU).
+        optimizer: ``adamw`` or ``sgd``.
+        objective: a :class:`fedsim.objectives.ClientObjective` (penalty and gradient hooks).
+        named_params: the params by peft state key, handed to the objective's hooks.
 
     Returns:
         Mean training loss, optimiser steps and samples seen.
     """
     device = device or torch.device("cpu")
-    optimiser = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    if optimizer == "sgd":
+        optimiser = torch.optim.SGD(params, lr=lr, weight_decay=weight_decay)
+    else:
+        optimiser = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    named = named_params or {}
     model.train()
     total, steps, seen = 0.0, 0, 0
     for e in range(num_epochs):
@@ -64,8 +74,15 @@ def train_local(
             with autocast(precision, device):
                 logits = model(**batch)
             loss = F.cross_entropy(logits.float(), batch["labels"])
+            total_loss = loss
+            if objective is not None:
+                extra = objective.penalty(named)
+                if extra is not None:
+                    total_loss = loss + extra
             optimiser.zero_grad(set_to_none=True)
-            loss.backward()
+            total_loss.backward()
+            if objective is not None:
+                objective.correct(named)
             optimiser.step()
             n = len(batch["labels"])
             total += loss.item() * n

@@ -247,6 +247,7 @@ def build_backbone(cfg: ModelConfig, num_classes: int, seed: int = 0) -> Backbon
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # one "Loading weights" bar per actor is noise
+    hf_logging.set_verbosity_error()  # and so is a load report per actor
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         backbone = builder(cfg, num_classes)

@@ -95,7 +95,62 @@ class AdapterHost:
         state = get_peft_model_state_dict(self.model, adapter_name=adapter_name(rank))
         return {k: v.detach().to("cpu", copy=True) for k, v in state.items()}
 
+    def parameters_by_key(self, rank: int) -> dict[str, torch.nn.Parameter]:
+        """The trainable parameters of the rank-``rank`` adapter, keyed like its state dict."""
+        self.activate(rank)
+        name = adapter_name(rank)
+        out = {}
+        for pname, p in self.model.named_parameters():
+            if p.requires_grad:
+                key = pname.replace(f"modules_to_save.{name}.", "").replace(f".{name}.", ".")
+                out[key] = p
+        return out
+
+    def set_base_delta(self, delta: dict[str, torch.Tensor] | None) -> None:
+        """Set every targeted base weight to ``W0 + delta[module]`` (FLoRA's merged updates).
+
+        Args:
+            delta: dense updates keyed by module prefix (a state key minus ``lora_A.weight``);
+                None restores the pretrained weights.
+        """
+        if self.model is None:
+            raise RuntimeError("activate an adapter before setting base weights")
+        if not hasattr(self, "_base0"):
+            self._base0 = {}
+        modules = dict(self.model.named_modules())
+        for prefix, d in (delta or {}).items():
+            name = prefix.removesuffix(".").removeprefix("base_model.model.")
+            layer = modules[f"base_model.model.{name}"].base_layer
+            if prefix not in self._base0:
+                self._base0[prefix] = layer.weight.detach().clone()
+            with torch.no_grad():
+                layer.weight.copy_(self._base0[prefix] + d.to(layer.weight))
+        if delta is None:
+            for prefix, w0 in self._base0.items():
+                name = prefix.removesuffix(".").removeprefix("base_model.model.")
+                with torch.no_grad():
+                    modules[f"base_model.model.{name}"].base_layer.weight.copy_(w0)
+
     def trainable_parameters(self, rank: int) -> list[torch.nn.Parameter]:
         """The parameters a client of ``rank`` trains: its LoRA tensors and the head."""
         self.activate(rank)
         return [p for p in self.model.parameters() if p.requires_grad]
+
+
+def fresh_lora_state(template: dict[str, torch.Tensor], generator: torch.Generator) -> dict:
+    """A newly initialised adapter shaped like ``template``, drawn from ``generator``.
+
+    peft's default init: ``A`` uniform in ``+-1/sqrt(fan_in)`` (Kaiming-uniform with
+    ``a = sqrt(5)``), ``B`` zero. Non-LoRA tensors are copied.
+    """
+    out = {}
+    for k, v in template.items():
+        if k.endswith("lora_A.weight"):
+            fan_in = v[0].numel()
+            bound = 1.0 / fan_in**0.5
+            out[k] = (torch.rand(v.shape, generator=generator, dtype=v.dtype) * 2 - 1) * bound
+        elif k.endswith("lora_B.weight"):
+            out[k] = torch.zeros_like(v)
+        else:
+            out[k] = v.clone()
+    return out

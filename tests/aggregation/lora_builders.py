@@ -145,3 +145,44 @@ def truncate_all(shared: Mapping[str, Tensor], ranks: list[int]) -> list[dict[st
                 state[key] = tensor.clone()
         states.append(state)
     return states
+
+
+def same_product_pair() -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+    """A rank-4 and a rank-32 client whose ``B @ A`` agree on every module (float32)."""
+    small = build_state(4, seed=3)
+    extra = build_state(28, seed=4)
+    large = dict(small)
+    for module in MODULES:
+        # Extra A rows are arbitrary; the matching B columns are zero, so B @ A is unchanged.
+        large[lora_a(module)] = torch.cat([small[lora_a(module)], extra[lora_a(module)]], dim=0)
+        large[lora_b(module)] = torch.cat(
+            [small[lora_b(module)], torch.zeros_like(extra[lora_b(module)])], dim=1
+        )
+    return small, large
+
+
+def scale_b(state: Mapping[str, Tensor], scaling: float) -> dict[str, Tensor]:
+    """Multiply every ``lora_B`` by ``scaling`` by hand (not via the package)."""
+    return {
+        key: tensor * scaling if ".lora_B." in key else tensor.clone()
+        for key, tensor in state.items()
+    }
+
+
+def weighted_product_sum(
+    states: list[dict[str, Tensor]], num_samples: list[float], module: str
+) -> Tensor:
+    """``sum_i p_i B_i @ A_i`` of one module by a loop over clients, in float64 (d x k)."""
+    total = float(sum(num_samples))
+    return sum(
+        (n / total) * product(state, module) for n, state in zip(num_samples, states, strict=True)
+    )
+
+
+def dense_average(states: list[dict[str, Tensor]], num_samples: list[float], key: str) -> Tensor:
+    """``sum_i p_i x_i`` of one dense key by a loop over clients, in float64."""
+    total = float(sum(num_samples))
+    return sum(
+        (n / total) * state[key].to(torch.float64)
+        for n, state in zip(num_samples, states, strict=True)
+    )

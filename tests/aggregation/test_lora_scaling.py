@@ -2,7 +2,17 @@
 
 import pytest
 import torch
-from lora_builders import CONV, HEAD_W, MODULES, QUERY, build_state, lora_a, lora_b, product
+from lora_builders import (
+    CONV,
+    HEAD_W,
+    MODULES,
+    QUERY,
+    build_state,
+    lora_a,
+    lora_b,
+    product,
+    same_product_pair,
+)
 
 from aggregation import (
     fold_scaling,
@@ -42,25 +52,9 @@ def test_fold_rejects_irreversible_scaling(scaling: float) -> None:
         unfold_scaling(build_state(2, seed=0), scaling)
 
 
-def _same_product_pair() -> tuple[dict, dict]:
-    """A rank-4 and a rank-32 client whose ``B @ A`` agree on every module."""
-    small = build_state(4, seed=3)
-    extra = build_state(28, seed=4)
-    large = dict(small)
-    for module in MODULES:
-        # Extra A rows are arbitrary; the matching B columns are zero, so B @ A is unchanged.
-        large[lora_a(module)] = torch.cat([small[lora_a(module)], extra[lora_a(module)]], dim=0)
-        large[lora_b(module)] = torch.cat(
-            [small[lora_b(module)], torch.zeros_like(extra[lora_b(module)])], dim=1
-        )
-    for module in MODULES:
-        torch.testing.assert_close(product(large, module), product(small, module))
-    return small, large
-
-
 @pytest.mark.parametrize("method", ["fedilora", "zeropad"])
 def test_constant_scaling_equal_products_contribute_equally(method: str) -> None:
-    small, large = _same_product_pair()
+    small, large = same_product_pair()
     scaling = 0.5  # one constant s for every client, as under ``lora.scaling: constant``
     merged_small = merge_lora_state_dicts(
         [small], [4], [10], method=method, global_rank=32, scalings=[scaling]
@@ -75,7 +69,7 @@ def test_constant_scaling_equal_products_contribute_equally(method: str) -> None
 
 
 def test_rank_scaling_folds_the_effective_update() -> None:
-    small, large = _same_product_pair()
+    small, large = same_product_pair()
     alpha = 16.0
     scalings = [alpha / 4, alpha / 32]  # peft's per-rank s_i: same B @ A, different dW_i
     merged = [

@@ -9,6 +9,9 @@ from lora_builders import NUM_SAMPLES, RANKS, assert_states_equal, build_state, 
 from aggregation import (
     MERGERS,
     FediLoRAMerger,
+    FlexLoRAMerger,
+    FLoRAMerger,
+    HetLoRAMerger,
     RankMerger,
     ZeroPadMerger,
     fedilora_merge,
@@ -19,7 +22,13 @@ from aggregation import (
 
 
 def test_registry_maps_names_to_classes() -> None:
-    assert MERGERS == {"zeropad": ZeroPadMerger, "fedilora": FediLoRAMerger}
+    assert MERGERS == {
+        "zeropad": ZeroPadMerger,
+        "fedilora": FediLoRAMerger,
+        "hetlora": HetLoRAMerger,
+        "flexlora": FlexLoRAMerger,
+        "flora": FLoRAMerger,
+    }
     for name, cls in MERGERS.items():
         assert cls.name == name
         assert issubclass(cls, RankMerger)
@@ -27,7 +36,8 @@ def test_registry_maps_names_to_classes() -> None:
 
 
 def test_unknown_name_lists_valid_names() -> None:
-    with pytest.raises(ValueError, match=re.escape("valid methods: fedilora, zeropad")):
+    valid = "valid methods: fedilora, flexlora, flora, hetlora, zeropad"
+    with pytest.raises(ValueError, match=re.escape(valid)):
         get_merger("fedavg")
 
 
@@ -57,13 +67,17 @@ def test_mergers_match_the_functions() -> None:
     )
 
 
-@pytest.mark.parametrize("name", sorted(MERGERS))
+TRUNCATING = sorted(name for name, cls in MERGERS.items() if not cls.fresh_adapter_each_round)
+FIXED_RANK = sorted(name for name, cls in MERGERS.items() if cls.fixed_rank)
+
+
+@pytest.mark.parametrize("name", TRUNCATING)
 def test_redistribute_truncates(name: str) -> None:
     global_state = build_state(8, seed=3)
     assert_states_equal(get_merger(name).redistribute(global_state, 2), truncate(global_state, 2))
 
 
-@pytest.mark.parametrize("name", sorted(MERGERS))
+@pytest.mark.parametrize("name", FIXED_RANK)
 @pytest.mark.parametrize(
     ("ranks", "num_samples", "global_rank", "message"),
     [

@@ -1,0 +1,110 @@
+"""The base class of heterogeneous-rank merge methods: two hooks and four capability flags.
+
+A merger is two hooks the round loop calls: ``merge`` (client adapters in, global adapter out)
+and ``redistribute`` (global adapter in, a rank-``r_i`` client view out). Its class-level flags
+say what the method can be combined with, so the config layer rejects an incompatible
+combination by reading a flag, never by comparing method names.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import ClassVar
+
+from torch import Tensor
+
+from aggregation.lora_keys import default_global_rank, truncate
+from aggregation.validate import check_merge_inputs
+
+
+class RankMerger:
+    """Base class of heterogeneous-rank merge methods; subclasses implement ``_combine``.
+
+    Attributes:
+        name: The config name of the method (the key in ``MERGERS``).
+        options: Constructor keyword arguments the method accepts.
+        needs_pairs: True when the method needs both ``lora_A`` and ``lora_B`` of every module
+            (it works on the products ``B_i @ A_i``), so sharing policies that keep ``A`` or
+            ``B`` on the client (``share: A`` / ``share: B``) are incompatible with it.
+        linear_in_factors: True when the merged factors are a per-dimension weighted sum of the
+            clients' (zero-padded) factors, weights summing to 1 over the clients covering a
+            dimension. Client-side corrections that rescale the factors (FedNova) or shift them
+            (SCAFFOLD), and server optimisers on the factor-space pseudo-gradient, then compose
+            with the merge. False for methods that merge products (SVD, stacking). The base
+            class says False: a new method must opt in.
+        fixed_rank: True when the global adapter has the fixed global rank ``R``; False when
+            the merge decides its own rank (FLoRA: ``sum_i r_i``), in which case ``merge``
+            ignores ``global_rank`` and ``previous`` for the LoRA keys.
+        fresh_adapter_each_round: True when clients fold the merged update into their frozen
+            base weights and start a new LoRA each round, so ``redistribute`` hands back only
+            the dense keys (FLoRA).
+    """
+
+    name: ClassVar[str] = ""
+    options: ClassVar[tuple[str, ...]] = ()
+    needs_pairs: ClassVar[bool] = False
+    linear_in_factors: ClassVar[bool] = False
+    fixed_rank: ClassVar[bool] = True
+    fresh_adapter_each_round: ClassVar[bool] = False
+
+    def merge(
+        self,
+        states: Sequence[Mapping[str, Tensor]],
+        ranks: Sequence[int],
+        num_samples: Sequence[float],
+        previous: Mapping[str, Tensor] | None = None,
+        global_rank: int | None = None,
+    ) -> dict[str, Tensor]:
+        """Validate the clients' adapters and merge them into a global adapter.
+
+        Args:
+            states: The sampled clients' LoRA state dicts (same keys), in a fixed client order.
+            ranks: Each client's declared rank; must match its tensors.
+            num_samples: Each client's number of training samples (positive).
+            previous: The previous global adapter, if any. Ignored when ``fixed_rank`` is
+                False.
+            global_rank: The global rank ``R``; defaults to ``max(ranks)``, or the rank of
+                ``previous`` if larger. Ignored (the method picks its own rank, e.g.
+                ``sum(ranks)``) when ``fixed_rank`` is False.
+
+        Returns:
+            A new global state dict (rank ``R``, or the method's own rank).
+
+        Raises:
+            ValueError: If the inputs are inconsistent: lengths differ, no client, a sample
+                count is not positive, a rank exceeds ``R`` or does not match its state, or the
+                clients disagree on keys or shapes.
+        """
+        if not self.fixed_rank:
+            # The merge decides its own rank; every client rank fits under their sum.
+            rank = sum(ranks)
+            check_merge_inputs(states, ranks, num_samples, rank)
+            return self._combine(states, ranks, num_samples, None, rank)
+        rank = global_rank if global_rank is not None else default_global_rank(ranks, previous)
+        check_merge_inputs(states, ranks, num_samples, rank, previous)
+        return self._combine(states, ranks, num_samples, previous, rank)
+
+    def _combine(
+        self,
+        states: Sequence[Mapping[str, Tensor]],
+        ranks: Sequence[int],
+        num_samples: Sequence[float],
+        previous: Mapping[str, Tensor] | None,
+        global_rank: int,
+    ) -> dict[str, Tensor]:
+        raise NotImplementedError(f"{type(self).__name__} must implement _combine")
+
+    def redistribute(self, global_state: Mapping[str, Tensor], rank: int) -> dict[str, Tensor]:
+        """Hand the global adapter to a rank-``rank`` client; by default truncate it.
+
+        Args:
+            global_state: The rank-``R`` global state dict.
+            rank: The receiving client's rank.
+
+        Returns:
+            A new state dict with ``A[:rank]``, ``B[:, :rank]`` and dense tensors unchanged.
+
+        Raises:
+            ValueError: If ``rank`` is outside ``[1, R]``.
+        """
+        return truncate(global_state, rank)
