@@ -12,6 +12,18 @@ from actors.client import ClientTask, ClientWorker, merger_options, nbytes
 from actors.server import ServerState
 from aggregation import check_update, get_merger, is_lora_a, is_lora_b
 from fedsim.config import resolve_ranks
+from fedsim.simulation import server_options
+
+
+def _bc(adapter):
+    """A broadcast holding just the global adapter (no SCAFFOLD, no FLoRA base updates)."""
+    return {"adapter": adapter}
+
+
+def _train(worker, task, adapter, state=None):
+    """``(report, update)`` of one task."""
+    report, update, _, _ = worker.train(task, _bc(adapter), state)
+    return report, update
 
 
 @pytest.fixture(scope="module")
@@ -43,13 +55,17 @@ def round1(worker, initial):
     """Round-1 reports and updates of clients 0, 2 and 5 (ranks 8, 4, 2)."""
     out = {}
     for cid in (0, 2, 5):
-        out[cid] = worker.train(ClientTask(cid, worker.ranks[cid], 1), initial)
+        out[cid] = _train(worker, ClientTask(cid, worker.ranks[cid], 1), initial)
     return out
 
 
 def _server(worker, initial) -> ServerState:
     cfg = worker.cfg
-    return ServerState(get_merger(cfg.aggregation.method, **merger_options(cfg)), initial)
+    return ServerState(
+        get_merger(cfg.aggregation.method, **merger_options(cfg)),
+        initial,
+        server_options(cfg, list(initial)),
+    )
 
 
 def _rank_of(state) -> set[int]:
@@ -95,8 +111,8 @@ def test_training_changes_the_adapter(initial, round1):
 
 def test_same_task_twice_gives_bit_identical_updates(worker, initial, round1):
     report, update = round1[2]
-    worker.train(ClientTask(5, worker.ranks[5], 1), initial)  # serve someone else in between
-    again_report, again = worker.train(ClientTask(2, worker.ranks[2], 1), initial)
+    _train(worker, ClientTask(5, worker.ranks[5], 1), initial)  # serve someone else between
+    again_report, again = _train(worker, ClientTask(2, worker.ranks[2], 1), initial)
     assert all(torch.equal(update[k], again[k]) for k in update)
     assert again_report["train_loss"] == report["train_loss"]
     assert again_report["personalized"] == report["personalized"]
@@ -106,7 +122,7 @@ def test_another_worker_gives_the_same_initial_global_and_updates(cfg, initial, 
     other = ClientWorker(cfg)
     other_initial = other.initial_global()
     assert all(torch.equal(initial[k], other_initial[k]) for k in initial)
-    _, update = other.train(ClientTask(0, other.ranks[0], 1), other_initial)
+    _, update = _train(other, ClientTask(0, other.ranks[0], 1), other_initial)
     _, expected = round1[0]
     assert all(torch.equal(update[k], expected[k]) for k in update)
 
@@ -115,9 +131,9 @@ def test_editing_happens_only_from_round_2(worker, initial, round1):
     for report, _ in round1.values():
         assert report["edited"] == [] and report["similarities"] == {}
     server = _server(worker, initial)
-    clients = [(cid, r["rank"], r["num_samples"]) for cid, (r, _) in round1.items()]
-    server.aggregate(1, clients, *[u for _, u in round1.values()])
-    report, update = worker.train(ClientTask(2, worker.ranks[2], 2), server.get_global())
+    clients = [(cid, r["rank"], r["num_samples"], r["steps"]) for cid, (r, _) in round1.items()]
+    server.aggregate(1, clients, [u for _, u in round1.values()])
+    report, update = _train(worker, ClientTask(2, worker.ranks[2], 2), server.get_global())
     assert len(report["edited"]) == worker.cfg.editing.count == 1
     assert all(is_lora_a(k) for k in report["edited"])
     assert report["similarities"]
@@ -132,9 +148,9 @@ def _aggregate(worker, initial, round1, order, poison=()):
         report, update = round1[cid]
         if cid in poison:
             update = {k: torch.full_like(v, float("nan")) for k, v in update.items()}
-        clients.append((cid, report["rank"], report["num_samples"]))
+        clients.append((cid, report["rank"], report["num_samples"], report["steps"]))
         updates.append(update)
-    return server, server.aggregate(1, clients, *updates)
+    return server, server.aggregate(1, clients, updates)
 
 
 def test_nan_update_is_rejected_and_the_rest_merged(worker, initial, round1):
@@ -163,7 +179,9 @@ def test_wrong_rank_and_empty_client_are_rejected(worker, initial, round1):
     server = _server(worker, initial)
     (r0, u0), (_, u2), (r5, u5) = round1[0], round1[2], round1[5]
     report = server.aggregate(
-        1, [(0, 4, r0["num_samples"]), (2, 4, 0), (5, 2, r5["num_samples"])], u0, u2, u5
+        1,
+        [(0, 4, r0["num_samples"], 1), (2, 4, 0, 1), (5, 2, r5["num_samples"], 1)],
+        [u0, u2, u5],
     )
     assert set(report.rejected) == {0, 2}
     assert "shape" in report.rejected[0]
@@ -179,9 +197,9 @@ def test_update_order_does_not_change_the_merge(worker, initial, round1):
 
 
 def test_global_evaluation_does_not_depend_on_the_shard_count(worker, initial):
-    y, p, losses = worker.evaluate_global(initial, 0, 1)
+    y, p, losses = worker.evaluate_global(_bc(initial), 0, 1)
     assert len(y) == len(worker.data.test)
-    parts = [worker.evaluate_global(initial, s, 3) for s in range(3)]
+    parts = [worker.evaluate_global(_bc(initial), s, 3) for s in range(3)]
     assert np.array_equal(y, np.concatenate([part[0] for part in parts]))
     assert np.array_equal(p, np.concatenate([part[1] for part in parts]))
     assert np.array_equal(losses, np.concatenate([part[2] for part in parts]))

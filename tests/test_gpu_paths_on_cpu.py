@@ -12,7 +12,7 @@ from fedsim.config import ConfigError
 
 def test_bf16_training_and_evaluation_run_and_stay_finite(make_config):
     worker = ClientWorker(make_config("train.precision=bf16"))
-    report, update = worker.train(ClientTask(0, 8, 1), worker.initial_global())
+    report, update, _, _ = worker.train(ClientTask(0, 8, 1), {"adapter": worker.initial_global()})
     assert np.isfinite(report["train_loss"])
     assert np.isfinite(report["personalized"]["loss"])
     assert all(v.isfinite().all() for v in update.values())

@@ -1,0 +1,206 @@
+"""Issue 3's axes composed on real workers: sharing policies, client state, objectives, FLoRA."""
+
+from __future__ import annotations
+
+import pytest
+import ray
+import torch
+
+from actors.client import ClientTask, ClientWorker, merger_options
+from actors.pool import ClientPool
+from actors.server import ServerState
+from aggregation import get_merger, is_lora_a, is_lora_b
+from fedsim.config import ConfigError
+from fedsim.objectives import middle_layer_weights
+from fedsim.simulation import server_options
+
+
+@pytest.fixture(scope="module", autouse=True)
+def restore_threads():
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+def _worker(make_config, *overrides) -> ClientWorker:
+    return ClientWorker(make_config("editing.enabled=false", *overrides))
+
+
+def _server(worker: ClientWorker, initial) -> ServerState:
+    cfg = worker.cfg
+    return ServerState(
+        get_merger(cfg.aggregation.method, **merger_options(cfg)),
+        initial,
+        server_options(cfg, list(initial)),
+    )
+
+
+def _equal(a: dict, b: dict) -> bool:
+    return set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "key"),
+    [
+        (["aggregation.method=hetlora", "sharing.policy=B"], "sharing.policy"),
+        (["aggregation.method=flexlora", "server.optimizer=fedadam"], "server.optimizer"),
+        (["aggregation.method=flora", "server.optimizer=fedyogi"], "server.optimizer"),
+        (
+            ["aggregation.method=flexlora", "objective.method=scaffold", "train.optimizer=sgd"],
+            "objective.method",
+        ),
+        (["objective.method=scaffold"], "train.optimizer"),
+        (
+            ["objective.method=scaffold", "train.optimizer=sgd", "lora.scaling=rank"],
+            "lora.scaling",
+        ),
+        (["aggregation.method=flora", "objective.method=fednova"], "objective.method"),
+        (["aggregation.method=flora", "editing.enabled=true"], "editing.enabled"),
+        (["sharing.policy=none", "editing.enabled=true"], "editing.enabled"),
+        (["sharing.policy=B", "editing.enabled=true", "editing.key=lora_A"], "editing.key"),
+        (["data.partition=centralized"], "clients.num"),
+    ],
+)
+def test_combinations_that_make_no_sense_are_rejected(make_config, overrides, key):
+    with pytest.raises(ConfigError) as info:
+        make_config("editing.enabled=false", *overrides)
+    assert info.value.key == key
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ["aggregation.method=fedilora", "server.optimizer=fedadam", "objective.method=fedprox"],
+        ["sharing.policy=B", "server.optimizer=fedyogi", "objective.method=fedmllm"],
+        ["aggregation.method=hetlora", "objective.method=fednova", "server.optimizer=fedavgm"],
+        ["objective.method=scaffold", "train.optimizer=sgd", "aggregation.method=zeropad"],
+        ["data.partition=centralized", "clients.num=1", "clients.ranks=[8]"],
+    ],
+)
+def test_meaningful_combinations_load(make_config, overrides):
+    make_config("editing.enabled=false", *overrides)
+
+
+@pytest.mark.parametrize(("policy", "private_kind"), [("B", is_lora_a), ("A", is_lora_b)])
+def test_private_parts_stay_with_the_client_and_come_back(make_config, policy, private_kind):
+    # Several steps: with B = 0 at the start, A gets no gradient in the first step.
+    worker = _worker(
+        make_config, f"sharing.policy={policy}", "train.local_epochs=3", "train.max_local_steps=6"
+    )
+    initial = worker.initial_global()
+    task1, task2 = ClientTask(0, 8, 1), ClientTask(0, 8, 2)
+    _, update, _, state = worker.train(task1, {"adapter": initial})
+    private = state["private"]
+    assert private and all(private_kind(k) for k in private)
+    assert not set(update) & set(private)  # the private part is never uploaded
+    # Round 2 starts from the client's own private part: with and without it differ.
+    _, with_state, _, _ = worker.train(task2, {"adapter": initial}, state)
+    _, without, _, _ = worker.train(task2, {"adapter": initial})
+    assert not _equal(with_state, without)
+
+
+def test_local_only_uploads_nothing_and_keeps_everything(make_config):
+    worker = _worker(make_config, "sharing.policy=none")
+    initial = worker.initial_global()
+    report, update, _, state = worker.train(ClientTask(1, 8, 1), {"adapter": initial})
+    assert update == {} and report["upload_bytes"] == 0
+    assert set(state["private"]) == set(initial)
+    server = _server(worker, initial)
+    agg = server.aggregate(1, [(1, 8, report["num_samples"], report["steps"])], [update])
+    assert agg.accepted == [1] and _equal(server.get_global(), initial)
+
+
+def test_state_travels_to_another_actor(ray_cluster, make_config):
+    """pLoRA's private A and SCAFFOLD's c_i, trained on actor 0, continue on actor 1."""
+    cfg = make_config(
+        "editing.enabled=false",
+        "sharing.policy=B",
+        "objective.method=scaffold",
+        "train.optimizer=sgd",
+        "train.lr=0.05",
+    )
+    plain = ClientWorker(cfg)
+    initial = plain.initial_global()
+    server = _server(plain, initial)
+    bc = server.broadcast()
+    t1, t2 = ClientTask(0, 8, 1), ClientTask(0, 8, 2)
+    _, _, _, state = plain.train(t1, bc)
+    _, expected, expected_delta, _ = plain.train(t2, bc, state)
+
+    pool = ClientPool(cfg, 2)
+    try:
+        bc_ref = ray.put(bc)
+        first = pool.train([t1], bc_ref, {})  # client 0 on actor 0
+        state_ref = first.refs[0][2]
+        # client 1 takes actor 0, so client 0's round 2 runs on actor 1
+        second = pool.train([ClientTask(1, 8, 2), t2], bc_ref, {0: state_ref})
+        update, delta = ray.get(list(second.refs[0][:2]))
+    finally:
+        pool.shutdown()
+    assert _equal(update, expected)
+    assert _equal(delta, expected_delta)
+
+
+def test_scaffold_with_zero_variates_trains_like_plain_sgd(make_config):
+    sgd = ("train.optimizer=sgd", "train.lr=0.05")
+    plain = _worker(make_config, *sgd)
+    scaffold = _worker(make_config, *sgd, "objective.method=scaffold")
+    initial = plain.initial_global()
+    zeros = {k: torch.zeros_like(v) for k, v in initial.items()}
+    _, a, none_delta, _ = plain.train(ClientTask(2, 4, 1), {"adapter": initial})
+    _, b, delta, state = scaffold.train(
+        ClientTask(2, 4, 1), {"adapter": initial, "scaffold_c": zeros}
+    )
+    assert none_delta is None and delta is not None and "scaffold_c" in state
+    assert _equal(a, b)
+    # with a non-zero server variate the local gradients are corrected
+    c = {k: torch.full_like(v, 0.01) for k, v in initial.items()}
+    _, corrected, _, _ = scaffold.train(ClientTask(2, 4, 1), {"adapter": initial, "scaffold_c": c})
+    assert not _equal(a, corrected)
+
+
+def _distance(update: dict, reference: dict) -> float:
+    return sum(float((update[k] - reference[k]).pow(2).sum()) for k in update)
+
+
+def test_fedprox_keeps_the_update_closer_to_the_global(make_config):
+    steps = ("train.local_epochs=4", "train.max_local_steps=8")  # the term is 0 at step 1
+    plain = _worker(make_config, *steps)
+    prox = _worker(make_config, *steps, "objective.method=fedprox", "objective.mu=50")
+    initial = plain.initial_global()
+    _, a, _, _ = plain.train(ClientTask(0, 8, 1), {"adapter": initial})
+    _, b, _, _ = prox.train(ClientTask(0, 8, 1), {"adapter": initial})
+    assert _distance(b, initial) < _distance(a, initial)
+
+
+def test_fedmllm_weights_only_the_middle_layers():
+    keys = [
+        f"base_model.model.text.encoder.layer.{i}.attention.self.query.lora_A.weight"
+        for i in range(6)
+    ] + ["base_model.model.classifier.0.weight"]
+    weights = middle_layer_weights(keys, {"text": 6}, skip=2, weight=0.1)
+    assert sorted(weights) == [keys[2], keys[3]]
+    assert set(weights.values()) == {0.1}
+
+
+def test_flora_folds_the_stacked_product_into_the_base(make_config):
+    worker = _worker(make_config, "aggregation.method=flora")
+    initial = worker.initial_global()
+    server = _server(worker, initial)
+    reports, updates = [], []
+    for cid in (0, 2):
+        report, update, _, _ = worker.train(
+            ClientTask(cid, worker.ranks[cid], 1), server.broadcast()
+        )
+        reports.append((cid, report["rank"], report["num_samples"], report["steps"]))
+        updates.append(update)
+    before = worker.evaluate_global(server.broadcast(), 0, 1)
+    server.aggregate(1, reports, updates)
+    bc = server.broadcast()
+    assert bc["base_version"] == 1 and bc["base_delta"]
+    stacked = server.stacked_history()[0]
+    assert {v.shape[0] for k, v in stacked.items() if is_lora_a(k)} == {8 + 4}
+    # the adapter restarts (B = 0); the global model is the base plus the merged product
+    assert all(torch.equal(bc["adapter"][k], initial[k]) for k in initial if is_lora_b(k))
+    after = worker.evaluate_global(bc, 0, 1)
+    assert not (before[2] == after[2]).all()
