@@ -18,6 +18,8 @@ from aggregation import (
     edit_layerwise,
     fold_scaling,
     get_merger,
+    hetlora_tail_norm,
+    is_lora,
     merger_class,
     scaffold_client_variate,
     shared_keys,
@@ -30,7 +32,7 @@ from fedsim.data.partition import rng_for
 from fedsim.evaluation import classification_metrics, predict
 from fedsim.models.backbone import build_backbone
 from fedsim.models.lora import AdapterHost, client_scaling, fresh_lora_state
-from fedsim.objectives import build_objective, tower_depths
+from fedsim.objectives import TailPenalty, build_objective, tower_depths
 from fedsim.training import train_local
 
 _SHUFFLE, _TORCH, _FRESH = 201, 202, 203
@@ -66,6 +68,8 @@ class ClientReport:
     upload_bytes: int = 0
     download_bytes: int = 0
     time_s: float = 0.0
+    next_rank: int = 0
+    tail_norm: float | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -162,7 +166,8 @@ class ClientWorker:
         self._sync_base(broadcast)
         received = self._received(task, broadcast)
         state = state or {}
-        start_state = {**received, **state.get("private", {})}
+        # A client whose rank was pruned since its last round keeps the leading dimensions.
+        start_state = {**received, **truncate(state.get("private", {}), task.rank)}
         model = self.host.load(task.rank, start_state)
         shared = shared_keys(list(start_state), cfg.sharing.policy)
         params = self.host.parameters_by_key(task.rank)
@@ -171,11 +176,19 @@ class ClientWorker:
         correction = None
         if scaffold:
             c_view = truncate(broadcast["scaffold_c"], task.rank)
-            c_i = state.get("scaffold_c") or {k: torch.zeros_like(c_view[k]) for k in c_view}
+            c_i = state.get("scaffold_c")
+            c_i = (
+                truncate(c_i, task.rank)
+                if c_i
+                else {k: torch.zeros_like(c_view[k]) for k in c_view}
+            )
             correction = {k: c_view[k] - c_i[k] for k in c_view}
         objective = build_objective(
             cfg.objective, start_state, shared, self.depths, scaffold_correction=correction
         )
+        prune = cfg.pruning.gamma > 0 and task.rank - cfg.pruning.delta >= cfg.pruning.min_rank
+        if prune:
+            objective = TailPenalty(objective, cfg.pruning.gamma, cfg.pruning.delta)
         seed_seq = np.random.SeedSequence([cfg.seed, _TORCH, task.round_idx, task.client_id])
         torch.manual_seed(int(seed_seq.generate_state(1)[0]))
         shuffle = rng_for(cfg.seed, _SHUFFLE, task.round_idx, task.client_id)
@@ -223,6 +236,12 @@ class ClientWorker:
             if edited:
                 local = {**local, **result.state}
                 self.host.load(task.rank, local)
+        next_rank, tail = task.rank, None
+        if prune:
+            lora = {k: v for k, v in local.items() if is_lora(k)}
+            tail = float(hetlora_tail_norm(lora, cfg.pruning.delta))
+            if tail < cfg.pruning.threshold:
+                next_rank = task.rank - cfg.pruning.delta
         personalized = self._metrics(client.holdout)
         update = fold_scaling({k: local[k] for k in shared}, s)
         if task.client_id in cfg.faults.nan_update_clients:
@@ -240,6 +259,8 @@ class ClientWorker:
             upload_bytes=nbytes(update) + (nbytes(scaffold_delta) if scaffold_delta else 0),
             download_bytes=nbytes(received) + (nbytes(c_view) if c_view else 0),
             time_s=time.perf_counter() - start,
+            next_rank=next_rank,
+            tail_norm=tail,
         )
         return report.to_dict(), update, scaffold_delta, new_state
 

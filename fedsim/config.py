@@ -190,6 +190,22 @@ class ObjectiveConfig:
 
 
 @dataclass
+class PruningConfig:
+    gamma: float = field(
+        default=0.0,
+        metadata=_help(
+            "HetLoRA's rank self-pruning: weight of gamma * ||B[:, r-delta:] A[r-delta:]||_F in "
+            "the local loss; 0 turns pruning off."
+        ),
+    )
+    delta: int = field(default=1, metadata=_help("Tail dimensions penalised and dropped at once."))
+    threshold: float = field(
+        default=1e-3, metadata=_help("Drop the tail when its norm after training is below this.")
+    )
+    min_rank: int = field(default=1, metadata=_help("A client's rank never drops below this."))
+
+
+@dataclass
 class EditingConfig:
     enabled: bool = field(default=True, metadata=_help("FediLoRA layer-wise model editing."))
     key: Literal["lora_A", "lora_B", "all"] = field(
@@ -270,6 +286,7 @@ class FedSimConfig:
     server: ServerConfig = field(default_factory=ServerConfig)
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
     editing: EditingConfig = field(default_factory=EditingConfig)
+    pruning: PruningConfig = field(default_factory=PruningConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     resources: ResourcesConfig = field(default_factory=ResourcesConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
@@ -562,6 +579,17 @@ def _check_combinations(cfg: FedSimConfig) -> None:
         "clients.num",
         f"data.partition=centralized is one client holding all data; set clients.num=1 "
         f"(got {cfg.clients.num})",
+    )
+    pr = cfg.pruning
+    _check(pr.gamma >= 0, "pruning.gamma", "must be >= 0")
+    _check(pr.delta >= 1, "pruning.delta", "must be >= 1")
+    _check(pr.threshold >= 0, "pruning.threshold", "must be >= 0")
+    _check(pr.min_rank >= 1, "pruning.min_rank", "must be >= 1")
+    _check(
+        pr.gamma == 0 or (merger.linear_in_factors and merger.fixed_rank),
+        "pruning.gamma",
+        f"rank self-pruning changes client ranks between rounds; {method} cannot take that "
+        "(use zeropad, fedilora or hetlora)",
     )
     _check(cfg.objective.mu >= 0, "objective.mu", "must be >= 0")
     _check(cfg.objective.layer_weight >= 0, "objective.layer_weight", "must be >= 0")

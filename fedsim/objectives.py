@@ -67,6 +67,26 @@ class Scaffold(ClientObjective):
                 p.grad.add_(corr.to(p.grad.device))
 
 
+class TailPenalty(ClientObjective):
+    """HetLoRA's self-pruning term ``gamma * ||B[:, r-delta:] A[r-delta:]||_F``, added to another
+    objective."""
+
+    def __init__(self, inner: ClientObjective, gamma: float, delta: int):
+        self.inner, self.gamma, self.delta = inner, gamma, delta
+
+    def penalty(self, params: Params) -> torch.Tensor | None:
+        from aggregation import hetlora_tail_norm, is_lora
+
+        tail = self.gamma * hetlora_tail_norm(
+            {k: p for k, p in params.items() if is_lora(k)}, self.delta
+        )
+        inner = self.inner.penalty(params)
+        return tail if inner is None else inner + tail
+
+    def correct(self, params: Params) -> None:
+        self.inner.correct(params)
+
+
 def layer_index(key: str) -> tuple[str, int] | None:
     """``(tower, layer)`` of a parameter key such as ``...text.encoder.layer.3.attention...``."""
     m = _LAYER.search(key)

@@ -223,6 +223,7 @@ def run(config: FedSimConfig | dict | str | Path | None = None) -> RunResult:
 
 def _loop(cfg, ranks, pool, server, tracker, result: RunResult, progress) -> None:
     """The round loop: round 0 evaluates the initial adapter, rounds 1..T train."""
+    ranks = list(ranks)  # current ranks: self-pruning may lower them
     start = time.perf_counter()
     states: dict[int, object] = {}  # client id -> object ref of its persistent state
     metrics = _global_metrics(pool.evaluate(server.broadcast.remote()))
@@ -240,10 +241,9 @@ def _loop(cfg, ranks, pool, server, tracker, result: RunResult, progress) -> Non
         reports = [outcome.values[c] for c in done]
         for c in done:
             states[c] = outcome.refs[c][2]
-        meta = [
-            (c, ranks[c], outcome.values[c]["num_samples"], outcome.values[c]["steps"])
-            for c in done
-        ]
+        meta = [(c, r["rank"], r["num_samples"], r["steps"]) for c, r in zip(done, reports)]
+        for c, r in zip(done, reports):  # HetLoRA self-pruning: the rank from the next round on
+            ranks[c] = r["next_rank"] or ranks[c]
         refs = [outcome.refs[c][0] for c in done]
         if objective_spec(cfg.objective.method).control_variates:
             refs += [outcome.refs[c][1] for c in done]
@@ -251,6 +251,7 @@ def _loop(cfg, ranks, pool, server, tracker, result: RunResult, progress) -> Non
         for cid, reason in agg.rejected.items():
             print(f"round {t}: update of client {cid} rejected: {reason}", flush=True)
         metrics = _round_metrics(reports, agg.rejected, outcome.failed)
+        metrics["clients/rank_mean"] = float(np.mean(ranks))
         metrics.update(_global_metrics(pool.evaluate(server.broadcast.remote())))
         metrics["time/aggregate_s"] = agg.aggregate_s
         metrics["time/round_s"] = time.perf_counter() - start

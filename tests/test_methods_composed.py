@@ -204,3 +204,30 @@ def test_flora_folds_the_stacked_product_into_the_base(make_config):
     assert all(torch.equal(bc["adapter"][k], initial[k]) for k in initial if is_lora_b(k))
     after = worker.evaluate_global(bc, 0, 1)
     assert not (before[2] == after[2]).all()
+
+
+def test_rank_self_pruning_drops_the_tail_and_the_next_round_uses_it(make_config):
+    # A huge threshold forces the drop; the tail penalty is part of the loss.
+    worker = _worker(
+        make_config,
+        "aggregation.method=hetlora",
+        "pruning.gamma=0.1",
+        "pruning.delta=2",
+        "pruning.threshold=1e9",
+        "pruning.min_rank=2",
+    )
+    initial = worker.initial_global()
+    report, update, _, state = worker.train(ClientTask(0, 8, 1), {"adapter": initial})
+    assert report["next_rank"] == 6 and report["tail_norm"] is not None
+    assert {v.shape[0] for k, v in update.items() if is_lora_a(k)} == {8}  # uploaded at rank 8
+    report2, update2, _, _ = worker.train(ClientTask(0, 6, 2), {"adapter": initial}, state)
+    assert {v.shape[0] for k, v in update2.items() if is_lora_a(k)} == {6}
+    # at the floor nothing more is dropped
+    floor, _, _, _ = worker.train(ClientTask(0, 2, 3), {"adapter": initial})
+    assert floor["next_rank"] == 2 and floor["tail_norm"] is None
+
+
+def test_rank_self_pruning_needs_a_merge_that_truncates(make_config):
+    with pytest.raises(ConfigError) as info:
+        make_config("editing.enabled=false", "aggregation.method=flexlora", "pruning.gamma=0.1")
+    assert info.value.key == "pruning.gamma"
