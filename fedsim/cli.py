@@ -40,6 +40,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     show_p = sub.add_parser("config", help="print the resolved config as YAML")
     show_p.add_argument("args", nargs="*", metavar="[CONFIG.yaml] [key=value ...]")
+    part_p = sub.add_parser(
+        "partition",
+        help="print each client's data (samples, labels, modalities) under a config",
+    )
+    part_p.add_argument("args", nargs="*", metavar="[CONFIG.yaml] [key=value ...]")
+    part_p.add_argument("--heatmap", metavar="PNG", help="also save a heat map of the label split")
     cmp_p = sub.add_parser(
         "compare",
         help="run a comparison study (variants x seeds) and write a Markdown table",
@@ -65,6 +71,15 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"fedsim: {exc}", file=sys.stderr)
         return 2
+    if ns.command == "partition":
+        from fedsim.partition_report import partition_report
+
+        try:
+            partition_report(cfg, ns.heatmap)
+        except ConfigError as exc:
+            print(f"fedsim: {exc}", file=sys.stderr)
+            return 2
+        return 0
     if ns.command == "config":
         from fedsim.config import to_yaml
 

@@ -71,11 +71,29 @@ class DataConfig:
     )
     alpha: float = field(default=0.5, metadata=_help("Dirichlet concentration of label skew."))
     min_per_client: int = field(default=10, metadata=_help("Minimum samples per client."))
+    scenario: Literal["aligned", "missing", "fedilora", "cross", "hybrid"] = field(
+        default="fedilora",
+        metadata=_help(
+            "Modality heterogeneity: aligned (both kept); missing (each row loses each modality "
+            "with probability missing_beta); fedilora (a share missing_rate of each client's "
+            "rows loses exactly one); cross (image-only : text-only clients, cross_ratio); "
+            "hybrid (each client keeps each modality with probability hybrid_p)."
+        ),
+    )
     missing_rate: float = field(
         default=0.4,
         metadata=_help(
             "FediLoRA missing rate: share of each client's samples missing one modality."
         ),
+    )
+    missing_beta: float = field(
+        default=0.3, metadata=_help("missing: per-row probability of losing each modality.")
+    )
+    cross_ratio: str = field(
+        default="3:7", metadata=_help("cross: image-only : text-only clients, e.g. 3:7.")
+    )
+    hybrid_p: float = field(
+        default=0.8, metadata=_help("hybrid: probability that a client keeps each modality.")
     )
     image_fill: Literal["zeros"] = field(
         default="zeros", metadata=_help("Fill for a missing image (FediLoRA: zeros).")
@@ -448,6 +466,16 @@ def validate(cfg: FedSimConfig) -> None:
     _check(
         0 <= d.missing_rate <= 1, "data.missing_rate", f"must be in [0, 1], got {d.missing_rate}"
     )
+    _check(
+        0 <= d.missing_beta <= 1, "data.missing_beta", f"must be in [0, 1], got {d.missing_beta}"
+    )
+    _check(0 <= d.hybrid_p <= 1, "data.hybrid_p", f"must be in [0, 1], got {d.hybrid_p}")
+    try:
+        from fedsim.data.partition import parse_ratio
+
+        parse_ratio(d.cross_ratio)
+    except ValueError as exc:
+        raise ConfigError("data.cross_ratio", str(exc)) from None
     _check(
         0 < d.test_fraction < 1, "data.test_fraction", f"must be in (0, 1), got {d.test_fraction}"
     )

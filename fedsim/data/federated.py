@@ -16,11 +16,11 @@ from fedsim.data.emoji import MultimodalDataset, load_emoji
 from fedsim.data.partition import (
     ModalityMask,
     dirichlet_partition,
-    fedilora_missing,
     holdout_split,
     subset_indices,
     train_test_split,
 )
+from fedsim.data.scenarios import client_modalities
 
 # EfficientNet-Lite was trained on inputs scaled to [-1, 1].
 PIXEL_MEAN = 0.5
@@ -65,18 +65,21 @@ class FederatedData:
         labels = dataset.labels.numpy()
         train, test = train_test_split(labels, d.test_fraction, cfg.seed)
         self.test = Split(test, ModalityMask.complete(len(test)))
-        try:
-            parts = dirichlet_partition(
-                labels[train], cfg.clients.num, d.alpha, d.min_per_client, cfg.seed
-            )
-        except ValueError as exc:
-            from fedsim.config import ConfigError
+        if d.partition == "centralized":  # the centralised baseline: one client, all rows
+            parts = [np.arange(len(train))]
+        else:
+            try:
+                parts = dirichlet_partition(
+                    labels[train], cfg.clients.num, d.alpha, d.min_per_client, cfg.seed
+                )
+            except ValueError as exc:
+                from fedsim.config import ConfigError
 
-            raise ConfigError("data.min_per_client", str(exc)) from None
+                raise ConfigError("data.min_per_client", str(exc)) from None
         self.clients: list[ClientData] = []
         for cid, local in enumerate(parts):
             rows = train[local]
-            mask = fedilora_missing(len(rows), d.missing_rate, cfg.seed, cid)
+            mask = client_modalities(cfg, cid, len(rows))
             tr, ho = holdout_split(np.arange(len(rows)), d.holdout_fraction, cfg.seed, cid)
             self.clients.append(
                 ClientData(

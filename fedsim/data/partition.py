@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 
 # Stream tags keep the generators of different draws independent of each other.
-_TEST_SPLIT, _DIRICHLET, _HOLDOUT, _MISSING, _SAMPLING, _SUBSET = range(101, 107)
+_TEST_SPLIT, _DIRICHLET, _HOLDOUT, _MISSING, _SAMPLING, _SUBSET, _CROSS, _HYBRID = range(101, 109)
 
 
 def rng_for(seed: int, tag: int, *more: int) -> np.random.Generator:
@@ -122,6 +122,66 @@ def fedilora_missing(n: int, rate: float, seed: int, client: int) -> ModalityMas
     image[chosen[lose_image]] = False
     text[chosen[~lose_image]] = False
     return ModalityMask(image, text)
+
+
+def missing_per_sample(n: int, beta: float, seed: int, client: int) -> ModalityMask:
+    """FedMLLM's ``missing`` scenario: each row loses its image with probability ``beta`` and,
+    independently, its text with probability ``beta`` (a row may lose both)."""
+    rng = rng_for(seed, _MISSING, client)
+    return ModalityMask(rng.random(n) >= beta, rng.random(n) >= beta)
+
+
+def cross_image_clients(num_clients: int, image_share: float, seed: int) -> np.ndarray:
+    """FedMLLM's ``cross`` scenario: which clients are image-only (the rest are text-only).
+
+    ``round(image_share * N)`` clients, chosen by a seeded permutation.
+    """
+    k = int(round(image_share * num_clients))
+    chosen = rng_for(seed, _CROSS).permutation(num_clients)[:k]
+    out = np.zeros(num_clients, dtype=bool)
+    out[chosen] = True
+    return out
+
+
+def hybrid_modalities(p: float, seed: int, client: int) -> tuple[bool, bool]:
+    """FedMLLM's ``hybrid`` scenario: a client keeps each modality with probability ``p``; a
+    client that drew neither gets one of the two at random."""
+    rng = rng_for(seed, _HYBRID, client)
+    image, text, coin = rng.random(3)
+    keep_image, keep_text = bool(image < p), bool(text < p)
+    if not (keep_image or keep_text):
+        keep_image = bool(coin < 0.5)
+        keep_text = not keep_image
+    return keep_image, keep_text
+
+
+def parse_ratio(ratio: str | int) -> float:
+    """``"3:7"`` -> 0.3, the share of the first part; a number in [0, 1] is taken as the share.
+
+    YAML 1.1 (and so an unquoted ``data.cross_ratio=3:7`` on the command line) reads ``3:7`` as
+    the base-60 integer 187; such an integer is read back as the ratio it was written as.
+
+    Raises:
+        ValueError: not two non-negative numbers with a positive sum.
+    """
+    text = str(ratio).strip()
+    if text.isdigit() and int(text) >= 60:  # sexagesimal a:b == a * 60 + b
+        a, b = divmod(int(text), 60)
+        text = f"{a}:{b}"
+    try:
+        if ":" not in text:
+            share = float(text)
+            if not 0 <= share <= 1:
+                raise ValueError
+            return share
+        a, b = (float(x) for x in text.split(":"))
+    except ValueError:
+        raise ValueError(
+            f"expected 'a:b' such as '3:7' or a share in [0, 1], got {ratio!r}"
+        ) from None
+    if a < 0 or b < 0 or a + b <= 0:
+        raise ValueError(f"expected two non-negative numbers with a positive sum, got {ratio!r}")
+    return a / (a + b)
 
 
 def sample_clients(num_clients: int, fraction: float, seed: int, round_idx: int) -> list[int]:
