@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import save_file
 
 from fedsim.config import FedSimConfig
-from fedsim.models.lora import peft_config
+from fedsim.models.lora import DENSE_MODULES, peft_config
 
 
 def save_peft_adapter(
@@ -22,11 +22,13 @@ def save_peft_adapter(
     """Save ``state`` (peft key names, peft's scaling already applied) as a peft adapter.
 
     The directory loads with ``PeftModel.from_pretrained(base_model, directory)`` where
-    ``base_model`` is ``build_backbone(cfg.model, num_classes, cfg.seed).model``.
+    ``base_model`` is ``build_backbone(cfg.model, num_classes, cfg.seed, cfg.data.image_fill,
+    cfg.data.text_fill).model``.
     """
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    config = peft_config(cfg.lora, target_modules, rank, global_rank)
+    dense = tuple(m for m in DENSE_MODULES if any(f".{m}." in k for k in state))
+    config = peft_config(cfg.lora, target_modules, rank, global_rank, dense)
     config.base_model_name_or_path = cfg.model.backbone
     config.save_pretrained(str(directory))
     tensors = {k: v.detach().contiguous().cpu() for k, v in state.items()}

@@ -95,8 +95,20 @@ class DataConfig:
     hybrid_p: float = field(
         default=0.8, metadata=_help("hybrid: probability that a client keeps each modality.")
     )
-    image_fill: Literal["zeros"] = field(
-        default="zeros", metadata=_help("Fill for a missing image (FediLoRA: zeros).")
+    image_fill: Literal["zeros", "learned", "mask"] = field(
+        default="zeros",
+        metadata=_help(
+            "A missing image: zeros (a zero input image, FediLoRA's choice), learned (a "
+            "trained, federated embedding replaces the image features), or mask (the image "
+            "features are zeroed)."
+        ),
+    )
+    text_fill: Literal["placeholder", "mask"] = field(
+        default="placeholder",
+        metadata=_help(
+            "A missing text: placeholder (data.text_placeholder is encoded instead) or mask "
+            "(the text features are zeroed)."
+        ),
     )
     text_placeholder: str = field(
         default="", metadata=_help("Text that stands in for a missing text (empty string).")

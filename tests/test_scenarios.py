@@ -109,3 +109,48 @@ def test_partition_command_prints_a_table_and_saves_a_heatmap(make_config, tmp_p
     assert "image only" in out and "neither" in out
     assert png.is_file() and png.stat().st_size > 1000
     assert main(["partition", "data.scenario=sideways"]) == 2
+
+
+@pytest.mark.parametrize(
+    ("image_fill", "text_fill"), [("learned", "placeholder"), ("mask", "mask"), ("zeros", "mask")]
+)
+def test_fill_policies_train_and_the_learned_embedding_is_federated(
+    make_config, image_fill, text_fill
+):
+    import torch
+
+    from actors.client import ClientTask, ClientWorker
+
+    threads = torch.get_num_threads()
+    cfg = make_config(
+        "data.scenario=missing",
+        "data.missing_beta=0.5",
+        f"data.image_fill={image_fill}",
+        f"data.text_fill={text_fill}",
+        "train.local_epochs=2",
+    )
+    worker = ClientWorker(cfg)
+    initial = worker.initial_global()
+    has_learned = any(".missing_image." in k for k in initial)
+    assert has_learned == (image_fill == "learned")
+    report, update, _, _ = worker.train(ClientTask(0, 8, 1), {"adapter": initial})
+    torch.set_num_threads(threads)
+    assert np.isfinite(report["train_loss"])
+    if has_learned:  # trained and uploaded like the head
+        key = next(k for k in update if ".missing_image." in k)
+        assert not torch.equal(update[key], initial[key])
+
+
+def test_mask_fill_ignores_the_missing_modality_content():
+    import torch
+
+    from fedsim.config import ModelConfig
+    from fedsim.models.backbone import build_backbone
+
+    model = build_backbone(ModelConfig(backbone="tiny"), 3, 0, "mask", "mask").model.eval()
+    ids = torch.tensor([[101, 2000, 102]])
+    attn = torch.ones_like(ids)
+    no = torch.tensor([False])
+    a = model(torch.rand(1, 3, 16, 16), ids, attn, has_image=no, has_text=torch.tensor([True]))
+    b = model(torch.rand(1, 3, 16, 16), ids, attn, has_image=no, has_text=torch.tensor([True]))
+    assert torch.allclose(a, b)  # the image content does not matter when it is missing

@@ -127,6 +127,8 @@ class Batcher:
             "pixel_values": pixels,
             "input_ids": ids,
             "attention_mask": attn,
+            "has_image": has_image,
+            "has_text": torch.from_numpy(np.asarray(has_text)),
             "labels": self.dataset.labels[idx],
         }
 

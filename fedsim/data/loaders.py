@@ -25,7 +25,16 @@ from PIL import Image, ImageOps
 from fedsim.data.emoji import MultimodalDataset
 
 ON_ERROR = ("raise", "skip")
-HATEFUL_MEMES_SPLITS = ("train", "dev", "test", "dev_seen", "dev_unseen", "test_seen", "test_unseen")
+# The first release ships train/dev/test; the final one adds the seen/unseen dev and test sets.
+HATEFUL_MEMES_SPLITS = (
+    "train",
+    "dev",
+    "test",
+    "dev_seen",
+    "dev_unseen",
+    "test_seen",
+    "test_unseen",
+)
 HATEFUL_MEMES_CLASSES = ["not_hateful", "hateful"]
 CRISISMMD_SPLITS = ("train", "dev", "test")
 CRISISMMD_COLUMNS = ("image", "tweet_text", "label")
@@ -257,9 +266,7 @@ def load_llava(
     return CaptionDataset(images, [r[1] for r in rows], [r[2] for r in rows]), report
 
 
-def _check_args(
-    split: str | None, splits: tuple[str, ...], on_error: str, image_size: int
-) -> None:
+def _check_args(split: str | None, splits: tuple[str, ...], on_error: str, image_size: int) -> None:
     if split is not None and split not in splits:
         raise ValueError(f"split must be one of {', '.join(splits)}; got {split!r}")
     if on_error not in ON_ERROR:
@@ -379,7 +386,10 @@ def _crisismmd_classes(train: Path) -> list[str]:
     col = header.index("label")
     labels = set()
     for _, line in lines:
-        fields = line.decode("utf-8", errors="replace").split("\t")
+        try:
+            fields = _decode(line).split("\t")
+        except _BadRow:
+            continue  # reported when the train split itself is loaded
         if len(fields) == len(header) and fields[col].strip():
             labels.add(fields[col].strip())
     return sorted(labels)

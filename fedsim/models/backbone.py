@@ -63,10 +63,18 @@ class FusionClassifier(nn.Module):
         num_classes: int,
         hidden: int,
         dropout: float,
+        image_fill: str = "zeros",
+        text_fill: str = "placeholder",
     ):
         super().__init__()
         self.text = text
         self.image = image
+        self.image_fill = image_fill
+        self.text_fill = text_fill
+        if image_fill == "learned":
+            # Trained and federated like the head (peft modules_to_save).
+            self.missing_image = nn.Embedding(1, image_dim)
+            nn.init.normal_(self.missing_image.weight, std=0.02)
         self.classifier = nn.Sequential(
             nn.Linear(text_dim + image_dim, hidden),
             nn.ReLU(),
@@ -85,6 +93,8 @@ class FusionClassifier(nn.Module):
         pixel_values: torch.Tensor,
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor,
+        has_image: torch.Tensor | None = None,
+        has_text: torch.Tensor | None = None,
         **_: torch.Tensor,
     ) -> torch.Tensor:
         t = mean_pool(
@@ -92,6 +102,12 @@ class FusionClassifier(nn.Module):
             attention_mask,
         )  # (B, Ht)
         v = self.image(pixel_values)  # (B, Hv)
+        if has_image is not None and self.image_fill != "zeros":
+            present = has_image.to(v.dtype).unsqueeze(-1)  # (B, 1)
+            fill = self.missing_image.weight if self.image_fill == "learned" else 0.0
+            v = present * v + (1 - present) * fill
+        if has_text is not None and self.text_fill == "mask":
+            t = t * has_text.to(t.dtype).unsqueeze(-1)
         return self.classifier(torch.cat([t, v], dim=-1))  # (B, classes)
 
 
@@ -134,7 +150,9 @@ def _text_targets(prefix: str = "text") -> str:
     return rf"{prefix}\.encoder\.layer\.\d+\.attention\.self\.(query|value)"
 
 
-def _build_minilm_effnet(cfg: ModelConfig, num_classes: int) -> Backbone:
+def _build_minilm_effnet(
+    cfg: ModelConfig, num_classes: int, image_fill: str, text_fill: str
+) -> Backbone:
     from transformers import AutoTokenizer, BertModel
 
     path = _minilm_path()
@@ -154,11 +172,13 @@ def _build_minilm_effnet(cfg: ModelConfig, num_classes: int) -> Backbone:
         num_classes,
         cfg.head_hidden,
         cfg.head_dropout,
+        image_fill,
+        text_fill,
     )
     return Backbone(model, tokenizer, targets, _max_rank(model, targets))
 
 
-def _build_tiny(cfg: ModelConfig, num_classes: int) -> Backbone:
+def _build_tiny(cfg: ModelConfig, num_classes: int, image_fill: str, text_fill: str) -> Backbone:
     from transformers import AutoTokenizer, BertConfig, BertModel
 
     tokenizer = AutoTokenizer.from_pretrained(_minilm_path(), local_files_only=True)
@@ -176,12 +196,20 @@ def _build_tiny(cfg: ModelConfig, num_classes: int) -> Backbone:
     image = tiny_lite()
     targets = _text_targets() + r"|image\._blocks\.[23]\._(expand|project)_conv|image\._conv_head"
     model = FusionClassifier(
-        text, image, 32, image.out_dim, num_classes, cfg.head_hidden, cfg.head_dropout
+        text,
+        image,
+        32,
+        image.out_dim,
+        num_classes,
+        cfg.head_hidden,
+        cfg.head_dropout,
+        image_fill,
+        text_fill,
     )
     return Backbone(model, tokenizer, targets, _max_rank(model, targets))
 
 
-def _build_hf(cfg: ModelConfig, num_classes: int) -> Backbone:
+def _build_hf(cfg: ModelConfig, num_classes: int, image_fill: str, text_fill: str) -> Backbone:
     from transformers import AutoModel, AutoTokenizer
 
     try:
@@ -208,6 +236,8 @@ def _build_hf(cfg: ModelConfig, num_classes: int) -> Backbone:
         num_classes,
         cfg.head_hidden,
         cfg.head_dropout,
+        image_fill,
+        text_fill,
     )
     # Each tower must get LoRA: a name that matches nothing would silently freeze a tower.
     max_rank = min(
@@ -224,15 +254,24 @@ def _escape(name: str) -> str:
     return re.escape(name)
 
 
-BACKBONE_BUILDERS: dict[str, Callable[[ModelConfig, int], Backbone]] = {
+BACKBONE_BUILDERS: dict[str, Callable[[ModelConfig, int, str, str], Backbone]] = {
     "minilm-effnet": _build_minilm_effnet,
     "tiny": _build_tiny,
     "hf": _build_hf,
 }
 
 
-def build_backbone(cfg: ModelConfig, num_classes: int, seed: int = 0) -> Backbone:
+def build_backbone(
+    cfg: ModelConfig,
+    num_classes: int,
+    seed: int = 0,
+    image_fill: str = "zeros",
+    text_fill: str = "placeholder",
+) -> Backbone:
     """Build the configured backbone; random parts are initialised from ``seed``.
+
+    ``image_fill`` / ``text_fill`` choose how the model fills a missing modality
+    (``data.image_fill`` / ``data.text_fill``).
 
     Raises:
         ConfigError: unknown backbone name, or weights that cannot be loaded.
@@ -250,7 +289,7 @@ def build_backbone(cfg: ModelConfig, num_classes: int, seed: int = 0) -> Backbon
     hf_logging.set_verbosity_error()  # and so is a load report per actor
     with torch.random.fork_rng():
         torch.manual_seed(seed)
-        backbone = builder(cfg, num_classes)
+        backbone = builder(cfg, num_classes, image_fill, text_fill)
     for p in backbone.model.parameters():
         p.requires_grad_(False)
     return backbone

@@ -15,6 +15,8 @@ from fedsim.config import LoraConfig
 from fedsim.models.backbone import Backbone
 
 HEAD_MODULE = "classifier"
+# Trained, federated non-LoRA modules of a FusionClassifier (those that exist are saved).
+DENSE_MODULES = (HEAD_MODULE, "missing_image")
 
 
 def client_scaling(cfg: LoraConfig, rank: int, global_rank: int) -> float:
@@ -27,7 +29,11 @@ def client_scaling(cfg: LoraConfig, rank: int, global_rank: int) -> float:
 
 
 def peft_config(
-    cfg: LoraConfig, target_modules: str, rank: int, global_rank: int
+    cfg: LoraConfig,
+    target_modules: str,
+    rank: int,
+    global_rank: int,
+    dense_modules: tuple[str, ...] = (HEAD_MODULE,),
 ) -> PeftLoraConfig:
     """The peft config of a rank-``rank`` adapter; its peft scaling is :func:`client_scaling`."""
     return PeftLoraConfig(
@@ -35,7 +41,7 @@ def peft_config(
         lora_alpha=client_scaling(cfg, rank, global_rank) * rank,
         lora_dropout=cfg.dropout,
         target_modules=target_modules,
-        modules_to_save=[HEAD_MODULE],
+        modules_to_save=list(dense_modules),
     )
 
 
@@ -68,7 +74,10 @@ class AdapterHost:
         """
         name = adapter_name(rank)
         if rank not in self._ranks:
-            config = peft_config(self.lora, self.backbone.target_modules, rank, self.global_rank)
+            present = tuple(m for m in DENSE_MODULES if hasattr(self.backbone.model, m))
+            config = peft_config(
+                self.lora, self.backbone.target_modules, rank, self.global_rank, present
+            )
             with torch.random.fork_rng():
                 if seed is not None:
                     torch.manual_seed(seed)
@@ -84,7 +93,9 @@ class AdapterHost:
         """Activate the rank-``rank`` adapter and copy ``state`` (peft key names) into it."""
         model = self.activate(rank)
         result = set_peft_model_state_dict(model, state, adapter_name=adapter_name(rank))
-        bad = [k for k in result.unexpected_keys if "lora_" in k or HEAD_MODULE in k]
+        bad = [
+            k for k in result.unexpected_keys if "lora_" in k or any(m in k for m in DENSE_MODULES)
+        ]
         if bad:
             raise KeyError(f"adapter state has keys the model lacks: {bad[:3]}")
         return model

@@ -1,0 +1,414 @@
+"""Benchmark loaders: Hateful Memes JSONL, CrisisMMD TSV and LLaVA JSON, built tiny in tmp."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from fedsim.data.loaders import (
+    UNLABELED,
+    DataError,
+    SkippedRow,
+    load_crisismmd,
+    load_hateful_memes,
+    load_llava,
+)
+
+S = 8
+RED, GREEN, BLUE = (255, 0, 0), (0, 255, 0), (0, 0, 255)
+
+
+def _image(path: Path, size: tuple[int, int], color=RED, mode: str = "RGB") -> str:
+    """Write a solid image of ``size`` (w, h); returns its name relative to the parent's parent."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new(mode, size, color).save(path)
+    return f"{path.parent.name}/{path.name}"
+
+
+def _jsonl(path: Path, rows: list) -> None:
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
+
+
+# --- Hateful Memes ---------------------------------------------------------------------------
+
+
+@pytest.fixture
+def memes(tmp_path: Path) -> Path:
+    """Three train rows, two dev rows, two unlabelled test rows; PNGs of three sizes."""
+    a = _image(tmp_path / "img" / "1.png", (40, 30), RED)
+    b = _image(tmp_path / "img" / "2.png", (20, 50), GREEN)
+    c = _image(tmp_path / "img" / "3.png", (33, 33), BLUE)
+    _jsonl(
+        tmp_path / "train.jsonl",
+        [
+            {"id": 1, "img": a, "label": 0, "text": "first meme"},
+            {"id": 2, "img": b, "label": 1, "text": "second meme"},
+            {"id": 3, "img": c, "label": 1, "text": "third meme"},
+        ],
+    )
+    _jsonl(
+        tmp_path / "dev.jsonl",
+        [
+            {"id": 1, "img": a, "label": 1, "text": "d1"},
+            {"id": 2, "img": b, "label": 0, "text": ""},
+        ],
+    )
+    _jsonl(
+        tmp_path / "test.jsonl",
+        [{"id": 1, "img": a, "text": "t1"}, {"id": 3, "img": c, "label": 1, "text": "t3"}],
+    )
+    return tmp_path
+
+
+def test_hateful_memes_train(memes):
+    ds, report = load_hateful_memes(memes, "train", S)
+    assert ds.images.shape == (3, 3, S, S) and ds.images.dtype == torch.uint8
+    assert ds.labels.tolist() == [0, 1, 1] and ds.labels.dtype == torch.int64
+    assert ds.classes == ["not_hateful", "hateful"]
+    assert ds.texts == ["first meme", "second meme", "third meme"]
+    # solid images stay solid at any source size and aspect
+    assert ds.images[0, :, 0, 0].tolist() == list(RED)
+    assert (ds.images[1] == torch.tensor(GREEN, dtype=torch.uint8)[:, None, None]).all()
+    assert (report.rows, report.kept, report.skipped, report.skipped_rows) == (3, 3, 0, [])
+
+
+def test_hateful_memes_dev_and_unlabelled_test(memes):
+    dev, _ = load_hateful_memes(memes, "dev", S)
+    assert dev.labels.tolist() == [1, 0] and dev.texts == ["d1", ""]
+    test, report = load_hateful_memes(memes, "test", S)
+    assert test.labels.tolist() == [UNLABELED, 1]
+    assert report.kept == 2
+
+
+BAD_MEME_ROWS = [  # (line 2 of train.jsonl, the reason DataError must name)
+    ("{not json", "bad JSON"),
+    ('["a list"]', "expected a JSON object"),
+    ({"img": "img/2.png", "label": 1}, "missing field 'text'"),
+    ({"img": "img/2.png", "text": "x"}, "missing field 'label'"),
+    ({"img": 7, "text": "x", "label": 1}, "field 'img' must be str"),
+    ({"img": "img/9.png", "text": "x", "label": 1}, "image img/9.png not found under "),
+    ({"img": "img/junk.png", "text": "x", "label": 1}, "image img/junk.png unreadable"),
+    ({"img": "img/2.png", "text": "x", "label": 2}, "bad label 2"),
+    ({"img": "img/2.png", "text": "x", "label": True}, "bad label True"),
+    (b'{"img": "img/2.png", "text": "\xff", "label": 1}', "not valid UTF-8"),
+]
+
+
+@pytest.mark.parametrize("row, reason", BAD_MEME_ROWS)
+def test_hateful_memes_bad_row_raises_or_skips(memes, row, reason):
+    (memes / "img" / "junk.png").write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
+    lines = [
+        json.dumps({"img": "img/1.png", "text": "ok", "label": 0}).encode(),
+        row
+        if isinstance(row, bytes)
+        else (row if isinstance(row, str) else json.dumps(row)).encode(),
+        b"",  # blank lines are not rows
+        json.dumps({"img": "img/3.png", "text": "ok too", "label": 1}).encode(),
+    ]
+    (memes / "train.jsonl").write_bytes(b"\n".join(lines) + b"\n")
+
+    with pytest.raises(DataError, match=f"^train.jsonl line 2: {reason}") as info:
+        load_hateful_memes(memes, "train", S)
+    assert (info.value.file, info.value.row) == ("train.jsonl", 2)
+
+    ds, report = load_hateful_memes(memes, "train", S, on_error="skip")
+    assert ds.texts == ["ok", "ok too"] and ds.labels.tolist() == [0, 1]
+    assert (report.rows, report.kept, report.skipped) == (3, 2, 1)
+    [skipped] = report.skipped_rows
+    assert isinstance(skipped, SkippedRow) and skipped[:2] == ("train.jsonl", 2)
+    assert skipped.reason.startswith(reason)
+
+
+def test_hateful_memes_message_names_image_root(memes):
+    _jsonl(
+        memes / "dev.jsonl",
+        [{"img": "img/3.png", "text": "x", "label": 0}] * 2
+        + [{"img": "img/404.png", "text": "x", "label": 0}],
+    )
+    with pytest.raises(DataError) as info:
+        load_hateful_memes(memes, "dev", S)
+    assert str(info.value) == f"dev.jsonl line 3: image img/404.png not found under {memes}"
+
+
+def test_hateful_memes_all_rows_skipped_gives_empty_dataset(memes):
+    _jsonl(memes / "dev.jsonl", [{"img": "img/404.png", "text": "x", "label": 0}])
+    ds, report = load_hateful_memes(memes, "dev", S, on_error="skip")
+    assert ds.images.shape == (0, 3, S, S) and ds.labels.shape == (0,) and len(ds) == 0
+    assert (report.rows, report.kept, report.skipped) == (1, 0, 1)
+
+
+# --- image preprocessing ---------------------------------------------------------------------
+
+
+def test_images_centre_cropped_then_resized(tmp_path):
+    wide = Image.new("RGB", (90, 30), RED)  # red | green | red thirds: the centre square is green
+    wide.paste(GREEN, (30, 0, 60, 30))
+    wide.save(tmp_path / "wide.png")
+    rgba = Image.new("RGBA", (10, 20), (0, 0, 0, 0))  # fully transparent: white, not black
+    rgba.save(tmp_path / "clear.png")
+    Image.new("L", (12, 12), 128).save(tmp_path / "grey.jpg")
+    _jsonl(
+        tmp_path / "train.jsonl",
+        [{"img": name, "text": "", "label": 0} for name in ("wide.png", "clear.png", "grey.jpg")],
+    )
+    ds, _ = load_hateful_memes(tmp_path, "train", 5)
+    assert ds.images.shape == (3, 3, 5, 5)
+    # Squashing would leave red side columns; LANCZOS draws a little red in past the crop edge.
+    red, green, blue = ds.images[0]
+    assert red.max() < 40 and green.min() > 215 and blue.max() < 40
+    assert (ds.images[1] == 255).all()
+    assert (ds.images[2].to(torch.int16) - 128).abs().max() <= 2
+
+
+# --- CrisisMMD -------------------------------------------------------------------------------
+
+HEADER = [
+    "event_name",
+    "tweet_id",
+    "image_id",
+    "tweet_text",
+    "image",
+    "label",
+    "label_text",
+    "label_image",
+    "label_text_image",
+]
+
+
+def _tsv_row(root: Path, n: int, label: str, text: str, size=(30, 20)) -> list[str]:
+    rel = f"data_image/fire/{n}_0.jpg"
+    (root / "data_image" / "fire").mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", size, (n * 20 % 256, 0, 0)).save(root / rel)
+    return ["fire", str(n), f"{n}_0", text, rel, label, label, label, "Positive"]
+
+
+def _write_tsv(path: Path, rows: list[list[str]]) -> None:
+    path.write_text("\n".join("\t".join(r) for r in [HEADER, *rows]) + "\n", encoding="utf-8")
+
+
+@pytest.fixture
+def crisis(tmp_path: Path) -> Path:
+    """Four train rows over three labels, two dev rows, one test row; JPEGs of two sizes."""
+    _write_tsv(
+        tmp_path / "task_humanitarian_text_img_train.tsv",
+        [
+            _tsv_row(tmp_path, 1, "not_humanitarian", "RT smoke over the hills"),
+            _tsv_row(tmp_path, 2, "affected_individuals", '"Evacuate now" says sheriff'),
+            _tsv_row(tmp_path, 3, "rescue_volunteering_or_donation_effort", "donate", (15, 40)),
+            _tsv_row(tmp_path, 4, "affected_individuals", "families displaced"),
+        ],
+    )
+    _write_tsv(
+        tmp_path / "task_humanitarian_text_img_dev.tsv",
+        [
+            _tsv_row(tmp_path, 5, "rescue_volunteering_or_donation_effort", "volunteers"),
+            _tsv_row(tmp_path, 6, "not_humanitarian", "sunset"),
+        ],
+    )
+    _write_tsv(
+        tmp_path / "task_humanitarian_text_img_test.tsv",
+        [_tsv_row(tmp_path, 7, "affected_individuals", "shelter open")],
+    )
+    return tmp_path
+
+
+CRISIS_CLASSES = [
+    "affected_individuals",
+    "not_humanitarian",
+    "rescue_volunteering_or_donation_effort",
+]
+
+
+def test_crisismmd_splits(crisis):
+    train, report = load_crisismmd(crisis, "train", S)
+    assert train.images.shape == (4, 3, S, S) and train.images.dtype == torch.uint8
+    assert train.classes == CRISIS_CLASSES
+    assert train.labels.tolist() == [1, 0, 2, 0]
+    assert train.texts[1] == '"Evacuate now" says sheriff'  # quotes kept as written
+    assert train.images[0, 0, 0, 0].item() == 20 and train.images[0, 1:].max() <= 2  # JPEG red
+    assert (report.rows, report.kept, report.skipped) == (4, 4, 0)
+    dev, _ = load_crisismmd(crisis, "dev", S)
+    assert dev.classes == CRISIS_CLASSES and dev.labels.tolist() == [2, 1]
+    assert dev.texts == ["volunteers", "sunset"]
+    test, _ = load_crisismmd(crisis, "test", S)
+    assert test.labels.tolist() == [0]
+
+
+def test_crisismmd_label_unseen_in_train_is_bad_label(crisis):
+    rows = [
+        _tsv_row(crisis, 5, "not_humanitarian", "a"),
+        _tsv_row(crisis, 6, "missing_people", "b"),
+    ]
+    _write_tsv(crisis / "task_humanitarian_text_img_dev.tsv", rows)
+    with pytest.raises(
+        DataError, match="^task_humanitarian_text_img_dev.tsv line 3: bad label 'missing_people'"
+    ):
+        load_crisismmd(crisis, "dev", S)
+    ds, report = load_crisismmd(crisis, "dev", S, on_error="skip")
+    assert ds.labels.tolist() == [1] and ds.classes == CRISIS_CLASSES
+    assert report.skipped_rows == [
+        (
+            "task_humanitarian_text_img_dev.tsv",
+            3,
+            "bad label 'missing_people' (not a label of the train split)",
+        )
+    ]
+
+
+@pytest.mark.parametrize(
+    "mangle, reason",
+    [
+        (lambda r: r[:5], "expected 9 columns, got 5"),
+        (lambda r: [*r, "extra"], "expected 9 columns, got 10"),
+        (lambda r: r[:4] + ["data_image/fire/404.jpg"] + r[5:], "image data_image/fire/404.jpg "),
+        (lambda r: r[:4] + [""] + r[5:], "empty field 'image'"),
+        (lambda r: r[:5] + [""] + r[6:], "bad label ''"),
+    ],
+)
+def test_crisismmd_bad_row_raises_or_skips(crisis, mangle, reason):
+    train = crisis / "task_humanitarian_text_img_train.tsv"
+    lines = train.read_text().splitlines()
+    lines[2] = "\t".join(mangle(lines[2].split("\t")))  # line 3 of the file, tweet 2
+    train.write_text("\n".join(lines) + "\n")
+    with pytest.raises(DataError, match=f"^task_humanitarian_text_img_train.tsv line 3: {reason}"):
+        load_crisismmd(crisis, "train", S)
+    ds, report = load_crisismmd(crisis, "train", S, on_error="skip")
+    assert len(ds) == 3 and (report.rows, report.kept, report.skipped) == (4, 3, 1)
+    assert report.skipped_rows[0][:2] == ("task_humanitarian_text_img_train.tsv", 3)
+
+
+def test_crisismmd_header_without_label_column(crisis):
+    path = crisis / "task_humanitarian_text_img_test.tsv"
+    path.write_text("tweet_id\ttweet_text\timage\n1\tx\tdata_image/fire/7_0.jpg\n")
+    with pytest.raises(DataError, match=r"_test.tsv line 1: header lacks column\(s\) label"):
+        load_crisismmd(crisis, "test", S, on_error="skip")
+
+
+def test_crisismmd_needs_train_split_for_classes(crisis):
+    train = crisis / "task_humanitarian_text_img_train.tsv"
+    train.unlink()
+    with pytest.raises(DataError, match="task_humanitarian_text_img_train.tsv: file not found"):
+        load_crisismmd(crisis, "dev", S)
+
+
+# --- LLaVA -----------------------------------------------------------------------------------
+
+
+def _llava_records(root: Path) -> list[dict]:
+    a = _image(root / "coco" / "a.jpg", (64, 48), RED)
+    b = _image(root / "coco" / "b.png", (16, 16), BLUE)
+    return [
+        {
+            "id": "a",
+            "image": a,
+            "conversations": [
+                {"from": "human", "value": "<image>\nDescribe the image briefly."},
+                {"from": "gpt", "value": "A red square."},
+                {"from": "human", "value": "And the border?"},
+                {"from": "gpt", "value": "There is none."},
+            ],
+        },
+        {
+            "id": "b",
+            "image": b,
+            "conversations": [
+                {"from": "human", "value": "What colour is this? <image>"},
+                {"from": "gpt", "value": "Blue."},
+            ],
+        },
+    ]
+
+
+@pytest.mark.parametrize("name", ["captions.json", "captions.jsonl", "captions.txt"])
+def test_llava_json_and_jsonl(tmp_path, name):
+    records = _llava_records(tmp_path)
+    path = tmp_path / name
+    if name.endswith(".json"):
+        path.write_text(json.dumps(records, indent=2))
+    else:
+        _jsonl(path, records)
+    ds, report = load_llava(path, S)
+    assert ds.images.shape == (2, 3, S, S) and ds.images.dtype == torch.uint8
+    assert ds.prompts == ["Describe the image briefly.", "What colour is this?"]
+    assert ds.targets == ["A red square.", "Blue."]
+    assert ds.images[1, :, 3, 3].tolist() == list(BLUE)
+    assert (report.rows, report.kept, report.skipped) == (2, 2, 0)
+    assert ds.subset([1]).targets == ["Blue."] and len(ds.subset([1])) == 1
+
+
+def test_llava_image_root(tmp_path):
+    records = _llava_records(tmp_path / "images")
+    path = tmp_path / "ann" / "llava.json"
+    path.parent.mkdir()
+    path.write_text(json.dumps(records))
+    with pytest.raises(DataError, match="^llava.json item 1: image coco/a.jpg not found under"):
+        load_llava(path, S)
+    ds, _ = load_llava(path, S, image_root=tmp_path / "images")
+    assert len(ds) == 2
+
+
+@pytest.mark.parametrize(
+    "mangle, reason",
+    [
+        (lambda r: 5, "expected a JSON object, got int"),
+        (lambda r: {k: v for k, v in r.items() if k != "image"}, "missing field 'image'"),
+        (lambda r: {**r, "conversations": "hi"}, "field 'conversations' must be list"),
+        (lambda r: {**r, "conversations": r["conversations"][:1]}, "no 'gpt' turn"),
+        (lambda r: {**r, "conversations": [{"value": "x"}]}, "conversation turn 1 has no 'from'"),
+        (lambda r: {**r, "image": "coco/none.jpg"}, "image coco/none.jpg not found"),
+    ],
+)
+@pytest.mark.parametrize("fmt", ["json", "jsonl"])
+def test_llava_bad_record_raises_or_skips(tmp_path, mangle, reason, fmt):
+    records = _llava_records(tmp_path)
+    records.insert(1, mangle(records[0]))
+    path = tmp_path / f"data.{fmt}"
+    if fmt == "json":
+        path.write_text(json.dumps(records))
+    else:
+        _jsonl(path, records)
+    unit = "item" if fmt == "json" else "line"
+    with pytest.raises(DataError, match=f"^data.{fmt} {unit} 2: {reason}"):
+        load_llava(path, S)
+    ds, report = load_llava(path, S, on_error="skip")
+    assert ds.targets == ["A red square.", "Blue."]
+    assert (report.rows, report.kept, report.skipped) == (3, 2, 1)
+    assert report.skipped_rows[0][:2] == (f"data.{fmt}", 2)
+
+
+def test_llava_broken_json_list_always_raises(tmp_path):
+    path = tmp_path / "data.json"
+    path.write_text('[\n  {"image": "a.jpg",\n  oops\n]')
+    with pytest.raises(DataError, match="^data.json line 3: bad JSON"):
+        load_llava(path, S, on_error="skip")
+
+
+# --- arguments and missing files -------------------------------------------------------------
+
+
+def test_missing_split_file_names_expected_path(memes, crisis, tmp_path):
+    (memes / "dev.jsonl").unlink()
+    with pytest.raises(DataError, match=f"^{memes / 'dev.jsonl'}: file not found$"):
+        load_hateful_memes(memes, "dev", S)
+    (crisis / "task_humanitarian_text_img_test.tsv").unlink()
+    with pytest.raises(DataError, match="task_humanitarian_text_img_test.tsv: file not found"):
+        load_crisismmd(crisis, "test", S)
+    with pytest.raises(DataError, match="nothing.json: file not found"):
+        load_llava(tmp_path / "nothing.json", S)
+
+
+def test_bad_arguments_list_the_allowed_values(memes, crisis, tmp_path):
+    with pytest.raises(ValueError, match="split must be one of train, dev, test, dev_seen"):
+        load_hateful_memes(memes, "validation", S)
+    with pytest.raises(ValueError, match="split must be one of train, dev, test; got 'val'"):
+        load_crisismmd(crisis, "val", S)
+    with pytest.raises(ValueError, match="on_error must be one of raise, skip; got 'ignore'"):
+        load_crisismmd(crisis, "train", S, on_error="ignore")
+    with pytest.raises(ValueError, match="on_error must be one of raise, skip"):
+        load_llava(tmp_path / "x.json", S, on_error="warn")
+    with pytest.raises(ValueError, match="image_size must be at least 1"):
+        load_hateful_memes(memes, "train", 0)
