@@ -91,7 +91,9 @@ class ClientWorker:
         self.ranks = resolve_ranks(cfg.clients, cfg.seed)
         self.global_rank = max(self.ranks)
         self.data = FederatedData(cfg, load_dataset(cfg))
-        self.backbone = build_backbone(cfg.model, self.data.num_classes, cfg.seed)
+        self.backbone = build_backbone(
+            cfg.model, self.data.num_classes, cfg.seed, cfg.data.image_fill, cfg.data.text_fill
+        )
         self.backbone.model.to(self.device)
         self.host = AdapterHost(self.backbone, cfg.lora, self.global_rank)
         self.batcher = Batcher(
@@ -265,17 +267,17 @@ class ClientWorker:
         return report.to_dict(), update, scaffold_delta, new_state
 
     def _metrics(self, split) -> dict[str, float]:
-        y, p, loss = predict(
+        y, p, loss, probs = predict(
             self.host.model,
             self.batcher.iterate(split, self.cfg.train.eval_batch_size),
             self.cfg.train.precision,
             self.device,
         )
-        return classification_metrics(y, p, loss)
+        return classification_metrics(y, p, loss, probs)
 
     def evaluate_global(
         self, broadcast: dict, shard: int, num_shards: int
-    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """Predictions of the global adapter on shard ``shard`` of ``num_shards`` of the test set.
 
         The test set is cut into fixed batches first and the batches are dealt out in
@@ -283,7 +285,8 @@ class ClientWorker:
         number of shards.
 
         Returns:
-            ``(labels, predictions, per-batch summed losses)``, to be concatenated in shard order.
+            ``(labels, predictions, per-batch summed losses, probabilities)``, to be
+            concatenated in shard order.
         """
         self._sync_base(broadcast)
         state = unfold_scaling(broadcast["adapter"], self._scaling(self.global_rank))

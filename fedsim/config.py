@@ -51,8 +51,26 @@ class ClientsConfig:
 
 @dataclass
 class DataConfig:
-    dataset: Literal["emoji"] = field(
-        default="emoji", metadata=_help("Built-in dataset: 'emoji' (OpenMoji + Unicode names).")
+    dataset: Literal["emoji", "hateful_memes", "crisismmd"] = field(
+        default="emoji",
+        metadata=_help(
+            "emoji (built in: OpenMoji + Unicode names); hateful_memes or crisismmd (their "
+            "released files under data.root)."
+        ),
+    )
+    root: str | None = field(
+        default=None, metadata=_help("Directory holding a real dataset's files.")
+    )
+    test_split: str | None = field(
+        default=None,
+        metadata=_help(
+            "Real datasets: the split used as the global test set (default: dev for "
+            "hateful_memes, test for crisismmd); their train split is partitioned."
+        ),
+    )
+    on_error: Literal["raise", "skip"] = field(
+        default="raise",
+        metadata=_help("A corrupt row, missing image or bad label: stop, or skip and count it."),
     )
     label: Literal["group", "subgroup"] = field(
         default="group", metadata=_help("Target: Unicode group (9 classes) or subgroup.")
@@ -503,6 +521,11 @@ def validate(cfg: FedSimConfig) -> None:
         d.subset is None or d.subset >= 2 * cfg.clients.num,
         "data.subset",
         f"must be at least 2 * clients.num = {2 * cfg.clients.num}, got {d.subset}",
+    )
+    _check(
+        d.dataset == "emoji" or bool(d.root),
+        "data.root",
+        f"data.dataset={d.dataset} reads its files from a directory; set data.root",
     )
     m = cfg.model
     _check(

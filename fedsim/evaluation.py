@@ -7,7 +7,7 @@ from collections.abc import Iterable
 import numpy as np
 import torch
 import torch.nn.functional as F
-from sklearn.metrics import accuracy_score, f1_score
+from sklearn.metrics import accuracy_score, f1_score, roc_auc_score
 
 from fedsim.training import autocast
 
@@ -18,15 +18,15 @@ def predict(
     batches: Iterable[dict[str, torch.Tensor]],
     precision: str = "fp32",
     device: torch.device | None = None,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Labels, predicted labels and the summed cross-entropy of each batch.
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Labels, predicted labels, the summed cross-entropy of each batch and class probabilities.
 
     Per-batch sums (not one total) let a caller that splits the batches over several workers
     add them up in one fixed order, so the result does not depend on the split.
     """
     device = device or torch.device("cpu")
     model.eval()
-    ys, preds, losses = [], [], []
+    ys, preds, losses, probs = [], [], [], []
     for batch in batches:
         batch = {k: v.to(device) for k, v in batch.items()}
         with autocast(precision, device):
@@ -34,16 +34,24 @@ def predict(
         losses.append(F.cross_entropy(logits, batch["labels"], reduction="sum").item())
         ys.append(batch["labels"].cpu().numpy())
         preds.append(logits.argmax(-1).cpu().numpy())
+        probs.append(torch.softmax(logits, -1).cpu().numpy())
     if not ys:
         empty = np.zeros(0, dtype=np.int64)
-        return empty, empty, np.zeros(0)
-    return np.concatenate(ys), np.concatenate(preds), np.asarray(losses)
+        return empty, empty, np.zeros(0), np.zeros((0, 0))
+    return np.concatenate(ys), np.concatenate(preds), np.asarray(losses), np.concatenate(probs)
 
 
 def classification_metrics(
-    y_true: np.ndarray, y_pred: np.ndarray, batch_losses: np.ndarray | None = None
+    y_true: np.ndarray,
+    y_pred: np.ndarray,
+    batch_losses: np.ndarray | None = None,
+    probs: np.ndarray | None = None,
 ) -> dict[str, float]:
-    """Accuracy, macro-F1 (over the labels present in truth or prediction) and mean loss."""
+    """Accuracy, macro-F1 (over the labels present in truth or prediction), mean loss, and AUC.
+
+    AUC (as FedMLLM reports for Hateful Memes) is given for a binary task whose ``probs`` have
+    two columns, when both classes occur in ``y_true`` (it is undefined otherwise).
+    """
     if len(y_true) == 0:
         raise ValueError("cannot compute metrics on an empty split")
     out = {
@@ -52,6 +60,8 @@ def classification_metrics(
     }
     if batch_losses is not None:
         out["loss"] = float(np.sum(batch_losses)) / len(y_true)
+    if probs is not None and probs.ndim == 2 and probs.shape[1] == 2 and len(set(y_true)) == 2:
+        out["auc"] = float(roc_auc_score(y_true, probs[:, 1]))
     return out
 
 

@@ -118,7 +118,8 @@ def _global_metrics(outcome) -> dict[str, float]:
     y = np.concatenate([s[0] for s in shards])
     p = np.concatenate([s[1] for s in shards])
     losses = np.concatenate([s[2] for s in shards])
-    return {f"global/{k}": v for k, v in classification_metrics(y, p, losses).items()}
+    probs = np.concatenate([s[3] for s in shards])
+    return {f"global/{k}": v for k, v in classification_metrics(y, p, losses, probs).items()}
 
 
 def _round_metrics(reports: list[dict], rejected: dict[int, str], failed: dict) -> dict:
@@ -132,8 +133,12 @@ def _round_metrics(reports: list[dict], rejected: dict[int, str], failed: dict) 
         "editing/edited_tensors": sum(len(r["edited"]) for r in reports),
     }
     if ok:
-        for metric in ok[0]["personalized"]:
-            stats = summarize([r["personalized"][metric] for r in ok])
+        # AUC is undefined on a held-out split with one class: summarise the clients that have it
+        names = dict.fromkeys(k for r in ok for k in r["personalized"])
+        for metric in names:
+            stats = summarize(
+                [r["personalized"][metric] for r in ok if metric in r["personalized"]]
+            )
             for stat, value in stats.items():
                 m[f"personalized/{metric}_{stat}"] = value
         m["train/loss_mean"] = float(np.mean([r["train_loss"] for r in ok]))

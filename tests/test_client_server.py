@@ -197,7 +197,7 @@ def test_update_order_does_not_change_the_merge(worker, initial, round1):
 
 
 def test_global_evaluation_does_not_depend_on_the_shard_count(worker, initial):
-    y, p, losses = worker.evaluate_global(_bc(initial), 0, 1)
+    y, p, losses, _ = worker.evaluate_global(_bc(initial), 0, 1)
     assert len(y) == len(worker.data.test)
     parts = [worker.evaluate_global(_bc(initial), s, 3) for s in range(3)]
     assert np.array_equal(y, np.concatenate([part[0] for part in parts]))

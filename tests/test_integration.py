@@ -201,7 +201,7 @@ def test_saved_adapter_reproduces_the_final_global_accuracy(simulation, global_a
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as the client actors (resources.client.num_cpus=1)
     try:
-        y, p, losses = predict(model, batcher.iterate(data.test, cfg.train.eval_batch_size))
+        y, p, losses, _ = predict(model, batcher.iterate(data.test, cfg.train.eval_batch_size))
     finally:
         torch.set_num_threads(threads)
     metrics = classification_metrics(y, p, losses)

@@ -7,7 +7,7 @@ as the practical floor, one pass that reads every input element once (a sum per 
 prints one row per (clients, method): merge ms, floor ms, their ratio and the input size.
 
     /work/venv/bin/python experiments/bench/aggregation.py [--clients 10 100 500]
-        [--methods zeropad fedilora ...] [--repeats 3] [--tiny]
+        [--methods zeropad fedilora ...] [--repeats 3] [--threads N] [--tiny]
 
 See ``experiments/bench/README.md`` for the columns and a measured table.
 """
@@ -188,17 +188,36 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads while timing (default 1; 0 keeps torch's default, one per core). "
+        "On a machine shared with another CPU job, more threads than free cores make every "
+        "timing scheduler noise",
+    )
+    parser.add_argument(
         "--tiny", action="store_true", help="small hand-made shapes instead of the backbone"
     )
     args = parser.parse_args(argv)
-    if args.repeats < 1 or any(n < 1 for n in args.clients):
-        parser.error("--repeats and --clients must be positive")
+    if args.repeats < 1 or any(n < 1 for n in args.clients) or args.threads < 0:
+        parser.error("--repeats and --clients must be positive, --threads at least 0")
     return args
 
 
 def main(argv: Sequence[str] | None = None) -> list[tuple]:
     """Run the benchmark, print the table and return its rows."""
     args = parse_args(argv)
+    threads = torch.get_num_threads()
+    try:
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        return run(args)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def run(args: argparse.Namespace) -> list[tuple]:
+    """The benchmark proper, under the thread count ``main`` has set."""
     print(
         f"machine: {platform.machine()} {platform.processor() or ''}".rstrip()
         + f", os.cpu_count()={os.cpu_count()}, torch {torch.__version__}, "
@@ -244,7 +263,7 @@ def main(argv: Sequence[str] | None = None) -> list[tuple]:
                 reps,
                 f"{merge_ms:.1f}",
                 f"{floor_ms:.1f}",
-                f"{merge_ms / floor_ms:.1f}",
+                f"{merge_ms / floor_ms:.1f}" if floor_ms > 0 else "inf",
                 f"{input_bytes / 1e6:.1f}",
             )
             rows.append(row)

@@ -42,12 +42,14 @@ class MultimodalDataset:
         texts: N strings.
         labels: ``(N,)`` int64 class ids.
         classes: class names, indexed by label.
+        test_rows: rows of the dataset's own test split (None: split it by seed).
     """
 
     images: torch.Tensor
     texts: list[str]
     labels: torch.Tensor
     classes: list[str]
+    test_rows: np.ndarray | None = None  # a dataset's own test split, if it ships one
 
     def __len__(self) -> int:
         return len(self.texts)

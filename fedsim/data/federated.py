@@ -48,12 +48,57 @@ class ClientData:
 
 
 def load_dataset(cfg: FedSimConfig) -> MultimodalDataset:
-    """The configured dataset, restricted to ``data.subset`` rows if set."""
+    """The configured dataset, restricted to ``data.subset`` rows if set.
+
+    A real dataset comes back as its train split followed by its test split, with
+    ``test_rows`` marking the latter (the global test set); the emoji set is split later.
+
+    Raises:
+        ConfigError: a real dataset's files cannot be read (the message names file and row).
+    """
     d = cfg.data
-    ds = load_emoji(d.image_size, d.label, d.cache_dir)
+    if d.dataset == "emoji":
+        ds = load_emoji(d.image_size, d.label, d.cache_dir)
+        if d.subset is not None:
+            ds = ds.subset(subset_indices(len(ds), d.subset, cfg.seed))
+        return ds
+    return _load_real(cfg)
+
+
+def _load_real(cfg: FedSimConfig) -> MultimodalDataset:
+    from fedsim.config import ConfigError
+    from fedsim.data.loaders import DataError, load_crisismmd, load_hateful_memes
+
+    d = cfg.data
+    loader, default_test = {
+        "hateful_memes": (load_hateful_memes, "dev"),
+        "crisismmd": (load_crisismmd, "test"),
+    }[d.dataset]
+    try:
+        train, train_report = loader(d.root, "train", d.image_size, d.on_error)
+        test, test_report = loader(d.root, d.test_split or default_test, d.image_size, d.on_error)
+    except DataError as exc:
+        raise ConfigError("data.root", str(exc)) from None
+    except ValueError as exc:
+        raise ConfigError("data.test_split", str(exc)) from None
+    for name, report in (("train", train_report), ("test", test_report)):
+        if report.skipped:
+            print(
+                f"{d.dataset} {name}: skipped {report.skipped} of {report.rows} rows "
+                f"(data.on_error=skip)",
+                flush=True,
+            )
     if d.subset is not None:
-        ds = ds.subset(subset_indices(len(ds), d.subset, cfg.seed))
-    return ds
+        train = train.subset(subset_indices(len(train), d.subset, cfg.seed))
+    if (test.labels < 0).any():
+        raise ConfigError("data.test_split", f"{d.test_split or default_test} has unlabelled rows")
+    return MultimodalDataset(
+        torch.cat([train.images, test.images]),
+        list(train.texts) + list(test.texts),
+        torch.cat([train.labels, test.labels]),
+        train.classes,
+        test_rows=np.arange(len(train), len(train) + len(test)),
+    )
 
 
 class FederatedData:
@@ -63,7 +108,11 @@ class FederatedData:
         self.dataset = dataset
         d = cfg.data
         labels = dataset.labels.numpy()
-        train, test = train_test_split(labels, d.test_fraction, cfg.seed)
+        if dataset.test_rows is not None:  # a real dataset's own test split
+            test = np.asarray(dataset.test_rows)
+            train = np.setdiff1d(np.arange(len(labels)), test)
+        else:
+            train, test = train_test_split(labels, d.test_fraction, cfg.seed)
         self.test = Split(test, ModalityMask.complete(len(test)))
         if d.partition == "centralized":  # the centralised baseline: one client, all rows
             parts = [np.arange(len(train))]
