@@ -54,8 +54,16 @@ def main(argv: list[str] | None = None) -> int:
     )
     cmp_p.add_argument("study", metavar="STUDY.yaml")
     cmp_p.add_argument("args", nargs="*", metavar="key=value")
+    sweep_p = sub.add_parser(
+        "sweep",
+        help="run a grid study (cells x variants x seeds) under one MLflow parent run",
+        description="Run a study YAML with grids, such as experiments/fedmllm_grid.yaml; "
+        "overrides apply to every run.",
+    )
+    sweep_p.add_argument("study", metavar="STUDY.yaml")
+    sweep_p.add_argument("args", nargs="*", metavar="key=value")
     ns = parser.parse_args(argv)
-    if ns.command == "compare":
+    if ns.command in ("compare", "sweep"):
         from fedsim.study import run_study
 
         try:

@@ -317,6 +317,9 @@ class TrackingConfig:
     uri: str = field(default="sqlite:///mlflow.db", metadata=_help("MLflow tracking URI."))
     experiment: str = field(default="fedsim", metadata=_help("MLflow experiment name."))
     run_name: str | None = field(default=None, metadata=_help("MLflow run name."))
+    parent_run_id: str | None = field(
+        default=None, metadata=_help("Nest the run under this MLflow run (set by sweeps).")
+    )
     save_adapter: bool = field(default=True, metadata=_help("Log the final global adapter."))
     plots: bool = field(default=True, metadata=_help("Log PNG plots of the curves."))
 

@@ -1,15 +1,19 @@
-"""Comparison studies: several variants of one experiment over several seeds, one table.
+"""Studies: variants of one experiment over grid cells and seeds, summarised in one table.
 
-A study YAML names a base experiment, overrides for all runs, the seeds, and the variants
-(each a list of overrides); :func:`run_study` runs every (variant, seed) as its own MLflow run
-on one Ray cluster and writes a Markdown table of mean +- std over seeds.
+A study YAML names a base experiment, overrides for all runs, the seeds, the variants (each a
+list of overrides) and optionally grids (each a mapping of keys to value lists; a grid's cells
+are the product of its lists, and the study's cells are the union of its grids).
+:func:`run_study` runs every (cell, variant, seed) as its own MLflow run, nested under one
+parent run, on one Ray cluster, and writes a Markdown table of mean +- std over seeds.
 """
 
 from __future__ import annotations
 
+import itertools
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from omegaconf import OmegaConf
@@ -27,6 +31,9 @@ class StudyConfig:
         overrides: ``key=value`` applied to every run.
         seeds: one run per seed and variant.
         variants: variant name -> its own overrides.
+        grids: each maps config keys to lists of values; the cells of a grid are the
+            product of its lists, the study's cells the union over grids (none: one cell).
+        metric: the metric a grid table reports (one column per variant).
         last_rounds: table values are the mean over this many final rounds (rounds swing
             under client sampling; one round alone is a noisy summary).
         output: where the Markdown table is written (relative to the working directory).
@@ -36,6 +43,8 @@ class StudyConfig:
     overrides: list[str] = field(default_factory=list)
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
     variants: dict[str, list[str]] = field(default_factory=dict)
+    grids: list[dict[str, list[Any]]] = field(default_factory=list)
+    metric: str = "global/accuracy"
     last_rounds: int = 3
     output: str = "compare.md"
 
@@ -76,50 +85,100 @@ COLUMNS = [
 ]
 
 
+def grid_cells(study: StudyConfig) -> list[tuple[str, list[str]]]:
+    """The study's cells: a label and its overrides (one unnamed cell without grids)."""
+    cells: list[tuple[str, list[str]]] = []
+    for grid in study.grids or [{}]:
+        keys = list(grid)
+        for values in itertools.product(*(grid[k] for k in keys)):
+            overrides = [f"{k}={v}" for k, v in zip(keys, values)]
+            label = " ".join(f"{k.split('.')[-1]}={v}" for k, v in zip(keys, values))
+            cells.append((label, overrides))
+    return cells
+
+
 def run_study(path: str | Path, extra: list[str] = ()) -> str:
-    """Run every variant over every seed and return (and write) the Markdown table.
+    """Run every cell x variant x seed and return (and write) the Markdown table.
 
     Args:
         path: the study YAML.
         extra: overrides applied to every run after the study's own (e.g. ``rounds=2``).
 
     Raises:
-        ConfigError: a bad study file or a variant whose config is not allowed (checked for
-            every run before the first one starts).
+        ConfigError: a bad study file or a run whose config is not allowed (every run is
+            checked before the first one starts).
     """
     from fedsim.simulation import init_ray, run
+    from fedsim.tracking import Tracker
 
     study, here = load_study(path)
     plan = []
-    for name, overrides in study.variants.items():
-        for seed in study.seeds:
-            all_overrides = [*study.overrides, *overrides, f"seed={seed}", *extra]
-            all_overrides.append(f"tracking.run_name={name} seed={seed}")
-            plan.append((name, seed, load_config(here / study.base, all_overrides)))
+    for cell, cell_overrides in grid_cells(study):
+        for name, overrides in study.variants.items():
+            for seed in study.seeds:
+                all_overrides = [*study.overrides, *cell_overrides, *overrides, f"seed={seed}"]
+                label = " ".join(x for x in (cell, name, f"seed={seed}") if x)
+                all_overrides += [*extra, f"tracking.run_name={label}"]
+                plan.append((cell, name, seed, load_config(here / study.base, all_overrides)))
     import ray
 
+    parent = Tracker(plan[0][3], run_name=f"study {Path(path).stem}", log_config=False)
     started = init_ray()
-    results: dict[str, list] = {}
+    results: dict[tuple[str, str], list] = {}
     try:
-        for i, (name, seed, cfg) in enumerate(plan, 1):
+        for i, (cell, name, _seed, cfg) in enumerate(plan, 1):
+            cfg.tracking.parent_run_id = parent.run_id
             start = time.perf_counter()
             res = run(cfg)
-            results.setdefault(name, []).append(res)
+            results.setdefault((cell, name), []).append(res)
             print(
-                f"[{i}/{len(plan)}] {name} seed={seed}: {time.perf_counter() - start:.0f} s, "
-                f"MLflow run {res.run_id}",
+                f"[{i}/{len(plan)}] {cfg.tracking.run_name}: "
+                f"{time.perf_counter() - start:.0f} s, MLflow run {res.run_id}",
                 flush=True,
             )
+    except BaseException:
+        parent.finish("FAILED")
+        raise
     finally:
         if started:
             ray.shutdown()
-    table = format_table(results, study, plan[0][2].rounds, extra)
+    rounds = plan[0][3].rounds
+    if study.grids:
+        table = format_grid(results, study, rounds, extra)
+    else:
+        table = format_table({n: r for (_, n), r in results.items()}, study, rounds, extra)
     out = Path(study.output)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(table)
+    parent.log_text(table, "summary.md")
+    parent.finish()
     print(table)
-    print(f"written to {out}")
+    print(f"written to {out}; MLflow parent run {parent.run_id}")
     return table
+
+
+def _cell(runs, key: str, last: int) -> str:
+    vals = [_summary(r.history, last, key) for r in runs]
+    return f"{np.mean(vals):.3f} ± {np.std(vals):.3f}"
+
+
+def format_grid(results: dict, study: StudyConfig, rounds: int, extra) -> str:
+    """Markdown: one row per grid cell, one column per variant, values of ``study.metric``."""
+    variants = list(study.variants)
+    lines = [
+        "| cell | " + " | ".join(variants) + " |",
+        "|---" * (len(variants) + 1) + "|",
+    ]
+    for cell, _ in grid_cells(study):
+        cells = [_cell(results[(cell, v)], study.metric, study.last_rounds) for v in variants]
+        lines.append(f"| {cell} | " + " | ".join(cells) + " |")
+    note = (
+        f"\n`{study.metric}`: mean ± std over seeds {study.seeds} of each run's mean over its "
+        f"last {study.last_rounds} of {rounds} rounds"
+        + (f"; extra overrides: {' '.join(extra)}" if extra else "")
+        + ".\n"
+    )
+    return "\n".join(lines) + "\n" + note
 
 
 def format_table(results: dict[str, list], study: StudyConfig, rounds: int, extra) -> str:
@@ -127,10 +186,7 @@ def format_table(results: dict[str, list], study: StudyConfig, rounds: int, extr
     head = "| method | " + " | ".join(t for _, t in COLUMNS) + " | upload MB / round |"
     lines = [head, "|---" * (len(COLUMNS) + 2) + "|"]
     for name, runs in results.items():
-        cells = []
-        for key, _ in COLUMNS:
-            vals = [_summary(r.history, study.last_rounds, key) for r in runs]
-            cells.append(f"{np.mean(vals):.3f} ± {np.std(vals):.3f}")
+        cells = [_cell(runs, key, study.last_rounds) for key, _ in COLUMNS]
         up = [np.mean([h["comm/upload_bytes"] for h in r.history[1:]]) / 1e6 for r in runs]
         lines.append(f"| {name} | " + " | ".join(cells) + f" | {np.mean(up):.2f} |")
     note = (

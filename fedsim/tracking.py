@@ -30,9 +30,11 @@ class Tracker:
 
     Args:
         cfg: the resolved config (its ``tracking`` section picks the store and experiment).
+        run_name: overrides ``tracking.run_name``.
+        log_config: log the config as params and YAML (False for a study's parent run).
     """
 
-    def __init__(self, cfg: FedSimConfig):
+    def __init__(self, cfg: FedSimConfig, run_name: str | None = None, log_config: bool = True):
         _quiet_mlflow()
         self.cfg = cfg
         self.uri = cfg.tracking.uri
@@ -41,9 +43,14 @@ class Tracker:
         exp_id = (
             exp.experiment_id if exp else self.client.create_experiment(cfg.tracking.experiment)
         )
-        run = self.client.create_run(exp_id, run_name=cfg.tracking.run_name)
+        tags = (
+            {"mlflow.parentRunId": cfg.tracking.parent_run_id} if cfg.tracking.parent_run_id else {}
+        )
+        run = self.client.create_run(exp_id, run_name=run_name or cfg.tracking.run_name, tags=tags)
         self.run_id = run.info.run_id
         self.experiment_id = exp_id
+        if not log_config:  # a parent run of a study: its children carry the configs
+            return
         params = {k: str(v)[:6000] for k, v in flatten(cfg).items()}
         items = list(params.items())
         for i in range(0, len(items), 100):  # MLflow caps a batch at 100 params

@@ -1,0 +1,82 @@
+"""``fedsim compare`` / ``fedsim sweep``: cells x variants x seeds, nested MLflow runs, table."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+from mlflow.tracking import MlflowClient
+
+from fedsim.config import ConfigError
+from fedsim.study import grid_cells, load_study, run_study
+
+
+def _write_study(tmp_path, tiny_overrides, uri, **extra):
+    base = tmp_path / "base.yaml"
+    base.write_text("rounds: 1\n")
+    study = {
+        "base": "base.yaml",
+        "overrides": [
+            *tiny_overrides,
+            "rounds=1",
+            "editing.enabled=false",
+            f"tracking.uri={uri}",
+            "tracking.experiment=fedsim-study",
+        ],
+        "seeds": [0],
+        "last_rounds": 1,
+        "output": str(tmp_path / "out.md"),
+        "variants": {"FedAvg": ["server.optimizer=fedavg"], "local": ["sharing.policy=none"]},
+        **extra,
+    }
+    path = tmp_path / "study.yaml"
+    path.write_text(yaml.safe_dump(study, sort_keys=False))
+    return path
+
+
+def test_grid_cells_are_the_union_of_products(tmp_path, tiny_overrides):
+    path = _write_study(
+        tmp_path,
+        tiny_overrides,
+        "sqlite:///unused.db",
+        grids=[
+            {"data.scenario": ["aligned"], "data.alpha": [5.0, 0.5]},
+            {"data.scenario": ["cross"], "data.cross_ratio": ["3:7"]},
+        ],
+    )
+    study, _ = load_study(path)
+    cells = grid_cells(study)
+    assert [label for label, _ in cells] == [
+        "scenario=aligned alpha=5.0",
+        "scenario=aligned alpha=0.5",
+        "scenario=cross cross_ratio=3:7",
+    ]
+
+
+def test_a_study_with_a_bad_run_fails_before_anything_runs(tmp_path, tiny_overrides):
+    path = _write_study(tmp_path, tiny_overrides, "sqlite:///unused.db", grids=[{"rounds": [-1]}])
+    with pytest.raises(ConfigError) as info:
+        run_study(path)
+    assert info.value.key == "rounds"
+
+
+def test_sweep_nests_runs_under_a_parent_and_writes_the_table(
+    ray_cluster, tmp_path, tiny_overrides, mlflow_store
+):
+    uri = mlflow_store("fedsim-study")
+    path = _write_study(
+        tmp_path,
+        tiny_overrides,
+        uri,
+        grids=[{"data.scenario": ["aligned", "hybrid"]}],
+    )
+    table = run_study(path)
+    assert "| scenario=aligned |" in table and "| scenario=hybrid |" in table
+    assert (tmp_path / "out.md").read_text() == table
+    client = MlflowClient(tracking_uri=uri)
+    exp = client.get_experiment_by_name("fedsim-study")
+    runs = client.search_runs([exp.experiment_id])
+    parents = [r for r in runs if r.info.run_name == "study study"]
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id]
+    assert len(children) == 4  # 2 cells x 2 variants x 1 seed
+    assert {c.data.params["data.scenario"] for c in children} == {"aligned", "hybrid"}
