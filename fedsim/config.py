@@ -327,7 +327,10 @@ class TrackingConfig:
 @dataclass
 class FedSimConfig:
     seed: int = field(default=0, metadata=_help("Seed of every random choice."))
-    rounds: int = field(default=10, metadata=_help("Federated rounds."))
+    rounds: int = field(
+        default=10,
+        metadata=_help("Federated rounds; 0 is the zero-shot baseline (round 0 evaluation only)."),
+    )
     clients: ClientsConfig = field(default_factory=ClientsConfig)
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -486,7 +489,7 @@ def _check(cond: bool, key: str, message: str) -> None:
 
 def validate(cfg: FedSimConfig) -> None:
     """Check cross-field rules once; raise :class:`ConfigError` naming the key."""
-    _check(cfg.rounds >= 1, "rounds", f"must be >= 1, got {cfg.rounds}")
+    _check(cfg.rounds >= 0, "rounds", f"must be >= 0 (0: zero-shot only), got {cfg.rounds}")
     _check(cfg.clients.num >= 1, "clients.num", f"must be >= 1, got {cfg.clients.num}")
     _check(
         0 < cfg.clients.fraction <= 1,

@@ -81,7 +81,7 @@ def test_default_experiment_has_the_documented_keys():
         (["clients.fraction=0"], "clients.fraction", "(0, 1]"),
         (["clients.fraction=1.5"], "clients.fraction", "(0, 1]"),
         (["clients.fraction=-0.2"], "clients.fraction", "(0, 1]"),
-        (["rounds=0"], "rounds", ">= 1"),
+        (["rounds=-1"], "rounds", ">= 0"),
         (["rounds=2.5"], "rounds", "2.5"),
         (["model.backbone=resnet"], "model.backbone", "tiny"),
         (["model.backbone=hf"], "model.text_encoder", "required"),

@@ -49,3 +49,11 @@ def test_hundred_clients_are_multiplexed_over_two_actors(ray_cluster, make_confi
     trained = {row["client_id"] for rows in result.clients for row in rows}
     assert len(trained) > 10  # different clients in different rounds, on the same 2 actors
     assert np.isfinite([h["global/accuracy"] for h in result.history]).all()
+
+
+def test_zero_rounds_is_the_zero_shot_baseline(ray_cluster, make_config, mlflow_store):
+    uri = mlflow_store("fedsim-zero-shot")
+    cfg = make_config("rounds=0", f"tracking.uri={uri}", "tracking.experiment=fedsim-zero-shot")
+    result = fedsim.run(cfg)
+    assert [h["round"] for h in result.history] == [0]
+    assert 0.0 <= result.final["global/accuracy"] <= 1.0
