@@ -174,40 +174,15 @@ class ClientWorker:
         shared = shared_keys(list(start_state), cfg.sharing.policy)
         params = self.host.parameters_by_key(task.rank)
         scaffold = broadcast.get("scaffold_c") is not None
-        c_i = c_view = None
-        correction = None
-        if scaffold:
-            c_view = truncate(broadcast["scaffold_c"], task.rank)
-            c_i = state.get("scaffold_c")
-            c_i = (
-                truncate(c_i, task.rank)
-                if c_i
-                else {k: torch.zeros_like(c_view[k]) for k in c_view}
-            )
-            correction = {k: c_view[k] - c_i[k] for k in c_view}
+        c_view, c_i = self._variates(broadcast, state, task.rank) if scaffold else (None, None)
+        correction = {k: c_view[k] - c_i[k] for k in c_view} if scaffold else None
         objective = build_objective(
             cfg.objective, start_state, shared, self.depths, scaffold_correction=correction
         )
         prune = cfg.pruning.gamma > 0 and task.rank - cfg.pruning.delta >= cfg.pruning.min_rank
         if prune:
             objective = TailPenalty(objective, cfg.pruning.gamma, cfg.pruning.delta)
-        seed_seq = np.random.SeedSequence([cfg.seed, _TORCH, task.round_idx, task.client_id])
-        torch.manual_seed(int(seed_seq.generate_state(1)[0]))
-        shuffle = rng_for(cfg.seed, _SHUFFLE, task.round_idx, task.client_id)
-        stats = train_local(
-            model,
-            self.host.trainable_parameters(task.rank),
-            lambda _epoch: self.batcher.iterate(client.train, cfg.train.batch_size, shuffle),
-            num_epochs=cfg.train.local_epochs,
-            max_steps=cfg.train.max_local_steps,
-            lr=cfg.train.lr,
-            weight_decay=cfg.train.weight_decay,
-            precision=cfg.train.precision,
-            device=self.device,
-            optimizer=cfg.train.optimizer,
-            objective=objective,
-            named_params=params,
-        )
+        stats = self._train(task, model, objective, params)
         local = self.host.state(task.rank)
         scaffold_delta = None
         new_state: dict = {}
@@ -225,25 +200,8 @@ class ClientWorker:
         edited: list[str] = []
         similarities: dict[str, float] = {}
         if cfg.editing.enabled and task.round_idx >= 2:
-            e = cfg.editing
-            result = edit_layerwise(
-                {k: local[k] for k in shared},
-                {k: received[k] for k in shared},
-                key=e.key,
-                count=e.count,
-                threshold=e.threshold,
-                mode=e.mode,
-            )
-            edited, similarities = list(result.edited), dict(result.similarities)
-            if edited:
-                local = {**local, **result.state}
-                self.host.load(task.rank, local)
-        next_rank, tail = task.rank, None
-        if prune:
-            lora = {k: v for k, v in local.items() if is_lora(k)}
-            tail = float(hetlora_tail_norm(lora, cfg.pruning.delta))
-            if tail < cfg.pruning.threshold:
-                next_rank = task.rank - cfg.pruning.delta
+            local, edited, similarities = self._edit(task.rank, local, received, shared)
+        next_rank, tail = self._next_rank(task.rank, local) if prune else (task.rank, None)
         personalized = self._metrics(client.holdout)
         update = fold_scaling({k: local[k] for k in shared}, s)
         if task.client_id in cfg.faults.nan_update_clients:
@@ -265,6 +223,62 @@ class ClientWorker:
             tail_norm=tail,
         )
         return report.to_dict(), update, scaffold_delta, new_state
+
+    def _variates(self, broadcast: dict, state: dict, rank: int) -> tuple[State, State]:
+        """SCAFFOLD: the server's variate and the client's own (zero at first), at ``rank``."""
+        c_view = truncate(broadcast["scaffold_c"], rank)
+        c_i = state.get("scaffold_c")
+        if c_i:
+            return c_view, truncate(c_i, rank)  # a pruned client keeps the leading dimensions
+        return c_view, {k: torch.zeros_like(v) for k, v in c_view.items()}
+
+    def _train(self, task: ClientTask, model, objective, params):
+        """Local training of ``task``'s client, seeded by (seed, round, client)."""
+        cfg = self.cfg
+        seed_seq = np.random.SeedSequence([cfg.seed, _TORCH, task.round_idx, task.client_id])
+        torch.manual_seed(int(seed_seq.generate_state(1)[0]))
+        shuffle = rng_for(cfg.seed, _SHUFFLE, task.round_idx, task.client_id)
+        split = self.data.clients[task.client_id].train
+        return train_local(
+            model,
+            self.host.trainable_parameters(task.rank),
+            lambda _epoch: self.batcher.iterate(split, cfg.train.batch_size, shuffle),
+            num_epochs=cfg.train.local_epochs,
+            max_steps=cfg.train.max_local_steps,
+            lr=cfg.train.lr,
+            weight_decay=cfg.train.weight_decay,
+            precision=cfg.train.precision,
+            device=self.device,
+            optimizer=cfg.train.optimizer,
+            objective=objective,
+            named_params=params,
+        )
+
+    def _edit(self, rank: int, local: State, received: State, shared: list[str]):
+        """FediLoRA layer-wise editing of the shared tensors; reloads the adapter if edited.
+
+        Returns:
+            ``(state, edited keys, similarities)``.
+        """
+        e = self.cfg.editing
+        result = edit_layerwise(
+            {k: local[k] for k in shared},
+            {k: received[k] for k in shared},
+            key=e.key,
+            count=e.count,
+            threshold=e.threshold,
+            mode=e.mode,
+        )
+        if result.edited:
+            local = {**local, **result.state}
+            self.host.load(rank, local)
+        return local, list(result.edited), dict(result.similarities)
+
+    def _next_rank(self, rank: int, local: State) -> tuple[int, float]:
+        """HetLoRA self-pruning: the rank for the next round, and the tail norm it is based on."""
+        p = self.cfg.pruning
+        tail = float(hetlora_tail_norm({k: v for k, v in local.items() if is_lora(k)}, p.delta))
+        return (rank - p.delta if tail < p.threshold else rank), tail
 
     def _metrics(self, split) -> dict[str, float]:
         y, p, loss, probs = predict(
