@@ -217,7 +217,9 @@ class ClientWorker:
             edited=edited,
             similarities=similarities,
             upload_bytes=nbytes(update) + (nbytes(scaffold_delta) if scaffold_delta else 0),
-            download_bytes=nbytes(received) + (nbytes(c_view) if c_view else 0),
+            download_bytes=nbytes(received)
+            + (nbytes(c_view) if c_view else 0)
+            + broadcast.get("base_bytes", 0),
             time_s=time.perf_counter() - start,
             next_rank=next_rank,
             tail_norm=tail,

@@ -88,6 +88,10 @@ class ServerState:
             "scaffold_c": self.scaffold_c,
             "base_delta": self.base_delta,
             "base_version": self.base_version,
+            # FLoRA sends the last round's stacked factors, which clients fold into their base
+            "base_bytes": sum(t.numel() * t.element_size() for t in self.stacked[-1].values())
+            if self.stacked
+            else 0,
         }
 
     def get_global(self) -> State:

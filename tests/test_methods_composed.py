@@ -204,6 +204,13 @@ def test_flora_folds_the_stacked_product_into_the_base(make_config):
     assert all(torch.equal(bc["adapter"][k], initial[k]) for k in initial if is_lora_b(k))
     after = worker.evaluate_global(bc, 0, 1)
     assert not (before[2] == after[2]).all()
+    # next round's clients download the stacked factors they fold into their base weights
+    assert bc["base_bytes"] == sum(v.numel() * 4 for v in stacked.values())
+    report, _, _, _ = worker.train(ClientTask(1, worker.ranks[1], 2), bc)
+    first, _, _, _ = worker.train(
+        ClientTask(1, worker.ranks[1], 1), server.broadcast() | {"base_bytes": 0}
+    )
+    assert report["download_bytes"] == first["download_bytes"] + bc["base_bytes"]
 
 
 def test_rank_self_pruning_drops_the_tail_and_the_next_round_uses_it(make_config):
