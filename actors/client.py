@@ -140,7 +140,9 @@ class ClientWorker:
         if self.merger.fresh_adapter_each_round:
             seq = np.random.SeedSequence([self.cfg.seed, _FRESH, task.round_idx, task.client_id])
             gen = torch.Generator().manual_seed(int(seq.generate_state(1)[0]))
-            return {**fresh_lora_state(self.host.state(task.rank), gen), **view}
+            # The broadcast adapter's rank-r view gives the shapes; no copy off the model.
+            template = truncate(broadcast["adapter"], task.rank)
+            return {**fresh_lora_state(template, gen), **view}
         return unfold_scaling(view, self._scaling(task.rank))
 
     def train(

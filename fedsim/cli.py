@@ -63,46 +63,37 @@ def main(argv: list[str] | None = None) -> int:
     sweep_p.add_argument("study", metavar="STUDY.yaml")
     sweep_p.add_argument("args", nargs="*", metavar="key=value")
     ns = parser.parse_args(argv)
-    if ns.command in ("compare", "sweep"):
-        from fedsim.study import run_study
-
-        try:
-            run_study(ns.study, ns.args)
-        except ConfigError as exc:
-            print(f"fedsim: {exc}", file=sys.stderr)
-            return 2
-        return 0
-
-    path, overrides = _split_args(ns.args)
     try:
-        cfg = load_config(path or _default_config(), overrides)
-    except ConfigError as exc:
-        print(f"fedsim: {exc}", file=sys.stderr)
-        return 2
-    if ns.command == "partition":
-        from fedsim.partition_report import partition_report
-
-        try:
-            partition_report(cfg, ns.heatmap)
-        except ConfigError as exc:
-            print(f"fedsim: {exc}", file=sys.stderr)
-            return 2
-        return 0
-    if ns.command == "config":
-        from fedsim.config import to_yaml
-
-        print(to_yaml(cfg), end="")
-        return 0
-    from fedsim.simulation import run
-
-    try:
-        run(cfg)
-    except ConfigError as exc:
+        return _dispatch(ns)
+    except ConfigError as exc:  # a user mistake: one line naming the key, never a traceback
         print(f"fedsim: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("fedsim: interrupted; the MLflow run is marked KILLED", file=sys.stderr)
         return 130
+
+
+def _dispatch(ns: argparse.Namespace) -> int:
+    """Run the parsed command; config errors propagate to :func:`main`."""
+    if ns.command in ("compare", "sweep"):
+        from fedsim.study import run_study
+
+        run_study(ns.study, ns.args)
+        return 0
+    path, overrides = _split_args(ns.args)
+    cfg = load_config(path or _default_config(), overrides)
+    if ns.command == "partition":
+        from fedsim.partition_report import partition_report
+
+        partition_report(cfg, ns.heatmap)
+    elif ns.command == "config":
+        from fedsim.config import to_yaml
+
+        print(to_yaml(cfg), end="")
+    else:
+        from fedsim.simulation import run
+
+        run(cfg)
     return 0
 
 

@@ -169,9 +169,8 @@ class Batcher:
         pixels = pixels * has_image.view(-1, 1, 1, 1).to(pixels.dtype)
         seqs = [self._ids[r] if t else self._placeholder for r, t in zip(rows.tolist(), has_text)]
         ids = torch.nn.utils.rnn.pad_sequence(seqs, batch_first=True, padding_value=self._pad_id)
-        attn = torch.zeros_like(ids)
-        for i, s in enumerate(seqs):
-            attn[i, : len(s)] = 1
+        lengths = torch.tensor([len(q) for q in seqs])
+        attn = (torch.arange(ids.shape[1]) < lengths.unsqueeze(1)).to(ids.dtype)  # (B, T)
         return {
             "pixel_values": pixels,
             "input_ids": ids,
