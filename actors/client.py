@@ -70,6 +70,7 @@ class ClientReport:
     time_s: float = 0.0
     next_rank: int = 0
     tail_norm: float | None = None
+    node_id: str = ""
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -225,6 +226,7 @@ class ClientWorker:
             time_s=time.perf_counter() - start,
             next_rank=next_rank,
             tail_norm=tail,
+            node_id=_node_id(),
         )
         return report.to_dict(), update, scaffold_delta, new_state
 
@@ -316,6 +318,13 @@ class ClientWorker:
             self.batcher.batch(split, np.arange(s, min(s + size, len(split)))) for s in starts
         )
         return predict(self.host.model, batches, self.cfg.train.precision, self.device)
+
+
+def _node_id() -> str:
+    """The Ray node this worker runs on (empty outside Ray)."""
+    import ray
+
+    return ray.get_runtime_context().get_node_id() if ray.is_initialized() else ""
 
 
 def merger_options(cfg: FedSimConfig) -> dict:

@@ -164,6 +164,7 @@ def _client_rows(reports: list[dict], rejected: dict[int, str], failed: dict) ->
                 "edited_tensors": len(r["edited"]),
                 "min_similarity": min(r["similarities"].values(), default=float("nan")),
                 "time_s": r["time_s"],
+                "node_id": r["node_id"],
                 "status": status,
             }
         )
