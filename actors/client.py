@@ -8,6 +8,7 @@ peft adapter in place.
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import asdict, dataclass, field
 
@@ -29,6 +30,7 @@ from aggregation import (
 from fedsim.config import FedSimConfig, resolve_ranks
 from fedsim.data.federated import Batcher, FederatedData, load_dataset
 from fedsim.data.partition import rng_for
+from fedsim.devices import InjectedFault, injected_failure, straggler_delay
 from fedsim.evaluation import classification_metrics, predict
 from fedsim.models.backbone import build_backbone
 from fedsim.models.lora import AdapterHost, client_scaling, fresh_lora_state
@@ -51,6 +53,7 @@ class ClientTask:
     client_id: int
     rank: int
     round_idx: int
+    attempt: int = 0
 
 
 @dataclass
@@ -132,6 +135,8 @@ class ClientWorker:
         """Apply FLoRA's merged base-weight updates if they changed since the last task."""
         version = broadcast.get("base_version", 0)
         if version != self._base_version:
+            if self.host.model is None:  # a new actor (a replacement, or a resumed run)
+                self.host.activate(self.global_rank, seed=self.cfg.seed)
             self.host.set_base_delta(broadcast.get("base_delta"))
             self._base_version = version
 
@@ -209,6 +214,7 @@ class ClientWorker:
         update = fold_scaling({k: local[k] for k in shared}, s)
         if task.client_id in cfg.faults.nan_update_clients:
             update = {k: torch.full_like(v, float("nan")) for k, v in update.items()}
+        self._inject_faults(task)
         new_state["private"] = {k: v for k, v in local.items() if k not in shared}
         report = ClientReport(
             client_id=task.client_id,
@@ -229,6 +235,19 @@ class ClientWorker:
             node_id=_node_id(),
         )
         return report.to_dict(), update, scaffold_delta, new_state
+
+    def _inject_faults(self, task: ClientTask) -> None:
+        """``faults.*``: sleep like a straggler, then fail or crash if this attempt must."""
+        f = self.cfg.faults
+        if f.sleep_scale > 0:
+            time.sleep(f.sleep_scale * straggler_delay(self.cfg, task.round_idx, task.client_id))
+        if injected_failure(self.cfg, task.round_idx, task.client_id, task.attempt):
+            if f.fail_mode == "crash":
+                os._exit(17)  # the process dies mid-round, as if killed from outside
+            raise InjectedFault(
+                f"faults.fail_prob: injected failure of client {task.client_id} in round "
+                f"{task.round_idx}, attempt {task.attempt}"
+            )
 
     def _variates(self, broadcast: dict, state: dict, rank: int) -> tuple[State, State]:
         """SCAFFOLD: the server's variate and the client's own (zero at first), at ``rank``."""

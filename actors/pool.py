@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from collections import deque
 from collections.abc import Callable, Hashable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import ray
 from ray.exceptions import RayActorError, RayError, RayTaskError
@@ -23,18 +23,25 @@ RemoteClient = ray.remote(ClientWorker)
 RemoteServer = ray.remote(ServerState)
 
 
-def pool_size(cfg: FedSimConfig, max_tasks: int) -> int:
-    """How many client actors to start: what the cluster fits, capped by config and demand.
-
-    Raises:
-        ConfigError: the cluster cannot fit even one client actor (the numbers say why).
-    """
+def cluster_slots(cfg: FedSimConfig) -> tuple[int, float, float]:
+    """How many client actors the cluster's total resources fit, and those totals."""
     res = ray.cluster_resources()
     need = cfg.resources.client
     cpus, gpus = res.get("CPU", 0.0), res.get("GPU", 0.0)
     slots = math.floor(cpus / need.num_cpus + 1e-9)
     if need.num_gpus > 0:
         slots = min(slots, math.floor(gpus / need.num_gpus + 1e-9))
+    return slots, cpus, gpus
+
+
+def pool_size(cfg: FedSimConfig, max_tasks: int) -> int:
+    """How many client actors to start: what the cluster fits, capped by config and demand.
+
+    Raises:
+        ConfigError: the cluster cannot fit even one client actor (the numbers say why).
+    """
+    slots, cpus, gpus = cluster_slots(cfg)
+    need = cfg.resources.client
     if slots < 1:
         raise ConfigError(
             "resources.client",
@@ -43,6 +50,39 @@ def pool_size(cfg: FedSimConfig, max_tasks: int) -> int:
         )
     cap = cfg.resources.actors or slots
     return max(1, min(slots, cap, max_tasks))
+
+
+def reserve(cfg: FedSimConfig, size: int):
+    """A placement group of ``size`` client-actor bundles, placed or failed within the timeout.
+
+    Returns:
+        The ready placement group, or None with ``resources.placement=none``.
+
+    Raises:
+        ConfigError: the cluster could not place the bundles in time (the numbers say why).
+    """
+    from ray.util.placement_group import placement_group, remove_placement_group
+
+    r = cfg.resources
+    if r.placement == "none":
+        return None
+    bundle = {"CPU": float(r.client.num_cpus)}
+    if r.client.num_gpus > 0:
+        bundle["GPU"] = float(r.client.num_gpus)
+    pg = placement_group([dict(bundle) for _ in range(size)], strategy=r.placement.upper())
+    ready, _ = ray.wait([pg.ready()], timeout=r.placement_timeout_s)
+    if not ready:
+        remove_placement_group(pg)
+        free = ray.available_resources()
+        raise ConfigError(
+            "resources",
+            f"the Ray cluster could not place {size} client actors of {bundle} with "
+            f"placement={r.placement} within {r.placement_timeout_s:g} s (free now: "
+            f"{free.get('CPU', 0):g} CPUs, {free.get('GPU', 0):g} GPUs; nodes: "
+            f"{len([n for n in ray.nodes() if n.get('Alive')])}); lower resources.actors or "
+            "the per-actor resources, or choose another resources.placement",
+        )
+    return pg
 
 
 def _short(exc: BaseException) -> str:
@@ -69,15 +109,26 @@ class ClientPool:
 
     def __init__(self, cfg: FedSimConfig, size: int):
         self.cfg = cfg
-        self.actors = [self._spawn() for _ in range(size)]
+        self.group = reserve(cfg, size)
+        self.actors = [self._spawn(i) for i in range(size)]
+        self.replaced = 0
         try:
             ray.get([a.ping.remote() for a in self.actors])
         except RayError as exc:
+            self.shutdown()
             raise RuntimeError(f"a client actor failed to start: {_short(exc)}") from None
 
-    def _spawn(self):
+    def _spawn(self, index: int):
+        """Start the actor of slot ``index`` (in its placement-group bundle, if any)."""
         r = self.cfg.resources.client
-        return RemoteClient.options(num_cpus=r.num_cpus, num_gpus=r.num_gpus).remote(self.cfg)
+        options: dict = {"num_cpus": r.num_cpus, "num_gpus": r.num_gpus}
+        if self.group is not None:
+            from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+            options["scheduling_strategy"] = PlacementGroupSchedulingStrategy(
+                self.group, placement_group_bundle_index=index
+            )
+        return RemoteClient.options(**options).remote(self.cfg)
 
     def __len__(self) -> int:
         return len(self.actors)
@@ -100,8 +151,8 @@ class ClientPool:
         """
         jobs = {
             t.client_id: (
-                lambda a, t=t: a.train.options(num_returns=4).remote(
-                    t, broadcast_ref, states.get(t.client_id)
+                lambda a, attempt, t=t: a.train.options(num_returns=4).remote(
+                    replace(t, attempt=attempt), broadcast_ref, states.get(t.client_id)
                 )
             )
             for t in tasks
@@ -112,7 +163,7 @@ class ClientPool:
         """Evaluate the global adapter, the test set split in one shard per actor."""
         n = len(self.actors)
         jobs = {
-            shard: (lambda a, s=shard: (a.evaluate_global.remote(broadcast_ref, s, n),))
+            shard: (lambda a, _attempt, s=shard: (a.evaluate_global.remote(broadcast_ref, s, n),))
             for shard in range(n)
         }
         return self._run(jobs)
@@ -131,7 +182,7 @@ class ClientPool:
                 fresh = [i for i in idle if i not in tried_on[key]]
                 i = fresh[0] if fresh else idle[0]
                 idle.remove(i)
-                refs = jobs[key](self.actors[i])
+                refs = jobs[key](self.actors[i], attempts[key])
                 inflight[refs[0]] = (key, i, refs)
             ready, _ = ray.wait(list(inflight), num_returns=1)
             key, i, refs = inflight.pop(ready[0])
@@ -140,7 +191,8 @@ class ClientPool:
                 out.refs[key] = refs[1:]
             except (RayActorError, RayTaskError) as exc:
                 if isinstance(exc, RayActorError):
-                    self.actors[i] = self._spawn()  # the process is gone: replace it
+                    self.actors[i] = self._spawn(i)  # the process is gone: replace it
+                    self.replaced += 1
                 attempts[key] += 1
                 tried_on[key].add(i)
                 if attempts[key] > self.cfg.resources.max_retries:
@@ -154,6 +206,11 @@ class ClientPool:
         for a in self.actors:
             ray.kill(a)
         self.actors = []
+        if self.group is not None:
+            from ray.util.placement_group import remove_placement_group
+
+            remove_placement_group(self.group)
+            self.group = None
 
 
 def start_server(merger, initial, options) -> object:

@@ -97,6 +97,35 @@ class ServerState:
     def get_global(self) -> State:
         return self.global_state
 
+    def state_dict(self) -> dict:
+        """Everything that evolves across rounds (for a checkpoint): tensors and plain values."""
+        return {
+            "global": self.global_state,
+            "optimizer": self.options.optimizer.state_dict(),
+            "scaffold_c": self.scaffold_c,
+            "base_delta": self.base_delta,
+            "base_version": self.base_version,
+            "stacked": self.stacked,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore what :meth:`state_dict` returned (from a checkpoint).
+
+        Raises:
+            ValueError: the saved global adapter does not have this run's keys and shapes.
+        """
+        saved = state["global"]
+        if set(saved) != set(self.global_state) or any(
+            saved[k].shape != self.global_state[k].shape for k in saved
+        ):
+            raise ValueError("the checkpoint's global adapter does not fit this run's backbone")
+        self.global_state = {k: saved[k].clone() for k in self.global_state}
+        self.options.optimizer.load_state_dict(state["optimizer"])
+        self.scaffold_c = state.get("scaffold_c") if self.scaffold_c is not None else None
+        self.base_delta = state.get("base_delta")
+        self.base_version = int(state.get("base_version", 0))
+        self.stacked = list(state.get("stacked") or [])
+
     def stacked_history(self) -> list[State]:
         """FLoRA: the stacked LoRA of every round (their products sum to the base updates)."""
         return self.stacked

@@ -38,6 +38,12 @@ def main(argv: list[str] | None = None) -> int:
     run_p.add_argument(
         "args", nargs="*", metavar="[CONFIG.yaml] [key=value ...]", help="experiment and overrides"
     )
+    run_p.add_argument(
+        "--resume",
+        metavar="RUN_DIR",
+        help="continue a stopped run from the latest checkpoint in RUN_DIR (e.g. runs/<run id>); "
+        "overrides may extend rounds or change resources, nothing that changes the numbers",
+    )
     show_p = sub.add_parser("config", help="print the resolved config as YAML")
     show_p.add_argument("args", nargs="*", metavar="[CONFIG.yaml] [key=value ...]")
     part_p = sub.add_parser(
@@ -79,6 +85,13 @@ def _dispatch(ns: argparse.Namespace) -> int:
         from fedsim.study import run_study
 
         run_study(ns.study, ns.args)
+        return 0
+    if ns.command == "run" and ns.resume:
+        from fedsim.simulation import resume
+
+        if ns.args and "=" not in ns.args[0]:
+            raise ConfigError("--resume", f"a resumed run uses its own config; drop {ns.args[0]!r}")
+        resume(ns.resume, ns.args)
         return 0
     path, overrides = _split_args(ns.args)
     cfg = load_config(path or _default_config(), overrides)

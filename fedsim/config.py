@@ -11,6 +11,7 @@ from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
@@ -299,6 +300,21 @@ class ResourcesConfig:
     max_retries: int = field(
         default=1, metadata=_help("Retries of a failed client task on another actor.")
     )
+    placement: Literal["pack", "spread", "strict_spread", "none"] = field(
+        default="pack",
+        metadata=_help(
+            "Reserve the client actors in a Ray placement group: pack (fill a node, e.g. four "
+            "0.25-GPU actors on one GPU, before the next), spread (one per node where it can), "
+            "strict_spread (one per node, or fail), none (plain actors)."
+        ),
+    )
+    placement_timeout_s: float = field(
+        default=60.0,
+        metadata=_help(
+            "Seconds to wait for the cluster to place the actor pool before failing with the "
+            "numbers (an autoscaling cluster may need minutes to add nodes)."
+        ),
+    )
 
 
 @dataclass
@@ -310,6 +326,96 @@ class FaultsConfig:
             "validation (such updates must be rejected and logged, never merged)."
         ),
     )
+    fail_prob: float = field(
+        default=0.0,
+        metadata=_help(
+            "Probability that a client task attempt fails after training (seeded per seed, "
+            "round, client and attempt); the pool retries it like any failure."
+        ),
+    )
+    fail_mode: Literal["raise", "crash"] = field(
+        default="raise",
+        metadata=_help(
+            "How an injected failure happens: raise an exception in the task, or crash the "
+            "actor's process (the pool then replaces the actor)."
+        ),
+    )
+    delay_dist: Literal["none", "constant", "uniform", "exponential", "lognormal"] = field(
+        default="none",
+        metadata=_help(
+            "Distribution of the extra simulated seconds a straggling client task takes: "
+            "constant (delay_s), uniform on [0, 2 delay_s], exponential (mean delay_s), "
+            "lognormal (median delay_s, log-sd delay_sigma)."
+        ),
+    )
+    delay_s: float = field(default=0.0, metadata=_help("Scale of faults.delay_dist, seconds."))
+    delay_sigma: float = field(default=1.0, metadata=_help("Log-sd of the lognormal delay."))
+    delay_prob: float = field(
+        default=1.0, metadata=_help("Probability that a client task is delayed at all.")
+    )
+    sleep_scale: float = field(
+        default=0.0,
+        metadata=_help(
+            "Real seconds a delayed task sleeps per simulated delay second (0: the delay is "
+            "only on the simulated clock). Makes clients really finish out of order."
+        ),
+    )
+
+
+@dataclass
+class RoundConfig:
+    deadline_s: float = field(
+        default=0.0,
+        metadata=_help(
+            "Close a round after this many simulated seconds; clients that would report later "
+            "are late: left out of the merge and counted in clients/late (0: no deadline)."
+        ),
+    )
+    min_clients: int = field(
+        default=1,
+        metadata=_help(
+            "A round waits past the deadline until this many clients reported; with fewer "
+            "successful clients in all, the round merges nothing."
+        ),
+    )
+
+
+@dataclass
+class DeviceProfile:
+    share: float = field(default=1.0, metadata=_help("Share of clients with this profile."))
+    speed: float = field(default=1.0, metadata=_help("Compute speed (1: the reference device)."))
+    up_mbps: float = field(default=10.0, metadata=_help("Upload bandwidth, Mbit/s."))
+    down_mbps: float = field(default=50.0, metadata=_help("Download bandwidth, Mbit/s."))
+
+
+@dataclass
+class DevicesConfig:
+    step_s: float = field(
+        default=0.5,
+        metadata=_help("Simulated seconds of one local training step on a speed-1 device."),
+    )
+    profiles: dict[str, DeviceProfile] = field(
+        default_factory=dict,
+        metadata=_help(
+            "Named device profiles (share, speed, up_mbps, down_mbps), assigned to clients by a "
+            "seeded draw with the given shares; empty: every client is the reference device "
+            "(speed 1, 10 Mbit/s up, 50 Mbit/s down)."
+        ),
+    )
+
+
+@dataclass
+class CheckpointConfig:
+    dir: str = field(
+        default="runs",
+        metadata=_help(
+            "Checkpoints go to DIR/<MLflow run id>/; resume with fedsim run --resume that path."
+        ),
+    )
+    every: int = field(
+        default=1, metadata=_help("Write a checkpoint every this many rounds (0: never).")
+    )
+    keep: int = field(default=2, metadata=_help("How many recent checkpoints to keep."))
 
 
 @dataclass
@@ -345,6 +451,9 @@ class FedSimConfig:
     resources: ResourcesConfig = field(default_factory=ResourcesConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     faults: FaultsConfig = field(default_factory=FaultsConfig)
+    round: RoundConfig = field(default_factory=RoundConfig)
+    devices: DevicesConfig = field(default_factory=DevicesConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     progress: bool = field(default=True, metadata=_help("Show a progress bar and summary."))
 
 
@@ -399,6 +508,9 @@ def load_config(
                 merged = OmegaConf.merge(merged, OmegaConf.from_dotlist([item]))
             except TypeError as exc:
                 raise ConfigError(key, f"cannot set {item!r}: {exc}") from None
+            except yaml.YAMLError as exc:  # the value is not valid YAML
+                reason = " ".join(str(exc).split())
+                raise ConfigError(key, f"cannot parse the value of {item!r}: {reason}") from None
         cfg = OmegaConf.to_object(merged)
     except OmegaConfBaseException as exc:
         raise _raise_from_omegaconf(exc) from None
@@ -437,6 +549,9 @@ def flatten(cfg: Any, prefix: str = "") -> dict[str, Any]:
         key = f"{prefix}{f.name}"
         if is_dataclass(value):
             out.update(flatten(value, key + "."))
+        elif isinstance(value, dict) and value and all(is_dataclass(v) for v in value.values()):
+            for name, item in value.items():
+                out.update(flatten(item, f"{key}.{name}."))
         else:
             out[key] = value
     return out
@@ -579,6 +694,50 @@ def validate(cfg: FedSimConfig) -> None:
             "faults.nan_update_clients",
             f"client id {cid} is not in [0, {cfg.clients.num})",
         )
+    _validate_faults_rounds_devices(cfg)
+
+
+def _validate_faults_rounds_devices(cfg: FedSimConfig) -> None:
+    f = cfg.faults
+    _check(0 <= f.fail_prob <= 1, "faults.fail_prob", f"must be in [0, 1], got {f.fail_prob}")
+    _check(0 <= f.delay_prob <= 1, "faults.delay_prob", f"must be in [0, 1], got {f.delay_prob}")
+    _check(f.delay_s >= 0, "faults.delay_s", f"must be >= 0, got {f.delay_s}")
+    _check(f.delay_sigma > 0, "faults.delay_sigma", f"must be > 0, got {f.delay_sigma}")
+    _check(f.sleep_scale >= 0, "faults.sleep_scale", f"must be >= 0, got {f.sleep_scale}")
+    _check(
+        f.delay_dist == "none" or f.delay_s > 0,
+        "faults.delay_s",
+        f"faults.delay_dist={f.delay_dist} needs faults.delay_s > 0",
+    )
+    r = cfg.round
+    _check(r.deadline_s >= 0, "round.deadline_s", f"must be >= 0, got {r.deadline_s}")
+    per_round = max(1, int(round(cfg.clients.fraction * cfg.clients.num)))
+    _check(
+        1 <= r.min_clients <= per_round,
+        "round.min_clients",
+        f"must be in [1, {per_round}] (the clients sampled per round), got {r.min_clients}",
+    )
+    d = cfg.devices
+    _check(d.step_s >= 0, "devices.step_s", f"must be >= 0, got {d.step_s}")
+    for name, p in d.profiles.items():
+        key = f"devices.profiles.{name}"
+        _check(p.share >= 0, f"{key}.share", f"must be >= 0, got {p.share}")
+        _check(p.speed > 0, f"{key}.speed", f"must be > 0, got {p.speed}")
+        _check(p.up_mbps > 0, f"{key}.up_mbps", f"must be > 0, got {p.up_mbps}")
+        _check(p.down_mbps > 0, f"{key}.down_mbps", f"must be > 0, got {p.down_mbps}")
+    _check(
+        not d.profiles or sum(p.share for p in d.profiles.values()) > 0,
+        "devices.profiles",
+        "the shares must not all be 0",
+    )
+    c = cfg.checkpoint
+    _check(c.every >= 0, "checkpoint.every", f"must be >= 0, got {c.every}")
+    _check(c.keep >= 1, "checkpoint.keep", f"must be >= 1, got {c.keep}")
+    _check(
+        cfg.resources.placement_timeout_s > 0,
+        "resources.placement_timeout_s",
+        "must be > 0",
+    )
 
 
 def _check_combinations(cfg: FedSimConfig) -> None:

@@ -17,9 +17,14 @@ _SHORT = {
 class RoundProgress:
     """A tqdm bar over rounds whose postfix shows the last round's key metrics."""
 
-    def __init__(self, rounds: int, enabled: bool = True):
+    def __init__(self, rounds: int, enabled: bool = True, initial: int = 0):
         self.bar = tqdm(
-            total=rounds, desc="rounds", unit="round", disable=not enabled, file=sys.stderr
+            total=rounds,
+            initial=initial,
+            desc="rounds",
+            unit="round",
+            disable=not enabled,
+            file=sys.stderr,
         )
 
     def update(self, round_idx: int, metrics: dict[str, float]) -> None:

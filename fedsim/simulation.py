@@ -9,9 +9,10 @@ new global adapter on the global test set and logs the round to MLflow.
 from __future__ import annotations
 
 import os
+import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -20,12 +21,14 @@ import torch
 
 from actors.client import ClientTask, merger_options
 from actors.pool import ClientPool, pool_size, start_server
-from actors.server import ServerOptions
+from actors.server import AggregateReport, ServerOptions
 from aggregation import SERVER_OPTIMIZERS, get_merger, lora_rank, shared_keys, unfold_scaling
 from fedsim.adapter_io import save_peft_adapter
-from fedsim.config import ConfigError, FedSimConfig, as_config, resolve_ranks
+from fedsim.checkpoint import Checkpoint, CheckpointWriter, load_checkpoint
+from fedsim.config import ConfigError, FedSimConfig, as_config, load_config, resolve_ranks, to_yaml
 from fedsim.data.federated import FederatedData, load_dataset
 from fedsim.data.partition import sample_clients
+from fedsim.devices import assign_profiles, close_round, straggler_delay, task_seconds
 from fedsim.evaluation import classification_metrics, summarize
 from fedsim.models.lora import client_scaling
 from fedsim.objectives import objective_spec
@@ -42,12 +45,14 @@ class RunResult:
         tracking_uri: the MLflow store it was logged to.
         history: one dict of metrics per round, round 0 (before training) first.
         clients: per round, one row per sampled client (report, status).
+        run_dir: the run's checkpoint directory (``fedsim run --resume`` takes it).
     """
 
     run_id: str
     tracking_uri: str
     history: list[dict[str, float]] = field(default_factory=list)
     clients: list[list[dict]] = field(default_factory=list)
+    run_dir: Path | None = None
 
     @property
     def final(self) -> dict[str, float]:
@@ -122,15 +127,20 @@ def _global_metrics(outcome) -> dict[str, float]:
     return {f"global/{k}": v for k, v in classification_metrics(y, p, losses, probs).items()}
 
 
-def _round_metrics(reports: list[dict], rejected: dict[int, str], failed: dict) -> dict:
-    ok = [r for r in reports if r["client_id"] not in rejected]
+def _round_metrics(
+    used: list[dict], finished: list[dict], rejected: dict[int, str], failed: dict, late: list
+) -> dict:
+    """Metrics of one round: ``used`` reports were merged, ``finished`` includes late ones."""
+    ok = [r for r in used if r["client_id"] not in rejected]
     m: dict[str, float] = {
-        "clients/sampled": len(reports) + len(failed),
+        "clients/sampled": len(finished) + len(failed),
         "clients/failed": len(failed),
+        "clients/late": len(late),
         "clients/rejected": len(rejected),
-        "comm/upload_bytes": sum(r["upload_bytes"] for r in reports),
-        "comm/download_bytes": sum(r["download_bytes"] for r in reports),
-        "editing/edited_tensors": sum(len(r["edited"]) for r in reports),
+        # every client that finished training downloaded the broadcast and uploaded its update
+        "comm/upload_bytes": sum(r["upload_bytes"] for r in finished),
+        "comm/download_bytes": sum(r["download_bytes"] for r in finished),
+        "editing/edited_tensors": sum(len(r["edited"]) for r in used),
     }
     if ok:
         # AUC is undefined on a held-out split with one class: summarise the clients that have it
@@ -142,20 +152,22 @@ def _round_metrics(reports: list[dict], rejected: dict[int, str], failed: dict) 
             for stat, value in stats.items():
                 m[f"personalized/{metric}_{stat}"] = value
         m["train/loss_mean"] = float(np.mean([r["train_loss"] for r in ok]))
-    sims = [v for r in reports for v in r["similarities"].values()]
+    sims = [v for r in used for v in r["similarities"].values()]
     if sims:
         m["editing/similarity_mean"] = float(np.mean(sims))
         m["editing/similarity_min"] = float(np.min(sims))
     return m
 
 
-def _client_rows(reports: list[dict], rejected: dict[int, str], failed: dict) -> list[dict]:
+def _client_rows(
+    reports: list[dict], status: dict[int, str], sim_s: dict[int, float], profiles: list
+) -> list[dict]:
     rows = []
     for r in sorted(reports, key=lambda r: r["client_id"]):
-        status = f"rejected: {rejected[r['client_id']]}" if r["client_id"] in rejected else "ok"
+        cid = r["client_id"]
         rows.append(
             {
-                "client_id": r["client_id"],
+                "client_id": cid,
                 "rank": r["rank"],
                 "num_samples": r["num_samples"],
                 "steps": r["steps"],
@@ -164,13 +176,21 @@ def _client_rows(reports: list[dict], rejected: dict[int, str], failed: dict) ->
                 "edited_tensors": len(r["edited"]),
                 "min_similarity": min(r["similarities"].values(), default=float("nan")),
                 "time_s": r["time_s"],
+                "simulated_s": sim_s[cid],
+                "device": profiles[cid][0],
                 "node_id": r["node_id"],
-                "status": status,
+                "status": status.get(cid, "ok"),
             }
         )
-    for cid, reason in sorted(failed.items()):
-        rows.append({"client_id": cid, "status": f"failed: {reason}"})
+    for cid, reason in sorted(status.items()):
+        if reason.startswith("failed"):
+            rows.append({"client_id": cid, "device": profiles[cid][0], "status": reason})
     return rows
+
+
+# Overrides a resumed run may take: they change where and how fast it runs, not its numbers.
+RESUMABLE = ("rounds", "progress", "resources.", "checkpoint.every", "checkpoint.keep", "tracking.")
+_NOT_ON_RESUME = ("tracking.experiment", "tracking.run_name", "tracking.parent_run_id")
 
 
 def run(config: FedSimConfig | dict | str | Path | None = None) -> RunResult:
@@ -181,35 +201,89 @@ def run(config: FedSimConfig | dict | str | Path | None = None) -> RunResult:
             None for the defaults.
 
     Returns:
-        The MLflow run id and the per-round metrics.
+        The MLflow run id, the per-round metrics and the checkpoint directory.
 
     Raises:
         ConfigError: a config value is not allowed (including ranks the backbone cannot take).
     """
-    cfg = as_config(config)
-    ranks = resolve_ranks(cfg.clients, cfg.seed)
+    return _simulate(as_config(config), None)
+
+
+def resume(run_dir: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> RunResult:
+    """Continue a run from the latest checkpoint in ``run_dir`` (``fedsim run --resume``).
+
+    The run continues under its own config (``run_dir/config.yaml``) and MLflow run, and
+    reaches the same numbers as if it had never stopped. ``overrides`` may change ``rounds``
+    (to extend a run), ``resources.*``, ``progress``, ``checkpoint.every``/``keep`` and the
+    tracking store's URI, nothing that changes the numbers.
+
+    Raises:
+        ConfigError: no readable checkpoint, or an override that would change the numbers.
+    """
+    ckpt = load_checkpoint(run_dir)
+    for item in overrides:
+        key = item.partition("=")[0]
+        allowed = key.startswith(RESUMABLE) or key in RESUMABLE
+        if not allowed or key in _NOT_ON_RESUME:
+            raise ConfigError(
+                key,
+                "cannot change when resuming (it would change the run's numbers or identity); "
+                "a resumed run may override rounds, progress, resources.*, checkpoint.every, "
+                "checkpoint.keep, tracking.uri, tracking.save_adapter and tracking.plots",
+            )
+    cfg = load_config(Path(run_dir) / "config.yaml", overrides)
+    if cfg.rounds < ckpt.round:
+        raise ConfigError(
+            "rounds", f"the checkpoint is at round {ckpt.round}; rounds={cfg.rounds} is behind it"
+        )
+    return _simulate(cfg, ckpt, Path(run_dir))
+
+
+@dataclass
+class _Totals:
+    """Counters that run across rounds (and across a resume)."""
+
+    upload_bytes: int = 0
+    download_bytes: int = 0
+    simulated_s: float = 0.0
+
+
+def _simulate(cfg: FedSimConfig, ckpt: Checkpoint | None, run_dir: Path | None = None):
+    ranks = list(ckpt.meta["ranks"]) if ckpt else resolve_ranks(cfg.clients, cfg.seed)
     per_round = len(sample_clients(cfg.clients.num, cfg.clients.fraction, cfg.seed, 1))
     # Build the dataset cache and check the split here, once, before any actor starts: a
     # split that cannot be made is a config error, not N dead actors.
     FederatedData(cfg, load_dataset(cfg))
     started = init_ray()
-    pool = server = tracker = None
+    pool = server = tracker = writer = None
     try:
         pool = ClientPool(cfg, pool_size(cfg, per_round))
         info = pool.call_first("describe")
-        _check_ranks(ranks, info["max_rank"])
+        _check_ranks(resolve_ranks(cfg.clients, cfg.seed), info["max_rank"])
         initial = pool.call_first("initial_global")
         server = start_server(
             get_merger(cfg.aggregation.method, **merger_options(cfg)),
             initial,
             server_options(cfg, list(initial)),
         )
-        tracker = Tracker(cfg)
-        result = RunResult(tracker.run_id, tracker.uri)
-        progress = RoundProgress(cfg.rounds, enabled=cfg.progress)
-        _loop(cfg, ranks, pool, server, tracker, result, progress)
+        if ckpt:
+            ray.get(server.load_state_dict.remote(ckpt.server))
+            tracker = Tracker.reopen(cfg, ckpt.meta["mlflow_run_id"], ckpt.round)
+        else:
+            tracker = Tracker(cfg)
+            run_dir = Path(cfg.checkpoint.dir) / tracker.run_id
+        if cfg.checkpoint.every > 0:
+            files = {int(c): f for c, f in (ckpt.meta["client_files"] if ckpt else {}).items()}
+            writer = CheckpointWriter(run_dir, cfg.checkpoint.keep, files)
+            writer.write_config(to_yaml(cfg))
+        result = RunResult(tracker.run_id, tracker.uri, run_dir=run_dir)
+        driver = _Driver(cfg, ranks, pool, server, tracker, result, writer)
+        if ckpt:
+            driver.restore(ckpt)
+        progress = RoundProgress(cfg.rounds, enabled=cfg.progress, initial=driver.next_round - 1)
+        driver.loop(progress)
         progress.close()
-        _finish(cfg, info, server, tracker, result, max(ranks))
+        _finish(cfg, info, server, tracker, result, max(resolve_ranks(cfg.clients, cfg.seed)))
         tracker.finish()
         if cfg.progress:
             progress.summary(result.history, tracker.run_id, tracker.ui_command())
@@ -217,6 +291,12 @@ def run(config: FedSimConfig | dict | str | Path | None = None) -> RunResult:
     except BaseException as exc:
         if tracker is not None:
             tracker.finish("KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
+        if writer is not None and (writer.run_dir / "latest.json").exists():
+            print(
+                f"fedsim: the run stopped; continue it with: fedsim run --resume {writer.run_dir}",
+                file=sys.stderr,
+                flush=True,
+            )
         raise
     finally:
         if pool is not None:
@@ -227,46 +307,147 @@ def run(config: FedSimConfig | dict | str | Path | None = None) -> RunResult:
             ray.shutdown()
 
 
-def _loop(cfg, ranks, pool, server, tracker, result: RunResult, progress) -> None:
-    """The round loop: round 0 evaluates the initial adapter, rounds 1..T train."""
-    ranks = list(ranks)  # current ranks: self-pruning may lower them
-    start = time.perf_counter()
-    states: dict[int, object] = {}  # client id -> object ref of its persistent state
-    metrics = _global_metrics(pool.evaluate(server.broadcast.remote()))
-    metrics["time/round_s"] = time.perf_counter() - start
-    tracker.log_metrics(metrics, step=0)
-    result.history.append({"round": 0, **metrics})
-    result.clients.append([])
-    progress.update(0, metrics)
-    for t in range(1, cfg.rounds + 1):
+class _Driver:
+    """The round loop and the state the driver keeps across rounds."""
+
+    def __init__(self, cfg, ranks, pool, server, tracker, result: RunResult, writer):
+        self.cfg = cfg
+        self.ranks = list(ranks)  # current ranks: self-pruning may lower them
+        self.pool, self.server, self.tracker = pool, server, tracker
+        self.result = result
+        self.writer = writer
+        self.states: dict[int, object] = {}  # client id -> object ref of its persistent state
+        self.profiles = assign_profiles(cfg)
+        self.totals = _Totals()
+        self.next_round = 0
+        self._dirty: set[int] = set()  # clients whose state changed since the last checkpoint
+
+    def restore(self, ckpt: Checkpoint) -> None:
+        """Take up the driver's state from a checkpoint, and log what MLflow missed."""
+        meta = ckpt.meta
+        self.states = {c: ray.put(s) for c, s in ckpt.clients.items()}
+        self.totals = _Totals(**meta["totals"])
+        self.result.history = meta["history"]
+        self.result.clients = meta["clients"]
+        self.next_round = ckpt.round + 1
+        # The checkpoint is written before a round is logged: log any round the kill cut off.
+        logged = self.tracker.last_step("global/loss")
+        for h, rows in zip(self.result.history, self.result.clients):
+            if h["round"] > logged:
+                self._log(h["round"], {k: v for k, v in h.items() if k != "round"}, rows)
+
+    def loop(self, progress) -> None:
+        """Round 0 evaluates the initial adapter; rounds 1..T train."""
+        if self.next_round == 0:
+            start = time.perf_counter()
+            metrics = _global_metrics(self.pool.evaluate(self.server.broadcast.remote()))
+            metrics["time/round_s"] = time.perf_counter() - start
+            self._end_round(0, metrics, [], [])
+            progress.update(0, metrics)
+        for t in range(max(self.next_round, 1), self.cfg.rounds + 1):
+            metrics = self._round(t)
+            progress.update(t, metrics)
+
+    def _round(self, t: int) -> dict[str, float]:
+        cfg = self.cfg
         start = time.perf_counter()
         sampled = sample_clients(cfg.clients.num, cfg.clients.fraction, cfg.seed, t)
-        broadcast = server.broadcast.remote()  # one object in the store, shared by all tasks
-        outcome = pool.train([ClientTask(c, ranks[c], t) for c in sampled], broadcast, states)
-        done = sorted(outcome.values)
-        reports = [outcome.values[c] for c in done]
-        for c in done:
-            states[c] = outcome.refs[c][2]
-        meta = [(c, r["rank"], r["num_samples"], r["steps"]) for c, r in zip(done, reports)]
-        for c, r in zip(done, reports):  # HetLoRA self-pruning: the rank from the next round on
-            ranks[c] = r["next_rank"] or ranks[c]
-        refs = [outcome.refs[c][0] for c in done]
-        if objective_spec(cfg.objective.method).control_variates:
-            refs += [outcome.refs[c][1] for c in done]
-        agg = ray.get(server.aggregate_packed.remote(t, meta, *refs))
+        broadcast = self.server.broadcast.remote()  # one object in the store for all tasks
+        tasks = [ClientTask(c, self.ranks[c], t) for c in sampled]
+        outcome = self.pool.train(tasks, broadcast, self.states)
+        finished = {c: outcome.values[c] for c in sorted(outcome.values)}
+        sim_s = {
+            c: task_seconds(
+                self.profiles[c][1],
+                cfg.devices.step_s,
+                r["steps"],
+                r["upload_bytes"],
+                r["download_bytes"],
+                straggler_delay(cfg, t, c),
+            )
+            for c, r in finished.items()
+        }
+        close = close_round(sim_s, cfg.round.deadline_s, cfg.round.min_clients)
+        status = {c: f"failed: {reason}" for c, reason in outcome.failed.items()}
+        status.update({c: "late" for c in close.late})
+        used = close.on_time
+        if len(used) < cfg.round.min_clients:
+            print(
+                f"round {t}: only {len(used)} client(s) reported, fewer than "
+                f"round.min_clients={cfg.round.min_clients}; the round merges nothing",
+                flush=True,
+            )
+            status.update({c: "unused: too few clients reported" for c in used})
+            used = []
+        reports = [finished[c] for c in used]
+        for c in used:
+            self.states[c] = outcome.refs[c][2]
+        meta = [(c, r["rank"], r["num_samples"], r["steps"]) for c, r in zip(used, reports)]
+        for c, r in zip(used, reports):  # HetLoRA self-pruning: the rank from the next round on
+            self.ranks[c] = r["next_rank"] or self.ranks[c]
+        if used:
+            refs = [outcome.refs[c][0] for c in used]
+            if objective_spec(cfg.objective.method).control_variates:
+                refs += [outcome.refs[c][1] for c in used]
+            agg = ray.get(self.server.aggregate_packed.remote(t, meta, *refs))
+        else:
+            agg = AggregateReport(t)
         for cid, reason in agg.rejected.items():
             print(f"round {t}: update of client {cid} rejected: {reason}", flush=True)
-        metrics = _round_metrics(reports, agg.rejected, outcome.failed)
-        metrics["clients/rank_mean"] = float(np.mean(ranks))
-        metrics.update(_global_metrics(pool.evaluate(server.broadcast.remote())))
+            status[cid] = f"rejected: {reason}"
+        metrics = _round_metrics(
+            reports, list(finished.values()), agg.rejected, outcome.failed, close.late
+        )
+        metrics["clients/rank_mean"] = float(np.mean(self.ranks))
+        metrics["clients/actors_replaced"] = self.pool.replaced
+        metrics.update(_global_metrics(self.pool.evaluate(self.server.broadcast.remote())))
+        self.totals.upload_bytes += metrics["comm/upload_bytes"]
+        self.totals.download_bytes += metrics["comm/download_bytes"]
+        self.totals.simulated_s += close.seconds
+        metrics["comm/upload_bytes_total"] = self.totals.upload_bytes
+        metrics["comm/download_bytes_total"] = self.totals.download_bytes
+        metrics["time/simulated_round_s"] = close.seconds
+        metrics["time/simulated_total_s"] = self.totals.simulated_s
         metrics["time/aggregate_s"] = agg.aggregate_s
         metrics["time/round_s"] = time.perf_counter() - start
-        rows = _client_rows(reports, agg.rejected, outcome.failed)
-        tracker.log_metrics(metrics, step=t)
-        tracker.log_table(rows, f"clients/round_{t:04d}.json")
-        result.history.append({"round": t, **metrics})
-        result.clients.append(rows)
-        progress.update(t, metrics)
+        rows = _client_rows(list(finished.values()), status, sim_s, self.profiles)
+        self._end_round(t, metrics, rows, used)
+        return metrics
+
+    def _end_round(self, t: int, metrics: dict, rows: list[dict], used: list[int]) -> None:
+        """Record round ``t``: history, checkpoint (first), then MLflow."""
+        self.result.history.append({"round": t, **metrics})
+        self.result.clients.append(rows)
+        self._dirty.update(used)
+        every = self.cfg.checkpoint.every
+        if self.writer is not None and (t % every == 0 or t == self.cfg.rounds):
+            self._checkpoint(t)
+        self._log(t, metrics, rows)
+
+    def _checkpoint(self, t: int) -> None:
+        # Only the clients trained since the last checkpoint changed: a round's checkpoint
+        # costs what it sampled, whatever the number of clients. The writer keeps the rest.
+        dirty = sorted(self._dirty)
+        changed = dict(zip(dirty, ray.get([self.states[c] for c in dirty])))
+        server = ray.get(self.server.state_dict.remote())
+        meta = {
+            "ranks": self.ranks,
+            "history": self.result.history,
+            "clients": self.result.clients,
+            "totals": asdict(self.totals),
+            "mlflow_run_id": self.tracker.run_id,
+            "tracking_uri": self.tracker.uri,
+            # All randomness is counter-based: SeedSequence(seed, stream, round, client), so
+            # the seed and the next round are the whole RNG state.
+            "rng": {"seed": self.cfg.seed, "next_round": t + 1},
+        }
+        self.writer.save(t, server, changed, meta)
+        self._dirty.clear()
+
+    def _log(self, t: int, metrics: dict, rows: list[dict]) -> None:
+        self.tracker.log_metrics(metrics, step=t)
+        if rows:
+            self.tracker.log_table(rows, f"clients/round_{t:04d}.json")
 
 
 def _finish(cfg, info, server, tracker, result: RunResult, global_rank: int) -> None:

@@ -60,6 +60,41 @@ class Tracker:
             )
         self.log_text(to_yaml(cfg), "config.yaml")
 
+    @classmethod
+    def reopen(cls, cfg: FedSimConfig, run_id: str, resumed_round: int) -> Tracker:
+        """Continue an existing run (``fedsim run --resume``): same run id, status RUNNING.
+
+        Raises:
+            ConfigError: the store has no such run (the message names the store and run).
+        """
+        from mlflow.exceptions import MlflowException
+
+        from fedsim.config import ConfigError
+
+        _quiet_mlflow()
+        self = cls.__new__(cls)
+        self.cfg = cfg
+        self.uri = cfg.tracking.uri
+        self.client = MlflowClient(tracking_uri=self.uri)
+        try:
+            run = self.client.get_run(run_id)
+        except MlflowException:
+            raise ConfigError(
+                "tracking.uri",
+                f"MLflow run {run_id} of the checkpoint is not in the store {self.uri}; resume "
+                "from the directory the run was started in, or pass tracking.uri=",
+            ) from None
+        self.run_id = run_id
+        self.experiment_id = run.info.experiment_id
+        self.client.update_run(run_id, status="RUNNING")
+        self.client.set_tag(run_id, "fedsim.resumed_from_round", str(resumed_round))
+        return self
+
+    def last_step(self, metric: str) -> int:
+        """The highest step logged for ``metric`` (-1 if none)."""
+        history = self.client.get_metric_history(self.run_id, metric)
+        return max((m.step for m in history), default=-1)
+
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         """Log a round's metrics at ``step``."""
         import time
