@@ -6,7 +6,7 @@ vision-language models under heterogeneous ranks, data and modalities.
 
 from fedsim.config import ConfigError, FedSimConfig, load_config
 
-__all__ = ["ConfigError", "FedSimConfig", "load_config", "run"]
+__all__ = ["ConfigError", "FedSimConfig", "load_config", "resume", "run"]
 __version__ = "0.1.0"
 
 
@@ -15,3 +15,10 @@ def run(config=None):
     from fedsim.simulation import run as _run
 
     return _run(config)
+
+
+def resume(run_dir, overrides=()):
+    """Continue a stopped run from its latest checkpoint; see :func:`fedsim.simulation.resume`."""
+    from fedsim.simulation import resume as _resume
+
+    return _resume(run_dir, overrides)

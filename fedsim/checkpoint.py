@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from fedsim.config import ConfigError
@@ -229,7 +230,7 @@ def load_checkpoint(run_dir: str | Path) -> Checkpoint:
         path = run_dir / pointer["dir"]
         state = json.loads((path / "state.json").read_text())
         tensors = load_file(str(path / "server.safetensors"))
-    except (OSError, ValueError, KeyError) as exc:
+    except (OSError, ValueError, KeyError, SafetensorError) as exc:
         raise ConfigError("--resume", f"cannot read the checkpoint in {run_dir}: {exc}") from None
     if state.get("format") != FORMAT:
         raise ConfigError(
@@ -241,7 +242,7 @@ def load_checkpoint(run_dir: str | Path) -> Checkpoint:
         file = run_dir / "clients" / name
         try:
             flat = load_file(str(file))
-        except (OSError, ValueError) as exc:
+        except (OSError, ValueError, SafetensorError) as exc:
             raise ConfigError("--resume", f"cannot read client state {file}: {exc}") from None
         clients[int(cid)] = _unflatten(flat)
     return Checkpoint(int(state.pop("round")), server, clients, state, path)

@@ -276,7 +276,7 @@ def _simulate(cfg: FedSimConfig, ckpt: Checkpoint | None, run_dir: Path | None =
             files = {int(c): f for c, f in (ckpt.meta["client_files"] if ckpt else {}).items()}
             writer = CheckpointWriter(run_dir, cfg.checkpoint.keep, files)
             writer.write_config(to_yaml(cfg))
-        result = RunResult(tracker.run_id, tracker.uri, run_dir=run_dir)
+        result = RunResult(tracker.run_id, tracker.uri, run_dir=writer.run_dir if writer else None)
         driver = _Driver(cfg, ranks, pool, server, tracker, result, writer)
         if ckpt:
             driver.restore(ckpt)

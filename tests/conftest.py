@@ -42,9 +42,13 @@ def emoji_cache(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def tiny_overrides(emoji_cache) -> list[str]:
-    """Dotlist overrides that make a config fast: tiny backbone, 16 px, 300 rows, 2 steps."""
+def tiny_overrides(emoji_cache, tmp_path_factory) -> list[str]:
+    """Dotlist overrides that make a config fast: tiny backbone, 16 px, 300 rows, 2 steps.
+
+    Checkpoints go to a session temp dir, never into the working directory.
+    """
     return [
+        f"checkpoint.dir={tmp_path_factory.mktemp('runs')}",
         "model.backbone=tiny",
         "model.head_hidden=32",
         f"data.image_size={IMAGE_SIZE}",

@@ -1,0 +1,164 @@
+"""Checkpoint and resume on a real local Ray and MLflow store.
+
+A run stopped after round 2 and resumed to round 4 must give the numbers and the global
+adapter of a run that never stopped, for the state that persists across rounds: private
+tensors and server-optimiser moments (sharing B + FedAdam), SCAFFOLD's variates, FLoRA's base
+updates and HetLoRA's pruned ranks. A driver killed with SIGKILL mid-run is resumed with
+``fedsim run --resume`` and lands in the same MLflow run.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+
+import fedsim
+from fedsim.checkpoint import load_checkpoint
+from fedsim.cli import main
+from fedsim.simulation import resume
+
+EXPERIMENT = "fedsim-resume"
+VARIANTS = {
+    "private-A+fedadam": [
+        "sharing.policy=B",
+        "server.optimizer=fedadam",
+        "editing.enabled=false",
+        "aggregation.method=zeropad",
+    ],
+    "scaffold": ["objective.method=scaffold", "train.optimizer=sgd"],
+    "flora": ["aggregation.method=flora", "editing.enabled=false"],
+    "hetlora-pruning": [
+        "aggregation.method=hetlora",
+        "pruning.gamma=0.01",
+        "pruning.threshold=100",
+        "editing.enabled=false",
+    ],
+}
+
+
+def _numbers(history: list[dict]) -> list[dict]:
+    """Everything but wall-clock timings (the simulated clock must match too)."""
+    return [
+        {k: v for k, v in h.items() if not k.startswith("time/") or "simulated" in k}
+        for h in history
+    ]
+
+
+def _same_tensors(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        if isinstance(a[k], dict):
+            _same_tensors(a[k], b[k])
+        elif isinstance(a[k], list):
+            assert len(a[k]) == len(b[k])
+            for x, y in zip(a[k], b[k]):
+                _same_tensors(x, y)
+        elif isinstance(a[k], torch.Tensor):
+            assert torch.equal(a[k], b[k]), k
+        else:
+            assert a[k] == b[k], k
+
+
+@pytest.fixture(scope="module")
+def config(make_config, mlflow_store):
+    def build(*overrides: str):
+        uri = mlflow_store(EXPERIMENT)
+        return make_config(f"tracking.uri={uri}", f"tracking.experiment={EXPERIMENT}", *overrides)
+
+    return build
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_stopped_and_resumed_run_equals_an_uninterrupted_one(ray_cluster, config, variant):
+    over = VARIANTS[variant]
+    straight = fedsim.run(config(*over, "rounds=4"))
+    first = fedsim.run(config(*over, "rounds=2"))
+    resumed = resume(first.run_dir, ["rounds=4"])
+    assert resumed.run_id == first.run_id
+    assert _numbers(resumed.history) == _numbers(straight.history)
+    a, b = load_checkpoint(straight.run_dir), load_checkpoint(resumed.run_dir)
+    assert a.round == b.round == 4
+    _same_tensors(a.server, b.server)
+    assert a.clients.keys() == b.clients.keys()
+    for cid in a.clients:
+        _same_tensors(a.clients[cid], b.clients[cid])
+    assert a.meta["ranks"] == b.meta["ranks"]
+    if variant == "hetlora-pruning":
+        assert min(a.meta["ranks"]) < 8  # pruning happened, and survived the resume
+    if variant != "scaffold":
+        assert any(a.clients[c] for c in a.clients) == (variant == "private-A+fedadam")
+
+
+def test_sigkilled_driver_resumes_into_the_same_mlflow_run(
+    ray_cluster, config, tiny_overrides, tmp_path
+):
+    slow = ["faults.delay_dist=constant", "faults.delay_s=1", "faults.sleep_scale=1", "rounds=4"]
+    cfg = config(*slow, f"checkpoint.dir={tmp_path / 'runs'}")
+    overrides = [
+        *tiny_overrides,
+        *slow,
+        f"checkpoint.dir={tmp_path / 'runs'}",
+        f"tracking.uri={cfg.tracking.uri}",
+        f"tracking.experiment={EXPERIMENT}",
+        "tracking.run_name=killed",
+    ]
+    env = {**os.environ, "RAY_ADDRESS": ray_cluster.get_runtime_context().gcs_address}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "fedsim", "run", *overrides],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    try:
+        deadline = time.monotonic() + 240
+        while not list((tmp_path / "runs").glob("*/round_00002")):
+            assert proc.poll() is None, proc.stdout.read().decode()[-3000:]
+            assert time.monotonic() < deadline, "no round-2 checkpoint within 240 s"
+            time.sleep(0.05)
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(30)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    done = load_checkpoint(run_dir).round
+    assert 2 <= done < 4, f"the kill came too late (checkpoint at round {done})"
+    assert main(["run", "--resume", str(run_dir)]) == 0
+
+    straight = fedsim.run(cfg)
+    client = MlflowClient(cfg.tracking.uri)
+    run = client.get_run(run_dir.name)
+    assert run.info.status == "FINISHED"
+    assert run.data.tags["fedsim.resumed_from_round"] == str(done)
+    for key in ("global/loss", "train/loss_mean", "comm/upload_bytes_total"):
+        logged = client.get_metric_history(run_dir.name, key)
+        steps = sorted(m.step for m in logged)
+        assert steps == (list(range(5)) if key == "global/loss" else [1, 2, 3, 4]), key
+        want = {h["round"]: h[key] for h in straight.history if key in h}
+        assert {m.step: m.value for m in logged} == pytest.approx(want, rel=0, abs=0), key
+    _same_tensors(load_checkpoint(run_dir).server, load_checkpoint(straight.run_dir).server)
+
+
+def test_resume_refuses_what_would_change_the_numbers(ray_cluster, config, capsys):
+    first = fedsim.run(config("rounds=1"))
+    assert main(["run", "--resume", str(first.run_dir), "seed=3"]) == 2
+    assert "seed" in capsys.readouterr().err
+    assert main(["run", "--resume", str(first.run_dir), "rounds=0"]) == 2
+    assert "round 1" in capsys.readouterr().err
+    assert main(["run", "--resume", str(Path(first.run_dir) / "nope")]) == 2
+    assert "no such run directory" in capsys.readouterr().err
+
+
+def test_checkpoints_can_be_turned_off(ray_cluster, config, tmp_path):
+    result = fedsim.run(config("rounds=1", "checkpoint.every=0", f"checkpoint.dir={tmp_path}"))
+    assert result.history[-1]["round"] == 1
+    assert not any(tmp_path.iterdir())
