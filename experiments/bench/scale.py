@@ -1,0 +1,456 @@
+"""Scale benchmark: fedsim's round time and memory at 10, 100, 1,000 clients, against a floor.
+
+For each client count ``N`` the benchmark runs, each in a fresh process:
+
+* **fedsim**: ``fedsim.simulation.run`` of ``--rounds`` rounds with ``clients.num=N`` and
+  ``clients.fraction=--fraction`` on its own local Ray (so every Ray process of the run is a
+  descendant of that process). A background thread samples, every ``--interval`` seconds, the
+  RSS and PSS of the driver, of the Ray worker processes (the client actors, the server actor,
+  idle workers) and of Ray's own daemons, and keeps the peak of each sum.
+* **floor**: the same local training without Ray, in one process: one ``ClientWorker`` (its
+  backbone load not timed) trains exactly the clients ``sample_clients`` picks for those
+  rounds, back to back, with the same broadcast: an in-process ``ServerState`` merges their
+  updates between rounds as fedsim's server does. Only ``ClientWorker.train`` calls are timed;
+  the in-process evaluation of the global adapter after each round is timed separately. The
+  floor's final global accuracy is compared with fedsim's as a check that it did the same work.
+
+It prints one row per ``N`` (see ``experiments/bench/README.md`` for the columns) and the
+memory growth per extra client next to the bytes of state a client keeps:
+
+    /work/venv/bin/python experiments/bench/scale.py [--clients 10,100,1000]
+        [--backbone tiny|minilm-effnet] [--rounds 2] [--fraction 0.1] [--sharing B]
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+# Run as a script, this folder is sys.path[0], and its aggregation.py (the merge benchmark)
+# would shadow the top-level ``aggregation`` package for this process and, through the
+# driver's sys.path that Ray hands on, for every Ray worker: drop it.
+_HERE = Path(__file__).resolve().parent
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import os  # noqa: E402
+import platform  # noqa: E402
+import subprocess  # noqa: E402
+import tempfile  # noqa: E402
+import threading  # noqa: E402
+import time  # noqa: E402
+from collections.abc import Sequence  # noqa: E402
+
+import psutil  # noqa: E402
+
+DEFAULT_CLIENTS = "10,100,1000"
+# The emoji benchmark has 3,944 rows; 80% (3,155) are partitioned over the clients. The default
+# data.min_per_client=10 caps a run at 315 clients; 3 rows each (2 to train, 1 held out) is the
+# most that 1,000 clients can all have. Every N uses the same minimum so rows differ only in N.
+DEFAULT_MIN_PER_CLIENT = 3
+# The default rank list has 10 entries; these distributions give any number of clients ranks.
+# The tiny backbone's LoRA targets admit rank 16 at most.
+DEFAULT_RANKS = {"minilm-effnet": "fedilora", "tiny": "choice:4,8,16"}
+RESULT_TAG = "SCALE-RESULT "
+MB = 1e6
+
+COLUMNS = (
+    "clients",
+    "sampled",
+    "actors",
+    "round s",
+    "floor s",
+    "round/floor",
+    "eval s",
+    "round/(floor+eval)",
+    "same result",
+    "RSS MB",
+    "PSS MB",
+    "driver MB",
+    "daemons MB",
+    "with state",
+    "state B/client",
+)
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument(
+        "--clients",
+        default=DEFAULT_CLIENTS,
+        help="comma-separated client counts N (default %(default)s)",
+    )
+    p.add_argument("--backbone", choices=("tiny", "minilm-effnet"), default="tiny")
+    p.add_argument("--rounds", type=int, default=2, help="training rounds per run")
+    p.add_argument("--fraction", type=float, default=0.1, help="clients.fraction")
+    p.add_argument(
+        "--sharing",
+        choices=("all", "B", "A", "none"),
+        default="all",
+        help="sharing.policy; B or A keep one LoRA factor on each client (non-empty state)",
+    )
+    p.add_argument(
+        "--min-per-client",
+        type=int,
+        default=DEFAULT_MIN_PER_CLIENT,
+        help="data.min_per_client (default %(default)s: what 1,000 clients can all have)",
+    )
+    p.add_argument(
+        "--ranks",
+        help="clients.ranks as a distribution name (default: fedilora for minilm-effnet, "
+        "choice:4,8,16 for tiny)",
+    )
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--interval", type=float, default=0.2, help="memory sampling period, seconds")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="further fedsim config overrides (repeatable), e.g. --set data.image_size=64",
+    )
+    p.add_argument("--case", choices=("fedsim", "floor"), help=argparse.SUPPRESS)
+    p.add_argument("--num", type=int, help=argparse.SUPPRESS)
+    p.add_argument("--workdir", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    args.client_counts = [int(x) for x in args.clients.split(",") if x.strip()]
+    if not args.client_counts or min(args.client_counts) < 1:
+        p.error("--clients needs positive integers, e.g. 10,100,1000")
+    return args
+
+
+def overrides(args: argparse.Namespace, num: int, workdir: Path) -> list[str]:
+    """The fedsim dotlist of one run: everything but ``clients.num`` is the same for every N."""
+    items = [
+        f"seed={args.seed}",
+        f"rounds={args.rounds}",
+        f"clients.num={num}",
+        f"clients.fraction={args.fraction}",
+        f"clients.ranks={args.ranks or DEFAULT_RANKS[args.backbone]}",
+        f"model.backbone={args.backbone}",
+        f"data.min_per_client={args.min_per_client}",
+        f"sharing.policy={args.sharing}",
+        f"tracking.uri=sqlite:///{workdir / 'mlflow.db'}",
+        "tracking.experiment=fedsim-scale",
+        "tracking.save_adapter=false",
+        "tracking.plots=false",
+        f"checkpoint.dir={workdir / 'runs'}",
+        "progress=false",
+    ]
+    # Editing compares a shared tensor with its global version: under B (A private) edit B.
+    if args.sharing == "B":
+        items.append("editing.key=lora_B")
+    elif args.sharing == "none":
+        items.append("editing.enabled=false")
+    return items + list(args.overrides)
+
+
+class MemorySampler:
+    """Samples the memory of this process and its descendants in a background thread.
+
+    Descendants are split into Ray worker processes (their command line runs Ray's
+    ``default_worker.py``; actors rename themselves ``ray::...``) and everything else (GCS,
+    raylet, agents, log monitor: Ray's daemons). Each sample sums RSS and PSS per group; the
+    peak of each sum over the samples is kept. PSS divides a shared page among the processes
+    that map it, so it does not count the shared libraries (torch) once per process as RSS does.
+    """
+
+    def __init__(self, interval: float):
+        self.interval = interval
+        self.me = psutil.Process()
+        self.peak = {k: 0 for k in ("rss", "pss", "driver", "daemons", "actors")}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+
+    def __enter__(self) -> MemorySampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.sample()
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.interval):
+            self.sample()
+
+    def sample(self) -> None:
+        rss = pss = daemons = actors = driver = 0
+        for proc in [self.me, *self.me.children(recursive=True)]:
+            try:
+                info = proc.memory_full_info()
+                name = proc.name() if proc is not self.me else ""
+                cmdline = " ".join(proc.cmdline()) if proc is not self.me else ""
+            except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+                continue
+            if proc is self.me:
+                driver = info.rss
+            if proc is self.me or name.startswith("ray::") or "default_worker.py" in cmdline:
+                rss += info.rss
+                pss += info.pss
+                # an actor's process title is ray::ClientWorker, or ray::ClientWorker.<method>
+                actors += name.startswith("ray::ClientWorker")
+            else:
+                daemons += info.rss
+        for key, value in (
+            ("rss", rss),
+            ("pss", pss),
+            ("driver", driver),
+            ("daemons", daemons),
+            ("actors", actors),
+        ):
+            self.peak[key] = max(self.peak[key], value)
+
+
+def state_bytes(state: dict) -> int:
+    """Bytes of the tensors in a nested dict of tensors."""
+    import torch
+
+    total = 0
+    for value in state.values():
+        if isinstance(value, dict):
+            total += state_bytes(value)
+        elif isinstance(value, torch.Tensor):
+            total += value.numel() * value.element_size()
+    return total
+
+
+def run_fedsim(args: argparse.Namespace, num: int, workdir: Path) -> dict:
+    """One fedsim run of ``num`` clients on a local Ray this process starts; round times and
+    peak memory."""
+    import logging
+
+    from mlflow.tracking import MlflowClient
+
+    from fedsim.checkpoint import load_checkpoint
+    from fedsim.config import load_config
+    from fedsim.simulation import run
+
+    cfg = load_config(None, overrides(args, num, workdir))
+    logging.getLogger("mlflow").setLevel(logging.WARNING)  # "Creating initial ... tables"
+    client = MlflowClient(tracking_uri=cfg.tracking.uri)
+    if client.get_experiment_by_name(cfg.tracking.experiment) is None:
+        # Artifacts go under the temp dir too, never into ./mlruns.
+        client.create_experiment(
+            cfg.tracking.experiment, artifact_location=(workdir / "artifacts").as_uri()
+        )
+    with MemorySampler(args.interval) as mem:
+        result = run(cfg)
+    rounds = [h for h in result.history if h["round"] >= 1]
+    clients = load_checkpoint(result.run_dir).clients
+    sizes = [state_bytes(s) for s in clients.values()]
+    return {
+        "round_s": [h["time/round_s"] for h in rounds],
+        "aggregate_s": [h["time/aggregate_s"] for h in rounds],
+        "sampled": [h["clients/sampled"] for h in rounds],
+        "failed": [h["clients/failed"] for h in rounds],
+        "accuracy": result.final["global/accuracy"],
+        "loss": result.final["global/loss"],
+        "clients_with_state": len(clients),
+        "state_bytes_total": sum(sizes),
+        "peak": mem.peak,
+    }
+
+
+def run_floor(args: argparse.Namespace, num: int, workdir: Path) -> dict:
+    """The same clients' local training back to back in this process, without Ray."""
+    from actors.client import ClientTask, ClientWorker, merger_options
+    from actors.server import ServerState
+    from aggregation import get_merger
+    from fedsim.config import load_config, resolve_ranks
+    from fedsim.data.partition import sample_clients
+    from fedsim.evaluation import classification_metrics
+    from fedsim.objectives import objective_spec
+    from fedsim.simulation import server_options
+
+    cfg = load_config(None, overrides(args, num, workdir))
+    with MemorySampler(args.interval) as mem:
+        load_start = time.perf_counter()
+        worker = ClientWorker(cfg)
+        initial = worker.initial_global()
+        load_s = time.perf_counter() - load_start
+        server = ServerState(
+            get_merger(cfg.aggregation.method, **merger_options(cfg)),
+            initial,
+            server_options(cfg, list(initial)),
+        )
+        scaffold = objective_spec(cfg.objective.method).control_variates
+        ranks = resolve_ranks(cfg.clients, cfg.seed)
+        states: dict[int, dict] = {}
+        train_s, eval_s = [], []
+        final: dict[str, float] = {}
+        for t in range(1, cfg.rounds + 1):
+            broadcast = server.broadcast()
+            meta, updates, deltas, spent = [], [], [], 0.0
+            for cid in sample_clients(cfg.clients.num, cfg.clients.fraction, cfg.seed, t):
+                start = time.perf_counter()
+                report, update, delta, state = worker.train(
+                    ClientTask(cid, ranks[cid], t), broadcast, states.get(cid)
+                )
+                spent += time.perf_counter() - start
+                states[cid] = state
+                meta.append((cid, report["rank"], report["num_samples"], report["steps"]))
+                updates.append(update)
+                deltas.append(delta)
+                ranks[cid] = report["next_rank"] or ranks[cid]
+            server.aggregate(t, meta, updates, deltas if scaffold else None)
+            train_s.append(spent)
+            start = time.perf_counter()
+            y, p, loss, probs = worker.evaluate_global(server.broadcast(), 0, 1)
+            eval_s.append(time.perf_counter() - start)
+            final = classification_metrics(y, p, loss, probs)
+    return {
+        "train_s": train_s,
+        "eval_s": eval_s,
+        "load_s": load_s,
+        "accuracy": final["accuracy"],
+        "loss": final["loss"],
+        "peak": mem.peak,
+    }
+
+
+def run_case(args: argparse.Namespace, case: str, num: int, workdir: Path) -> dict:
+    """Run one case in a fresh Python process, so memory and Ray start from nothing."""
+    cmd = [sys.executable, str(Path(__file__).resolve())]
+    cmd += ["--case", case, "--num", str(num), "--workdir", str(workdir)]
+    cmd += ["--backbone", args.backbone, "--rounds", str(args.rounds)]
+    cmd += ["--fraction", str(args.fraction), "--sharing", args.sharing]
+    cmd += ["--min-per-client", str(args.min_per_client), "--seed", str(args.seed)]
+    cmd += ["--interval", str(args.interval)]
+    if args.ranks:
+        cmd += ["--ranks", args.ranks]
+    for item in args.overrides:
+        cmd += ["--set", item]
+    env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+    }
+    env.pop("RAY_ADDRESS", None)  # always a local Ray of our own, never a shared cluster
+    proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, env=env, check=False)
+    lines = [x for x in proc.stdout.splitlines() if x.startswith(RESULT_TAG)]
+    if proc.returncode != 0 or not lines:
+        sys.stdout.write(proc.stdout)
+        raise RuntimeError(f"the {case} case with {num} clients failed (exit {proc.returncode})")
+    return json.loads(lines[-1][len(RESULT_TAG) :])
+
+
+def mean(values: Sequence[float]) -> float:
+    return sum(values) / len(values) if values else float("nan")
+
+
+def same_result(fed: dict, floor: dict) -> bool:
+    """Whether the floor's final global adapter scores as fedsim's did (it did the same work)."""
+    close = abs(fed["loss"] - floor["loss"]) <= 1e-5 * max(1.0, abs(fed["loss"]))
+    return close and abs(fed["accuracy"] - floor["accuracy"]) < 1e-9
+
+
+def table_row(num: int, fed: dict, floor: dict) -> dict:
+    round_s, floor_s, eval_s = mean(fed["round_s"]), mean(floor["train_s"]), mean(floor["eval_s"])
+    with_state = fed["clients_with_state"]
+    return {
+        "clients": num,
+        "sampled": int(mean(fed["sampled"])),
+        "actors": fed["peak"]["actors"],
+        "round s": f"{round_s:.2f}",
+        "floor s": f"{floor_s:.2f}",
+        "round/floor": f"{round_s / floor_s:.2f}",
+        "eval s": f"{eval_s:.2f}",
+        "round/(floor+eval)": f"{round_s / (floor_s + eval_s):.2f}",
+        "same result": "yes" if same_result(fed, floor) else "NO",
+        "RSS MB": f"{fed['peak']['rss'] / MB:.0f}",
+        "PSS MB": f"{fed['peak']['pss'] / MB:.0f}",
+        "driver MB": f"{fed['peak']['driver'] / MB:.0f}",
+        "daemons MB": f"{fed['peak']['daemons'] / MB:.0f}",
+        "with state": with_state,
+        "state B/client": f"{fed['state_bytes_total'] / with_state:.0f}" if with_state else "0",
+    }
+
+
+def print_table(rows: list[dict]) -> None:
+    print("| " + " | ".join(COLUMNS) + " |")
+    print("|" + "---:|" * len(COLUMNS))
+    for row in rows:
+        print("| " + " | ".join(str(row[c]) for c in COLUMNS) + " |", flush=True)
+
+
+def growth_lines(results: list[tuple[int, dict]]) -> list[str]:
+    """Memory growth per extra client between consecutive client counts."""
+    lines = []
+    for (n0, a), (n1, b) in zip(results, results[1:]):
+        extra = n1 - n0
+        extra_state = b["clients_with_state"] - a["clients_with_state"]
+        d_pss = b["peak"]["pss"] - a["peak"]["pss"]
+        d_rss = b["peak"]["rss"] - a["peak"]["rss"]
+        d_driver = b["peak"]["driver"] - a["peak"]["driver"]
+        per_state = b["state_bytes_total"] / max(1, b["clients_with_state"])
+        actors0, actors1 = a["peak"]["actors"], b["peak"]["actors"]
+        line = (
+            f"{n0} -> {n1} clients: PSS {d_pss / MB:+.1f} MB = {d_pss / extra:+.0f} B per extra "
+            f"client; RSS {d_rss / MB:+.1f} MB = {d_rss / extra:+.0f} B per extra client; driver "
+            f"{d_driver / MB:+.1f} MB = {d_driver / extra:+.0f} B per extra client"
+        )
+        if extra_state > 0:
+            line += f" ({d_driver / extra_state:+.0f} B per extra client holding state)"
+        line += f"; state {per_state:.0f} B per client holding state"
+        if actors0 != actors1:
+            line += f"; NB: {actors0} -> {actors1} client actors, so the totals include that"
+        lines.append(line)
+    return lines
+
+
+def main(argv: Sequence[str] | None = None) -> list[dict]:
+    """Run the benchmark, print the table and return its rows."""
+    args = parse_args(argv)
+    if args.case:
+        case = run_fedsim if args.case == "fedsim" else run_floor
+        result = case(args, args.num, Path(args.workdir))
+        print(RESULT_TAG + json.dumps(result), flush=True)
+        return []
+    print(
+        f"machine: {platform.machine()}, os.cpu_count()={os.cpu_count()}, "
+        f"load average {os.getloadavg()[0]:.1f}; backbone={args.backbone}, rounds={args.rounds}, "
+        f"fraction={args.fraction}, sharing.policy={args.sharing}, "
+        f"data.min_per_client={args.min_per_client}, "
+        f"clients.ranks={args.ranks or DEFAULT_RANKS[args.backbone]}, seed={args.seed}"
+        + (f", overrides {' '.join(args.overrides)}" if args.overrides else ""),
+        flush=True,
+    )
+    rows, results = [], []
+    start = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="fedsim-scale-") as tmp:
+        for num in args.client_counts:
+            workdir = Path(tmp) / f"n{num}"
+            workdir.mkdir()
+            case_start = time.perf_counter()
+            fed = run_case(args, "fedsim", num, workdir)
+            floor = run_case(args, "floor", num, workdir)
+            if any(fed["failed"]):
+                print(f"{num} clients: failed client tasks per round {fed['failed']}")
+            print(
+                f"{num} clients: fedsim round_s {[round(x, 2) for x in fed['round_s']]}, "
+                f"floor train_s {[round(x, 2) for x in floor['train_s']]}, floor eval_s "
+                f"{[round(x, 2) for x in floor['eval_s']]}; global accuracy / loss: fedsim "
+                f"{fed['accuracy']:.4f} / {fed['loss']:.6f}, floor {floor['accuracy']:.4f} / "
+                f"{floor['loss']:.6f}; floor process peak RSS "
+                f"{floor['peak']['driver'] / MB:.0f} MB (backbone load {floor['load_s']:.1f} s); "
+                f"{time.perf_counter() - case_start:.0f} s",
+                flush=True,
+            )
+            rows.append(table_row(num, fed, floor))
+            results.append((num, fed))
+    total = time.perf_counter() - start
+    print(f"\nload average at the end {os.getloadavg()[0]:.1f}; total {total:.0f} s\n")
+    print_table(rows)
+    print()
+    for line in growth_lines(results):
+        print(line)
+    return rows
+
+
+if __name__ == "__main__":
+    main()
