@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import torch
+import transformers
 
 from aggregation import (
     edit_layerwise,
@@ -87,6 +88,9 @@ class ClientWorker:
     """
 
     def __init__(self, cfg: FedSimConfig):
+        # one tokenizer per actor process: its thread pool would only fight the other actors
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+        transformers.logging.set_verbosity_error()
         torch.set_num_threads(max(1, int(cfg.resources.client.num_cpus)))
         self.cfg = cfg
         self.device = torch.device(

@@ -8,6 +8,7 @@ new global adapter on the global test set and logs the round to MLflow.
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 import tempfile
@@ -68,14 +69,43 @@ def init_ray() -> bool:
     """
     if ray.is_initialized():
         return False
-    env = {"TOKENIZERS_PARALLELISM": "false", "TRANSFORMERS_VERBOSITY": "error"}
+    # No runtime_env here: under `ray job submit` the job's own runtime_env applies, and
+    # the actors quieten tokenizers and transformers themselves (ClientWorker.__init__).
     ray.init(
         address=os.environ.get("RAY_ADDRESS") or None,
         include_dashboard=False,
         logging_level="ERROR",
-        runtime_env={"env_vars": env},
     )
     return True
+
+
+def ephemeral_paths(cfg: FedSimConfig, environ=os.environ) -> list[str]:
+    """Config keys whose relative paths would land in a Ray job's temporary working_dir.
+
+    Under ``ray job submit`` with a ``working_dir`` the driver runs inside Ray's unpacked copy
+    of the project, which goes away with the Ray session.
+    """
+    try:
+        job = json.loads(environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR") or "{}")
+    except json.JSONDecodeError:
+        return []
+    if not (job.get("runtime_env") or {}).get("working_dir"):
+        return []
+    keys = []
+    if cfg.checkpoint.every > 0 and not Path(cfg.checkpoint.dir).is_absolute():
+        keys.append("checkpoint.dir")
+    uri = cfg.tracking.uri
+    scheme, sep, rest = uri.partition(":")
+    if not sep or len(scheme) == 1:  # a plain path (or a Windows drive letter)
+        relative = not Path(uri).is_absolute()
+    elif scheme in ("sqlite", "file"):
+        relative = not rest.startswith("///")  # sqlite:////abs.db, file:///abs
+        relative = relative or (scheme == "sqlite" and not rest.startswith("////"))
+    else:  # a tracking server, Databricks, ...
+        relative = False
+    if relative:
+        keys.append("tracking.uri")
+    return keys
 
 
 def _check_ranks(ranks: list[int], max_rank: int) -> None:
@@ -119,7 +149,8 @@ def concat_stacks(stacks: list[dict]) -> dict:
 
 
 def _global_metrics(outcome) -> dict[str, float]:
-    shards = [outcome.values[s] for s in sorted(outcome.values)]
+    # a pool with more actors than test batches leaves some shards empty
+    shards = [v for _, v in sorted(outcome.values.items()) if len(v[0])]
     y = np.concatenate([s[0] for s in shards])
     p = np.concatenate([s[1] for s in shards])
     losses = np.concatenate([s[2] for s in shards])
@@ -255,6 +286,13 @@ def _simulate(cfg: FedSimConfig, ckpt: Checkpoint | None, run_dir: Path | None =
     # split that cannot be made is a config error, not N dead actors.
     FederatedData(cfg, load_dataset(cfg))
     started = init_ray()
+    for key in ephemeral_paths(cfg):
+        print(
+            f"fedsim: warning: {key} is a relative path and this Ray job runs in Ray's temporary "
+            "copy of the project; what it writes there is lost with the Ray session. "
+            f"Pass an absolute path ({key}=/lasting/storage/...).",
+            file=sys.stderr,
+        )
     pool = server = tracker = writer = None
     try:
         pool = ClientPool(cfg, pool_size(cfg, per_round))

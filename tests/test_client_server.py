@@ -9,10 +9,11 @@ import pytest
 import torch
 
 from actors.client import ClientTask, ClientWorker, merger_options, nbytes
+from actors.pool import Outcome
 from actors.server import ServerState
 from aggregation import check_update, get_merger, is_lora_a, is_lora_b
 from fedsim.config import resolve_ranks
-from fedsim.simulation import server_options
+from fedsim.simulation import _global_metrics, server_options
 
 
 def _bc(adapter):
@@ -203,3 +204,12 @@ def test_global_evaluation_does_not_depend_on_the_shard_count(worker, initial):
     assert np.array_equal(y, np.concatenate([part[0] for part in parts]))
     assert np.array_equal(p, np.concatenate([part[1] for part in parts]))
     assert np.array_equal(losses, np.concatenate([part[2] for part in parts]))
+
+
+def test_global_metrics_skip_the_empty_shards_of_a_pool_larger_than_the_test_set(worker, initial):
+    batches = math.ceil(len(worker.data.test) / worker.cfg.train.eval_batch_size)
+    one = _global_metrics(Outcome(values={0: worker.evaluate_global(_bc(initial), 0, 1)}))
+    shards = batches + 2  # more actors than batches: the last shards get nothing to evaluate
+    parts = {s: worker.evaluate_global(_bc(initial), s, shards) for s in range(shards)}
+    assert sum(len(part[0]) == 0 for part in parts.values()) == 2
+    assert _global_metrics(Outcome(values=parts)) == one

@@ -86,14 +86,12 @@ def test_runtime_env_ships_the_project_and_composes_with_the_driver(monkeypatch)
     assert env["working_dir"] == "."
     for pattern in (".git", ".venv", "mlflow.db", "mlruns", "runs", "checkpoints", "*.png"):
         assert pattern in env["excludes"], pattern
-    # Ray merges the job's runtime env with the one fedsim's driver passes to ray.init; a
-    # variable set by both is a conflict that fails the job before it starts.
+    # Ray merges the job's runtime env with any runtime env the driver passes to ray.init; a
+    # variable set by both is a conflict that fails the job before it starts. fedsim's driver
+    # passes none, so whatever a user's job sets is kept.
     driver = _driver_runtime_env(monkeypatch)
-    assert driver.get("env_vars"), "fedsim's init_ray no longer sets env vars: update this test"
-    assert _merge_runtime_env(RuntimeEnv(**env), RuntimeEnv(**driver)) is not None, (
-        f"cluster/runtime_env.yaml env_vars {env.get('env_vars')} clash with fedsim's "
-        f"{driver['env_vars']}"
-    )
+    assert not driver, f"init_ray passes a runtime_env {driver} that can clash with a job's"
+    assert _merge_runtime_env(RuntimeEnv(**env), RuntimeEnv(**driver)) is not None
 
 
 def test_cluster_launcher_config_passes_ray_up_validation():
@@ -512,3 +510,24 @@ def test_fedsim_job_on_two_nodes_logs_to_the_mlflow_server(cluster, tiny_overrid
     assert all(r["status"] == "ok" for r in rows)
     used = {r["node_id"] for r in rows}
     assert used == cluster.node_ids, f"clients trained on {used}, the nodes are {cluster.node_ids}"
+
+
+def test_relative_outputs_under_a_job_with_a_working_dir_are_named():
+    from fedsim.config import load_config
+    from fedsim.simulation import ephemeral_paths
+
+    job = {"RAY_JOB_CONFIG_JSON_ENV_VAR": json.dumps({"runtime_env": {"working_dir": "gcs://p"}})}
+    default = REPO / "experiments" / "default.yaml"
+
+    def keys(*overrides, environ=job):
+        return ephemeral_paths(load_config(default, list(overrides)), environ)
+
+    assert keys() == ["checkpoint.dir", "tracking.uri"]  # runs/ and sqlite:///mlflow.db
+    assert keys("tracking.uri=mlruns", "checkpoint.dir=/data/runs") == ["tracking.uri"]
+    assert keys("tracking.uri=sqlite:////data/mlflow.db", "checkpoint.dir=/data/runs") == []
+    assert keys("tracking.uri=http://127.0.0.1:5000", "checkpoint.every=0") == []
+    assert keys("tracking.uri=file:///data/mlruns", "checkpoint.dir=/data/runs") == []
+    # outside a job, or a job without a working_dir, relative paths are the user's own
+    assert keys(environ={}) == []
+    no_dir = {"RAY_JOB_CONFIG_JSON_ENV_VAR": json.dumps({"runtime_env": {}})}
+    assert keys(environ=no_dir) == []
