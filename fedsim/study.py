@@ -34,6 +34,8 @@ class StudyConfig:
         grids: each maps config keys to lists of values; the cells of a grid are the
             product of its lists, the study's cells the union over grids (none: one cell).
         metric: the metric a grid table reports (one column per variant).
+        more_metrics: further metrics, one more grid table each (e.g. personalised accuracy,
+            the number that matters for local-only training).
         last_rounds: table values are the mean over this many final rounds (rounds swing
             under client sampling; one round alone is a noisy summary).
         output: where the Markdown table is written (relative to the working directory).
@@ -45,6 +47,7 @@ class StudyConfig:
     variants: dict[str, list[str]] = field(default_factory=dict)
     grids: list[dict[str, list[Any]]] = field(default_factory=list)
     metric: str = "global/accuracy"
+    more_metrics: list[str] = field(default_factory=list)
     last_rounds: int = 3
     output: str = "compare.md"
 
@@ -144,7 +147,10 @@ def run_study(path: str | Path, extra: list[str] = ()) -> str:
             ray.shutdown()
     rounds = plan[0][3].rounds
     if study.grids:
-        table = format_grid(results, study, rounds, extra)
+        local = {n for _, n, _, cfg in plan if cfg.sharing.policy == "none"}
+        trained = {n for _, n, _, cfg in plan if cfg.sharing.policy != "none"}
+        untrained = [n for n in study.variants if n in local - trained]
+        table = format_grid(results, study, rounds, extra, untrained)
     else:
         table = format_table({n: r for (_, n), r in results.items()}, study, rounds, extra)
     out = Path(study.output)
@@ -162,23 +168,37 @@ def _cell(runs, key: str, last: int) -> str:
     return f"{np.mean(vals):.3f} ± {np.std(vals):.3f}"
 
 
-def format_grid(results: dict, study: StudyConfig, rounds: int, extra) -> str:
-    """Markdown: one row per grid cell, one column per variant, values of ``study.metric``."""
+def format_grid(
+    results: dict, study: StudyConfig, rounds: int, extra, untrained: list[str] = ()
+) -> str:
+    """Markdown: per metric (``metric``, then ``more_metrics``), one row per grid cell and one
+    column per variant; ``untrained`` names the variants that share nothing with the server."""
     variants = list(study.variants)
-    lines = [
-        "| cell | " + " | ".join(variants) + " |",
-        "|---" * (len(variants) + 1) + "|",
-    ]
-    for cell, _ in grid_cells(study):
-        cells = [_cell(results[(cell, v)], study.metric, study.last_rounds) for v in variants]
-        lines.append(f"| {cell} | " + " | ".join(cells) + " |")
+    tables = []
+    for metric in [study.metric, *study.more_metrics]:
+        lines = [
+            f"`{metric}`:",
+            "",
+            "| cell | " + " | ".join(variants) + " |",
+            "|---" * (len(variants) + 1) + "|",
+        ]
+        for cell, _ in grid_cells(study):
+            cells = [_cell(results[(cell, v)], metric, study.last_rounds) for v in variants]
+            lines.append(f"| {cell} | " + " | ".join(cells) + " |")
+        tables.append("\n".join(lines))
     note = (
-        f"\n`{study.metric}`: mean ± std over seeds {study.seeds} of each run's mean over its "
+        f"\nMean ± std over seeds {study.seeds} of each run's mean over its "
         f"last {study.last_rounds} of {rounds} rounds"
         + (f"; extra overrides: {' '.join(extra)}" if extra else "")
-        + ".\n"
+        + "."
     )
-    return "\n".join(lines) + "\n" + note
+    if untrained and any(m.startswith("global/") for m in [study.metric, *study.more_metrics]):
+        note += (
+            f" {', '.join(untrained)} share{'s' if len(untrained) == 1 else ''} nothing with "
+            "the server, so the global model never changes: its `global/*` values are the "
+            "zero-shot model's; its clients' own models are measured by `personalized/*`."
+        )
+    return "\n\n".join(tables) + "\n" + note + "\n"
 
 
 def format_table(results: dict[str, list], study: StudyConfig, rounds: int, extra) -> str:

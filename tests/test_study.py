@@ -7,7 +7,7 @@ import yaml
 from mlflow.tracking import MlflowClient
 
 from fedsim.config import ConfigError
-from fedsim.study import grid_cells, load_study, run_study
+from fedsim.study import format_grid, grid_cells, load_study, run_study
 
 
 def _write_study(tmp_path, tiny_overrides, uri, **extra):
@@ -68,9 +68,12 @@ def test_sweep_nests_runs_under_a_parent_and_writes_the_table(
         tiny_overrides,
         uri,
         grids=[{"data.scenario": ["aligned", "hybrid"]}],
+        more_metrics=["personalized/accuracy_mean"],
     )
     table = run_study(path)
     assert "| scenario=aligned |" in table and "| scenario=hybrid |" in table
+    assert "`global/accuracy`:" in table and "`personalized/accuracy_mean`:" in table
+    assert "local shares nothing with the server" in table
     assert (tmp_path / "out.md").read_text() == table
     client = MlflowClient(tracking_uri=uri)
     exp = client.get_experiment_by_name("fedsim-study")
@@ -80,3 +83,42 @@ def test_sweep_nests_runs_under_a_parent_and_writes_the_table(
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id]
     assert len(children) == 4  # 2 cells x 2 variants x 1 seed
     assert {c.data.params["data.scenario"] for c in children} == {"aligned", "hybrid"}
+
+
+def test_grid_tables_hold_each_metrics_mean_over_the_last_rounds(tmp_path, tiny_overrides):
+    path = _write_study(
+        tmp_path,
+        tiny_overrides,
+        "sqlite:///unused.db",
+        grids=[{"data.alpha": [5.0, 0.5]}],
+        more_metrics=["personalized/accuracy_mean"],
+        last_rounds=2,
+        seeds=[0, 1],
+    )
+    study, _ = load_study(path)
+
+    class Run:  # what format_grid reads of a RunResult
+        def __init__(self, acc, pers):
+            self.history = [{"global/accuracy": 0.0}] + [
+                {"global/accuracy": a, "personalized/accuracy_mean": p} for a, p in zip(acc, pers)
+            ]
+
+    results = {
+        ("alpha=5.0", "FedAvg"): [
+            Run([0.1, 0.5, 0.7], [0.2, 0.2, 0.4]),
+            Run([0, 0.3, 0.5], [0] * 3),
+        ],
+        ("alpha=0.5", "FedAvg"): [Run([0.9] * 3, [0.8] * 3)] * 2,
+        ("alpha=5.0", "local"): [Run([0.04] * 3, [0.6] * 3)] * 2,
+        ("alpha=0.5", "local"): [Run([0.04] * 3, [0.7] * 3)] * 2,
+    }
+    table = format_grid(results, study, 3, ["rounds=3"], untrained=["local"])
+    glob, pers = table.split("`personalized/accuracy_mean`:")
+    # seed 0: mean(0.5, 0.7) = 0.6, seed 1: mean(0.3, 0.5) = 0.4 -> 0.500 +- 0.100
+    assert "| alpha=5.0 | 0.500 ± 0.100 | 0.040 ± 0.000 |" in glob
+    assert "| alpha=0.5 | 0.900 ± 0.000 | 0.040 ± 0.000 |" in glob
+    assert "| alpha=5.0 | 0.150 ± 0.150 | 0.600 ± 0.000 |" in pers
+    assert "| alpha=0.5 | 0.800 ± 0.000 | 0.700 ± 0.000 |" in pers
+    assert "last 2 of 3 rounds; extra overrides: rounds=3." in table
+    assert "local shares nothing with the server" in table
+    assert "shares nothing" not in format_grid(results, study, 3, [])
