@@ -18,6 +18,8 @@ class RoundProgress:
     """A tqdm bar over rounds whose postfix shows the last round's key metrics."""
 
     def __init__(self, rounds: int, enabled: bool = True, initial: int = 0):
+        if not 0 <= initial <= rounds:
+            raise ValueError(f"initial={initial} rounds done is outside 0..{rounds}")
         self.bar = tqdm(
             total=rounds,
             initial=initial,

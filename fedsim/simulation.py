@@ -318,7 +318,8 @@ def _simulate(cfg: FedSimConfig, ckpt: Checkpoint | None, run_dir: Path | None =
         driver = _Driver(cfg, ranks, pool, server, tracker, result, writer)
         if ckpt:
             driver.restore(ckpt)
-        progress = RoundProgress(cfg.rounds, enabled=cfg.progress, initial=driver.next_round - 1)
+        done = max(driver.next_round - 1, 0)  # rounds already trained (a resumed run's checkpoint)
+        progress = RoundProgress(cfg.rounds, enabled=cfg.progress, initial=done)
         driver.loop(progress)
         progress.close()
         _finish(cfg, info, server, tracker, result, max(resolve_ranks(cfg.clients, cfg.seed)))

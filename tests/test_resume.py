@@ -165,3 +165,23 @@ def test_checkpoints_can_be_turned_off(ray_cluster, config, tmp_path):
     result = fedsim.run(config("rounds=1", "checkpoint.every=0", f"checkpoint.dir={tmp_path}"))
     assert result.history[-1]["round"] == 1
     assert not any(tmp_path.iterdir())
+
+
+def test_progress_bar_counts_trained_rounds_from_zero_and_from_the_checkpoint(
+    ray_cluster, config, capsys
+):
+    first = fedsim.run(config("rounds=1", "progress=true"))
+    out = capsys.readouterr()
+    assert " 0/1 " in out.err and " 1/1 " in out.err and "-1/" not in out.err
+    assert "fedsim run summary" in out.out
+    resume(first.run_dir, ["rounds=2", "progress=true"])
+    err = capsys.readouterr().err
+    assert " 1/2 " in err and " 2/2 " in err and " 0/2 " not in err
+
+
+def test_progress_refuses_a_start_outside_the_rounds():
+    from fedsim.progress import RoundProgress
+
+    for initial in (-1, 4):
+        with pytest.raises(ValueError, match=f"initial={initial}"):
+            RoundProgress(3, enabled=False, initial=initial)
