@@ -15,6 +15,7 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from urllib.parse import urlparse
 
 import numpy as np
 import ray
@@ -91,21 +92,23 @@ def ephemeral_paths(cfg: FedSimConfig, environ=os.environ) -> list[str]:
         return []
     if not (job.get("runtime_env") or {}).get("working_dir"):
         return []
-    keys = []
-    if cfg.checkpoint.every > 0 and not Path(cfg.checkpoint.dir).is_absolute():
-        keys.append("checkpoint.dir")
-    uri = cfg.tracking.uri
-    scheme, sep, rest = uri.partition(":")
-    if not sep or len(scheme) == 1:  # a plain path (or a Windows drive letter)
-        relative = not Path(uri).is_absolute()
-    elif scheme in ("sqlite", "file"):
-        relative = not rest.startswith("///")  # sqlite:////abs.db, file:///abs
-        relative = relative or (scheme == "sqlite" and not rest.startswith("////"))
-    else:  # a tracking server, Databricks, ...
-        relative = False
-    if relative:
-        keys.append("tracking.uri")
-    return keys
+    outputs = {
+        "checkpoint.dir": cfg.checkpoint.dir if cfg.checkpoint.every > 0 else None,
+        "tracking.uri": _store_path(cfg.tracking.uri),
+    }
+    return [key for key, path in outputs.items() if path and not Path(path).is_absolute()]
+
+
+def _store_path(uri: str) -> str | None:
+    """The local path an MLflow tracking URI writes to; None for a tracking server."""
+    parsed = urlparse(uri)
+    if parsed.scheme == "sqlite":
+        return parsed.path[1:]  # sqlite:///relative.db, sqlite:////absolute.db
+    if parsed.scheme == "file":
+        return parsed.path
+    if len(parsed.scheme) <= 1:  # a plain path (or a Windows drive letter)
+        return uri
+    return None
 
 
 def _check_ranks(ranks: list[int], max_rank: int) -> None:

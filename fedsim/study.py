@@ -147,9 +147,8 @@ def run_study(path: str | Path, extra: list[str] = ()) -> str:
             ray.shutdown()
     rounds = plan[0][3].rounds
     if study.grids:
-        local = {n for _, n, _, cfg in plan if cfg.sharing.policy == "none"}
-        trained = {n for _, n, _, cfg in plan if cfg.sharing.policy != "none"}
-        untrained = [n for n in study.variants if n in local - trained]
+        shares = {n for _, n, _, cfg in plan if cfg.sharing.policy != "none"}
+        untrained = [n for n in study.variants if n not in shares]
         table = format_grid(results, study, rounds, extra, untrained)
     else:
         table = format_table({n: r for (_, n), r in results.items()}, study, rounds, extra)
@@ -174,8 +173,9 @@ def format_grid(
     """Markdown: per metric (``metric``, then ``more_metrics``), one row per grid cell and one
     column per variant; ``untrained`` names the variants that share nothing with the server."""
     variants = list(study.variants)
+    metrics = [study.metric, *study.more_metrics]
     tables = []
-    for metric in [study.metric, *study.more_metrics]:
+    for metric in metrics:
         lines = [
             f"`{metric}`:",
             "",
@@ -192,7 +192,7 @@ def format_grid(
         + (f"; extra overrides: {' '.join(extra)}" if extra else "")
         + "."
     )
-    if untrained and any(m.startswith("global/") for m in [study.metric, *study.more_metrics]):
+    if untrained and any(m.startswith("global/") for m in metrics):
         note += (
             f" {', '.join(untrained)} share{'s' if len(untrained) == 1 else ''} nothing with "
             "the server, so the global model never changes: its `global/*` values are the "
