@@ -106,6 +106,8 @@ def _store_path(uri: str) -> str | None:
         return parsed.path[1:]  # sqlite:///relative.db, sqlite:////absolute.db
     if parsed.scheme == "file":
         return parsed.path
+    if uri == "databricks" or uri.startswith("databricks-uc"):  # MLflow's named servers
+        return None
     if len(parsed.scheme) <= 1:  # a plain path (or a Windows drive letter)
         return uri
     return None

@@ -527,6 +527,7 @@ def test_relative_outputs_under_a_job_with_a_working_dir_are_named():
     assert keys("tracking.uri=sqlite:////data/mlflow.db", "checkpoint.dir=/data/runs") == []
     assert keys("tracking.uri=http://127.0.0.1:5000", "checkpoint.every=0") == []
     assert keys("tracking.uri=file:///data/mlruns", "checkpoint.dir=/data/runs") == []
+    assert keys("tracking.uri=databricks", "checkpoint.dir=/data/runs") == []
     # outside a job, or a job without a working_dir, relative paths are the user's own
     assert keys(environ={}) == []
     no_dir = {"RAY_JOB_CONFIG_JSON_ENV_VAR": json.dumps({"runtime_env": {}})}
