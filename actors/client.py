@@ -29,16 +29,18 @@ from aggregation import (
     unfold_scaling,
 )
 from fedsim.config import FedSimConfig, resolve_ranks
-from fedsim.data.federated import Batcher, FederatedData, load_dataset
+from fedsim.data.federated import FederatedData, load_dataset
 from fedsim.data.partition import rng_for
 from fedsim.devices import InjectedFault, injected_failure, straggler_delay
-from fedsim.evaluation import classification_metrics, predict
 from fedsim.models.backbone import build_backbone
 from fedsim.models.lora import AdapterHost, client_scaling, fresh_lora_state
 from fedsim.objectives import TailPenalty, build_objective, tower_depths
+from fedsim.tasks import EvalPart, build_task
 from fedsim.training import train_local
 
-_SHUFFLE, _TORCH, _FRESH = 201, 202, 203
+_SHUFFLE, _TORCH, _FRESH, _EVAL_CAP = 201, 202, 203, 204
+# the global test set's key in the eval.max_samples subset stream (no client has this id)
+_GLOBAL = 2**32 - 1
 State = dict[str, torch.Tensor]
 
 
@@ -55,6 +57,7 @@ class ClientTask:
     rank: int
     round_idx: int
     attempt: int = 0
+    evaluate: bool = True  # personalised evaluation this round (eval.every)
 
 
 @dataclass
@@ -104,12 +107,7 @@ class ClientWorker:
         )
         self.backbone.model.to(self.device)
         self.host = AdapterHost(self.backbone, cfg.lora, self.global_rank)
-        self.batcher = Batcher(
-            self.data.dataset,
-            self.backbone.tokenizer,
-            cfg.data.max_text_tokens,
-            cfg.data.text_placeholder,
-        )
+        self.task = build_task(cfg, self.backbone, self.data.dataset, self.device)
         self.merger = get_merger(cfg.aggregation.method, **merger_options(cfg))
         self.depths = tower_depths(n for n, _ in self.backbone.model.named_modules())
         self._base_version = 0
@@ -122,6 +120,8 @@ class ClientWorker:
         return {
             "max_rank": self.backbone.max_rank,
             "target_modules": self.backbone.target_modules,
+            "dense_modules": list(self.backbone.dense_modules),
+            "task": self.task.kind,
             "classes": list(self.data.dataset.classes),
             "num_test": len(self.data.test),
             "client_train_sizes": [len(c.train) for c in self.data.clients],
@@ -214,7 +214,7 @@ class ClientWorker:
         if cfg.editing.enabled and task.round_idx >= 2:
             local, edited, similarities = self._edit(task.rank, local, received, shared)
         next_rank, tail = self._next_rank(task.rank, local) if prune else (task.rank, None)
-        personalized = self._metrics(client.holdout)
+        personalized = self._metrics(client.holdout, task.client_id) if task.evaluate else {}
         update = fold_scaling({k: local[k] for k in shared}, s)
         if task.client_id in cfg.faults.nan_update_clients:
             update = {k: torch.full_like(v, float("nan")) for k, v in update.items()}
@@ -271,12 +271,12 @@ class ClientWorker:
         return train_local(
             model,
             self.host.trainable_parameters(task.rank),
-            lambda _epoch: self.batcher.iterate(split, cfg.train.batch_size, shuffle),
+            lambda _epoch: self.task.train_batches(split, cfg.train.batch_size, shuffle),
+            self.task.loss,
             num_epochs=cfg.train.local_epochs,
             max_steps=cfg.train.max_local_steps,
             lr=cfg.train.lr,
             weight_decay=cfg.train.weight_decay,
-            precision=cfg.train.precision,
             device=self.device,
             optimizer=cfg.train.optimizer,
             objective=objective,
@@ -309,38 +309,29 @@ class ClientWorker:
         tail = float(hetlora_tail_norm({k: v for k, v in local.items() if is_lora(k)}, p.delta))
         return (rank - p.delta if tail < p.threshold else rank), tail
 
-    def _metrics(self, split) -> dict[str, float]:
-        y, p, loss, probs = predict(
-            self.host.model,
-            self.batcher.iterate(split, self.cfg.train.eval_batch_size),
-            self.cfg.train.precision,
-            self.device,
-        )
-        return classification_metrics(y, p, loss, probs)
+    def _metrics(self, split, client_id: int) -> dict[str, float]:
+        """The personalised model's metrics on (at most ``eval.max_samples`` of) ``split``."""
+        split = split.capped(self.cfg.eval.max_samples, self.cfg.seed, _EVAL_CAP, client_id)
+        return self.task.evaluate(self.host.model, split)
 
-    def evaluate_global(
-        self, broadcast: dict, shard: int, num_shards: int
-    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-        """Predictions of the global adapter on shard ``shard`` of ``num_shards`` of the test set.
+    def evaluate_global(self, broadcast: dict, shard: int, num_shards: int) -> EvalPart:
+        """The global adapter's results on shard ``shard`` of ``num_shards`` of the test set.
 
-        The test set is cut into fixed batches first and the batches are dealt out in
-        contiguous runs, so every batch, and hence every number, is the same whatever the
-        number of shards.
+        The test set (at most ``eval.max_samples`` of it) is cut into fixed batches first and
+        the batches are dealt out in contiguous runs, so every batch, and hence every number,
+        is the same whatever the number of shards.
 
         Returns:
-            ``(labels, predictions, per-batch summed losses, probabilities)``, to be
-            concatenated in shard order.
+            The task's evaluation part; :func:`fedsim.tasks.combine_parts` joins the parts in
+            shard order.
         """
         self._sync_base(broadcast)
         state = unfold_scaling(broadcast["adapter"], self._scaling(self.global_rank))
         self.host.load(self.global_rank, state)
         size = self.cfg.train.eval_batch_size
-        split = self.data.test
+        split = self.data.test.capped(self.cfg.eval.max_samples, self.cfg.seed, _EVAL_CAP, _GLOBAL)
         starts = np.array_split(np.arange(0, len(split), size), num_shards)[shard]
-        batches = (
-            self.batcher.batch(split, np.arange(s, min(s + size, len(split)))) for s in starts
-        )
-        return predict(self.host.model, batches, self.cfg.train.precision, self.device)
+        return self.task.eval_part(self.host.model, split, starts, size)
 
 
 def _node_id() -> str:

@@ -19,7 +19,9 @@ from aggregation import MERGERS
 
 # FediLoRA's setting: ranks of its 10 clients. Repeated in blocks of 10 for more clients.
 FEDILORA_RANKS = (32, 32, 16, 16, 8, 8, 4, 4, 4, 4)
-BACKBONES = ("minilm-effnet", "tiny", "hf")
+BACKBONES = ("minilm-effnet", "tiny", "hf", "smolvlm-effnet", "hf-vlm")
+# Backbones that generate text (the generation task); the others are classifiers.
+GENERATIVE_BACKBONES = ("smolvlm-effnet", "hf-vlm")
 
 
 class ConfigError(ValueError):
@@ -52,11 +54,12 @@ class ClientsConfig:
 
 @dataclass
 class DataConfig:
-    dataset: Literal["emoji", "hateful_memes", "crisismmd"] = field(
+    dataset: Literal["emoji", "hateful_memes", "crisismmd", "llava"] = field(
         default="emoji",
         metadata=_help(
             "emoji (built in: OpenMoji + Unicode names); hateful_memes or crisismmd (their "
-            "released files under data.root)."
+            "released files under data.root); llava (LLaVA conversation JSON: "
+            "data.root/train.json and data.root/<test_split>.json, generative models only)."
         ),
     )
     root: str | None = field(
@@ -75,6 +78,21 @@ class DataConfig:
     )
     label: Literal["group", "subgroup"] = field(
         default="group", metadata=_help("Target: Unicode group (9 classes) or subgroup.")
+    )
+    target: Literal["caption", "label"] = field(
+        default="caption",
+        metadata=_help(
+            "Generative models on emoji: caption (the image, plus a hint where the client has "
+            "text, to the emoji's Unicode name) or label (the class name, posed as instruction "
+            "following). Hateful Memes and CrisisMMD are always label; llava always caption."
+        ),
+    )
+    prompt_style: Literal["default", "agnostic"] = field(
+        default="default",
+        metadata=_help(
+            "Generative models: default (the instruction names the modalities a sample has) or "
+            "agnostic (FedMLLM's modality-agnostic prompt: one template for every sample)."
+        ),
     )
     image_size: int = field(default=32, metadata=_help("Rendered image side in pixels."))
     test_fraction: float = field(default=0.2, metadata=_help("Share held out as global test."))
@@ -132,7 +150,10 @@ class DataConfig:
     text_placeholder: str = field(
         default="", metadata=_help("Text that stands in for a missing text (empty string).")
     )
-    max_text_tokens: int = field(default=32, metadata=_help("Token limit of the text tower."))
+    max_text_tokens: int = field(
+        default=32,
+        metadata=_help("Token limit of the text tower (generative models: of the prompt text)."),
+    )
     subset: int | None = field(
         default=None, metadata=_help("Keep only this many samples (seeded), for quick runs.")
     )
@@ -162,6 +183,39 @@ class ModelConfig:
     )
     head_hidden: int = field(default=256, metadata=_help("Hidden width of the fusion head."))
     head_dropout: float = field(default=0.1, metadata=_help("Dropout in the fusion head."))
+    name_or_path: str | None = field(
+        default=None,
+        metadata=_help(
+            "hf-vlm: a Hugging Face image-text-to-text model (hub id or local directory), "
+            "loaded with AutoProcessor + AutoModelForImageTextToText."
+        ),
+    )
+    targets: list[str] = field(
+        default_factory=lambda: ["q_proj", "v_proj"],
+        metadata=_help(
+            "Generative models: module-name suffixes that get LoRA, in the vision tower and "
+            "the language model alike (FediLoRA: q_proj, v_proj)."
+        ),
+    )
+    modules_to_save: list[str] | None = field(
+        default=None,
+        metadata=_help(
+            "Generative models: non-LoRA modules trained in full and federated like the "
+            "classifier head (default: the projector for smolvlm-effnet, none for hf-vlm; "
+            "e.g. [multi_modal_projector] for LLaVA)."
+        ),
+    )
+    dtype: Literal["float32", "bfloat16"] = field(
+        default="float32",
+        metadata=_help(
+            "Generative models: dtype of the frozen weights (bfloat16 halves memory on GPUs; "
+            "LoRA tensors stay float32)."
+        ),
+    )
+    gradient_checkpointing: bool = field(
+        default=False,
+        metadata=_help("Generative models: recompute activations in backward (saves memory)."),
+    )
 
 
 @dataclass
@@ -282,6 +336,31 @@ class TrainConfig:
     weight_decay: float = field(default=0.0, metadata=_help("AdamW weight decay."))
     precision: Literal["fp32", "bf16"] = field(
         default="fp32", metadata=_help("Autocast precision of the forward pass.")
+    )
+
+
+@dataclass
+class EvalConfig:
+    every: int = field(
+        default=1,
+        metadata=_help(
+            "Evaluate (global and personalised) every this many rounds; round 0 and the last "
+            "round are always evaluated."
+        ),
+    )
+    max_samples: int | None = field(
+        default=None,
+        metadata=_help(
+            "Cap on the samples of the global test set and of each client's held-out split "
+            "that are evaluated (a fixed seeded subset); None: all."
+        ),
+    )
+    max_new_tokens: int = field(
+        default=32, metadata=_help("Generative models: greedy decoding length limit.")
+    )
+    examples: int = field(
+        default=8,
+        metadata=_help("Generative models: example generations logged per evaluated round."),
     )
 
 
@@ -427,6 +506,13 @@ class TrackingConfig:
         default=None, metadata=_help("Nest the run under this MLflow run (set by sweeps).")
     )
     save_adapter: bool = field(default=True, metadata=_help("Log the final global adapter."))
+    save_client_adapters: bool = field(
+        default=False,
+        metadata=_help(
+            "Also log each client's last personalised adapter (clients/cNNNNNN) as a peft "
+            "adapter directory."
+        ),
+    )
     plots: bool = field(default=True, metadata=_help("Log PNG plots of the curves."))
 
 
@@ -448,6 +534,7 @@ class FedSimConfig:
     editing: EditingConfig = field(default_factory=EditingConfig)
     pruning: PruningConfig = field(default_factory=PruningConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     resources: ResourcesConfig = field(default_factory=ResourcesConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     faults: FaultsConfig = field(default_factory=FaultsConfig)
@@ -658,6 +745,7 @@ def validate(cfg: FedSimConfig) -> None:
         _check(bool(m.text_encoder), "model.text_encoder", "is required when model.backbone=hf")
         _check(bool(m.vision_encoder), "model.vision_encoder", "is required when model.backbone=hf")
     _check(0 <= m.head_dropout < 1, "model.head_dropout", "must be in [0, 1)")
+    _validate_generative(cfg)
     _check(cfg.lora.alpha > 0, "lora.alpha", f"must be > 0, got {cfg.lora.alpha}")
     _check(0 <= cfg.lora.dropout < 1, "lora.dropout", "must be in [0, 1)")
     _check(
@@ -695,6 +783,45 @@ def validate(cfg: FedSimConfig) -> None:
             f"client id {cid} is not in [0, {cfg.clients.num})",
         )
     _validate_faults_rounds_devices(cfg)
+
+
+def is_generative(cfg: FedSimConfig) -> bool:
+    """Whether the configured backbone generates text (the generation task)."""
+    return cfg.model.backbone in GENERATIVE_BACKBONES
+
+
+def _validate_generative(cfg: FedSimConfig) -> None:
+    """Rules of the generation task and of the eval.* settings."""
+    m, d, ev = cfg.model, cfg.data, cfg.eval
+    _check(ev.every >= 1, "eval.every", f"must be >= 1, got {ev.every}")
+    _check(
+        ev.max_samples is None or ev.max_samples >= 1,
+        "eval.max_samples",
+        f"must be >= 1 or null, got {ev.max_samples}",
+    )
+    _check(ev.max_new_tokens >= 1, "eval.max_new_tokens", "must be >= 1")
+    _check(ev.examples >= 0, "eval.examples", "must be >= 0")
+    if m.backbone == "hf-vlm":
+        _check(
+            bool(m.name_or_path),
+            "model.name_or_path",
+            "is required when model.backbone=hf-vlm (a hub id or a local model directory)",
+        )
+    if not is_generative(cfg):
+        _check(
+            d.dataset != "llava",
+            "data.dataset",
+            "llava conversation data needs a generative model: model.backbone=smolvlm-effnet "
+            "or hf-vlm",
+        )
+        return
+    _check(bool(m.targets), "model.targets", "must name at least one module suffix")
+    _check(
+        d.image_fill != "learned",
+        "data.image_fill",
+        "learned is a classifier's fill (a trained embedding of the image features); a "
+        "generative model takes zeros (a zero image) or mask (no image in the prompt)",
+    )
 
 
 def _validate_faults_rounds_devices(cfg: FedSimConfig) -> None:

@@ -10,6 +10,8 @@ _SHORT = {
     "global/accuracy": "acc",
     "global/macro_f1": "f1",
     "personalized/accuracy_mean": "pers_acc",
+    "global/bleu": "bleu",
+    "global/rouge_l": "rougeL",
     "train/loss_mean": "loss",
 }
 
@@ -53,10 +55,15 @@ class RoundProgress:
             ("global/macro_f1", "global F1", "{:.4f}"),
             ("personalized/accuracy_mean", "pers. acc (mean)", "{:.4f}"),
             ("personalized/macro_f1_mean", "pers. F1 (mean)", "{:.4f}"),
+            ("global/bleu", "global BLEU", "{:.4f}"),
+            ("global/rouge_l", "global ROUGE-L", "{:.4f}"),
+            ("personalized/rouge_l_mean", "pers. ROUGE-L", "{:.4f}"),
             ("train/loss_mean", "train loss", "{:.4f}"),
             ("editing/edited_tensors", "edited", "{:.0f}"),
             ("time/round_s", "time s", "{:.1f}"),
         ]
+        # only the columns this run has (a classifier's or a generative model's metrics)
+        columns = [c for c in columns if any(c[0] in h for h in history)]
         for _, title, _ in columns:
             table.add_column(title, justify="right")
         for h in history:

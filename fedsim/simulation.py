@@ -31,10 +31,11 @@ from fedsim.config import ConfigError, FedSimConfig, as_config, load_config, res
 from fedsim.data.federated import FederatedData, load_dataset
 from fedsim.data.partition import sample_clients
 from fedsim.devices import assign_profiles, close_round, straggler_delay, task_seconds
-from fedsim.evaluation import classification_metrics, summarize
+from fedsim.evaluation import summarize
 from fedsim.models.lora import client_scaling
 from fedsim.objectives import objective_spec
 from fedsim.progress import RoundProgress
+from fedsim.tasks import combine_parts
 from fedsim.tracking import Tracker, plot_history
 
 
@@ -153,14 +154,11 @@ def concat_stacks(stacks: list[dict]) -> dict:
     return out
 
 
-def _global_metrics(outcome) -> dict[str, float]:
-    # a pool with more actors than test batches leaves some shards empty
-    shards = [v for _, v in sorted(outcome.values.items()) if len(v[0])]
-    y = np.concatenate([s[0] for s in shards])
-    p = np.concatenate([s[1] for s in shards])
-    losses = np.concatenate([s[2] for s in shards])
-    probs = np.concatenate([s[3] for s in shards])
-    return {f"global/{k}": v for k, v in classification_metrics(y, p, losses, probs).items()}
+def _global_metrics(outcome) -> tuple[dict[str, float], list[dict]]:
+    """``global/*`` metrics and example rows from the shards of a global evaluation."""
+    # shards in shard order; combine_parts skips the empty ones of a pool larger than the set
+    metrics, examples = combine_parts([v for _, v in sorted(outcome.values.items())])
+    return {f"global/{k}": v for k, v in metrics.items()}, examples
 
 
 def _round_metrics(
@@ -328,6 +326,8 @@ def _simulate(cfg: FedSimConfig, ckpt: Checkpoint | None, run_dir: Path | None =
         driver.loop(progress)
         progress.close()
         _finish(cfg, info, server, tracker, result, max(resolve_ranks(cfg.clients, cfg.seed)))
+        if cfg.tracking.save_client_adapters:
+            _save_client_adapters(cfg, info, driver, tracker)
         tracker.finish()
         if cfg.progress:
             progress.summary(result.history, tracker.run_id, tracker.ui_command())
@@ -365,6 +365,8 @@ class _Driver:
         self.totals = _Totals()
         self.next_round = 0
         self._dirty: set[int] = set()  # clients whose state changed since the last checkpoint
+        # client id -> (ref of its last upload, its rank): tracking.save_client_adapters
+        self.last_upload: dict[int, tuple[object, int]] = {}
 
     def restore(self, ckpt: Checkpoint) -> None:
         """Take up the driver's state from a checkpoint, and log what MLflow missed."""
@@ -375,7 +377,7 @@ class _Driver:
         self.result.clients = meta["clients"]
         self.next_round = ckpt.round + 1
         # The checkpoint is written before a round is logged: log any round the kill cut off.
-        logged = self.tracker.last_step("global/loss")
+        logged = self.tracker.last_step("time/round_s")  # logged every round (eval.every)
         for h, rows in zip(self.result.history, self.result.clients):
             if h["round"] > logged:
                 self._log(h["round"], {k: v for k, v in h.items() if k != "round"}, rows)
@@ -384,7 +386,7 @@ class _Driver:
         """Round 0 evaluates the initial adapter; rounds 1..T train."""
         if self.next_round == 0:
             start = time.perf_counter()
-            metrics = _global_metrics(self.pool.evaluate(self.server.broadcast.remote()))
+            metrics = self._evaluate_global(0)
             metrics["time/round_s"] = time.perf_counter() - start
             self._end_round(0, metrics, [], [])
             progress.update(0, metrics)
@@ -392,12 +394,24 @@ class _Driver:
             metrics = self._round(t)
             progress.update(t, metrics)
 
+    def evaluates(self, t: int) -> bool:
+        """Whether round ``t`` is evaluated: every ``eval.every`` rounds, round 0 and the last."""
+        return t % self.cfg.eval.every == 0 or t == self.cfg.rounds
+
+    def _evaluate_global(self, t: int) -> dict[str, float]:
+        """Evaluate the global adapter; log round ``t``'s example generations, if any."""
+        metrics, examples = _global_metrics(self.pool.evaluate(self.server.broadcast.remote()))
+        if examples:
+            self.tracker.log_table(examples, f"examples/round_{t:04d}.json")
+        return metrics
+
     def _round(self, t: int) -> dict[str, float]:
         cfg = self.cfg
         start = time.perf_counter()
         sampled = sample_clients(cfg.clients.num, cfg.clients.fraction, cfg.seed, t)
         broadcast = self.server.broadcast.remote()  # one object in the store for all tasks
-        tasks = [ClientTask(c, self.ranks[c], t) for c in sampled]
+        evaluate = self.evaluates(t)
+        tasks = [ClientTask(c, self.ranks[c], t, evaluate=evaluate) for c in sampled]
         outcome = self.pool.train(tasks, broadcast, self.states)
         finished = {c: outcome.values[c] for c in sorted(outcome.values)}
         sim_s = {
@@ -426,6 +440,8 @@ class _Driver:
         reports = [finished[c] for c in used]
         for c in used:
             self.states[c] = outcome.refs[c][2]
+            if cfg.tracking.save_client_adapters:  # its last personalised adapter, at the end
+                self.last_upload[c] = (outcome.refs[c][0], finished[c]["rank"])
         meta = [(c, r["rank"], r["num_samples"], r["steps"]) for c, r in zip(used, reports)]
         for c, r in zip(used, reports):  # HetLoRA self-pruning: the rank from the next round on
             self.ranks[c] = r["next_rank"] or self.ranks[c]
@@ -444,7 +460,8 @@ class _Driver:
         )
         metrics["clients/rank_mean"] = float(np.mean(self.ranks))
         metrics["clients/actors_replaced"] = self.pool.replaced
-        metrics.update(_global_metrics(self.pool.evaluate(self.server.broadcast.remote())))
+        if evaluate:
+            metrics.update(self._evaluate_global(t))
         self.totals.upload_bytes += metrics["comm/upload_bytes"]
         self.totals.download_bytes += metrics["comm/download_bytes"]
         self.totals.simulated_s += close.seconds
@@ -505,7 +522,9 @@ def _finish(cfg, info, server, tracker, result: RunResult, global_rank: int) -> 
             rank = lora_rank(state)
         state = unfold_scaling(state, client_scaling(cfg.lora, rank, rank))
         with tempfile.TemporaryDirectory(prefix="fedsim-") as tmp:
-            save_peft_adapter(state, tmp, cfg, info["target_modules"], rank, rank)
+            save_peft_adapter(
+                state, tmp, cfg, info["target_modules"], rank, rank, info["dense_modules"]
+            )
             tracker.log_dir(tmp, "global_adapter")
     if cfg.tracking.plots:
         import matplotlib.pyplot as plt
@@ -525,3 +544,22 @@ def _finish(cfg, info, server, tracker, result: RunResult, global_rank: int) -> 
             fig.tight_layout()
             tracker.log_figure(fig, "plots/editing_similarity.png")
             plt.close(fig)
+
+
+def _save_client_adapters(cfg, info, driver: _Driver, tracker) -> None:
+    """Log each client's last personalised adapter as ``clients/cNNNNNN`` (peft format).
+
+    A client's personalised adapter is its last upload (after editing) with the private
+    tensors its sharing policy keeps; clients that never trained since this process started
+    (or since a resume) have none.
+    """
+    global_rank = max(resolve_ranks(cfg.clients, cfg.seed))
+    for cid, (ref, rank) in sorted(driver.last_upload.items()):
+        shared = unfold_scaling(ray.get(ref), client_scaling(cfg.lora, rank, global_rank))
+        private = ray.get(driver.states[cid]).get("private", {})
+        state = {**shared, **private}
+        with tempfile.TemporaryDirectory(prefix="fedsim-") as tmp:
+            save_peft_adapter(
+                state, tmp, cfg, info["target_modules"], rank, global_rank, info["dense_modules"]
+            )
+            tracker.log_dir(tmp, f"clients/c{cid:06d}")

@@ -134,7 +134,8 @@ class Tracker:
 
 
 def plot_history(history: list[dict[str, float]]):
-    """A figure of global and personalised accuracy / macro-F1 and train loss per round."""
+    """A figure of global and personalised quality (accuracy / macro-F1, or BLEU / ROUGE-L)
+    and train loss per round."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -147,7 +148,13 @@ def plot_history(history: list[dict[str, float]]):
         ("global/macro_f1", "global macro-F1"),
         ("personalized/accuracy_mean", "personalised accuracy (mean)"),
         ("personalized/macro_f1_mean", "personalised macro-F1 (mean)"),
+        ("global/bleu", "global BLEU-4"),
+        ("global/rouge_l", "global ROUGE-L"),
+        ("personalized/bleu_mean", "personalised BLEU-4 (mean)"),
+        ("personalized/rouge_l_mean", "personalised ROUGE-L (mean)"),
     ]:
+        if not any(key in h for h in history):
+            continue
         xs = [r for r, h in zip(rounds, history) if key in h]
         axes[0].plot(xs, [h[key] for h in history if key in h], marker="o", label=label)
     axes[0].set_xlabel("round")

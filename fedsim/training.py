@@ -1,4 +1,8 @@
-"""Local training of one client's adapter: a few epochs on its LoRA tensors and the head."""
+"""Local training of one client's adapter: a few epochs on its LoRA tensors and dense modules.
+
+The loss comes from the task (:mod:`fedsim.tasks`): cross-entropy of a classifier, or the
+language-modelling loss on a generative model's assistant tokens.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +11,6 @@ from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 
 @dataclass(frozen=True)
@@ -30,28 +33,29 @@ def train_local(
     model: torch.nn.Module,
     params: list[torch.nn.Parameter],
     epochs: Callable[[int], Iterable[dict[str, torch.Tensor]]],
+    loss_fn: Callable[[torch.nn.Module, dict], tuple[torch.Tensor, int]],
     *,
     num_epochs: int,
     max_steps: int | None,
     lr: float,
     weight_decay: float,
-    precision: str = "fp32",
     device: torch.device | None = None,
     optimizer: str = "adamw",
     objective=None,
     named_params: dict[str, torch.nn.Parameter] | None = None,
 ) -> TrainStats:
-    """Train ``params`` of ``model`` with cross-entropy.
+    """Train ``params`` of ``model`` on the task's loss.
 
     Args:
         model: the model whose forward takes a batch's tensors as keywords.
         params: the trainable tensors (the optimiser sees only these).
         epochs: ``epochs(e)`` yields the batches of epoch ``e`` (shuffled by the caller's seed).
+        loss_fn: ``loss_fn(model, batch)`` gives the batch's mean loss and its sample count;
+            it runs the forward pass (under the task's autocast).
         num_epochs: epochs to run.
         max_steps: stop after this many optimiser steps (None: no cap).
         lr: AdamW learning rate.
         weight_decay: AdamW weight decay.
-        precision: ``fp32`` or ``bf16`` autocast.
         device: where the model lives (default CPU).
         optimizer: ``adamw`` or ``sgd``.
         objective: a :class:`fedsim.objectives.ClientObjective` (penalty and gradient hooks).
@@ -71,9 +75,7 @@ def train_local(
     for e in range(num_epochs):
         for batch in epochs(e):
             batch = {k: v.to(device) for k, v in batch.items()}
-            with autocast(precision, device):
-                logits = model(**batch)
-            loss = F.cross_entropy(logits.float(), batch["labels"])
+            loss, n = loss_fn(model, batch)
             total_loss = loss
             if objective is not None:
                 extra = objective.penalty(named)
@@ -84,7 +86,6 @@ def train_local(
             if objective is not None:
                 objective.correct(named)
             optimiser.step()
-            n = len(batch["labels"])
             total += loss.item() * n
             seen += n
             steps += 1

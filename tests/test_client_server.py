@@ -198,12 +198,12 @@ def test_update_order_does_not_change_the_merge(worker, initial, round1):
 
 
 def test_global_evaluation_does_not_depend_on_the_shard_count(worker, initial):
-    y, p, losses, _ = worker.evaluate_global(_bc(initial), 0, 1)
-    assert len(y) == len(worker.data.test)
+    whole = worker.evaluate_global(_bc(initial), 0, 1)
+    assert len(whole) == len(worker.data.test)
     parts = [worker.evaluate_global(_bc(initial), s, 3) for s in range(3)]
-    assert np.array_equal(y, np.concatenate([part[0] for part in parts]))
-    assert np.array_equal(p, np.concatenate([part[1] for part in parts]))
-    assert np.array_equal(losses, np.concatenate([part[2] for part in parts]))
+    assert np.array_equal(whole.labels, np.concatenate([part.labels for part in parts]))
+    assert np.array_equal(whole.predictions, np.concatenate([p.predictions for p in parts]))
+    assert np.array_equal(whole.batch_losses, np.concatenate([p.batch_losses for p in parts]))
 
 
 def test_global_metrics_skip_the_empty_shards_of_a_pool_larger_than_the_test_set(worker, initial):
@@ -211,5 +211,5 @@ def test_global_metrics_skip_the_empty_shards_of_a_pool_larger_than_the_test_set
     one = _global_metrics(Outcome(values={0: worker.evaluate_global(_bc(initial), 0, 1)}))
     shards = batches + 2  # more actors than batches: the last shards get nothing to evaluate
     parts = {s: worker.evaluate_global(_bc(initial), s, shards) for s in range(shards)}
-    assert sum(len(part[0]) == 0 for part in parts.values()) == 2
+    assert sum(len(part) == 0 for part in parts.values()) == 2
     assert _global_metrics(Outcome(values=parts)) == one

@@ -43,6 +43,8 @@ class MultimodalDataset:
         labels: ``(N,)`` int64 class ids.
         classes: class names, indexed by label.
         test_rows: rows of the dataset's own test split (None: split it by seed).
+        targets: a generative task's reference answers (captions), one per row, or None.
+        refs: a reference to each row's image (a file path, a code point), or None.
     """
 
     images: torch.Tensor
@@ -50,6 +52,8 @@ class MultimodalDataset:
     labels: torch.Tensor
     classes: list[str]
     test_rows: np.ndarray | None = None  # a dataset's own test split, if it ships one
+    targets: list[str] | None = None
+    refs: list[str] | None = None
 
     def __len__(self) -> int:
         return len(self.texts)
@@ -57,8 +61,14 @@ class MultimodalDataset:
     def subset(self, index: np.ndarray) -> MultimodalDataset:
         """Rows ``index`` as a new dataset (classes unchanged)."""
         idx = torch.as_tensor(np.asarray(index), dtype=torch.long)
+        rows = idx.tolist()
         return MultimodalDataset(
-            self.images[idx], [self.texts[i] for i in idx.tolist()], self.labels[idx], self.classes
+            self.images[idx],
+            [self.texts[i] for i in rows],
+            self.labels[idx],
+            self.classes,
+            targets=[self.targets[i] for i in rows] if self.targets is not None else None,
+            refs=[self.refs[i] for i in rows] if self.refs is not None else None,
         )
 
 
@@ -205,6 +215,27 @@ def load_emoji(
     index = {c: i for i, c in enumerate(classes)}
     labels = torch.tensor([index[v] for v in values], dtype=torch.long)
     return MultimodalDataset(images, names, labels, classes)
+
+
+def load_emoji_captions(image_size: int, cache_dir: str | Path | None = None) -> MultimodalDataset:
+    """The emoji set as a captioning task: image and hint to the emoji's Unicode name.
+
+    The text of a row is a hint that never contains the answer: the emoji's Unicode group and
+    subgroup (``Smileys & Emotion, face-smiling``); the target is its Unicode name; the label
+    (for the Dirichlet split) is the group; ``refs`` are the code points (``U+1F600``).
+    """
+    base = load_emoji(image_size, "group", cache_dir)
+    root = Path(cache_dir) if cache_dir else default_cache_dir()
+    meta = json.loads((root / f"emoji-v{CACHE_FORMAT}-{image_size}px" / "meta.json").read_text())
+    rows = meta["rows"]
+    return MultimodalDataset(
+        base.images,
+        [f"{r['group']}, {r['subgroup']}" for r in rows],
+        base.labels,
+        base.classes,
+        targets=[r["name"] for r in rows],
+        refs=["U+" + r["codepoints"].replace("-", " U+") for r in rows],
+    )
 
 
 def _build_cache(target: Path, image_size: int) -> None:

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from fedsim.config import FedSimConfig
-from fedsim.data.emoji import MultimodalDataset, load_emoji
+from fedsim.data.emoji import MultimodalDataset, load_emoji, load_emoji_captions
 from fedsim.data.partition import (
     ModalityMask,
     dirichlet_partition,
@@ -37,6 +37,26 @@ class Split:
     def __len__(self) -> int:
         return len(self.rows)
 
+    def take(self, positions: np.ndarray) -> Split:
+        """The rows at ``positions`` (with their modality masks), as a new split."""
+        return Split(
+            self.rows[positions],
+            ModalityMask(self.mask.image[positions], self.mask.text[positions]),
+        )
+
+    def capped(self, max_samples: int | None, seed: int, *key: int) -> Split:
+        """At most ``max_samples`` rows: a subset seeded by ``(seed, *key)``, in split order.
+
+        ``eval.max_samples`` bounds evaluation cost; the subset is fixed per split, so every
+        round evaluates the same rows.
+        """
+        if max_samples is None or len(self) <= max_samples:
+            return self
+        from fedsim.data.partition import rng_for
+
+        keep = np.sort(rng_for(seed, *key).permutation(len(self))[:max_samples])
+        return self.take(keep)
+
 
 @dataclass(frozen=True)
 class ClientData:
@@ -56,9 +76,14 @@ def load_dataset(cfg: FedSimConfig) -> MultimodalDataset:
     Raises:
         ConfigError: a real dataset's files cannot be read (the message names file and row).
     """
+    from fedsim.config import is_generative
+
     d = cfg.data
     if d.dataset == "emoji":
-        ds = load_emoji(d.image_size, d.label, d.cache_dir)
+        if is_generative(cfg) and d.target == "caption":
+            ds = load_emoji_captions(d.image_size, d.cache_dir)
+        else:
+            ds = load_emoji(d.image_size, d.label, d.cache_dir)
         if d.subset is not None:
             ds = ds.subset(subset_indices(len(ds), d.subset, cfg.seed))
         return ds
@@ -67,12 +92,18 @@ def load_dataset(cfg: FedSimConfig) -> MultimodalDataset:
 
 def _load_real(cfg: FedSimConfig) -> MultimodalDataset:
     from fedsim.config import ConfigError
-    from fedsim.data.loaders import DataError, load_crisismmd, load_hateful_memes
+    from fedsim.data.loaders import (
+        DataError,
+        load_crisismmd,
+        load_hateful_memes,
+        load_llava_split,
+    )
 
     d = cfg.data
     loader, default_test = {
         "hateful_memes": (load_hateful_memes, "dev"),
         "crisismmd": (load_crisismmd, "test"),
+        "llava": (load_llava_split, "test"),
     }[d.dataset]
     try:
         train, train_report = loader(d.root, "train", d.image_size, d.on_error)
@@ -92,12 +123,17 @@ def _load_real(cfg: FedSimConfig) -> MultimodalDataset:
         train = train.subset(subset_indices(len(train), d.subset, cfg.seed))
     if (test.labels < 0).any():
         raise ConfigError("data.test_split", f"{d.test_split or default_test} has unlabelled rows")
+    both = (train, test)
+    targets = [t for ds in both for t in ds.targets] if train.targets is not None else None
+    refs = [r for ds in both for r in ds.refs] if train.refs is not None else None
     return MultimodalDataset(
         torch.cat([train.images, test.images]),
         list(train.texts) + list(test.texts),
         torch.cat([train.labels, test.labels]),
         train.classes,
         test_rows=np.arange(len(train), len(train) + len(test)),
+        targets=targets,
+        refs=refs,
     )
 
 

@@ -94,11 +94,13 @@ class CaptionDataset:
         images: ``(N, 3, S, S)`` uint8.
         prompts: N instructions (the human turn without its ``<image>`` token).
         targets: N reference answers (the first gpt turn).
+        image_paths: N image paths as the records give them.
     """
 
     images: torch.Tensor
     prompts: list[str]
     targets: list[str]
+    image_paths: list[str] = field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.prompts)
@@ -108,7 +110,10 @@ class CaptionDataset:
         idx = torch.as_tensor(np.asarray(index), dtype=torch.long)
         rows = idx.tolist()
         return CaptionDataset(
-            self.images[idx], [self.prompts[i] for i in rows], [self.targets[i] for i in rows]
+            self.images[idx],
+            [self.prompts[i] for i in rows],
+            [self.targets[i] for i in rows],
+            [self.image_paths[i] for i in rows] if self.image_paths else [],
         )
 
 
@@ -215,8 +220,9 @@ def load_llava(
     """Load LLaVA-style conversations (a JSON list, or JSONL) as image, prompt and target.
 
     Each record needs ``image`` (a path) and ``conversations``, a list of ``{"from": ...,
-    "value": ...}`` turns with at least one ``human`` and one ``gpt`` turn. The prompt is the
-    first human turn without ``<image>``, stripped; the target is the first gpt turn. A
+    "value": ...}`` turns with at least one ``human`` and one ``gpt`` turn, and at most one
+    ``<image>`` token (one image per record). The prompt is the first human turn without
+    ``<image>``, stripped; the target is the first gpt turn (later turns are not used). A
     ``.jsonl`` file, or any file not starting with ``[``, is read as one record per line;
     rows of a JSON list are numbered by item.
 
@@ -238,7 +244,7 @@ def load_llava(
     path = _existing(Path(path))
     root = Path(image_root) if image_root is not None else path.parent
 
-    def parse(record: Any) -> tuple[np.ndarray, str, str]:
+    def parse(record: Any) -> tuple[np.ndarray, str, str, str]:
         obj = _json_object(record) if isinstance(record, bytes) else record
         if not isinstance(obj, dict):
             raise _BadRow(f"expected a JSON object, got {type(obj).__name__}")
@@ -254,8 +260,13 @@ def load_llava(
         for speaker in ("human", "gpt"):
             if speaker not in first:
                 raise _BadRow(f"no {speaker!r} turn in 'conversations'")
+        tokens = sum(t["value"].count("<image>") for t in turns)
+        if tokens > 1:
+            raise _BadRow(f"{tokens} <image> tokens in 'conversations' for 1 image")
+        if not first["gpt"].strip():
+            raise _BadRow("the first 'gpt' turn is empty")
         prompt = first["human"].replace("<image>", "").strip()
-        return _read_image(root, rel, image_size), prompt, first["gpt"]
+        return _read_image(root, rel, image_size), prompt, first["gpt"].strip(), rel
 
     if _is_json_list(path):
         unit, records = "item", enumerate(_json_list(path), start=1)
@@ -263,7 +274,44 @@ def load_llava(
         unit, records = "line", _lines(path)
     rows, report = _collect(path.name, unit, records, parse, on_error)
     images = _stack([r[0] for r in rows], image_size)
-    return CaptionDataset(images, [r[1] for r in rows], [r[2] for r in rows]), report
+    caps = CaptionDataset(images, [r[1] for r in rows], [r[2] for r in rows], [r[3] for r in rows])
+    return caps, report
+
+
+LLAVA_CLASSES = ["caption"]
+
+
+def load_llava_split(
+    root: str | Path, split: str, image_size: int, on_error: str = "raise"
+) -> tuple[MultimodalDataset, LoadReport]:
+    """One split of a LLaVA conversation dataset laid out as ``root/<split>.json`` (or
+    ``.jsonl``), image paths relative to ``root``, as rows of a generative task.
+
+    The row's text is the prompt, its target the answer; every row has label 0 (the Dirichlet
+    split over one label is a seeded split of the rows' quantities).
+
+    Raises:
+        DataError: no ``<split>.json``/``.jsonl`` under ``root``, or a bad record with
+            ``on_error="raise"`` (the message names the file and the item or line).
+    """
+    root = Path(root)
+    candidates = [root / f"{split}.json", root / f"{split}.jsonl"]
+    path = next((c for c in candidates if c.is_file()), None)
+    if path is None:
+        raise DataError(str(candidates[0]), None, f"file not found (nor {candidates[1].name})")
+    caps, report = load_llava(path, image_size, on_error, image_root=root)
+    if len(caps) == 0:
+        raise DataError(path.name, None, "no usable records")
+    labels = torch.zeros(len(caps), dtype=torch.long)
+    data = MultimodalDataset(
+        caps.images,
+        caps.prompts,
+        labels,
+        list(LLAVA_CLASSES),
+        targets=caps.targets,
+        refs=caps.image_paths,
+    )
+    return data, report
 
 
 def _check_args(split: str | None, splits: tuple[str, ...], on_error: str, image_size: int) -> None:

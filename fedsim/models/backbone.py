@@ -7,7 +7,7 @@ the modules that get LoRA and the largest rank those modules admit.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
@@ -113,12 +113,25 @@ class FusionClassifier(nn.Module):
 
 @dataclass(frozen=True)
 class Backbone:
-    """A built model with its tokenizer, LoRA targets and the largest admissible rank."""
+    """A built model with its tokenizer, LoRA targets and the largest admissible rank.
 
-    model: FusionClassifier
+    Attributes:
+        model: the frozen model (LoRA is added by :class:`fedsim.models.lora.AdapterHost`).
+        tokenizer: a classifier's tokenizer; a generative model's chat codec
+            (:class:`fedsim.models.vlm.ChatCodec`) for the generation task.
+        target_modules: regex of the module names that get LoRA.
+        max_rank: the largest rank those modules admit.
+        task: ``classification`` or ``generation`` (:mod:`fedsim.tasks`).
+        dense_modules: names of non-LoRA modules trained in full and federated (peft's
+            ``modules_to_save``): a classifier head, a projector.
+    """
+
+    model: nn.Module
     tokenizer: object
     target_modules: str
     max_rank: int
+    task: str = "classification"
+    dense_modules: tuple[str, ...] = ("classifier", "missing_image")
 
 
 def _minilm_path() -> str:
@@ -276,13 +289,18 @@ def build_backbone(
     Raises:
         ConfigError: unknown backbone name, or weights that cannot be loaded.
     """
-    try:
+    if cfg.backbone in ("smolvlm-effnet", "hf-vlm"):
+        from fedsim.models.vlm import build_generative
+
+        builder = build_generative
+    elif cfg.backbone in BACKBONE_BUILDERS:
         builder = BACKBONE_BUILDERS[cfg.backbone]
-    except KeyError:
+    else:
         raise ConfigError(
             "model.backbone",
-            f"unknown backbone {cfg.backbone!r}; allowed: {', '.join(BACKBONE_BUILDERS)}",
-        ) from None
+            f"unknown backbone {cfg.backbone!r}; allowed: "
+            f"{', '.join([*BACKBONE_BUILDERS, 'smolvlm-effnet', 'hf-vlm'])}",
+        )
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # one "Loading weights" bar per actor is noise
@@ -292,7 +310,13 @@ def build_backbone(
         backbone = builder(cfg, num_classes, image_fill, text_fill)
     for p in backbone.model.parameters():
         p.requires_grad_(False)
-    return backbone
+    present = tuple(m for m in backbone.dense_modules if _has_module(backbone.model, m))
+    return replace(backbone, dense_modules=present)
+
+
+def _has_module(model: nn.Module, name: str) -> bool:
+    """Whether a module named ``name`` (or ending in ``.name``) exists in ``model``."""
+    return any(n == name or n.endswith("." + name) for n, _ in model.named_modules())
 
 
 __all__ = ["Backbone", "EfficientNetLite", "FusionClassifier", "build_backbone", "mean_pool"]

@@ -88,12 +88,15 @@ class EfficientNetLite(nn.Module):
         self._bn1 = nn.BatchNorm2d(head_channels, eps=BN_EPS)
         self.out_dim = head_channels
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def feature_map(self, x: torch.Tensor) -> torch.Tensor:
+        """The head's feature map: ``(B, 3, H, W)`` to ``(B, C, ceil(H/32), ceil(W/32))``."""
         h = F.relu6(self._bn0(self._conv_stem(x)))
         for block in self._blocks:
             h = block(h)
-        h = F.relu6(self._bn1(self._conv_head(h)))
-        return h.mean(dim=(2, 3))  # (B, C)
+        return F.relu6(self._bn1(self._conv_head(h)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.feature_map(x).mean(dim=(2, 3))  # (B, C)
 
 
 def pretrained_lite0() -> EfficientNetLite:

@@ -74,9 +74,12 @@ class AdapterHost:
         """
         name = adapter_name(rank)
         if rank not in self._ranks:
-            present = tuple(m for m in DENSE_MODULES if hasattr(self.backbone.model, m))
             config = peft_config(
-                self.lora, self.backbone.target_modules, rank, self.global_rank, present
+                self.lora,
+                self.backbone.target_modules,
+                rank,
+                self.global_rank,
+                self.backbone.dense_modules,
             )
             with torch.random.fork_rng():
                 if seed is not None:
@@ -93,9 +96,8 @@ class AdapterHost:
         """Activate the rank-``rank`` adapter and copy ``state`` (peft key names) into it."""
         model = self.activate(rank)
         result = set_peft_model_state_dict(model, state, adapter_name=adapter_name(rank))
-        bad = [
-            k for k in result.unexpected_keys if "lora_" in k or any(m in k for m in DENSE_MODULES)
-        ]
+        dense = self.backbone.dense_modules
+        bad = [k for k in result.unexpected_keys if "lora_" in k or any(m in k for m in dense)]
         if bad:
             raise KeyError(f"adapter state has keys the model lacks: {bad[:3]}")
         return model
