@@ -88,11 +88,16 @@ class TailPenalty(ClientObjective):
 
 
 def layer_index(key: str) -> tuple[str, int] | None:
-    """``(tower, layer)`` of a parameter key such as ``...text.encoder.layer.3.attention...``."""
+    """``(tower, layer)`` of a parameter key such as ``...text.encoder.layer.3.attention...``.
+
+    The tower is the path of the layer stack (``text.encoder``, ``model.vision_tower.encoder``,
+    ``model.language_model``), without peft's ``base_model.model.`` prefix, so a VLM's vision
+    tower and language model count their layers separately.
+    """
     m = _LAYER.search(key)
     if m is None:
         return None
-    tower = "text" if ".text." in key else "image" if ".image." in key else "model"
+    tower = key[: m.start()].lstrip(".").removeprefix("base_model.model.")
     return tower, int(m.group(1))
 
 

@@ -11,7 +11,7 @@ from actors.pool import ClientPool
 from actors.server import ServerState
 from aggregation import get_merger, is_lora_a, is_lora_b
 from fedsim.config import ConfigError
-from fedsim.objectives import middle_layer_weights
+from fedsim.objectives import middle_layer_weights, tower_depths
 from fedsim.simulation import server_options
 
 
@@ -178,9 +178,21 @@ def test_fedmllm_weights_only_the_middle_layers():
         f"base_model.model.text.encoder.layer.{i}.attention.self.query.lora_A.weight"
         for i in range(6)
     ] + ["base_model.model.classifier.0.weight"]
-    weights = middle_layer_weights(keys, {"text": 6}, skip=2, weight=0.1)
+    weights = middle_layer_weights(keys, {"text.encoder": 6}, skip=2, weight=0.1)
     assert sorted(weights) == [keys[2], keys[3]]
     assert set(weights.values()) == {0.1}
+
+
+def test_fedmllm_counts_the_layers_of_each_tower_of_a_vlm_apart():
+    """A VLM's vision tower (2 layers) and language model (6 layers) are separate towers."""
+    vision = [f"model.vision_tower.encoder.layers.{i}.self_attn.q_proj" for i in range(2)]
+    lm = [f"model.language_model.layers.{i}.self_attn.q_proj" for i in range(6)]
+    depths = tower_depths(vision + lm)
+    assert depths == {"model.vision_tower.encoder": 2, "model.language_model": 6}
+    keys = [f"base_model.model.{n}.lora_A.weight" for n in vision + lm]
+    weights = middle_layer_weights(keys, depths, skip=2, weight=0.1)
+    # the vision tower has no middle layer at skip 2; the language model keeps layers 2 and 3
+    assert sorted(weights) == sorted(keys[2 + 2 : 2 + 4])
 
 
 def test_flora_folds_the_stacked_product_into_the_base(make_config):

@@ -32,25 +32,23 @@ class Sample:
         image: ``(3, S, S)`` uint8, or None (no image in the prompt).
         text: the user's text (the instruction, with any hint).
         answer: the assistant's answer (None for a generation prompt).
-        zero_image: the image is present in the prompt but its pixels are zeros (FediLoRA's
-            fill for a missing image).
     """
 
     image: torch.Tensor | None
     text: str
     answer: str | None = None
-    zero_image: bool = False
 
 
 class ChatCodec:
     """Samples to model inputs, and generated ids back to text (see the module docstring).
 
-    Subclasses implement :meth:`prompt` (one sample's prompt tensors, batch dimension 1).
+    Subclasses implement :meth:`prompts`: the prompts of a batch, right-padded, with the
+    per-image tensors the model takes.
     """
 
     tokenizer: object
 
-    def prompt(self, sample: Sample) -> dict[str, torch.Tensor]:
+    def prompts(self, samples: list[Sample]) -> dict[str, torch.Tensor]:
         raise NotImplementedError
 
     @property
@@ -72,13 +70,12 @@ class ChatCodec:
 
     def encode_train(self, samples: list[Sample]) -> dict[str, torch.Tensor]:
         """A right-padded training batch; ``labels`` cover the answers and their end tokens."""
-        prompts = [self.prompt(s) for s in samples]
         answers = [torch.tensor(self.answer_ids(s.answer or ""), dtype=torch.long) for s in samples]
-        return self._assemble(prompts, answers, left=False)
+        return _join(self.prompts(samples), answers, self.pad_id, left=False)
 
     def encode_prompt(self, samples: list[Sample]) -> dict[str, torch.Tensor]:
         """A left-padded generation batch (the prompts end at the assistant's turn)."""
-        return self._assemble([self.prompt(s) for s in samples], None, left=True)
+        return _join(self.prompts(samples), None, self.pad_id, left=True)
 
     def decode_new(self, output: torch.Tensor, prompt_len: int) -> list[str]:
         """The generated continuations after ``prompt_len`` prompt positions, as text."""
@@ -87,43 +84,42 @@ class ChatCodec:
             for row in output.tolist()
         ]
 
-    def _assemble(self, prompts, answers, left: bool) -> dict[str, torch.Tensor]:
-        """Concatenate prompt and answer per sample, pad, and stack the per-image tensors."""
-        seqs, extras = [], {}
-        for i, p in enumerate(prompts):
-            ids = p["input_ids"][0]
-            n = len(ids)
-            ans = answers[i] if answers is not None else torch.zeros(0, dtype=torch.long)
-            row = {
-                "input_ids": torch.cat([ids, ans]),
-                "attention_mask": torch.ones(n + len(ans), dtype=torch.long),
-                "labels": torch.cat([torch.full((n,), IGNORE), ans]),
-            }
-            for k, v in p.items():
-                if k in ("input_ids", "attention_mask"):
-                    continue
-                if v.dim() >= 2 and v.shape[:2] == (1, n):  # a per-token key
-                    # PaliGemma's token_type_ids mark the answer (suffix) with 1; other
-                    # per-token keys (Qwen's mm_token_type_ids) mark text with 0.
-                    fill = 1 if k == "token_type_ids" else 0
-                    row[k] = torch.cat([v[0], torch.full((len(ans),), fill, dtype=v.dtype)])
-                else:  # per-image tensors: stacked along the first dimension
-                    extras.setdefault(k, []).append(v)
-            seqs.append(row)
-        longest = max(len(r["input_ids"]) for r in seqs)
-        batch: dict[str, torch.Tensor] = {}
-        for key in seqs[0]:
-            pad = {"input_ids": self.pad_id, "labels": IGNORE}.get(key, 0)
-            rows = []
-            for r in seqs:
-                gap = torch.full((longest - len(r[key]),), pad, dtype=r[key].dtype)
-                rows.append(torch.cat([gap, r[key]] if left else [r[key], gap]))
-            batch[key] = torch.stack(rows)
-        if answers is None:
-            del batch["labels"]
-        for k, vs in extras.items():
-            batch[k] = torch.cat(vs)
-        return batch
+
+def _join(enc: dict, answers: list[torch.Tensor] | None, pad_id: int, left: bool) -> dict:
+    """Append each sample's answer to its (right-padded) prompt and pad again.
+
+    Per-token tensors (``(B, T)`` like ``input_ids``) are cut to each prompt's length, extended
+    over the answer and padded; per-image tensors pass through unchanged. ``labels`` are -100
+    on the prompt and the padding.
+    """
+    ids, mask = enc["input_ids"], enc["attention_mask"]
+    per_token = [k for k, v in enc.items() if v.shape[:2] == ids.shape and k != "attention_mask"]
+    lengths = mask.sum(1).tolist()
+    rows = []
+    for i, n in enumerate(lengths):
+        ans = answers[i] if answers is not None else torch.zeros(0, dtype=torch.long)
+        row = {"attention_mask": torch.ones(n + len(ans), dtype=torch.long)}
+        row["labels"] = torch.cat([torch.full((n,), IGNORE), ans])
+        for k in per_token:
+            # input_ids continue with the answer; PaliGemma's token_type_ids mark the answer
+            # (its suffix) with 1, so its prefix-LM attention stays causal there; other
+            # per-token keys (Qwen's mm_token_type_ids) mark text with 0.
+            tail = ans if k == "input_ids" else torch.full((len(ans),), int(k == "token_type_ids"))
+            row[k] = torch.cat([enc[k][i, :n], tail.to(enc[k].dtype)])
+        rows.append(row)
+    longest = max(len(r["input_ids"]) for r in rows)
+    out: dict[str, torch.Tensor] = {}
+    for key in rows[0]:
+        pad = {"input_ids": pad_id, "labels": IGNORE}.get(key, 0)
+        padded = []
+        for r in rows:
+            gap = torch.full((longest - len(r[key]),), pad, dtype=r[key].dtype)
+            padded.append(torch.cat([gap, r[key]] if left else [r[key], gap]))
+        out[key] = torch.stack(padded)
+    if answers is None:
+        del out["labels"]
+    out.update({k: v for k, v in enc.items() if k not in out and k not in per_token})
+    return out
 
 
 def _pil(image: torch.Tensor):
@@ -135,6 +131,10 @@ def _pil(image: torch.Tensor):
 class HFChatCodec(ChatCodec):
     """The codec of a Hugging Face processor with a chat template.
 
+    Prompts are the chat template applied to the user turn with ``add_generation_prompt``
+    (images inside the message, as every family's processor takes them batched); the processor
+    expands the image tokens.
+
     Args:
         processor: the model's ``AutoProcessor``.
     """
@@ -142,25 +142,39 @@ class HFChatCodec(ChatCodec):
     def __init__(self, processor):
         self.processor = processor
         self.tokenizer = getattr(processor, "tokenizer", processor)
+        self.tokenizer.padding_side = "right"  # _join re-pads each side as needed
         if getattr(processor, "chat_template", None) is None:
             raise ConfigError(
                 "model.name_or_path",
                 "the model's processor has no chat template; fedsim renders prompts with it",
             )
 
-    def prompt(self, sample: Sample) -> dict[str, torch.Tensor]:
-        content = [{"type": "image"}] if sample.image is not None else []
-        if sample.text:
-            content.append({"type": "text", "text": sample.text})
-        text = self.processor.apply_chat_template(
-            [{"role": "user", "content": content}], add_generation_prompt=True, tokenize=False
-        )
-        kwargs = {"images": [[_pil(sample.image)]]} if sample.image is not None else {}
-        enc = self.processor(text=[text], return_tensors="pt", **kwargs)
-        out = {k: v for k, v in enc.items() if isinstance(v, torch.Tensor)}
-        if sample.zero_image and "pixel_values" in out:
-            out["pixel_values"] = torch.zeros_like(out["pixel_values"])
-        return out
+    def prompts(self, samples: list[Sample]) -> dict[str, torch.Tensor]:
+        convs = []
+        for s in samples:
+            content = [{"type": "image", "image": _pil(s.image)}] if s.image is not None else []
+            if s.text:
+                content.append({"type": "text", "text": s.text})
+            convs.append([{"role": "user", "content": content}])
+        try:
+            enc = self.processor.apply_chat_template(
+                convs,
+                add_generation_prompt=True,
+                tokenize=True,
+                return_dict=True,
+                return_tensors="pt",
+                processor_kwargs={"padding": True},
+            )
+        except ValueError as exc:
+            if any(s.image is None for s in samples):
+                raise ConfigError(
+                    "data.image_fill",
+                    f"this model's processor cannot take a prompt without an image ({exc}); "
+                    "use data.image_fill=zeros",
+                ) from None
+            raise
+        enc.pop("labels", None)  # PaliGemma's processor adds all -100 labels
+        return {k: v for k, v in enc.items() if isinstance(v, torch.Tensor)}
 
 
 class DemoChatCodec(ChatCodec):
@@ -182,19 +196,25 @@ class DemoChatCodec(ChatCodec):
             "input_ids"
         ]
 
-    def prompt(self, sample: Sample) -> dict[str, torch.Tensor]:
-        text = self.tokenizer(sample.text, add_special_tokens=False)["input_ids"]
-        slots = []
-        if sample.image is not None:
-            h, w = sample.image.shape[-2:]
-            slots = [self.image_token_id] * (
-                math.ceil(h / self.stride) * math.ceil(w / self.stride)
-            )
-        ids = torch.tensor([[*self._head, *slots, *text, *self._tail]], dtype=torch.long)
-        out = {"input_ids": ids}
-        if sample.image is not None:
-            pixels = (sample.image.float() / 255.0 - _PIXEL_MEAN) / _PIXEL_STD
-            out["pixel_values"] = (pixels * (0.0 if sample.zero_image else 1.0)).unsqueeze(0)
+    def prompts(self, samples: list[Sample]) -> dict[str, torch.Tensor]:
+        seqs, pixels = [], []
+        for s in samples:
+            slots = []
+            if s.image is not None:
+                h, w = s.image.shape[-2:]
+                count = math.ceil(h / self.stride) * math.ceil(w / self.stride)
+                slots = [self.image_token_id] * count
+                pixels.append((s.image.float() / 255.0 - _PIXEL_MEAN) / _PIXEL_STD)
+            text = self.tokenizer(s.text, add_special_tokens=False)["input_ids"]
+            seqs.append(torch.tensor([*self._head, *slots, *text, *self._tail]))
+        longest = max(len(q) for q in seqs)
+        ids = torch.full((len(seqs), longest), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(seqs), longest), dtype=torch.long)
+        for i, q in enumerate(seqs):
+            ids[i, : len(q)], mask[i, : len(q)] = q, 1
+        out = {"input_ids": ids, "attention_mask": mask}
+        if pixels:
+            out["pixel_values"] = torch.stack(pixels)  # (images present, 3, S, S)
         return out
 
 

@@ -228,9 +228,14 @@ class GenerationTask:
         for p in positions.tolist():
             row = int(split.rows[p])
             has_image, has_text = bool(split.mask.image[p]), bool(split.mask.text[p])
-            image = self.dataset.images[row] if has_image or zeros else None
+            image = self.dataset.images[row]
+            if not has_image:
+                # zeros: a black image (zero pixels) in the image's place, FediLoRA's fill; the
+                # processor normalises it like any image (Idefics3 would take an all-zero
+                # model input for padding). mask: no image in the prompt at all.
+                image = torch.zeros_like(image) if zeros else None
             text = self.prompt(self._texts[row], has_image, has_text)
-            out.append(Sample(image, text, self.answers[row], zero_image=not has_image))
+            out.append(Sample(image, text, self.answers[row]))
         return out
 
     def train_batches(self, split: Split, batch_size: int, generator):
@@ -308,6 +313,6 @@ class GenerationTask:
         """``(B, classes)`` summed log-likelihoods of each class's answer."""
         cols = []
         for choice in self.choices:
-            posed = [Sample(s.image, s.text, choice, s.zero_image) for s in samples]
+            posed = [Sample(s.image, s.text, choice) for s in samples]
             cols.append(self._answer_logprobs(model, posed)[0])
         return torch.stack(cols, dim=1).numpy()
