@@ -197,6 +197,13 @@ class ModelConfig:
             "the language model alike (FediLoRA: q_proj, v_proj)."
         ),
     )
+    target_regex: str | None = field(
+        default=None,
+        metadata=_help(
+            "Generative models: a full-match regex of module names that get LoRA, instead of "
+            "model.targets (e.g. '.*text_model.*(q_proj|v_proj)' for the language model only)."
+        ),
+    )
     modules_to_save: list[str] | None = field(
         default=None,
         metadata=_help(
@@ -816,6 +823,11 @@ def _validate_generative(cfg: FedSimConfig) -> None:
         )
         return
     _check(bool(m.targets), "model.targets", "must name at least one module suffix")
+    if m.target_regex is not None:
+        try:
+            re.compile(m.target_regex)
+        except re.error as exc:
+            raise ConfigError("model.target_regex", f"not a valid regex: {exc}") from None
     _check(
         d.image_fill != "learned",
         "data.image_fill",

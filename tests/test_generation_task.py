@@ -101,7 +101,9 @@ def test_loss_mask_is_exactly_the_assistant_tokens(vlm_dirs, family):
         assert enc["attention_mask"][i].tolist() == [1] * n + [0] * (enc["labels"].shape[1] - n)
         assert (enc["input_ids"][i, n:] == codec.pad_id).all()
         assert (enc["labels"][i, n:] == IGNORE).all()
-    assert torch.equal(enc["pixel_values"], ref["pixel_values"])
+    pixel_keys = {"pixel_values", "pixel_attention_mask"} & set(ref)
+    assert pixel_keys == ({"pixel_values", "pixel_attention_mask"} & set(enc))
+    assert all(torch.equal(enc[k], ref[k]) for k in pixel_keys)
     assert "assistant_masks" not in enc
 
 
@@ -119,7 +121,9 @@ def test_encode_prompt_is_left_padded_prompt_of_the_training_row(vlm_dirs, famil
         n = lengths[i]
         assert prompt["attention_mask"][i].tolist() == [0] * (width - n) + [1] * n
         assert (prompt["input_ids"][i, : width - n] == codec.pad_id).all()
-        train_prompt = train["input_ids"][i][(train["labels"][i] == IGNORE) & (train["attention_mask"][i] == 1)]
+        train_prompt = train["input_ids"][i][
+            (train["labels"][i] == IGNORE) & (train["attention_mask"][i] == 1)
+        ]
         assert prompt["input_ids"][i, width - n :].tolist() == train_prompt.tolist()
         assert codec.tokenizer.decode(train_prompt).endswith("Assistant:\n")
     assert torch.equal(prompt["pixel_values"], train["pixel_values"])
@@ -424,21 +428,21 @@ def _part(rows, preds, refs, nll, tokens, labels, scores, examples=3) -> Generat
 PREDS = ["yes", "no", "the cat sat", "yes", "no"]
 REFS = ["yes", "yes", "no", "yes", "no"]
 LABELS = [1, 1, 0, 1, 0]
-SCORES = [[0.0, 1.0], [0.5, 0.2], [1.0, -1.0], [0.0, 0.3], [2.0, 0.1]]
+SCORES = [[0.0, 1.0], [0.5, 0.2], [1.0, -1.0], [0.0, 0.3], [0.0, 0.1]]
 
 
 def test_generation_parts_combine_like_one_shard():
     first = _part([4, 7], PREDS[:2], REFS[:2], 3.0, 4, LABELS[:2], SCORES[:2])
-    second = _part([1, 9, 2], PREDS[2:], REFS[2:], 4.5, 6, LABELS[2:], SCORES[2:])
-    whole = _part([4, 7, 1, 9, 2], PREDS, REFS, 7.5, 10, LABELS, SCORES)
+    second = _part([1, 9, 2], PREDS[2:], REFS[2:], 6.0, 6, LABELS[2:], SCORES[2:])
+    whole = _part([4, 7, 1, 9, 2], PREDS, REFS, 9.0, 10, LABELS, SCORES)
     metrics, examples = GenerationPart.combine([first, second])
     assert metrics == GenerationPart.combine([whole])[0]
     expected = generation_metrics(PREDS, REFS)
-    expected["loss"] = 7.5 / 10
+    expected["loss"] = 9.0 / 10  # not the mean of the shards' 0.75 and 1.0
     expected.update(label_metrics(PREDS, np.array(LABELS), np.array(SCORES), ["no", "yes"]))
     assert metrics == expected
     assert metrics["accuracy"] == pytest.approx(3 / 5)
-    assert metrics["auc"] == pytest.approx(5 / 6)  # yes: 1.0, -0.3, 0.3; no: -2.0, -1.9
+    assert metrics["auc"] == pytest.approx(5 / 6)  # yes: 1.0, -0.3, 0.3; no: -2.0, 0.1
     # the first `examples` rows in shard order
     assert [e["image"] for e in examples] == ["img/4.png", "img/7.png", "img/1.png"]
     assert examples[2] == {
@@ -456,7 +460,7 @@ def test_generation_parts_combine_like_one_shard():
 
 def test_generation_parts_examples_cap():
     first = _part([4, 7], PREDS[:2], REFS[:2], 3.0, 4, LABELS[:2], SCORES[:2], examples=1)
-    second = _part([1, 9, 2], PREDS[2:], REFS[2:], 4.5, 6, LABELS[2:], SCORES[2:], examples=1)
+    second = _part([1, 9, 2], PREDS[2:], REFS[2:], 6.0, 6, LABELS[2:], SCORES[2:], examples=1)
     assert [e["image"] for e in GenerationPart.combine([first, second])[1]] == ["img/4.png"]
     first.examples = 4
     assert [e["image"] for e in GenerationPart.combine([first, second])[1]] == [

@@ -459,3 +459,163 @@ def test_real_dataset_needs_a_root(make_config):
     with pytest.raises(ConfigError) as info:
         make_config("data.dataset=crisismmd")
     assert info.value.key == "data.root"
+
+
+# --- LLaVA: bad records, skip reports and splits ---------------------------------------------
+
+
+def _no_gpt(r: dict) -> dict:
+    return {**r, "conversations": [t for t in r["conversations"] if t["from"] != "gpt"]}
+
+
+def _turns(*pairs: tuple[str, str]) -> list[dict]:
+    return [{"from": who, "value": value} for who, value in pairs]
+
+
+BAD_LLAVA_RECORDS = [  # (mangle record a into item/line 2, the exact reason; {root}: the root)
+    (lambda r: {**r, "image": "coco/gone.jpg"}, "image coco/gone.jpg not found under {root}"),
+    (_no_gpt, "no 'gpt' turn in 'conversations'"),
+    (
+        lambda r: {
+            **r,
+            "conversations": _turns(("human", "<image> <image> Compare."), ("gpt", "x")),
+        },
+        "2 <image> tokens in 'conversations' for 1 image",
+    ),
+    (
+        lambda r: {**r, "conversations": _turns(("human", "<image>\nHi"), ("gpt", "<image> ok"))},
+        "2 <image> tokens in 'conversations' for 1 image",
+    ),
+    (
+        lambda r: {**r, "conversations": _turns(("human", "<image>\nHi"), ("gpt", ""))},
+        "the first 'gpt' turn is empty",
+    ),
+    (  # only the first gpt turn is the target: a later answer does not rescue it
+        lambda r: {
+            **r,
+            "conversations": _turns(("human", "Hi"), ("gpt", " \n "), ("human", "?"), ("gpt", "y")),
+        },
+        "the first 'gpt' turn is empty",
+    ),
+]
+
+
+@pytest.mark.parametrize("mangle, reason", BAD_LLAVA_RECORDS)
+@pytest.mark.parametrize("fmt", ["json", "jsonl"])
+def test_llava_bad_record_message_and_skip_report(tmp_path, mangle, reason, fmt):
+    records = _llava_records(tmp_path)
+    records.insert(1, mangle(records[0]))
+    path = tmp_path / f"data.{fmt}"
+    if fmt == "json":
+        path.write_text(json.dumps(records, indent=2))  # items span lines: numbered by item
+    else:
+        _jsonl(path, records)
+    unit = "item" if fmt == "json" else "line"
+    reason = reason.format(root=tmp_path)
+
+    with pytest.raises(DataError) as info:
+        load_llava(path, S)
+    assert str(info.value) == f"data.{fmt} {unit} 2: {reason}"
+    assert (info.value.file, info.value.row, info.value.reason) == (f"data.{fmt}", 2, reason)
+
+    ds, report = load_llava(path, S, on_error="skip")
+    assert ds.targets == ["A red square.", "Blue."] and len(ds) == 2
+    assert ds.image_paths == ["coco/a.jpg", "coco/b.png"]
+    assert (report.rows, report.kept, report.skipped) == (3, 2, 1)
+    assert report.skipped_rows == [SkippedRow(f"data.{fmt}", 2, reason)]
+
+
+def test_llava_skip_reports_every_bad_record_in_file_order(tmp_path):
+    good = _llava_records(tmp_path)
+    records = [
+        {**good[0], "image": "coco/gone.jpg"},
+        good[0],
+        _no_gpt(good[0]),
+        {**good[1], "conversations": _turns(("human", "<image><image>"), ("gpt", "two"))},
+        good[1],
+        {**good[1], "conversations": _turns(("human", "<image>"), ("gpt", ""))},
+    ]
+    path = tmp_path / "data.jsonl"
+    _jsonl(path, records)
+    with pytest.raises(DataError, match="^data.jsonl line 1: image coco/gone.jpg not found"):
+        load_llava(path, S)
+    ds, report = load_llava(path, S, on_error="skip")
+    assert ds.targets == ["A red square.", "Blue."]
+    assert (report.rows, report.kept, report.skipped) == (6, 2, 4)
+    assert [(r.file, r.row) for r in report.skipped_rows] == [
+        ("data.jsonl", 1),
+        ("data.jsonl", 3),
+        ("data.jsonl", 4),
+        ("data.jsonl", 6),
+    ]
+    assert [r.reason for r in report.skipped_rows] == [
+        f"image coco/gone.jpg not found under {tmp_path}",
+        "no 'gpt' turn in 'conversations'",
+        "2 <image> tokens in 'conversations' for 1 image",
+        "the first 'gpt' turn is empty",
+    ]
+
+
+@pytest.mark.parametrize("name", ["train.json", "train.jsonl"])
+def test_llava_split_reads_root_split_file(tmp_path, name):
+    from fedsim.data.emoji import MultimodalDataset
+    from fedsim.data.loaders import LLAVA_CLASSES, load_llava_split
+
+    records = _llava_records(tmp_path)  # image paths relative to the root
+    if name.endswith(".json"):
+        (tmp_path / name).write_text(json.dumps(records))
+    else:
+        _jsonl(tmp_path / name, records)
+    ds, report = load_llava_split(tmp_path, "train", 32)
+    assert isinstance(ds, MultimodalDataset)
+    assert ds.images.shape == (2, 3, 32, 32) and ds.images.dtype == torch.uint8
+    assert ds.images[1, :, 16, 16].tolist() == list(BLUE)
+    assert ds.texts == ["Describe the image briefly.", "What colour is this?"]
+    assert ds.targets == ["A red square.", "Blue."]
+    assert ds.refs == ["coco/a.jpg", "coco/b.png"]
+    assert ds.labels.tolist() == [0, 0] and ds.labels.dtype == torch.int64
+    assert ds.classes == LLAVA_CLASSES == ["caption"] and ds.test_rows is None
+    assert (report.rows, report.kept, report.skipped) == (2, 2, 0)
+
+
+def test_llava_split_prefers_json_and_takes_any_split_name(tmp_path):
+    from fedsim.data.loaders import load_llava_split
+
+    records = _llava_records(tmp_path)
+    (tmp_path / "val.json").write_text(json.dumps(records[:1]))
+    _jsonl(tmp_path / "val.jsonl", records)
+    ds, report = load_llava_split(tmp_path, "val", S)
+    assert ds.targets == ["A red square."] and report.rows == 1
+
+
+def test_llava_split_missing_file_names_train_json(tmp_path):
+    from fedsim.data.loaders import load_llava_split
+
+    _jsonl(tmp_path / "test.jsonl", _llava_records(tmp_path))  # another split is no stand-in
+    with pytest.raises(DataError) as info:
+        load_llava_split(tmp_path, "train", 32)
+    assert str(info.value) == f"{tmp_path / 'train.json'}: file not found (nor train.jsonl)"
+    assert info.value.file == str(tmp_path / "train.json") and info.value.row is None
+
+
+def test_llava_split_bad_records_raise_or_skip(tmp_path):
+    from fedsim.data.loaders import load_llava_split
+
+    records = _llava_records(tmp_path)
+    records.insert(1, _no_gpt(records[0]))
+    (tmp_path / "train.json").write_text(json.dumps(records))
+    with pytest.raises(DataError, match="^train.json item 2: no 'gpt' turn in 'conversations'$"):
+        load_llava_split(tmp_path, "train", S)
+    ds, report = load_llava_split(tmp_path, "train", S, on_error="skip")
+    assert ds.targets == ["A red square.", "Blue."] and ds.refs == ["coco/a.jpg", "coco/b.png"]
+    assert (report.rows, report.kept, report.skipped) == (3, 2, 1)
+    assert report.skipped_rows == [SkippedRow("train.json", 2, "no 'gpt' turn in 'conversations'")]
+
+
+def test_llava_split_with_no_usable_record_raises(tmp_path):
+    from fedsim.data.loaders import load_llava_split
+
+    records = [_no_gpt(r) for r in _llava_records(tmp_path)]
+    (tmp_path / "train.json").write_text(json.dumps(records))
+    with pytest.raises(DataError, match="^train.json: no usable records$"):
+        load_llava_split(tmp_path, "train", S, on_error="skip")

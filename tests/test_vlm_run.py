@@ -50,7 +50,10 @@ def vlm_config(make_config, mlflow_store, tiny_vlms):
 
 @pytest.fixture(scope="module")
 def family_runs(ray_cluster, vlm_config):
-    return {f: fedsim.run(vlm_config(f, f"tracking.run_name={f}")) for f in FAMILIES}
+    return {
+        f: fedsim.run(vlm_config(f, f"tracking.run_name={f}", "tracking.save_client_adapters=true"))
+        for f in FAMILIES
+    }
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -119,6 +122,26 @@ def test_global_adapter_loads_with_peft_and_generates(family_runs, mlflow_store,
     )
     out = model.generate(**enc, max_new_tokens=4, do_sample=False)
     assert out.shape[1] > enc["input_ids"].shape[1]
+
+
+def test_client_adapters_are_logged_and_load(family_runs, mlflow_store, tiny_vlms):
+    from peft import PeftModel, get_peft_model_state_dict
+    from safetensors.torch import load_file
+    from transformers import AutoModelForImageTextToText
+
+    result = family_runs["idefics3"]
+    trained = {row["client_id"]: row["rank"] for rows in result.clients for row in rows}
+    client = MlflowClient(tracking_uri=mlflow_store(EXPERIMENT))
+    logged = {a.path for a in client.list_artifacts(result.run_id, "clients") if a.is_dir}
+    assert logged == {f"clients/c{c:06d}" for c in trained}
+    cid = max(trained, key=trained.get)
+    local = client.download_artifacts(result.run_id, f"clients/c{cid:06d}")
+    base = AutoModelForImageTextToText.from_pretrained(tiny_vlms["idefics3"])
+    model = PeftModel.from_pretrained(base, local)
+    saved = load_file(f"{local}/adapter_model.safetensors")
+    assert next(iter(saved.values())).shape[0] == trained[cid]  # the client's own rank
+    loaded = get_peft_model_state_dict(model)
+    assert all(torch.equal(saved[k], loaded[k]) for k in saved)
 
 
 def test_the_same_run_on_one_actor_gives_the_same_numbers(ray_cluster, vlm_config, family_runs):
@@ -197,3 +220,25 @@ def test_targets_that_match_nothing_are_a_config_error(tiny_vlms):
     )
     with pytest.raises(ConfigError, match="model.targets"):
         build_backbone(cfg.model, 1)
+
+
+def test_bf16_weights_autocast_and_checkpointing_train_and_generate_on_cpu(vlm_config):
+    """The GPU settings of the cluster configs, exercised on the CPU with a tiny LLaVA."""
+    from actors.client import ClientTask, ClientWorker
+
+    cfg = vlm_config(
+        "llava",
+        "train.precision=bf16",
+        "model.dtype=bfloat16",
+        "model.gradient_checkpointing=true",
+    )
+    worker = ClientWorker(cfg)
+    lm = worker.backbone.model.model.language_model
+    assert lm.layers[0].self_attn.o_proj.weight.dtype == torch.bfloat16
+    assert worker.backbone.model.is_activation_checkpointing
+    initial = worker.initial_global()
+    assert all(v.dtype == torch.float32 for v in initial.values())  # LoRA stays float32
+    report, update, _, _ = worker.train(ClientTask(0, 8, 1), {"adapter": initial})
+    assert report["steps"] == 2 and report["train_loss"] == report["train_loss"]  # not NaN
+    assert all(v.isfinite().all() for v in update.values())
+    assert 0.0 <= report["personalized"]["rouge_l"] <= 1.0

@@ -262,9 +262,9 @@ def run_floor(args: argparse.Namespace, num: int, workdir: Path) -> dict:
     from aggregation import get_merger
     from fedsim.config import load_config, resolve_ranks
     from fedsim.data.partition import sample_clients
-    from fedsim.evaluation import classification_metrics
     from fedsim.objectives import objective_spec
     from fedsim.simulation import server_options
+    from fedsim.tasks import combine_parts
 
     cfg = load_config(None, overrides(args, num, workdir))
     with MemorySampler(args.interval) as mem:
@@ -299,9 +299,9 @@ def run_floor(args: argparse.Namespace, num: int, workdir: Path) -> dict:
             server.aggregate(t, meta, updates, deltas if scaffold else None)
             train_s.append(spent)
             start = time.perf_counter()
-            y, p, loss, probs = worker.evaluate_global(server.broadcast(), 0, 1)
+            part = worker.evaluate_global(server.broadcast(), 0, 1)
             eval_s.append(time.perf_counter() - start)
-            final = classification_metrics(y, p, loss, probs)
+            final = combine_parts([part])[0]
     return {
         "train_s": train_s,
         "eval_s": eval_s,

@@ -286,8 +286,21 @@ class ProjectedVLM(nn.Module):
         new = self.lm.generate(inputs_embeds=embeds, attention_mask=attention_mask, **kwargs)
         return torch.cat([input_ids, new], dim=1)
 
-    def gradient_checkpointing_enable(self, **kwargs) -> None:
-        self.lm.gradient_checkpointing_enable(**kwargs)
+    def activation_checkpointing_enable(self) -> None:
+        enable_checkpointing(self.lm)
+
+    @property
+    def is_activation_checkpointing(self) -> bool:
+        return self.lm.is_activation_checkpointing
+
+
+def enable_checkpointing(model: nn.Module) -> None:
+    """Recompute activations in backward (transformers 5 calls it activation checkpointing)."""
+    if isinstance(model, ProjectedVLM):
+        model.activation_checkpointing_enable()
+    else:
+        # non-reentrant: the frozen inputs need no grad for the LoRA gradients to flow
+        model.activation_checkpointing_enable({"use_reentrant": False})
 
 
 def _suffix_regex(model: nn.Module, suffixes: list[str]) -> str:
@@ -305,7 +318,9 @@ def _max_rank(model: nn.Module, pattern: str) -> tuple[int, int]:
     ]
     if not dims:
         raise ConfigError(
-            "model.targets", f"no Linear module of the model matches the LoRA targets {pattern!r}"
+            "model.targets",
+            f"no Linear module of the model matches the LoRA targets {pattern!r} "
+            "(model.targets / model.target_regex)",
         )
     return min(dims), len(dims)
 
@@ -360,10 +375,10 @@ def build_generative(cfg: ModelConfig, num_classes: int, image_fill: str, text_f
         _build_demo(cfg) if cfg.backbone == "smolvlm-effnet" else (_build_hf(cfg))
     )
     dense = tuple(cfg.modules_to_save) if cfg.modules_to_save is not None else default_dense
-    targets = _suffix_regex(model, list(cfg.targets))
+    targets = cfg.target_regex or _suffix_regex(model, list(cfg.targets))
     max_rank, _ = _max_rank(model, targets)
     if cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_checkpointing(model)
     model.eval()
     return Backbone(model, codec, targets, max_rank, task="generation", dense_modules=dense)
 

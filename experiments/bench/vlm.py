@@ -1,0 +1,527 @@
+"""VLM benchmark: training step, generation, the engine's round against a one-process floor.
+
+For the built-in pretrained VLM (``smolvlm-effnet``, the default) or any Hugging Face
+image-text-to-text model (``--backbone hf-vlm --name-or-path DIR``) on the demo config
+(``experiments/vlm_emoji.yaml``), the benchmark runs two cases, each in a fresh Python process
+(so memory and Ray start from nothing):
+
+* **engine**: ``fedsim.run(cfg)`` for ``--rounds`` rounds on a local Ray that the process
+  starts (MLflow to a temporary SQLite store, checkpoints to a temporary directory,
+  ``progress=false``); its round time is the median of ``time/round_s`` over rounds 1..R. A
+  background thread samples the memory of the driver and of every Ray worker process
+  (``MemorySampler`` of ``scale.py``), and the peak RSS and PSS of each client actor.
+* **floor**: the same work back to back in one process without Ray: one
+  ``actors.client.ClientWorker(cfg)`` (its model load not timed), an in-process
+  ``actors.server.ServerState``, and for each round the clients
+  ``fedsim.data.partition.sample_clients`` picks, trained one after another with
+  ``worker.train``, their updates merged, then the global evaluation
+  (``worker.evaluate_global``). Then, on the same warm worker, the model alone: the median
+  time of ``--steps`` training steps (``fedsim.training.train_local`` with the worker's host
+  and task, batch ``train.batch_size``) and the greedy generation time per sample (the task's
+  own generation, ``eval.max_new_tokens``, batch ``train.eval_batch_size``).
+
+It prints one Markdown table row (see ``experiments/bench/README.md`` for the columns) and a
+summary line:
+
+    python experiments/bench/vlm.py [--config experiments/vlm_emoji.yaml] [--rounds 2]
+        [--steps 5] [--backbone hf-vlm --name-or-path DIR] [--quick] [key=value ...]
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+# Run as a script, this folder is sys.path[0], and its aggregation.py (the merge benchmark)
+# would shadow the top-level ``aggregation`` package here and, through the driver's sys.path
+# that Ray hands on, in every Ray worker: drop it.
+_HERE = Path(__file__).resolve().parent
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]
+
+import argparse  # noqa: E402
+import importlib.util  # noqa: E402
+import json  # noqa: E402
+import math  # noqa: E402
+import os  # noqa: E402
+import platform  # noqa: E402
+import statistics  # noqa: E402
+import subprocess  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+from collections.abc import Sequence  # noqa: E402
+
+DEFAULT_CONFIG = _HERE.parents[1] / "experiments" / "vlm_emoji.yaml"
+RESULT_TAG = "VLM-BENCH-RESULT "
+MB = 1e6
+# --quick: a smoke run of a few seconds of model work (2 clients per round, 1 round).
+QUICK_OVERRIDES = ("eval.max_samples=4", "train.max_local_steps=1")
+QUICK_SAMPLED = 2
+
+COLUMNS = (
+    "model",
+    "batch",
+    "step s",
+    "gen s/sample",
+    "gen tokens",
+    "eval s/sample",
+    "sampled",
+    "actors",
+    "round s",
+    "floor s",
+    "round/floor",
+    "same result",
+    "actor RSS MB",
+    "actor PSS MB",
+    "engine PSS MB",
+    "floor RSS MB",
+    "floor PSS MB",
+)
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--config", default=str(DEFAULT_CONFIG), help="fedsim YAML (%(default)s)")
+    p.add_argument(
+        "--backbone",
+        choices=("smolvlm-effnet", "hf-vlm"),
+        default="smolvlm-effnet",
+        help="model.backbone (default %(default)s, the built-in pretrained demo VLM)",
+    )
+    p.add_argument("--name-or-path", help="hf-vlm: model.name_or_path (hub id or local dir)")
+    p.add_argument("--rounds", type=int, help="training rounds of both cases (default 2; 1 quick)")
+    p.add_argument(
+        "--steps", type=int, help="timed training steps after one warm-up (default 5; 2 quick)"
+    )
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="smoke run: " + ", ".join(QUICK_OVERRIDES) + f", {QUICK_SAMPLED} clients sampled, "
+        "1 round, 2 steps",
+    )
+    p.add_argument("--interval", type=float, default=0.2, help="memory sampling period, seconds")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="further fedsim overrides")
+    p.add_argument("--case", choices=("engine", "floor"), help=argparse.SUPPRESS)
+    p.add_argument("--workdir", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.backbone == "hf-vlm" and not args.name_or_path:
+        p.error("--backbone hf-vlm needs --name-or-path")
+    for item in args.overrides:
+        if "=" not in item:
+            p.error(f"overrides are key=value, got {item!r}")
+    args.rounds = args.rounds if args.rounds is not None else (1 if args.quick else 2)
+    args.steps = args.steps if args.steps is not None else (2 if args.quick else 5)
+    if args.rounds < 1 or args.steps < 1:
+        p.error("--rounds and --steps must be >= 1")
+    return args
+
+
+def config_items(args: argparse.Namespace, workdir: Path) -> list[str]:
+    """The fedsim dotlist of both cases (over ``--config``): the same work in each."""
+    from fedsim.config import load_config
+
+    items = [f"model.backbone={args.backbone}"]
+    if args.name_or_path:
+        items.append(f"model.name_or_path={args.name_or_path}")
+    items.append(f"rounds={args.rounds}")
+    if args.quick:
+        items += QUICK_OVERRIDES
+        num = load_config(args.config, [*items, *args.overrides]).clients.num
+        items.append(f"clients.fraction={min(1.0, QUICK_SAMPLED / num)}")
+    items += [
+        f"tracking.uri=sqlite:///{workdir / 'mlflow.db'}",
+        "tracking.experiment=fedsim-bench-vlm",
+        "tracking.save_adapter=false",
+        "tracking.plots=false",
+        f"checkpoint.dir={workdir / 'runs'}",
+        "progress=false",
+    ]
+    return items + list(args.overrides)
+
+
+def _scale_module():
+    """``experiments/bench/scale.py`` as a module (no side effects on import)."""
+    spec = importlib.util.spec_from_file_location("bench_scale", _HERE / "scale.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def memory_sampler(interval: float):
+    """scale.py's ``MemorySampler`` that also keeps each client actor's own peak RSS and PSS."""
+    import psutil
+
+    base = _scale_module().MemorySampler
+
+    class ActorMemorySampler(base):
+        def __init__(self, interval: float):
+            super().__init__(interval)
+            self.actor_peak: dict[int, list[int]] = {}  # pid -> [rss, pss]
+
+        def sample(self) -> None:
+            super().sample()
+            for proc in self.me.children(recursive=True):
+                try:
+                    if not proc.name().startswith("ray::ClientWorker"):
+                        continue
+                    info = proc.memory_full_info()
+                except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+                    continue
+                peak = self.actor_peak.setdefault(proc.pid, [0, 0])
+                peak[0], peak[1] = max(peak[0], info.rss), max(peak[1], info.pss)
+
+    return ActorMemorySampler(interval)
+
+
+def _evaluates(cfg, t: int) -> bool:
+    """Whether the engine evaluates round ``t`` (``eval.every``; the last round always)."""
+    return t % cfg.eval.every == 0 or t == cfg.rounds
+
+
+def run_engine(args: argparse.Namespace, workdir: Path) -> dict:
+    """``fedsim.run`` on a local Ray this process starts; round times and peak memory."""
+    import logging
+
+    from mlflow.tracking import MlflowClient
+
+    import fedsim
+    from fedsim.config import load_config
+
+    cfg = load_config(args.config, config_items(args, workdir))
+    logging.getLogger("mlflow").setLevel(logging.WARNING)
+    client = MlflowClient(tracking_uri=cfg.tracking.uri)
+    if client.get_experiment_by_name(cfg.tracking.experiment) is None:
+        # artifacts (example generations, client tables) under the temp dir, never ./mlruns
+        client.create_experiment(
+            cfg.tracking.experiment, artifact_location=(workdir / "artifacts").as_uri()
+        )
+    with memory_sampler(args.interval) as mem:
+        result = fedsim.run(cfg)
+    rounds = [h for h in result.history if h["round"] >= 1]
+    return {
+        "round_s": [h["time/round_s"] for h in rounds],
+        "aggregate_s": [h["time/aggregate_s"] for h in rounds],
+        "sampled": [h["clients/sampled"] for h in rounds],
+        "failed": [h["clients/failed"] for h in rounds],
+        "final": {k[7:]: v for k, v in result.final.items() if k.startswith("global/")},
+        "peak": mem.peak,
+        "actor_peak": list(mem.actor_peak.values()),
+    }
+
+
+def step_times(worker, steps: int) -> tuple[list[float], int, int]:
+    """Wall time of ``steps`` training steps after one warm-up, on the worker's own code.
+
+    ``fedsim.training.train_local`` runs the worker's task (``train_batches``, ``loss``) on its
+    host's adapter of the client with the most training rows. A step is timed from the request
+    of its batch (encoding included, as in the engine) to the request of the next one; steps on
+    a short last batch are dropped.
+
+    Returns:
+        ``(seconds per full-batch step, client id, its rank)``.
+    """
+    import numpy as np
+    import torch
+
+    from fedsim.training import train_local
+
+    cfg = worker.cfg
+    clients = worker.data.clients
+    cid = max(range(len(clients)), key=lambda c: len(clients[c].train))
+    rank, split, size = worker.ranks[cid], clients[cid].train, cfg.train.batch_size
+    model = worker.host.activate(rank)
+    rng = np.random.default_rng(cfg.seed)
+    marks: list[float] = []
+    sizes: list[int] = []
+
+    def epoch(_e: int):
+        batches = worker.task.train_batches(split, size, rng)
+        while True:
+            marks.append(time.perf_counter())
+            try:
+                batch = next(batches)
+            except StopIteration:
+                marks.pop()  # the next epoch's first request starts the next step
+                return
+            sizes.append(len(batch["input_ids"]))
+            yield batch
+
+    torch.manual_seed(cfg.seed)
+    train_local(
+        model,
+        worker.host.trainable_parameters(rank),
+        epoch,
+        worker.task.loss,
+        num_epochs=steps + 2,  # at least one full batch per epoch: enough for steps + 1
+        max_steps=steps + 1,
+        lr=cfg.train.lr,
+        weight_decay=cfg.train.weight_decay,
+        device=worker.device,
+        optimizer=cfg.train.optimizer,
+    )
+    marks.append(time.perf_counter())
+    spans = [b - a for a, b in zip(marks, marks[1:])]
+    timed = [s for s, n in zip(spans[1:], sizes[1:]) if n == size]
+    return timed or spans[1:] or spans, cid, rank
+
+
+def generation_times(worker) -> tuple[float, int, int]:
+    """Greedy generation (the task's own, ``eval.max_new_tokens``) of the test set's first rows.
+
+    One batch of ``train.eval_batch_size`` rows (at most ``eval.max_samples``), generated
+    twice on the warm model: the second time is reported, with the number of new positions
+    the batch decoded (``generate`` stops when every row has ended, at most
+    ``eval.max_new_tokens``).
+
+    Returns:
+        ``(seconds, samples, new tokens of the batch)``; seconds is NaN when the task has no
+        generation (a classifier).
+    """
+    import numpy as np
+
+    cfg = worker.cfg
+    task = worker.task
+    generate = getattr(task, "_generate", None)
+    n = min(len(worker.data.test), cfg.train.eval_batch_size, cfg.eval.max_samples or 10**9)
+    if generate is None or n == 0:
+        return float("nan"), n, 0
+    samples = task.samples(worker.data.test, np.arange(n))
+    model = worker.host.model
+    model.eval()
+    decoded: list[int] = []
+    inner = model.generate
+
+    def counting_generate(*a, **kw):
+        out = inner(*a, **kw)
+        decoded.append(int(out.shape[1] - kw["input_ids"].shape[1]))
+        return out
+
+    model.generate = counting_generate  # an instance attribute: the task's call lands here
+    try:
+        generate(model, samples)  # warm-up: the first call pays one-off costs
+        start = time.perf_counter()
+        generate(model, samples)
+        spent = time.perf_counter() - start
+    finally:
+        del model.generate
+    return spent, n, decoded[-1]
+
+
+def run_floor(args: argparse.Namespace, workdir: Path) -> dict:
+    """The engine's rounds back to back in this process without Ray, then the model alone."""
+    from actors.client import ClientTask, ClientWorker, merger_options
+    from actors.server import ServerState
+    from aggregation import get_merger
+    from fedsim.config import load_config, resolve_ranks
+    from fedsim.data.partition import sample_clients
+    from fedsim.objectives import objective_spec
+    from fedsim.simulation import server_options
+    from fedsim.tasks import combine_parts
+
+    cfg = load_config(args.config, config_items(args, workdir))
+    with memory_sampler(args.interval) as mem:
+        start = time.perf_counter()
+        worker = ClientWorker(cfg)
+        initial = worker.initial_global()
+        load_s = time.perf_counter() - start
+        server = ServerState(
+            get_merger(cfg.aggregation.method, **merger_options(cfg)),
+            initial,
+            server_options(cfg, list(initial)),
+        )
+        scaffold = objective_spec(cfg.objective.method).control_variates
+        ranks = resolve_ranks(cfg.clients, cfg.seed)
+        # Round 0, untimed as in the engine: the initial adapter's global evaluation (it also
+        # warms this worker up as it warms the actors up).
+        worker.evaluate_global(server.broadcast(), 0, 1)
+        states: dict[int, dict] = {}
+        round_s, train_s, merge_s, eval_s, eval_n = [], [], [], [], 0
+        final: dict[str, float] = {}
+        for t in range(1, cfg.rounds + 1):
+            round_start = time.perf_counter()
+            broadcast = server.broadcast()
+            evaluate = _evaluates(cfg, t)
+            meta, updates, deltas = [], [], []
+            for cid in sample_clients(cfg.clients.num, cfg.clients.fraction, cfg.seed, t):
+                report, update, delta, state = worker.train(
+                    ClientTask(cid, ranks[cid], t, evaluate=evaluate), broadcast, states.get(cid)
+                )
+                states[cid] = state
+                meta.append((cid, report["rank"], report["num_samples"], report["steps"]))
+                updates.append(update)
+                deltas.append(delta)
+                ranks[cid] = report["next_rank"] or ranks[cid]
+            train_s.append(time.perf_counter() - round_start)
+            merge_start = time.perf_counter()
+            server.aggregate(t, meta, updates, deltas if scaffold else None)
+            merge_s.append(time.perf_counter() - merge_start)
+            if evaluate:
+                eval_start = time.perf_counter()
+                part = worker.evaluate_global(server.broadcast(), 0, 1)
+                eval_s.append(time.perf_counter() - eval_start)
+                eval_n = len(part)
+                final = combine_parts([part])[0]
+            round_s.append(time.perf_counter() - round_start)
+        steps, step_client, step_rank = step_times(worker, args.steps)
+        gen_s, gen_n, gen_tokens = generation_times(worker)
+    return {
+        "round_s": round_s,
+        "train_s": train_s,
+        "merge_s": merge_s,
+        "eval_s": eval_s,
+        "eval_n": eval_n,
+        "load_s": load_s,
+        "final": final,
+        "step_s": steps,
+        "step_client": step_client,
+        "step_rank": step_rank,
+        "gen_s": gen_s,
+        "gen_n": gen_n,
+        "gen_tokens": gen_tokens,
+        "peak": mem.peak,
+    }
+
+
+def run_case(args: argparse.Namespace, argv: list[str], case: str, workdir: Path) -> dict:
+    """Run one case in a fresh Python process, so memory and Ray start from nothing."""
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--case", case, "--workdir", str(workdir)]
+    env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+    }
+    env.pop("RAY_ADDRESS", None)  # always a local Ray of our own, never a shared cluster
+    proc = subprocess.run(cmd + argv, stdout=subprocess.PIPE, text=True, env=env, check=False)
+    lines = [x for x in proc.stdout.splitlines() if x.startswith(RESULT_TAG)]
+    if proc.returncode != 0 or not lines:
+        sys.stdout.write(proc.stdout)
+        raise RuntimeError(f"the {case} case failed (exit {proc.returncode})")
+    return json.loads(lines[-1][len(RESULT_TAG) :])
+
+
+def median(values: Sequence[float]) -> float:
+    return statistics.median(values) if values else float("nan")
+
+
+def same_result(engine: dict, floor: dict) -> bool:
+    """Whether the floor's final global metrics equal the engine's (it did the same work)."""
+    shared = set(engine["final"]) & set(floor["final"])
+    return bool(shared) and all(
+        math.isclose(engine["final"][k], floor["final"][k], rel_tol=1e-5, abs_tol=1e-7)
+        for k in shared
+    )
+
+
+def _num(value: float, digits: int = 3) -> str:
+    """``value`` with ``digits`` significant digits, without exponent for ordinary sizes."""
+    if value != value:
+        return "n/a"
+    if value == 0:
+        return "0"
+    decimals = max(0, digits - 1 - math.floor(math.log10(abs(value))))
+    return f"{value:.{decimals}f}"
+
+
+def table_row(args: argparse.Namespace, cfg, engine: dict, floor: dict) -> dict:
+    round_s, floor_s = median(engine["round_s"]), median(floor["round_s"])
+    actor_rss = max((p[0] for p in engine["actor_peak"]), default=0)
+    actor_pss = max((p[1] for p in engine["actor_peak"]), default=0)
+    model = args.backbone
+    if args.backbone == "hf-vlm":
+        model += ":" + Path(args.name_or_path.rstrip("/")).name
+    return {
+        "model": model,
+        "batch": cfg.train.batch_size,
+        "step s": _num(median(floor["step_s"])),
+        "gen s/sample": _num(floor["gen_s"] / max(floor["gen_n"], 1)),
+        "gen tokens": floor["gen_tokens"],
+        "eval s/sample": _num(median(floor["eval_s"]) / max(floor["eval_n"], 1)),
+        "sampled": int(median(engine["sampled"])),
+        "actors": len(engine["actor_peak"]),
+        "round s": _num(round_s),
+        "floor s": _num(floor_s),
+        "round/floor": f"{round_s / floor_s:.2f}",
+        "same result": "yes" if same_result(engine, floor) else "NO",
+        "actor RSS MB": f"{actor_rss / MB:.0f}",
+        "actor PSS MB": f"{actor_pss / MB:.0f}",
+        "engine PSS MB": f"{engine['peak']['pss'] / MB:.0f}",
+        "floor RSS MB": f"{floor['peak']['rss'] / MB:.0f}",
+        "floor PSS MB": f"{floor['peak']['pss'] / MB:.0f}",
+    }
+
+
+def print_table(rows: list[dict]) -> None:
+    print("| " + " | ".join(COLUMNS) + " |")
+    print("|" + "---:|" * len(COLUMNS))
+    for row in rows:
+        print("| " + " | ".join(str(row[c]) for c in COLUMNS) + " |", flush=True)
+
+
+def summary(row: dict, rounds: int) -> str:
+    return (
+        f"summary: {row['model']}: a training step of {row['batch']} samples takes "
+        f"{row['step s']} s and greedy generation {row['gen s/sample']} s per sample; the "
+        f"engine's round ({row['sampled']} clients on {row['actors']} actors, median of "
+        f"{rounds}) takes {row['round s']} s = {row['round/floor']} x the one-process floor "
+        f"({row['floor s']} s); each client actor peaks at {row['actor RSS MB']} MB RSS / "
+        f"{row['actor PSS MB']} MB PSS, the floor process at {row['floor RSS MB']} MB RSS / "
+        f"{row['floor PSS MB']} MB PSS"
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> list[dict]:
+    """Run the benchmark, print the table and the summary line, and return the rows."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parse_args(argv)
+    if args.case:
+        case = run_engine if args.case == "engine" else run_floor
+        result = case(args, Path(args.workdir))
+        print(RESULT_TAG + json.dumps(result), flush=True)
+        return []
+    from fedsim.config import load_config
+
+    print(
+        f"machine: {platform.machine()}, os.cpu_count()={os.cpu_count()}, load average "
+        f"{os.getloadavg()[0]:.1f}; config {args.config}, backbone={args.backbone}"
+        + (f" ({args.name_or_path})" if args.name_or_path else "")
+        + f", rounds={args.rounds}, steps={args.steps}"
+        + (", quick" if args.quick else "")
+        + (f", overrides {' '.join(args.overrides)}" if args.overrides else ""),
+        flush=True,
+    )
+    start = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="fedsim-bench-vlm-") as tmp:
+        cfg = load_config(args.config, config_items(args, Path(tmp)))
+        engine = run_case(args, argv, "engine", Path(tmp) / "engine")
+        engine_s = time.perf_counter() - start
+        floor = run_case(args, argv, "floor", Path(tmp) / "floor")
+    total = time.perf_counter() - start
+    if any(engine["failed"]):
+        print(f"failed client tasks per round: {engine['failed']}")
+    print(
+        f"engine round_s {[round(x, 2) for x in engine['round_s']]} (aggregate_s "
+        f"{[round(x, 3) for x in engine['aggregate_s']]}); floor round_s "
+        f"{[round(x, 2) for x in floor['round_s']]} = train "
+        f"{[round(x, 2) for x in floor['train_s']]} + merge "
+        f"{[round(x, 3) for x in floor['merge_s']]} + global eval "
+        f"{[round(x, 2) for x in floor['eval_s']]} ({floor['eval_n']} samples); train steps "
+        f"{[round(x, 3) for x in floor['step_s']]} s (client {floor['step_client']}, rank "
+        f"{floor['step_rank']}); generation {floor['gen_s']:.2f} s for {floor['gen_n']} samples; "
+        f"model load {floor['load_s']:.1f} s; final global loss engine "
+        f"{engine['final'].get('loss', float('nan')):.6f}, floor "
+        f"{floor['final'].get('loss', float('nan')):.6f}",
+        flush=True,
+    )
+    print(
+        f"load average at the end {os.getloadavg()[0]:.1f}; total {total:.0f} s "
+        f"(engine case {engine_s:.0f} s)\n"
+    )
+    row = table_row(args, cfg, engine, floor)
+    print_table([row])
+    print()
+    print(summary(row, args.rounds), flush=True)
+    return [row]
+
+
+if __name__ == "__main__":
+    main()
