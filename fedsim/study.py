@@ -86,6 +86,13 @@ COLUMNS = [
     ("personalized/accuracy_mean", "pers. acc"),
     ("personalized/macro_f1_mean", "pers. macro-F1"),
 ]
+# A generative model's comparison table (chosen when the runs logged global/bleu).
+GENERATION_COLUMNS = [
+    ("global/bleu", "global BLEU-4"),
+    ("global/rouge_l", "global ROUGE-L"),
+    ("personalized/bleu_mean", "pers. BLEU-4"),
+    ("personalized/rouge_l_mean", "pers. ROUGE-L"),
+]
 
 
 def grid_cells(study: StudyConfig) -> list[tuple[str, list[str]]]:
@@ -203,10 +210,12 @@ def format_grid(
 
 def format_table(results: dict[str, list], study: StudyConfig, rounds: int, extra) -> str:
     """Markdown: one row per variant, mean +- std over seeds of the last rounds' means."""
-    head = "| method | " + " | ".join(t for _, t in COLUMNS) + " | upload MB / round |"
-    lines = [head, "|---" * (len(COLUMNS) + 2) + "|"]
+    first = next(iter(results.values()))[0].history
+    columns = GENERATION_COLUMNS if any("global/bleu" in h for h in first) else COLUMNS
+    head = "| method | " + " | ".join(t for _, t in columns) + " | upload MB / round |"
+    lines = [head, "|---" * (len(columns) + 2) + "|"]
     for name, runs in results.items():
-        cells = [_cell(runs, key, study.last_rounds) for key, _ in COLUMNS]
+        cells = [_cell(runs, key, study.last_rounds) for key, _ in columns]
         up = [np.mean([h["comm/upload_bytes"] for h in r.history[1:]]) / 1e6 for r in runs]
         lines.append(f"| {name} | " + " | ".join(cells) + f" | {np.mean(up):.2f} |")
     note = (

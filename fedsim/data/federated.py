@@ -44,8 +44,8 @@ class Split:
             ModalityMask(self.mask.image[positions], self.mask.text[positions]),
         )
 
-    def capped(self, max_samples: int | None, seed: int, *key: int) -> Split:
-        """At most ``max_samples`` rows: a subset seeded by ``(seed, *key)``, in split order.
+    def capped(self, max_samples: int | None, seed: int, tag: int, *key: int) -> Split:
+        """At most ``max_samples`` rows: a subset seeded by ``(seed, tag, *key)``, in order.
 
         ``eval.max_samples`` bounds evaluation cost; the subset is fixed per split, so every
         round evaluates the same rows.
@@ -54,7 +54,7 @@ class Split:
             return self
         from fedsim.data.partition import rng_for
 
-        keep = np.sort(rng_for(seed, *key).permutation(len(self))[:max_samples])
+        keep = np.sort(rng_for(seed, tag, *key).permutation(len(self))[:max_samples])
         return self.take(keep)
 
 

@@ -89,7 +89,7 @@ class EfficientNetLite(nn.Module):
         self.out_dim = head_channels
 
     def feature_map(self, x: torch.Tensor) -> torch.Tensor:
-        """The head's feature map: ``(B, 3, H, W)`` to ``(B, C, ceil(H/32), ceil(W/32))``."""
+        """The head's feature map ``(B, C, h, w)`` (Lite0: ``h = ceil(H / 32)``)."""
         h = F.relu6(self._bn0(self._conv_stem(x)))
         for block in self._blocks:
             h = block(h)

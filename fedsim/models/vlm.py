@@ -252,12 +252,15 @@ class ProjectedVLM(nn.Module):
     def _embed(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None):
         slots = input_ids == self.image_token_id  # (B, T)
         embeds = self.lm.get_input_embeddings()(input_ids.masked_fill(slots, 0))  # (B, T, H)
-        if pixel_values is None or not slots.any():
+        count = int(slots.sum())
+        if pixel_values is None or len(pixel_values) == 0:
+            if count:
+                raise ValueError(f"{count} image slots in input_ids but no pixel_values")
             return embeds
         feats = self.image_features(pixel_values.to(embeds.dtype))
-        if feats.shape[0] * feats.shape[1] != int(slots.sum()):
+        if feats.shape[0] * feats.shape[1] != count:
             raise ValueError(
-                f"{int(slots.sum())} image slots in input_ids but {feats.shape[0]} images of "
+                f"{count} image slots in input_ids but {feats.shape[0]} images of "
                 f"{feats.shape[1]} features each"
             )
         return embeds.masked_scatter(slots.unsqueeze(-1), feats.to(embeds.dtype))
