@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from peft import PeftModel
 
 from actors.client import ClientTask, ClientWorker
+from fedsim.adapter_io import save_peft_adapter
 from fedsim.config import load_config
+from fedsim.models.backbone import build_backbone
 
 
 @pytest.mark.slow
@@ -48,3 +51,18 @@ def test_the_pretrained_demo_vlm_learns_the_captions(tmp_path):
     assert any(o.strip() for o in outputs)
     # the projector is trained and uploaded with the LoRA tensors
     assert any(".projector." in k for k in update)
+    # the trained adapter, saved in peft's format, loads onto a fresh copy of the VLM with
+    # PeftModel.from_pretrained and generates exactly what the client's model generates
+    adapter = save_peft_adapter(
+        worker.host.state(16),
+        tmp_path / "adapter",
+        cfg,
+        worker.backbone.target_modules,
+        16,
+        16,
+        worker.backbone.dense_modules,
+    )
+    fresh = build_backbone(cfg.model, 1, cfg.seed)
+    loaded = PeftModel.from_pretrained(fresh.model, str(adapter))
+    again = worker.task.eval_part(loaded, probe, np.array([0]), 4).predictions
+    assert again == outputs

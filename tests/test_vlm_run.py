@@ -158,15 +158,36 @@ def _numbers(h: dict) -> dict:
 @pytest.mark.parametrize(
     "overrides",
     [
-        ["aggregation.method=zeropad", "editing.enabled=false"],
-        ["aggregation.method=hetlora", "editing.enabled=false", "pruning.gamma=0.1"],
-        ["aggregation.method=flexlora", "editing.enabled=false"],
-        ["aggregation.method=flora", "editing.enabled=false"],
-        ["sharing.policy=B", "server.optimizer=fedadam", "objective.method=fedprox"],
+        [
+            "aggregation.method=zeropad",
+            "editing.enabled=false",
+            "faults.fail_prob=0.3",
+            "resources.max_retries=3",
+            "data.image_fill=mask",
+        ],
+        [
+            "aggregation.method=hetlora",
+            "editing.enabled=false",
+            "pruning.gamma=0.1",
+            "data.target=label",
+            "eval.max_new_tokens=3",
+        ],
+        [
+            "aggregation.method=flexlora",
+            "editing.enabled=false",
+            "data.prompt_style=agnostic",
+            "data.text_fill=mask",
+            "eval.every=2",
+        ],
+        ["aggregation.method=flora", "editing.enabled=false", "data.scenario=hybrid"],
+        [
+            "sharing.policy=B",
+            "server.optimizer=fedadam",
+            "objective.method=fedprox",
+            "editing.key=lora_B",
+        ],
         ["objective.method=scaffold", "train.optimizer=sgd", "editing.enabled=false"],
         ["objective.method=fedmllm", "objective.layer_skip=0", "data.scenario=cross"],
-        ["faults.fail_prob=0.3", "resources.max_retries=3", "data.image_fill=mask"],
-        ["data.prompt_style=agnostic", "data.text_fill=mask", "eval.every=2"],
     ],
     ids=lambda o: o[0].split("=")[1] if "=" in o[0] else o[0],
 )
@@ -175,6 +196,9 @@ def test_every_capability_runs_on_a_vlm(ray_cluster, vlm_config, overrides):
     final = result.history[-1]
     assert final["clients/failed"] == 0 and final["clients/rejected"] == 0
     assert 0.0 <= final["global/rouge_l"] <= 1.0
+    if "data.target=label" in overrides:  # emoji groups posed as instruction following
+        assert 0.0 <= final["global/accuracy"] <= 1.0 and 0.0 <= final["global/macro_f1"] <= 1.0
+        assert "personalized/accuracy_mean" in final and "global/answer_valid" in final
     if "eval.every=2" in overrides:
         assert "global/bleu" not in result.history[1] and "global/bleu" in final
         assert "personalized/rouge_l_mean" not in result.history[1]
