@@ -27,7 +27,15 @@ from actors.server import AggregateReport, ServerOptions
 from aggregation import SERVER_OPTIMIZERS, get_merger, lora_rank, shared_keys, unfold_scaling
 from fedsim.adapter_io import save_peft_adapter
 from fedsim.checkpoint import Checkpoint, CheckpointWriter, load_checkpoint
-from fedsim.config import ConfigError, FedSimConfig, as_config, load_config, resolve_ranks, to_yaml
+from fedsim.config import (
+    ConfigError,
+    FedSimConfig,
+    as_config,
+    is_generative,
+    load_config,
+    resolve_ranks,
+    to_yaml,
+)
 from fedsim.data.federated import FederatedData, load_dataset
 from fedsim.data.partition import sample_clients
 from fedsim.devices import assign_profiles, close_round, straggler_delay, task_seconds
@@ -288,6 +296,10 @@ def _simulate(cfg: FedSimConfig, ckpt: Checkpoint | None, run_dir: Path | None =
     # Build the dataset cache and check the split here, once, before any actor starts: a
     # split that cannot be made is a config error, not N dead actors.
     FederatedData(cfg, load_dataset(cfg))
+    if is_generative(cfg):  # a model that cannot be found stops here, not in every actor
+        from fedsim.models.vlm import check_model_source
+
+        check_model_source(cfg.model)
     started = init_ray()
     for key in ephemeral_paths(cfg):
         print(

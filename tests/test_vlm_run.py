@@ -266,3 +266,10 @@ def test_bf16_weights_autocast_and_checkpointing_train_and_generate_on_cpu(vlm_c
     assert report["steps"] == 2 and report["train_loss"] == report["train_loss"]  # not NaN
     assert all(v.isfinite().all() for v in update.values())
     assert 0.0 <= report["personalized"]["rouge_l"] <= 1.0
+
+
+def test_a_missing_model_stops_the_run_before_any_actor_starts(make_config, tmp_path):
+    cfg = make_config("model.backbone=hf-vlm", f"model.name_or_path={tmp_path / 'nothing'}")
+    with pytest.raises(ConfigError) as info:
+        fedsim.run(cfg)
+    assert info.value.key == "model.name_or_path"

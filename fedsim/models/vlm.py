@@ -366,6 +366,32 @@ def _build_hf(cfg: ModelConfig):
     return model, HFChatCodec(processor), ()
 
 
+def check_model_source(cfg: ModelConfig) -> None:
+    """Fail fast, before any actor starts, if the configured generative model cannot be found.
+
+    Reads only the model's config (``hf-vlm``) or locates the SmolLM2 weights
+    (``smolvlm-effnet``).
+
+    Raises:
+        ConfigError: naming ``model.name_or_path`` or ``model.backbone``.
+    """
+    if cfg.backbone == "smolvlm-effnet":
+        from fedsim.models.smollm import smollm2_gguf
+
+        smollm2_gguf()
+    elif cfg.backbone == "hf-vlm":
+        from transformers import AutoConfig
+
+        try:
+            AutoConfig.from_pretrained(cfg.name_or_path)
+        except (OSError, ValueError, KeyError) as exc:
+            reason = " ".join(str(exc).split())[:300]
+            raise ConfigError(
+                "model.name_or_path",
+                f"cannot read a model config from {cfg.name_or_path!r}: {reason}",
+            ) from None
+
+
 def build_generative(cfg: ModelConfig, num_classes: int, image_fill: str, text_fill: str):
     """The configured generative backbone (``smolvlm-effnet`` or ``hf-vlm``).
 
