@@ -209,8 +209,10 @@ def test_every_capability_runs_on_a_vlm(ray_cluster, vlm_config, overrides):
 
 
 @pytest.mark.slow
-def test_a_resumed_vlm_run_reaches_the_uninterrupted_numbers(ray_cluster, vlm_config, tmp_path):
-    straight = fedsim.run(vlm_config("llava", "rounds=2", f"checkpoint.dir={tmp_path / 'a'}"))
+def test_a_resumed_vlm_run_reaches_the_uninterrupted_numbers(
+    ray_cluster, vlm_config, family_runs, tmp_path
+):
+    straight = family_runs["llava"]  # the same config, 2 rounds uninterrupted
     first = fedsim.run(vlm_config("llava", "rounds=1", f"checkpoint.dir={tmp_path / 'b'}"))
     resumed = fedsim.resume(first.run_dir, ["rounds=2"])
     assert [_numbers(h) for h in resumed.history] == [_numbers(h) for h in straight.history]
