@@ -37,6 +37,7 @@ class AggregateReport:
     rejected: dict[int, str] = field(default_factory=dict)
     aggregate_s: float = 0.0
     global_delta_norm: float = 0.0
+    nonfinite: list[str] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -167,8 +168,10 @@ class ServerState:
                 continue
             kept.append((meta, update, delta))
         if kept:
-            report.global_delta_norm = self._merge(kept)
-            report.accepted = [m[0] for m, _, _ in kept]
+            report.nonfinite = self._merge(kept)
+            if not report.nonfinite:
+                report.global_delta_norm = self._last_delta_norm
+                report.accepted = [m[0] for m, _, _ in kept]
         report.aggregate_s = time.perf_counter() - start
         return report
 
@@ -184,8 +187,14 @@ class ServerState:
         deltas = list(tensors[n:]) if len(tensors) > n else None
         return self.aggregate(round_idx, clients, list(tensors[:n]), deltas)
 
-    def _merge(self, kept) -> float:
-        """Merge the accepted updates into the global state; returns the global change's norm."""
+    def _merge(self, kept) -> list[str]:
+        """Merge the accepted updates into the global state.
+
+        Returns:
+            The keys whose merged value is not finite (an overflow in the merge or the server
+            optimiser); then nothing is applied, and the server's state is not to be trusted
+            any further (the driver stops the run).
+        """
         ranks = [m[1] for m, _, _ in kept]
         counts = [m[2] for m, _, _ in kept]
         updates = [u for _, u, _ in kept]
@@ -199,7 +208,17 @@ class ServerState:
         if self.merger.fresh_adapter_each_round:
             merged = self._fold_into_base(merged)
         new = self.options.optimizer.step(current, merged)
+        nonfinite = [k for k, v in new.items() if not bool(torch.isfinite(v).all())]
+        if self.base_delta is not None:
+            nonfinite += [
+                f"base update of {k}"
+                for k, v in self.base_delta.items()
+                if not bool(torch.isfinite(v).all())
+            ]
+        if nonfinite:
+            return nonfinite
         delta = sum(float((new[k].double() - current[k].double()).pow(2).sum()) for k in new)
+        self._last_delta_norm = math.sqrt(delta)
         self.global_state = {**self.global_state, **new}
         if self.scaffold_c is not None:
             self.scaffold_c = scaffold_server_variate(
@@ -209,7 +228,7 @@ class ServerState:
                 self.options.scaffold_clients,
                 self.global_rank,
             )
-        return math.sqrt(delta)
+        return []
 
     def _fold_into_base(self, stacked: State) -> State:
         """FLoRA: add ``B_g @ A_g`` to the base updates; the adapter restarts from its init."""

@@ -51,11 +51,19 @@ from aggregation.server_opt import (
     get_server_optimizer,
 )
 from aggregation.sharing import SHARING_POLICIES, join_state, shared_keys, split_state
-from aggregation.validate import UpdateRejected, check_merge_inputs, check_update
+from aggregation.validate import (
+    MERGE_DTYPES,
+    UpdateRejected,
+    check_merge_inputs,
+    check_merge_states,
+    check_state_tensors,
+    check_update,
+)
 from aggregation.zeropad import ZeroPadMerger, zeropad_merge
 
 __all__ = [
     "MERGERS",
+    "MERGE_DTYPES",
     "SERVER_OPTIMIZERS",
     "SHARING_POLICIES",
     "SVD_CHOICES",
@@ -74,6 +82,8 @@ __all__ = [
     "UpdateRejected",
     "ZeroPadMerger",
     "check_merge_inputs",
+    "check_merge_states",
+    "check_state_tensors",
     "check_update",
     "cosine_similarity",
     "default_global_rank",

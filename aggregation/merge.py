@@ -1,13 +1,43 @@
-"""One-call merge of heterogeneous-rank LoRA state dicts, folding per-client scaling first."""
+"""One-call merge of heterogeneous-rank LoRA state dicts: validate, fold scaling, merge, cast.
+
+This is the public entry point for callers outside the engine. It checks what the engine's
+server checks per upload (``check_update``) that a merge can check without a reference state:
+tensors only, floating dtypes only, finite values, one dtype per key across clients.
+"""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 
+import torch
 from torch import Tensor
 
 from aggregation.registry import get_merger, merger_class
 from aggregation.scaling import fold_scaling
+from aggregation.validate import check_merge_states
+
+
+def _working_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype a key is folded and merged in: float32 for half precision, else its own."""
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+def _check_scalings(scalings: Sequence[float], count: int) -> None:
+    if len(scalings) != count:
+        raise ValueError(f"got {len(scalings)} scalings for {count} states")
+    for index, scaling in enumerate(scalings):
+        if not (math.isfinite(scaling) and scaling != 0):
+            raise ValueError(
+                f"client {index}: LoRA scaling must be finite and non-zero, got {scaling}"
+            )
+
+
+def _cast(state: Mapping[str, Tensor], dtypes: Mapping[str, torch.dtype]) -> dict[str, Tensor]:
+    """Cast each key listed in ``dtypes`` to its dtype (no copy when it already has it)."""
+    return {
+        key: tensor.to(dtypes[key]) if key in dtypes else tensor for key, tensor in state.items()
+    }
 
 
 def merge_lora_state_dicts(
@@ -30,6 +60,12 @@ def merge_lora_state_dicts(
     client ``i`` with ``unfold_scaling(redistributed, s_i)``. Without ``scalings`` the states
     are merged as given, which is right when every client uses the same constant scaling.
 
+    Dtypes: every tensor must be float16, bfloat16, float32 or float64, and all clients must
+    send a key in one dtype (different keys may differ, e.g. float32 factors and a bfloat16
+    head). Each key of the result has that common dtype, for every method. Half-precision keys
+    are folded and merged in float32 and cast back once at the end. ``previous`` may have
+    other floating dtypes: each of its keys is cast to the clients' dtype of that key first.
+
     Args:
         states: The sampled clients' LoRA state dicts (peft keys, same key set).
         ranks: Each client's LoRA rank; must match its tensors.
@@ -37,6 +73,7 @@ def merge_lora_state_dicts(
         method: A merge method registered in ``MERGERS`` (``"fedilora"``, ``"zeropad"``,
             ``"hetlora"``, ``"flexlora"``, ``"flora"``).
         previous: The previous global adapter (used by FediLoRA for uncovered dimensions).
+            It is validated like a client's state even by methods that do not read it.
         global_rank: The global rank ``R``; defaults to ``max(ranks)``, or the rank of
             ``previous`` if larger. Methods without a fixed rank (FLoRA, whose global rank is
             ``sum(ranks)``) ignore it and ``previous``.
@@ -47,21 +84,42 @@ def merge_lora_state_dicts(
             methods that take no such option.
 
     Returns:
-        A new rank-``R`` global state dict; each tensor keeps the dtype of the clients' tensor.
+        A new global state dict (rank ``R``, or ``sum(ranks)`` for FLoRA) with client 0's
+        keys; each tensor has the clients' common dtype of its key. Inputs are not mutated.
 
     Raises:
+        UpdateRejected: If a client's state (or ``previous``) holds a value that is not a
+            tensor, a tensor that is not float16/bfloat16/float32/float64 (integer, bool and
+            complex are rejected), or a NaN or Inf; or client ``i`` sends a key in another
+            dtype than client 0. The message names ``"client {i}"`` (or ``"previous"``), the
+            key and the problem. ``UpdateRejected`` is a ``ValueError``.
         ValueError: If ``method`` is unknown (valid names are listed), ``scalings`` has the
             wrong length or holds a zero or non-finite value, ``empty_dim`` or ``svd`` is
-            invalid, or the inputs are inconsistent (see ``RankMerger.merge``).
+            invalid, the inputs are inconsistent (see ``RankMerger.merge``), or a merged key
+            does not fit its dtype (e.g. a large ``s_i`` pushes a float16 ``lora_B`` past
+            65504).
     """
     cls = merger_class(method)
     given = {"empty_dim": empty_dim, "svd": svd}
     options = {name: value for name, value in given.items() if name in cls.options}
     merger = get_merger(method, **options)
     if scalings is not None:
-        if len(scalings) != len(states):
-            raise ValueError(f"got {len(scalings)} scalings for {len(states)} states")
+        _check_scalings(scalings, len(states))
+    dtypes = check_merge_states(states, previous)
+    working = {key: _working_dtype(dtype) for key, dtype in dtypes.items()}
+    states = [_cast(state, working) for state in states]
+    if scalings is not None:
         states = [
             fold_scaling(state, scaling) for state, scaling in zip(states, scalings, strict=True)
         ]
-    return merger.merge(states, ranks, num_samples, previous=previous, global_rank=global_rank)
+    if previous is not None:
+        previous = _cast(_cast(previous, dtypes), working)
+    merged = merger.merge(states, ranks, num_samples, previous=previous, global_rank=global_rank)
+    result = {key: tensor.to(dtypes[key]) for key, tensor in merged.items()}
+    for key, tensor in result.items():
+        if not bool(torch.isfinite(tensor).all()):
+            raise ValueError(
+                f"{key}: the merged tensor does not fit in {tensor.dtype} (finite inputs gave "
+                "NaN or Inf); pass states in a wider dtype or smaller scalings"
+            )
+    return result

@@ -2,6 +2,10 @@
 
 ``check_update`` guards the server against one client's upload (wrong keys, shapes, rank,
 non-finite values) and raises ``UpdateRejected`` so the caller can count and log the failure.
+``check_state_tensors`` and ``check_merge_states`` guard the public merge API the same way
+against what no reference state can catch: values that are not tensors, dtypes other than
+float16/bfloat16/float32/float64, NaN or Inf, and clients disagreeing on a key's dtype; they
+also raise ``UpdateRejected``, naming the client (or ``previous``) and the key.
 ``check_merge_inputs`` guards the merge functions against inconsistent arguments (a caller
 bug, not a client fault) and raises a plain ``ValueError``.
 """
@@ -16,9 +20,29 @@ from torch import Tensor
 
 from aggregation.lora_keys import lora_rank, rank_axis
 
+# The dtypes a LoRA state may be merged in. Integer and bool tensors cannot hold a weighted
+# average, complex ones would lose their imaginary part in the real-valued accumulators, and
+# float8 formats are storage formats, not ones to average in.
+MERGE_DTYPES: tuple[torch.dtype, ...] = (
+    torch.float16,
+    torch.bfloat16,
+    torch.float32,
+    torch.float64,
+)
+
 
 class UpdateRejected(ValueError):
     """A client update that must not be merged; the message names the key and the problem."""
+
+
+def _non_finite(tensor: Tensor) -> str | None:
+    """Describe the NaN and Inf values of ``tensor``, or return None when all are finite."""
+    finite = torch.isfinite(tensor)
+    if bool(finite.all()):
+        return None
+    nans = int(torch.isnan(tensor).sum())
+    infs = int((~finite).sum()) - nans
+    return f"{nans} NaN and {infs} Inf values"
 
 
 def _expected_shape(key: str, reference: Tensor, rank: int) -> tuple[int, ...]:
@@ -52,7 +76,8 @@ def check_update(state: Mapping[str, Tensor], reference: Mapping[str, Tensor], r
         UpdateRejected: If ``rank`` is outside ``[1, R]``; keys are missing or unexpected (all
             are named); a ``lora_A`` is not ``(rank, *A_ref.shape[1:])``; a ``lora_B`` is not
             ``(B_ref.shape[0], rank, *B_ref.shape[2:])``; a dense tensor's shape differs from
-            the reference; or a tensor holds NaN or Inf.
+            the reference; a tensor's dtype differs from the reference's; or a tensor holds
+            NaN or Inf.
         ValueError: If ``reference`` itself has no consistent rank (a server-side bug).
     """
     global_rank = lora_rank(reference)
@@ -65,17 +90,87 @@ def check_update(state: Mapping[str, Tensor], reference: Mapping[str, Tensor], r
         tensor = state[key]
         if not isinstance(tensor, Tensor):
             raise UpdateRejected(f"{key}: expected a tensor, got {type(tensor).__name__}")
+        if tensor.dtype != ref.dtype:
+            raise UpdateRejected(
+                f"{key}: dtype {tensor.dtype} differs from the global adapter's {ref.dtype}"
+            )
         expected = _expected_shape(key, ref, rank)
         if tuple(tensor.shape) != expected:
             raise UpdateRejected(
                 f"{key}: shape {tuple(tensor.shape)} does not match expected {expected} "
                 f"for rank {rank}"
             )
-        finite = torch.isfinite(tensor)
-        if not bool(finite.all()):
-            nans = int(torch.isnan(tensor).sum())
-            infs = int((~finite).sum()) - nans
-            raise UpdateRejected(f"{key}: {nans} NaN and {infs} Inf values")
+        problem = _non_finite(tensor)
+        if problem is not None:
+            raise UpdateRejected(f"{key}: {problem}")
+
+
+def check_state_tensors(state: Mapping[str, Tensor], who: str) -> None:
+    """Check that every value of ``state`` is a finite tensor of a dtype the mergers accept.
+
+    Args:
+        state: A LoRA state dict (a client's upload or a previous global state).
+        who: How messages name the state, e.g. ``"client 1"`` or ``"previous"``.
+
+    Raises:
+        UpdateRejected: If ``state`` is not a mapping; a value is not a ``torch.Tensor``; a
+            tensor's dtype is not one of ``MERGE_DTYPES`` (float16, bfloat16, float32,
+            float64: integer, bool, complex and float8 are rejected); or a tensor holds NaN
+            or Inf (both are counted). The message starts with ``"{who}: {key}: "``.
+    """
+    if not isinstance(state, Mapping):
+        raise UpdateRejected(f"{who}: expected a mapping of tensors, got {type(state).__name__}")
+    names = ", ".join(str(dtype).removeprefix("torch.") for dtype in MERGE_DTYPES)
+    for key, tensor in state.items():
+        if not isinstance(tensor, Tensor):
+            raise UpdateRejected(f"{who}: {key}: expected a tensor, got {type(tensor).__name__}")
+        if tensor.dtype not in MERGE_DTYPES:
+            raise UpdateRejected(
+                f"{who}: {key}: dtype {tensor.dtype} cannot be merged; expected one of {names}"
+            )
+        problem = _non_finite(tensor)
+        if problem is not None:
+            raise UpdateRejected(f"{who}: {key}: {problem}")
+
+
+def check_merge_states(
+    states: Sequence[Mapping[str, Tensor]], previous: Mapping[str, Tensor] | None = None
+) -> dict[str, torch.dtype]:
+    """Check every client's tensors (and ``previous``'s) and that clients agree on dtypes.
+
+    Keys may differ in dtype within one state (e.g. float32 factors beside a bfloat16 dense
+    head); one key must have one dtype across all clients. ``previous`` may have other dtypes:
+    it is the server's own state, which the caller casts to the clients' dtype.
+
+    Args:
+        states: The clients' state dicts, in client order.
+        previous: The previous global state, if the merge is given one.
+
+    Returns:
+        The clients' common dtype of each key of client 0 (empty when ``states`` is).
+
+    Raises:
+        UpdateRejected: If a client's or ``previous``'s state fails ``check_state_tensors``
+            (the message names ``"client {i}"`` or ``"previous"`` and the key), or client
+            ``i``'s tensor of a key has another dtype than client 0's (both are named).
+    """
+    for index, state in enumerate(states):
+        check_state_tensors(state, f"client {index}")
+    if previous is not None:
+        check_state_tensors(previous, "previous")
+    if not states:
+        return {}
+    dtypes = {key: tensor.dtype for key, tensor in states[0].items()}
+    for index, state in enumerate(states[1:], start=1):
+        for key, tensor in state.items():
+            # A key client 0 lacks is a key mismatch, reported by check_merge_inputs.
+            expected = dtypes.get(key)
+            if expected is not None and tensor.dtype != expected:
+                raise UpdateRejected(
+                    f"client {index}: {key}: dtype {tensor.dtype} differs from client 0's "
+                    f"{expected}; all clients must send one dtype per key"
+                )
+    return dtypes
 
 
 def _shape_without_rank(key: str, tensor: Tensor) -> tuple[int | None, ...]:

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 from fedsim.config import ConfigError, load_config
+from fedsim.errors import RunFailed
 
 DEFAULT_EXPERIMENT = Path("experiments") / "default.yaml"
 
@@ -74,6 +75,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:  # a user mistake: one line naming the key, never a traceback
         print(f"fedsim: {exc}", file=sys.stderr)
         return 2
+    except RunFailed as exc:  # the run started and could not go on; its MLflow run is FAILED
+        print(f"fedsim: run failed: {exc}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("fedsim: interrupted; the MLflow run is marked KILLED", file=sys.stderr)
         return 130

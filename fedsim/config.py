@@ -6,6 +6,7 @@ Every field has help text in its ``metadata``; cross-field rules are checked onc
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
@@ -464,6 +465,13 @@ class RoundConfig:
             "successful clients in all, the round merges nothing."
         ),
     )
+    max_empty_rounds: int = field(
+        default=3,
+        metadata=_help(
+            "Stop the run with an error once this many rounds in a row merged no update "
+            "(every sampled client failed, was late or was rejected); 0: never stop."
+        ),
+    )
 
 
 @dataclass
@@ -696,8 +704,50 @@ def _check(cond: bool, key: str, message: str) -> None:
         raise ConfigError(key, message)
 
 
+# Upper limits that keep a typo from exhausting memory before anything useful happens.
+MAX_SEED = 2**32 - 1
+MAX_CLIENTS = 1_000_000
+MAX_ROUNDS = 1_000_000
+_UPPER = {
+    "rounds": MAX_ROUNDS,
+    "clients.num": MAX_CLIENTS,
+    "model.head_hidden": 65_536,
+    "data.max_text_tokens": 8_192,
+    "eval.max_new_tokens": 4_096,
+    "eval.examples": 10_000,
+    "train.local_epochs": 10_000,
+    "train.batch_size": 1_000_000,
+    "train.eval_batch_size": 1_000_000,
+    "resources.max_retries": 100,
+    "resources.actors": 100_000,
+}
+
+
+def _check_values(obj: Any, prefix: str = "") -> None:
+    """Every number finite, every size below its upper limit; the message names the key."""
+    for f in fields(obj):
+        value = getattr(obj, f.name)
+        key = f"{prefix}{f.name}"
+        if is_dataclass(value):
+            _check_values(value, key + ".")
+        elif isinstance(value, dict):
+            for name, item in value.items():
+                if is_dataclass(item):
+                    _check_values(item, f"{key}.{name}.")
+        elif isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(key, f"must be a finite number, got {value}")
+        elif isinstance(value, int) and not isinstance(value, bool) and key in _UPPER:
+            _check(
+                value <= _UPPER[key],
+                key,
+                f"{value} is above the limit of {_UPPER[key]:,} (a typo?)",
+            )
+
+
 def validate(cfg: FedSimConfig) -> None:
     """Check cross-field rules once; raise :class:`ConfigError` naming the key."""
+    _check_values(cfg)
+    _check(0 <= cfg.seed <= MAX_SEED, "seed", f"must be in [0, 2^32 - 1], got {cfg.seed}")
     _check(cfg.rounds >= 0, "rounds", f"must be >= 0 (0: zero-shot only), got {cfg.rounds}")
     _check(cfg.clients.num >= 1, "clients.num", f"must be >= 1, got {cfg.clients.num}")
     _check(
@@ -738,6 +788,11 @@ def validate(cfg: FedSimConfig) -> None:
         f"must be at least 2 * clients.num = {2 * cfg.clients.num}, got {d.subset}",
     )
     _check(
+        d.test_split != "train",
+        "data.test_split",
+        "'train' is the training split; the global test set must be held out",
+    )
+    _check(
         d.dataset == "emoji" or bool(d.root),
         "data.root",
         f"data.dataset={d.dataset} reads its files from a directory; set data.root",
@@ -752,6 +807,7 @@ def validate(cfg: FedSimConfig) -> None:
         _check(bool(m.text_encoder), "model.text_encoder", "is required when model.backbone=hf")
         _check(bool(m.vision_encoder), "model.vision_encoder", "is required when model.backbone=hf")
     _check(0 <= m.head_dropout < 1, "model.head_dropout", "must be in [0, 1)")
+    _check(m.head_hidden >= 1, "model.head_hidden", f"must be >= 1, got {m.head_hidden}")
     _validate_generative(cfg)
     _check(cfg.lora.alpha > 0, "lora.alpha", f"must be > 0, got {cfg.lora.alpha}")
     _check(0 <= cfg.lora.dropout < 1, "lora.dropout", "must be in [0, 1)")
@@ -771,6 +827,7 @@ def validate(cfg: FedSimConfig) -> None:
     _check(t.batch_size >= 1, "train.batch_size", "must be >= 1")
     _check(t.eval_batch_size >= 1, "train.eval_batch_size", "must be >= 1")
     _check(t.lr > 0, "train.lr", f"must be > 0, got {t.lr}")
+    _check(t.weight_decay >= 0, "train.weight_decay", f"must be >= 0, got {t.weight_decay}")
     r = cfg.resources
     _check(r.client.num_cpus > 0, "resources.client.num_cpus", "must be > 0")
     _check(
@@ -850,6 +907,11 @@ def _validate_faults_rounds_devices(cfg: FedSimConfig) -> None:
     )
     r = cfg.round
     _check(r.deadline_s >= 0, "round.deadline_s", f"must be >= 0, got {r.deadline_s}")
+    _check(
+        r.max_empty_rounds >= 0,
+        "round.max_empty_rounds",
+        f"must be >= 0 (0: never stop), got {r.max_empty_rounds}",
+    )
     per_round = max(1, int(round(cfg.clients.fraction * cfg.clients.num)))
     _check(
         1 <= r.min_clients <= per_round,

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
@@ -62,16 +63,48 @@ def load_study(path: str | Path) -> tuple[StudyConfig, Path]:
     if not path.is_file():
         raise ConfigError("study", f"file not found: {path}")
     try:
-        merged = OmegaConf.merge(OmegaConf.structured(StudyConfig), OmegaConf.load(path))
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError:
+        raise ConfigError("study", f"{path} is not a UTF-8 text (YAML) file") from None
+    except OSError as exc:
+        raise ConfigError("study", f"cannot read {path}: {exc.strerror or exc}") from None
+    try:
+        loaded = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        reason = " ".join(str(exc).split())
+        raise ConfigError("study", f"cannot parse {path}: {reason}") from None
+    except RecursionError:
+        raise ConfigError("study", f"cannot parse {path}: nested too deeply") from None
+    if not isinstance(loaded, dict):
+        raise ConfigError(
+            "study",
+            f"{path} must be a mapping of study keys (base, variants, seeds, ...), "
+            f"got {type(loaded).__name__}",
+        )
+    for i, grid in enumerate(loaded.get("grids") or []):
+        if not isinstance(grid, dict):
+            raise ConfigError(f"grids[{i}]", f"{path}: a grid maps config keys to value lists")
+        for key, values in grid.items():
+            if not isinstance(values, list) or not values:
+                raise ConfigError(
+                    f"grids[{i}].{key}", f"{path}: must be a non-empty list of values"
+                )
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(StudyConfig), OmegaConf.create(loaded))
         study = OmegaConf.to_object(merged)
     except OmegaConfBaseException as exc:
         raise ConfigError("study", f"{path}: {str(exc).splitlines()[0]}") from None
+    except (TypeError, ValueError) as exc:
+        raise ConfigError("study", f"{path} does not fit a study's shape: {exc}") from None
     if not study.variants:
         raise ConfigError("variants", f"{path} lists no variants")
     if not study.seeds:
         raise ConfigError("seeds", f"{path} lists no seeds")
     if study.last_rounds < 1:
         raise ConfigError("last_rounds", "must be >= 1")
+    base = path.parent / study.base
+    if not base.is_file():
+        raise ConfigError("base", f"{path}: the base experiment {base} does not exist")
     return study, path.parent
 
 
@@ -129,8 +162,18 @@ def run_study(path: str | Path, extra: list[str] = ()) -> str:
                 all_overrides = [*study.overrides, *cell_overrides, *overrides, f"seed={seed}"]
                 label = " ".join(x for x in (cell, name, f"seed={seed}") if x)
                 all_overrides += [*extra, f"tracking.run_name={label}"]
-                plan.append((cell, name, seed, load_config(here / study.base, all_overrides)))
+                try:
+                    cfg = load_config(here / study.base, all_overrides)
+                except ConfigError as exc:  # name the run of the study it belongs to
+                    message = str(exc).removeprefix(f"config error: {exc.key}: ")
+                    raise ConfigError(exc.key, f"{message} (in run '{label}')") from None
+                plan.append((cell, name, seed, cfg))
     import ray
+
+    from fedsim.preflight import check_outputs, check_writable_dir
+
+    check_writable_dir(Path(study.output).parent, "output")
+    check_outputs(plan[0][3])  # the tracking store and checkpoints, before the parent run
 
     parent = Tracker(plan[0][3], run_name=f"study {Path(path).stem}", log_config=False)
     started = init_ray()

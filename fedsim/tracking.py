@@ -15,7 +15,7 @@ from mlflow.tracking import MlflowClient
 from fedsim.config import FedSimConfig, flatten, to_yaml
 
 
-def _quiet_mlflow() -> None:
+def quiet_mlflow() -> None:
     # MLflow prints a banner per run and warns about git; a simulation prints its own summary.
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     os.environ.setdefault("GIT_PYTHON_REFRESH", "quiet")
@@ -35,7 +35,7 @@ class Tracker:
     """
 
     def __init__(self, cfg: FedSimConfig, run_name: str | None = None, log_config: bool = True):
-        _quiet_mlflow()
+        quiet_mlflow()
         self.cfg = cfg
         self.uri = cfg.tracking.uri
         self.client = MlflowClient(tracking_uri=self.uri)
@@ -71,7 +71,7 @@ class Tracker:
 
         from fedsim.config import ConfigError
 
-        _quiet_mlflow()
+        quiet_mlflow()
         self = cls.__new__(cls)
         self.cfg = cfg
         self.uri = cfg.tracking.uri

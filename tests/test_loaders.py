@@ -9,6 +9,8 @@ import pytest
 import torch
 from PIL import Image
 
+from fedsim.config import ConfigError
+from fedsim.data.federated import load_dataset
 from fedsim.data.loaders import (
     UNLABELED,
     DataError,
@@ -612,10 +614,321 @@ def test_llava_split_bad_records_raise_or_skip(tmp_path):
     assert report.skipped_rows == [SkippedRow("train.json", 2, "no 'gpt' turn in 'conversations'")]
 
 
-def test_llava_split_with_no_usable_record_raises(tmp_path):
+def test_llava_split_with_no_usable_record_comes_back_empty(tmp_path):
+    """As with the other loaders; load_dataset makes an empty split a ConfigError."""
     from fedsim.data.loaders import load_llava_split
 
     records = [_no_gpt(r) for r in _llava_records(tmp_path)]
     (tmp_path / "train.json").write_text(json.dumps(records))
-    with pytest.raises(DataError, match="^train.json: no usable records$"):
-        load_llava_split(tmp_path, "train", S, on_error="skip")
+    ds, report = load_llava_split(tmp_path, "train", S, on_error="skip")
+    assert len(ds) == 0 and ds.images.shape == (0, 3, S, S)
+    assert (report.rows, report.kept, report.skipped) == (2, 0, 2)
+
+
+# --- paths confined to the root, deep JSON, and split checks in load_dataset -----------------
+
+KINDS = ["hateful_memes", "crisismmd", "llava-json", "llava-jsonl"]
+CRISIS_LABELS = ("affected_individuals", "not_humanitarian")
+
+
+def _split(kind: str, root: Path, split: str, images: list[str]) -> tuple[str, str, int]:
+    """Write ``split`` of ``kind`` under ``root``, one labelled row per image path.
+
+    Returns the file name, the row unit and the row number of the first row.
+    """
+    root.mkdir(parents=True, exist_ok=True)
+    if kind == "hateful_memes":
+        rows = [{"img": rel, "text": f"m{i}", "label": i % 2} for i, rel in enumerate(images)]
+        _jsonl(root / f"{split}.jsonl", rows)
+        return f"{split}.jsonl", "line", 1
+    if kind == "crisismmd":
+        labels = [CRISIS_LABELS[i % 2] for i in range(len(images))]
+        rows = [
+            ["fire", str(i), f"{i}_0", f"t{i}", rel, label, label, label, "Positive"]
+            for i, (rel, label) in enumerate(zip(images, labels))
+        ]
+        _write_tsv(root / f"task_humanitarian_text_img_{split}.tsv", rows)
+        return f"task_humanitarian_text_img_{split}.tsv", "line", 2  # line 1 is the header
+    records = [
+        {"image": rel, "conversations": _turns(("human", "<image>\nWhat?"), ("gpt", f"c{i}"))}
+        for i, rel in enumerate(images)
+    ]
+    if kind == "llava-json":
+        (root / f"{split}.json").write_text(json.dumps(records))
+        return f"{split}.json", "item", 1
+    _jsonl(root / f"{split}.jsonl", records)
+    return f"{split}.jsonl", "line", 1
+
+
+def _load(kind: str, root: Path, split: str, **kw):
+    from fedsim.data.loaders import load_llava_split
+
+    if kind == "hateful_memes":
+        return load_hateful_memes(root, split, S, **kw)
+    if kind == "crisismmd":
+        return load_crisismmd(root, split, S, **kw)
+    return load_llava_split(root, split, S, **kw)
+
+
+def _good_images(root: Path, n: int = 3) -> list[str]:
+    return [_image(root / "img" / f"{i}.png", (12, 10), (40 * i, 0, 0)) for i in range(n)]
+
+
+def _config(kind: str, root: Path, *overrides: str):
+    from fedsim.config import load_config
+
+    generative = ["model.backbone=smolvlm-effnet"] if kind.startswith("llava") else []
+    return load_config(
+        None,
+        [
+            f"data.dataset={kind.split('-')[0]}",
+            f"data.root={root}",
+            f"data.image_size={S}",
+            "data.subset=null",
+            *generative,
+            *overrides,
+        ],
+    )
+
+
+def _dotdot(tmp: Path, root: Path) -> str:
+    return "../outside.png"
+
+
+def _absolute(tmp: Path, root: Path) -> str:
+    return str(tmp / "outside.png")
+
+
+def _dotdot_deep(tmp: Path, root: Path) -> str:
+    return "img/../../outside.png"
+
+
+def _symlinked_file(tmp: Path, root: Path) -> str:
+    (root / "img" / "link.png").symlink_to(tmp / "outside.png")
+    return "img/link.png"
+
+
+def _symlinked_dir(tmp: Path, root: Path) -> str:
+    _image(tmp / "elsewhere" / "x.png", (9, 9), GREEN)
+    (root / "ext").symlink_to(tmp / "elsewhere", target_is_directory=True)
+    return "ext/x.png"
+
+
+ESCAPES = [_dotdot, _absolute, _dotdot_deep, _symlinked_file, _symlinked_dir]
+
+
+@pytest.mark.parametrize("escape", ESCAPES, ids=lambda f: f.__name__.strip("_"))
+@pytest.mark.parametrize("kind", KINDS)
+def test_image_path_outside_root_is_a_bad_row(tmp_path, monkeypatch, kind, escape):
+    root = tmp_path / "data"
+    _image(tmp_path / "outside.png", (9, 9), GREEN)  # exists and is a valid image
+    good = _good_images(root)
+    rel = escape(tmp_path, root)
+    name, unit, first = _split(kind, root, "train", [good[0], rel, good[2]])
+    opened: list[Path] = []
+    real_open = Image.open
+    monkeypatch.setattr(
+        Image, "open", lambda fp, *a, **k: opened.append(Path(fp)) or real_open(fp, *a, **k)
+    )
+    reason = f"image path {rel!r} resolves outside data.root ({root})"
+
+    with pytest.raises(DataError) as info:
+        _load(kind, root, "train")
+    assert str(info.value) == f"{name} {unit} {first + 1}: {reason}"
+    assert (info.value.file, info.value.row) == (name, first + 1)
+
+    ds, report = _load(kind, root, "train", on_error="skip")
+    assert len(ds) == 2 and (report.rows, report.kept, report.skipped) == (3, 2, 1)
+    assert report.skipped_rows == [SkippedRow(name, first + 1, reason)]
+    # the check comes before the file is opened: nothing outside the root was read
+    assert len(opened) == 3 and all(p.is_relative_to(root.resolve()) for p in opened)
+
+
+def test_paths_that_stay_inside_root_are_fine(tmp_path):
+    root = tmp_path / "data"
+    good = _good_images(root)
+    (root / "img" / "alias.png").symlink_to(root / "img" / "1.png")  # a link within the root
+    (tmp_path / "link").symlink_to(root, target_is_directory=True)  # the root itself a link
+    rows = [good[0], "img/alias.png", "img/../img/2.png", f"{root}/img/0.png"]
+    _split("hateful_memes", root, "train", rows)
+    ds, report = load_hateful_memes(tmp_path / "link", "train", S)
+    assert len(ds) == 4 and report.skipped == 0
+    assert ds.images[1, 0, 0, 0].item() == 40  # the alias reads 1.png
+
+
+def test_image_path_that_cannot_be_resolved_is_a_bad_row(tmp_path):
+    root = tmp_path / "data"
+    good = _good_images(root)
+    (root / "img" / "loop.png").symlink_to(root / "img" / "loop.png")
+    _split("hateful_memes", root, "train", [good[0], "img/loop.png", "img/\x00.png"])
+    ds, report = load_hateful_memes(root, "train", S, on_error="skip")
+    assert len(ds) == 1 and [r.row for r in report.skipped_rows] == [2, 3]
+    assert all("image path 'img/" in r.reason for r in report.skipped_rows)
+
+
+DEEP_LINES = [
+    "[" * 100_000,
+    '{"a":' * 100_000 + "1" + "}" * 100_000,
+    '{"img": "img/0.png", "text": "x", "label": ' + "[" * 100_000 + "]" * 100_000 + "}",
+]
+
+
+@pytest.mark.parametrize("line", DEEP_LINES, ids=["list", "object", "label"])
+@pytest.mark.parametrize("kind", ["hateful_memes", "llava-jsonl"])
+def test_deeply_nested_json_line_is_a_bad_row(tmp_path, kind, line):
+    name, _, _ = _split(kind, tmp_path, "train", _good_images(tmp_path, 2))
+    path = tmp_path / name
+    path.write_text(path.read_text() + line + "\n")
+    reason = "bad JSON (nested too deeply to parse)"
+    with pytest.raises(DataError) as info:
+        _load(kind, tmp_path, "train")
+    assert str(info.value) == f"{name} line 3: {reason}"
+    ds, report = _load(kind, tmp_path, "train", on_error="skip")
+    assert len(ds) == 2 and report.skipped_rows == [SkippedRow(name, 3, reason)]
+
+
+@pytest.mark.parametrize(
+    "label, reason",
+    [
+        ("[" * 500 + "]" * 500, "bad label [[[[[[[...]]]]]]] (expected 0 or 1)"),  # parses
+        ("1" * 5000, "bad JSON (Exceeds the limit (4300 digits)"),  # int() refuses it
+    ],
+)
+def test_unwieldy_json_values_are_bad_rows(tmp_path, label, reason):
+    _good_images(tmp_path, 1)
+    (tmp_path / "train.jsonl").write_text(f'{{"img": "img/0.png", "text": "x", "label": {label}}}')
+    with pytest.raises(DataError) as info:
+        load_hateful_memes(tmp_path, "train", S)
+    assert str(info.value).startswith(f"train.jsonl line 1: {reason}")
+
+
+def test_llava_json_list_nested_too_deeply_names_the_file(tmp_path):
+    path = tmp_path / "data.json"
+    path.write_text("[" * 100_000 + "]" * 100_000)
+    for on_error in ("raise", "skip"):
+        with pytest.raises(DataError) as info:
+            load_llava(path, S, on_error=on_error)
+        assert str(info.value) == "data.json: bad JSON (nested too deeply to parse)"
+    (tmp_path / "train.json").write_bytes(path.read_bytes())
+    _split("llava-json", tmp_path, "dev", _good_images(tmp_path))
+    with pytest.raises(ConfigError) as cfg_info:
+        load_dataset(_config("llava", tmp_path, "data.test_split=dev"))
+    assert cfg_info.value.key == "data.root" and "train.json: bad JSON (nested too deeply" in str(
+        cfg_info.value
+    )
+
+
+GARBAGE = b"\x89PNG\r\n\x1a\n" + bytes(range(256)) * 4
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_binary_split_file_is_an_error_not_a_traceback(tmp_path, kind):
+    name, _, _ = _split(kind, tmp_path, "train", _good_images(tmp_path))
+    (tmp_path / name).write_bytes((b"[" if kind == "llava-json" else b"") + GARBAGE)
+    with pytest.raises(DataError, match=f"^{name}"):
+        _load(kind, tmp_path, "train")
+    try:
+        ds, report = _load(kind, tmp_path, "train", on_error="skip")
+    except DataError as err:  # a file that is unusable as a whole (a TSV header, a JSON list)
+        assert err.file == name and kind in ("crisismmd", "llava-json")
+    else:
+        assert len(ds) == 0 and report.skipped == report.rows > 0
+
+
+@pytest.fixture
+def splits(tmp_path):
+    """``make(kind)``: a root with train and dev splits of ``kind``, 3 good rows each."""
+
+    def make(kind: str) -> Path:
+        images = _good_images(tmp_path)
+        _split(kind, tmp_path, "train", images)
+        _split(kind, tmp_path, "dev", images[:2])
+        return tmp_path
+
+    return make
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_load_dataset_records_skipped_rows_of_both_splits(splits, kind):
+    root = splits(kind)
+    train_name, unit, first = _split(kind, root, "train", ["img/0.png", "../x.png", "img/2.png"])
+    dev_name, _, _ = _split(kind, root, "dev", ["img/0.png", "img/1.png", "img/404.png"])
+    cfg = _config(kind, root, "data.test_split=dev")
+    with pytest.raises(ConfigError) as info:
+        load_dataset(cfg)
+    assert info.value.key == "data.root" and f"{dev_name} {unit} {first + 2}" in str(info.value)
+
+    ds = load_dataset(_config(kind, root, "data.test_split=dev", "data.on_error=skip"))
+    assert len(ds) == 4 and ds.test_rows.tolist() == [2, 3]
+    assert [(r.file, r.row) for r in ds.skipped] == [
+        (train_name, first + 1),
+        (dev_name, first + 2),
+    ]
+    assert "resolves outside data.root" in ds.skipped[0].reason
+    assert ds.subset([0, 1]).skipped == ds.skipped  # a data.subset keeps the record
+
+
+def test_emoji_dataset_has_no_skipped_rows(make_config):
+    assert load_dataset(make_config()).skipped == []
+
+
+def _empty(kind: str, root: Path, split: str) -> str:
+    name, _, _ = _split(kind, root, split, [])
+    if kind != "crisismmd":  # a TSV keeps its header
+        (root / name).write_text("\n\n" if kind != "llava-json" else "[]")
+    return name
+
+
+def _all_bad(kind: str, root: Path, split: str) -> str:
+    return _split(kind, root, split, ["img/404.png", "../img/0.png"])[0]
+
+
+@pytest.mark.parametrize("spoil", [_empty, _all_bad], ids=["empty", "all_skipped"])
+@pytest.mark.parametrize("split, key", [("dev", "data.test_split"), ("train", "data.root")])
+@pytest.mark.parametrize("kind", KINDS)
+def test_split_without_usable_rows_is_a_config_error(splits, kind, split, key, spoil):
+    root = splits(kind)
+    name = spoil(kind, root, split)
+    with pytest.raises(ConfigError) as info:
+        load_dataset(_config(kind, root, "data.test_split=dev", "data.on_error=skip"))
+    assert info.value.key == key
+    if kind == "crisismmd" and split == "train" and spoil is _empty:  # read for the classes
+        assert "_img_train.tsv: no labelled rows to take the classes from" in str(info.value)
+        return
+    assert f"{root / name} has no usable rows" in str(info.value)
+    if spoil is _all_bad:
+        assert "all 2 skipped with data.on_error=skip" in str(info.value)
+
+
+def test_empty_test_file_without_header_names_test_split(splits):
+    root = splits("crisismmd")
+    (root / "task_humanitarian_text_img_dev.tsv").write_text("")
+    with pytest.raises(ConfigError) as info:
+        load_dataset(_config("crisismmd", root, "data.test_split=dev"))
+    assert info.value.key == "data.test_split" and "empty file (no header)" in str(info.value)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_missing_test_split_names_test_split(splits, kind):
+    root = splits(kind)
+    with pytest.raises(ConfigError) as info:
+        load_dataset(_config(kind, root, "data.test_split=test"))
+    assert info.value.key == "data.test_split" and "file not found" in str(info.value)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_test_split_that_is_the_train_split_is_a_config_error(splits, tmp_path, kind):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ConfigError) as info:  # nothing need exist: the name is enough
+        load_dataset(_config(kind, tmp_path / "empty", "data.test_split=train"))
+    assert info.value.key == "data.test_split"
+    assert "'train' is the training split; the global test set must be held out" in str(info.value)
+
+    root = splits(kind)
+    name = next(p.name for p in root.iterdir() if p.is_file() and "train" in p.name)
+    test = name.replace("train", "test")
+    (root / test).symlink_to(root / name)  # test -> train under another name
+    with pytest.raises(ConfigError) as info:
+        load_dataset(_config(kind, root, "data.test_split=test"))
+    assert info.value.key == "data.test_split"
+    assert f"{root / test} is the training split ({root / name})" in str(info.value)

@@ -12,12 +12,16 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
+
+if TYPE_CHECKING:
+    from fedsim.data.loaders import SkippedRow
 
 CACHE_FORMAT = 1
 EXCLUDED_GROUPS = ("Component",)
@@ -45,6 +49,8 @@ class MultimodalDataset:
         test_rows: rows of the dataset's own test split (None: split it by seed).
         targets: a generative task's reference answers (captions), one per row, or None.
         refs: a reference to each row's image (a file path, a code point), or None.
+        skipped: rows of the source files left out by ``data.on_error=skip``, over every split
+            loaded (empty for the emoji set); for the run's record, not for training.
     """
 
     images: torch.Tensor
@@ -54,12 +60,13 @@ class MultimodalDataset:
     test_rows: np.ndarray | None = None  # a dataset's own test split, if it ships one
     targets: list[str] | None = None
     refs: list[str] | None = None
+    skipped: list[SkippedRow] = field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.texts)
 
     def subset(self, index: np.ndarray) -> MultimodalDataset:
-        """Rows ``index`` as a new dataset (classes unchanged)."""
+        """Rows ``index`` as a new dataset (classes and the skipped-row record unchanged)."""
         idx = torch.as_tensor(np.asarray(index), dtype=torch.long)
         rows = idx.tolist()
         return MultimodalDataset(
@@ -69,6 +76,7 @@ class MultimodalDataset:
             self.classes,
             targets=[self.targets[i] for i in rows] if self.targets is not None else None,
             refs=[self.refs[i] for i in rows] if self.refs is not None else None,
+            skipped=list(self.skipped),
         )
 
 

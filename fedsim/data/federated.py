@@ -7,6 +7,8 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -21,6 +23,9 @@ from fedsim.data.partition import (
     train_test_split,
 )
 from fedsim.data.scenarios import client_modalities
+
+if TYPE_CHECKING:
+    from fedsim.data.loaders import LoadReport
 
 # EfficientNet-Lite was trained on inputs scaled to [-1, 1].
 PIXEL_MEAN = 0.5
@@ -72,9 +77,11 @@ def load_dataset(cfg: FedSimConfig) -> MultimodalDataset:
 
     A real dataset comes back as its train split followed by its test split, with
     ``test_rows`` marking the latter (the global test set); the emoji set is split later.
+    ``skipped`` lists the rows ``data.on_error=skip`` left out of either split.
 
     Raises:
-        ConfigError: a real dataset's files cannot be read (the message names file and row).
+        ConfigError: a real dataset's files cannot be read (the message names file and row),
+            its test split is the train split, or a split has no usable row.
     """
     from fedsim.config import is_generative
 
@@ -91,27 +98,52 @@ def load_dataset(cfg: FedSimConfig) -> MultimodalDataset:
 
 
 def _load_real(cfg: FedSimConfig) -> MultimodalDataset:
+    """Load and check a real dataset's test and train splits (see :func:`load_dataset`).
+
+    The test split is checked before the train split is read: it must be another file than
+    the train split, have at least one usable row and carry labels. The test split is read
+    first because it is the smaller one and the likelier to be misconfigured.
+    """
     from fedsim.config import ConfigError
-    from fedsim.data.loaders import (
-        DataError,
-        load_crisismmd,
-        load_hateful_memes,
-        load_llava_split,
-    )
+    from fedsim.data import loaders
 
     d = cfg.data
-    loader, default_test = {
-        "hateful_memes": (load_hateful_memes, "dev"),
-        "crisismmd": (load_crisismmd, "test"),
-        "llava": (load_llava_split, "test"),
+    loader, file_of, default_test = {
+        "hateful_memes": (loaders.load_hateful_memes, loaders.hateful_memes_file, "dev"),
+        "crisismmd": (loaders.load_crisismmd, loaders.crisismmd_file, "test"),
+        "llava": (loaders.load_llava_split, loaders.llava_file, "test"),
     }[d.dataset]
+    split = d.test_split or default_test
+    train_file, test_file = file_of(d.root, "train"), file_of(d.root, split)
+    if split == "train":
+        raise ConfigError(
+            "data.test_split", "'train' is the training split; the global test set must be held out"
+        )
+    if _same_file(train_file, test_file):  # e.g. a symlink dev.jsonl -> train.jsonl
+        raise ConfigError(
+            "data.test_split",
+            f"{test_file} is the training split ({train_file}); "
+            "the global test set must be held out",
+        )
+    try:
+        test, test_report = loader(d.root, split, d.image_size, d.on_error)
+    except loaders.DataError as exc:
+        # The file data.test_split names is missing or unusable as a whole (empty, not JSON):
+        # that key is the one to change. A bad row, or the train file, is the data's fault.
+        whole = exc.row is None and exc.file in (test_file.name, str(test_file))
+        raise ConfigError("data.test_split" if whole else "data.root", str(exc)) from None
+    except ValueError as exc:  # an unknown split name
+        raise ConfigError("data.test_split", str(exc)) from None
+    if len(test) == 0:
+        raise ConfigError("data.test_split", _no_rows(test_file, test_report))
+    if (test.labels < 0).any():
+        raise ConfigError("data.test_split", f"{split} has unlabelled rows")
     try:
         train, train_report = loader(d.root, "train", d.image_size, d.on_error)
-        test, test_report = loader(d.root, d.test_split or default_test, d.image_size, d.on_error)
-    except DataError as exc:
+    except loaders.DataError as exc:
         raise ConfigError("data.root", str(exc)) from None
-    except ValueError as exc:
-        raise ConfigError("data.test_split", str(exc)) from None
+    if len(train) == 0:
+        raise ConfigError("data.root", _no_rows(train_file, train_report))
     for name, report in (("train", train_report), ("test", test_report)):
         if report.skipped:
             print(
@@ -121,8 +153,6 @@ def _load_real(cfg: FedSimConfig) -> MultimodalDataset:
             )
     if d.subset is not None:
         train = train.subset(subset_indices(len(train), d.subset, cfg.seed))
-    if (test.labels < 0).any():
-        raise ConfigError("data.test_split", f"{d.test_split or default_test} has unlabelled rows")
     both = (train, test)
     targets = [t for ds in both for t in ds.targets] if train.targets is not None else None
     refs = [r for ds in both for r in ds.refs] if train.refs is not None else None
@@ -134,6 +164,24 @@ def _load_real(cfg: FedSimConfig) -> MultimodalDataset:
         test_rows=np.arange(len(train), len(train) + len(test)),
         targets=targets,
         refs=refs,
+        skipped=train_report.skipped_rows + test_report.skipped_rows,
+    )
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return a.samefile(b)
+    except OSError:  # either is missing: the loader names it
+        return False
+
+
+def _no_rows(path: Path, report: LoadReport) -> str:
+    if report.rows == 0:
+        return f"{path} has no usable rows (no data rows in the file)"
+    first = report.skipped_rows[0]
+    return (
+        f"{path} has no usable rows (all {report.rows} skipped with data.on_error=skip; "
+        f"the first, row {first.row}: {first.reason})"
     )
 
 

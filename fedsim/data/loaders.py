@@ -2,8 +2,13 @@
 
 Each loader reads one split into memory and returns it with a :class:`LoadReport`. A row that
 cannot be used (bad JSON, a missing field, a wrong column count, a missing or unreadable image,
-a bad label) raises :class:`DataError` naming the file, the 1-based row and the problem, or,
-with ``on_error="skip"``, is left out and listed in the report. Blank lines are not rows.
+a bad label, an image path that resolves outside the dataset root, JSON nested too deeply to
+parse) raises :class:`DataError` naming the file, the 1-based row and the problem, or, with
+``on_error="skip"``, is left out and listed in the report. Blank lines are not rows.
+
+Image paths are confined to the root they are relative to: an absolute path, a ``..`` escape
+or a symlink to a file outside it is a bad row, checked before the file is opened, so a row
+cannot make the loader read (or reveal the existence of) a file elsewhere on the machine.
 
 Images are converted to RGB (transparency composited onto white), centre-cropped to a square
 and resized to ``image_size`` with LANCZOS: cropping keeps the scale of the content and fills
@@ -13,6 +18,7 @@ every pixel, where padding would spend part of a small image on borders.
 from __future__ import annotations
 
 import json
+import reprlib
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -142,7 +148,7 @@ def load_hateful_memes(
     """
     _check_args(split, HATEFUL_MEMES_SPLITS, on_error, image_size)
     root = Path(root)
-    path = _existing(root / f"{split}.jsonl")
+    path = _existing(hateful_memes_file(root, split))
     needs_label = not split.startswith("test")
 
     def parse(line: bytes) -> tuple[np.ndarray, str, int]:
@@ -152,7 +158,7 @@ def load_hateful_memes(
         if "label" in obj:
             label = obj["label"]
             if type(label) is not int or label not in (0, 1):
-                raise _BadRow(f"bad label {label!r} (expected 0 or 1)")
+                raise _BadRow(f"bad label {reprlib.repr(label)} (expected 0 or 1)")
         elif needs_label:
             raise _BadRow("missing field 'label'")
         else:
@@ -184,14 +190,16 @@ def load_crisismmd(
 
     Raises:
         ValueError: unknown ``split`` or ``on_error``, or ``image_size`` below 1.
-        DataError: the split or the train file is missing, a header lacks a column, or a row
-            is bad and ``on_error="raise"``.
+        DataError: the split or the train file is missing, a header lacks a column, the train
+            file has no well-formed labelled row, or a row is bad and ``on_error="raise"``.
     """
     _check_args(split, CRISISMMD_SPLITS, on_error, image_size)
     root = Path(root)
-    path = _existing(root / f"task_humanitarian_text_img_{split}.tsv")
-    train = _existing(root / "task_humanitarian_text_img_train.tsv")
+    path = _existing(crisismmd_file(root, split))
+    train = _existing(crisismmd_file(root, "train"))
     classes = _crisismmd_classes(train)
+    if not classes:  # else every row of every split would be a bad label, blaming the wrong file
+        raise DataError(train.name, None, "no labelled rows to take the classes from")
     index = {c: i for i, c in enumerate(classes)}
     header, lines = _tsv(path)
     col = {name: header.index(name) for name in CRISISMMD_COLUMNS}
@@ -237,8 +245,9 @@ def load_llava(
 
     Raises:
         ValueError: unknown ``on_error``, or ``image_size`` below 1.
-        DataError: the file is missing, a JSON list file is not valid JSON (nothing of it
-            can be kept), or a record is bad and ``on_error="raise"``.
+        DataError: the file is missing, a JSON list file is not valid JSON or is nested too
+            deeply to parse (nothing of it can be kept), or a record is bad and
+            ``on_error="raise"``.
     """
     _check_args(None, (), on_error, image_size)
     path = _existing(Path(path))
@@ -288,20 +297,18 @@ def load_llava_split(
     ``.jsonl``), image paths relative to ``root``, as rows of a generative task.
 
     The row's text is the prompt, its target the answer; every row has label 0 (the Dirichlet
-    split over one label is a seeded split of the rows' quantities).
+    split over one label is a seeded split of the rows' quantities). A split with no usable
+    record comes back empty, as with the other loaders; the caller decides whether that is fatal.
 
     Raises:
         DataError: no ``<split>.json``/``.jsonl`` under ``root``, or a bad record with
             ``on_error="raise"`` (the message names the file and the item or line).
     """
     root = Path(root)
-    candidates = [root / f"{split}.json", root / f"{split}.jsonl"]
-    path = next((c for c in candidates if c.is_file()), None)
-    if path is None:
-        raise DataError(str(candidates[0]), None, f"file not found (nor {candidates[1].name})")
+    path = llava_file(root, split)
+    if not path.is_file():
+        raise DataError(str(path), None, f"file not found (nor {split}.jsonl)")
     caps, report = load_llava(path, image_size, on_error, image_root=root)
-    if len(caps) == 0:
-        raise DataError(path.name, None, "no usable records")
     labels = torch.zeros(len(caps), dtype=torch.long)
     data = MultimodalDataset(
         caps.images,
@@ -312,6 +319,23 @@ def load_llava_split(
         refs=caps.image_paths,
     )
     return data, report
+
+
+def hateful_memes_file(root: str | Path, split: str) -> Path:
+    """The file :func:`load_hateful_memes` reads for ``split``: ``root/<split>.jsonl``."""
+    return Path(root) / f"{split}.jsonl"
+
+
+def crisismmd_file(root: str | Path, split: str) -> Path:
+    """The file :func:`load_crisismmd` reads for ``split``."""
+    return Path(root) / f"task_humanitarian_text_img_{split}.tsv"
+
+
+def llava_file(root: str | Path, split: str) -> Path:
+    """The file :func:`load_llava_split` reads: ``root/<split>.jsonl`` if it exists and
+    ``root/<split>.json`` does not, else ``root/<split>.json`` (which may not exist)."""
+    json_path, jsonl_path = Path(root) / f"{split}.json", Path(root) / f"{split}.jsonl"
+    return jsonl_path if not json_path.is_file() and jsonl_path.is_file() else json_path
 
 
 def _check_args(split: str | None, splits: tuple[str, ...], on_error: str, image_size: int) -> None:
@@ -378,6 +402,10 @@ def _json_object(line: bytes) -> dict[str, Any]:
         obj = json.loads(_decode(line))
     except json.JSONDecodeError as err:
         raise _BadRow(f"bad JSON ({err.msg} at column {err.colno})") from err
+    except RecursionError as err:
+        raise _BadRow("bad JSON (nested too deeply to parse)") from err
+    except ValueError as err:  # e.g. an integer over Python's 4300-digit conversion limit
+        raise _BadRow(f"bad JSON ({err})") from err
     if not isinstance(obj, dict):
         raise _BadRow(f"expected a JSON object, got {type(obj).__name__}")
     return obj
@@ -407,6 +435,10 @@ def _json_list(path: Path) -> list[Any]:
         raise DataError(path.name, None, f"not valid UTF-8 ({err.reason})") from err
     except json.JSONDecodeError as err:
         raise DataError(path.name, err.lineno, f"bad JSON ({err.msg})") from err
+    except RecursionError as err:
+        raise DataError(path.name, None, "bad JSON (nested too deeply to parse)") from err
+    except ValueError as err:  # e.g. an integer over Python's 4300-digit conversion limit
+        raise DataError(path.name, None, f"bad JSON ({err})") from err
     if not isinstance(data, list):
         raise DataError(path.name, None, f"expected a JSON list, got {type(data).__name__}")
     return data
@@ -444,8 +476,12 @@ def _crisismmd_classes(train: Path) -> list[str]:
 
 
 def _read_image(root: Path, rel: str, size: int) -> np.ndarray:
-    """The image at ``root / rel`` as ``(size, size, 3)`` uint8, centre-cropped to square."""
-    path = root / rel
+    """The image at ``root / rel`` as ``(size, size, 3)`` uint8, centre-cropped to square.
+
+    The path must resolve (symlinks followed) inside ``root``; this is checked before the file
+    is touched, so a row cannot read, or probe for, a file outside the dataset.
+    """
+    path = _inside(root, rel)
     if not path.is_file():
         raise _BadRow(f"image {rel} not found under {root}")
     try:
@@ -454,6 +490,18 @@ def _read_image(root: Path, rel: str, size: int) -> np.ndarray:
     except (OSError, ValueError, Image.DecompressionBombError) as err:
         raise _BadRow(f"image {rel} unreadable ({err})") from err
     return np.asarray(ImageOps.fit(rgb, (size, size), method=Image.Resampling.LANCZOS))
+
+
+def _inside(root: Path, rel: str) -> Path:
+    """``root / rel`` resolved, or a bad row if it is not under ``root`` (also resolved)."""
+    try:
+        path = (root / rel).resolve()
+        base = root.resolve()
+    except (OSError, RuntimeError, ValueError) as err:  # a symlink loop, a NUL byte in rel
+        raise _BadRow(f"image path {rel!r} cannot be resolved ({err})") from err
+    if not path.is_relative_to(base):
+        raise _BadRow(f"image path {rel!r} resolves outside data.root ({root})")
+    return path
 
 
 def _to_rgb(im: Image.Image) -> Image.Image:

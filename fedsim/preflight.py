@@ -1,0 +1,192 @@
+"""Checks that run before Ray starts: everything a run will write to or read from must work.
+
+A user mistake in a location (an unwritable checkpoint directory, a tracking URI with an unknown
+scheme, a dataset split that cannot be made) is found here in seconds, as a one-line
+:class:`~fedsim.config.ConfigError` naming the key, instead of after the actors have started.
+Nothing here leaves state behind except what the run would create anyway: the MLflow store and
+its experiment (tagged once, to prove the store takes writes).
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+from urllib.parse import urlparse
+
+from fedsim.config import ConfigError, FedSimConfig, is_generative
+
+# Seconds and retries of the one request that checks a remote tracking server (MLflow's own
+# defaults retry for minutes, which is what a run wants and a pre-flight check does not).
+_REMOTE_TIMEOUT_S = "10"
+_REMOTE_RETRIES = "0"
+
+
+def check_writable_dir(path: str | Path, key: str) -> None:
+    """Check that ``path`` is, or can be created as, a directory this process can write to.
+
+    Creates nothing: the nearest existing ancestor must be a writable directory (a file is
+    created in it and removed again, which also catches read-only mounts).
+
+    Raises:
+        ConfigError: naming ``key``, the path and what is wrong with it.
+    """
+    path = Path(path).expanduser()
+    if path.exists() and not path.is_dir():
+        raise ConfigError(key, f"{path} exists and is not a directory")
+    probe = path
+    while not probe.exists():
+        if probe.parent == probe:
+            break
+        probe = probe.parent
+    if not probe.is_dir():
+        raise ConfigError(key, f"cannot create {path}: {probe} is not a directory")
+    try:
+        with tempfile.NamedTemporaryFile(dir=probe, prefix=".fedsim-write-test-"):
+            pass
+    except OSError as exc:
+        reason = exc.strerror or str(exc)
+        raise ConfigError(key, f"cannot write to {probe} (for {path}): {reason}") from None
+
+
+def store_path(uri: str) -> str | None:
+    """The local path an MLflow tracking URI writes to; None for a tracking server."""
+    parsed = urlparse(uri)
+    if parsed.scheme == "sqlite":
+        return parsed.path[1:]  # sqlite:///relative.db, sqlite:////absolute.db
+    if parsed.scheme == "file":
+        return parsed.path
+    if uri == "databricks" or uri.startswith("databricks-uc"):  # MLflow's named servers
+        return None
+    if len(parsed.scheme) <= 1:  # a plain path (or a Windows drive letter)
+        return uri
+    return None
+
+
+@contextmanager
+def _quick_http():
+    """Fail a request to an unreachable server in seconds instead of retrying for minutes."""
+    names = {
+        "MLFLOW_HTTP_REQUEST_MAX_RETRIES": _REMOTE_RETRIES,
+        "MLFLOW_HTTP_REQUEST_TIMEOUT": _REMOTE_TIMEOUT_S,
+    }
+    saved = {name: os.environ.get(name) for name in names}
+    os.environ.update(names)
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())
+    return (text[:300] + "...") if len(text) > 300 else text or type(exc).__name__
+
+
+def check_tracking(cfg: FedSimConfig) -> None:
+    """Open the MLflow store, find or create the experiment, and write one tag to it.
+
+    Raises:
+        ConfigError: naming ``tracking.uri`` (an unknown scheme, a store that cannot be opened
+            or written, an unwritable local artifact location) or ``tracking.experiment``.
+    """
+    uri = cfg.tracking.uri
+    parsed = urlparse(uri)
+    local = store_path(uri)
+    if parsed.scheme == "sqlite" and local in ("", ":memory:"):
+        raise ConfigError("tracking.uri", f"{uri} names no database file")
+    if local is not None:
+        db = Path(local)
+        check_writable_dir(db.parent if parsed.scheme == "sqlite" else db, "tracking.uri")
+        if parsed.scheme == "sqlite" and db.exists() and not os.access(db, os.W_OK):
+            raise ConfigError("tracking.uri", f"the database {db} is not writable")
+    from fedsim.tracking import quiet_mlflow
+
+    quiet_mlflow()
+    from mlflow.tracking import MlflowClient
+
+    try:
+        with _quick_http():
+            client = MlflowClient(tracking_uri=uri)
+            exp = client.get_experiment_by_name(cfg.tracking.experiment)
+            if exp is None:
+                exp_id = client.create_experiment(cfg.tracking.experiment)
+                exp = client.get_experiment(exp_id)
+            elif exp.lifecycle_stage == "deleted":
+                raise ConfigError(
+                    "tracking.experiment",
+                    f"experiment {cfg.tracking.experiment!r} is deleted in {uri}; restore it "
+                    "(mlflow experiments restore) or pick another name",
+                )
+            client.set_experiment_tag(exp.experiment_id, "fedsim.checked", "1")
+    except ConfigError:
+        raise
+    except Exception as exc:  # mlflow raises many types for a bad URI, server or database
+        raise ConfigError(
+            "tracking.uri", f"cannot open or write the MLflow store {uri}: {_one_line(exc)}"
+        ) from None
+    artifacts = exp.artifact_location or ""
+    art = urlparse(artifacts)
+    if art.scheme in ("", "file") and artifacts:
+        check_writable_dir(art.path if art.scheme else artifacts, "tracking.uri")
+
+
+def check_outputs(cfg: FedSimConfig, run_dir: Path | None = None) -> None:
+    """Check every place the run writes to: checkpoints, the dataset cache, the MLflow store.
+
+    Args:
+        cfg: the resolved config.
+        run_dir: a resumed run's directory (its checkpoints are written there).
+
+    Raises:
+        ConfigError: naming the key of the first location that cannot be written.
+    """
+    if cfg.checkpoint.every > 0:
+        if run_dir is not None:
+            check_writable_dir(run_dir, "--resume")
+        else:
+            check_writable_dir(cfg.checkpoint.dir, "checkpoint.dir")
+    if cfg.data.cache_dir:
+        check_writable_dir(cfg.data.cache_dir, "data.cache_dir")
+    check_tracking(cfg)
+
+
+def check_inputs(cfg: FedSimConfig):
+    """Load the dataset, make every client's split and find the model: the run's inputs.
+
+    Returns:
+        The loaded dataset (its ``skipped`` rows are logged once the MLflow run exists).
+
+    Raises:
+        ConfigError: a file that cannot be read, a split that cannot be made, a model that
+            cannot be found (each names its key).
+    """
+    from fedsim.data.federated import FederatedData, load_dataset
+
+    try:
+        dataset = load_dataset(cfg)
+    except OSError as exc:  # the dataset cache (data.cache_dir or $FEDSIM_CACHE)
+        raise ConfigError(
+            "data.cache_dir", f"cannot build the dataset cache: {_one_line(exc)}"
+        ) from None
+    FederatedData(cfg, dataset)
+    if is_generative(cfg):
+        from fedsim.models.vlm import check_model_source
+
+        check_model_source(cfg.model)
+    return dataset
+
+
+def preflight(cfg: FedSimConfig, run_dir: Path | None = None):
+    """Every check of this module, outputs first (they are the quick ones).
+
+    Returns:
+        The loaded dataset (see :func:`check_inputs`).
+    """
+    check_outputs(cfg, run_dir)
+    return check_inputs(cfg)
