@@ -73,14 +73,19 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return _dispatch(ns)
     except ConfigError as exc:  # a user mistake: one line naming the key, never a traceback
-        print(f"fedsim: {exc}", file=sys.stderr)
+        print(f"fedsim: {_one_line(exc)}", file=sys.stderr)
         return 2
     except RunFailed as exc:  # the run started and could not go on; its MLflow run is FAILED
-        print(f"fedsim: run failed: {exc}", file=sys.stderr)
+        print(f"fedsim: run failed: {_one_line(exc)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("fedsim: interrupted; the MLflow run is marked KILLED", file=sys.stderr)
         return 130
+
+
+def _one_line(exc: BaseException) -> str:
+    """An error message on one line (YAML and MLflow errors span several)."""
+    return " ".join(str(exc).split())
 
 
 def _dispatch(ns: argparse.Namespace) -> int:

@@ -571,6 +571,27 @@ def _raise_from_omegaconf(exc: OmegaConfBaseException) -> ConfigError:
     return ConfigError(key, msg)
 
 
+def _merge_file(merged: DictConfig, loaded: Any, path: Path) -> DictConfig:
+    """Merge a loaded YAML file; a part that does not fit names its top-level key."""
+    if not isinstance(loaded, DictConfig):
+        raise ConfigError(
+            "config", f"{path} must be a mapping of config keys (key: value lines), not a list"
+        )
+    try:
+        return OmegaConf.merge(merged, loaded)
+    except (TypeError, OmegaConfBaseException) as exc:
+        for key in loaded:  # find the key that does not fit, to name it
+            try:
+                OmegaConf.merge(merged, {key: loaded[key]})
+            except (TypeError, OmegaConfBaseException) as part:
+                reason = " ".join(str(part).split("\n")[0].split())
+                named = getattr(part, "full_key", None) or _KEY_RE.search(str(part))
+                if named is not None and not isinstance(named, str):
+                    named = named.group(1)
+                raise ConfigError(named or str(key), f"{path}: {reason}") from None
+        raise ConfigError("config", f"{path} does not fit the config's shape: {exc}") from None
+
+
 def load_config(
     path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()
 ) -> FedSimConfig:
@@ -595,13 +616,9 @@ def load_config(
             try:
                 loaded = OmegaConf.load(path)
             except Exception as exc:  # yaml errors carry line numbers
-                raise ConfigError("config", f"cannot parse {path}: {exc}") from None
-            try:
-                merged = OmegaConf.merge(merged, loaded)
-            except TypeError as exc:  # a list where a mapping belongs, or the reverse
-                raise ConfigError(
-                    "config", f"{path} does not fit the config's shape: {exc}"
-                ) from None
+                reason = " ".join(str(exc).split())[:500]
+                raise ConfigError("config", f"cannot parse {path}: {reason}") from None
+            merged = _merge_file(merged, loaded, path)
         for item in overrides:
             key, eq, _ = item.partition("=")
             if not eq:
@@ -613,6 +630,11 @@ def load_config(
             except yaml.YAMLError as exc:  # the value is not valid YAML
                 reason = " ".join(str(exc).split())
                 raise ConfigError(key, f"cannot parse the value of {item!r}: {reason}") from None
+            except OmegaConfBaseException as exc:
+                error = _raise_from_omegaconf(exc)
+                if key != error.key and key.startswith(f"{error.key}."):  # an unknown section
+                    raise ConfigError(key, f"unknown key ({error.key!r} is no section)") from None
+                raise error from None
         cfg = OmegaConf.to_object(merged)
     except OmegaConfBaseException as exc:
         raise _raise_from_omegaconf(exc) from None

@@ -15,7 +15,6 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from urllib.parse import urlparse
 
 import numpy as np
 import ray
@@ -26,22 +25,28 @@ from actors.pool import ClientPool, pool_size, start_server
 from actors.server import AggregateReport, ServerOptions
 from aggregation import SERVER_OPTIMIZERS, get_merger, lora_rank, shared_keys, unfold_scaling
 from fedsim.adapter_io import save_peft_adapter
-from fedsim.checkpoint import Checkpoint, CheckpointWriter, load_checkpoint
+from fedsim.checkpoint import (
+    Checkpoint,
+    CheckpointWriter,
+    check_resume_config,
+    is_resumable,
+    load_checkpoint,
+)
 from fedsim.config import (
     ConfigError,
     FedSimConfig,
     as_config,
-    is_generative,
     load_config,
     resolve_ranks,
     to_yaml,
 )
-from fedsim.data.federated import FederatedData, load_dataset
 from fedsim.data.partition import sample_clients
 from fedsim.devices import assign_profiles, close_round, straggler_delay, task_seconds
+from fedsim.errors import RunFailed
 from fedsim.evaluation import summarize
 from fedsim.models.lora import client_scaling
 from fedsim.objectives import objective_spec
+from fedsim.preflight import preflight, store_path
 from fedsim.progress import RoundProgress
 from fedsim.tasks import combine_parts
 from fedsim.tracking import Tracker, plot_history
@@ -103,23 +108,9 @@ def ephemeral_paths(cfg: FedSimConfig, environ=os.environ) -> list[str]:
         return []
     outputs = {
         "checkpoint.dir": cfg.checkpoint.dir if cfg.checkpoint.every > 0 else None,
-        "tracking.uri": _store_path(cfg.tracking.uri),
+        "tracking.uri": store_path(cfg.tracking.uri),
     }
     return [key for key, path in outputs.items() if path and not Path(path).is_absolute()]
-
-
-def _store_path(uri: str) -> str | None:
-    """The local path an MLflow tracking URI writes to; None for a tracking server."""
-    parsed = urlparse(uri)
-    if parsed.scheme == "sqlite":
-        return parsed.path[1:]  # sqlite:///relative.db, sqlite:////absolute.db
-    if parsed.scheme == "file":
-        return parsed.path
-    if uri == "databricks" or uri.startswith("databricks-uc"):  # MLflow's named servers
-        return None
-    if len(parsed.scheme) <= 1:  # a plain path (or a Windows drive letter)
-        return uri
-    return None
 
 
 def _check_ranks(ranks: list[int], max_rank: int) -> None:
@@ -230,11 +221,6 @@ def _client_rows(
     return rows
 
 
-# Overrides a resumed run may take: they change where and how fast it runs, not its numbers.
-RESUMABLE = ("rounds", "progress", "resources.", "checkpoint.every", "checkpoint.keep", "tracking.")
-_NOT_ON_RESUME = ("tracking.experiment", "tracking.run_name", "tracking.parent_run_id")
-
-
 def run(config: FedSimConfig | dict | str | Path | None = None) -> RunResult:
     """Run one federated simulation and log it to MLflow.
 
@@ -257,16 +243,18 @@ def resume(run_dir: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> 
     The run continues under its own config (``run_dir/config.yaml``) and MLflow run, and
     reaches the same numbers as if it had never stopped. ``overrides`` may change ``rounds``
     (to extend a run), ``resources.*``, ``progress``, ``checkpoint.every``/``keep`` and the
-    tracking store's URI, nothing that changes the numbers.
+    tracking store's URI, nothing that changes the numbers. The checkpoint is verified (see
+    :mod:`fedsim.checkpoint`) and ``config.yaml`` must still hold the run's values for every
+    other key.
 
     Raises:
-        ConfigError: no readable checkpoint, or an override that would change the numbers.
+        ConfigError: no readable or valid checkpoint, an override that would change the
+            numbers, or a ``config.yaml`` edited since the run started.
     """
     ckpt = load_checkpoint(run_dir)
     for item in overrides:
         key = item.partition("=")[0]
-        allowed = key.startswith(RESUMABLE) or key in RESUMABLE
-        if not allowed or key in _NOT_ON_RESUME:
+        if not is_resumable(key):
             raise ConfigError(
                 key,
                 "cannot change when resuming (it would change the run's numbers or identity); "
@@ -274,6 +262,7 @@ def resume(run_dir: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> 
                 "checkpoint.keep, tracking.uri, tracking.save_adapter and tracking.plots",
             )
     cfg = load_config(Path(run_dir) / "config.yaml", overrides)
+    check_resume_config(ckpt, cfg)
     if cfg.rounds < ckpt.round:
         raise ConfigError(
             "rounds", f"the checkpoint is at round {ckpt.round}; rounds={cfg.rounds} is behind it"
@@ -293,13 +282,9 @@ class _Totals:
 def _simulate(cfg: FedSimConfig, ckpt: Checkpoint | None, run_dir: Path | None = None):
     ranks = list(ckpt.meta["ranks"]) if ckpt else resolve_ranks(cfg.clients, cfg.seed)
     per_round = len(sample_clients(cfg.clients.num, cfg.clients.fraction, cfg.seed, 1))
-    # Build the dataset cache and check the split here, once, before any actor starts: a
-    # split that cannot be made is a config error, not N dead actors.
-    FederatedData(cfg, load_dataset(cfg))
-    if is_generative(cfg):  # a model that cannot be found stops here, not in every actor
-        from fedsim.models.vlm import check_model_source
-
-        check_model_source(cfg.model)
+    # Every output location, the dataset, the clients' splits and the model are checked here,
+    # once, before Ray starts: a user mistake is a one-line config error, not N dead actors.
+    dataset = preflight(cfg, run_dir if ckpt else None)
     started = init_ray()
     for key in ephemeral_paths(cfg):
         print(
@@ -320,14 +305,15 @@ def _simulate(cfg: FedSimConfig, ckpt: Checkpoint | None, run_dir: Path | None =
             server_options(cfg, list(initial)),
         )
         if ckpt:
-            ray.get(server.load_state_dict.remote(ckpt.server))
+            _load_server_state(server, ckpt)
             tracker = Tracker.reopen(cfg, ckpt.meta["mlflow_run_id"], ckpt.round)
         else:
             tracker = Tracker(cfg)
             run_dir = Path(cfg.checkpoint.dir) / tracker.run_id
+            _log_skipped_rows(tracker, dataset)
         if cfg.checkpoint.every > 0:
             files = {int(c): f for c, f in (ckpt.meta["client_files"] if ckpt else {}).items()}
-            writer = CheckpointWriter(run_dir, cfg.checkpoint.keep, files)
+            writer = CheckpointWriter(run_dir, cfg.checkpoint.keep, files, config=cfg)
             writer.write_config(to_yaml(cfg))
         result = RunResult(tracker.run_id, tracker.uri, run_dir=writer.run_dir if writer else None)
         driver = _Driver(cfg, ranks, pool, server, tracker, result, writer)
@@ -337,6 +323,12 @@ def _simulate(cfg: FedSimConfig, ckpt: Checkpoint | None, run_dir: Path | None =
         progress = RoundProgress(cfg.rounds, enabled=cfg.progress, initial=done)
         driver.loop(progress)
         progress.close()
+        if cfg.rounds >= driver.first_round and not driver.merged_any:
+            raise RunFailed(
+                f"no round of this run merged a client update (rounds {driver.first_round}-"
+                f"{cfg.rounds}: every sampled client failed, was late or was rejected); see the "
+                "round lines above and the clients/ tables in MLflow"
+            )
         _finish(cfg, info, server, tracker, result, max(resolve_ranks(cfg.clients, cfg.seed)))
         if cfg.tracking.save_client_adapters:
             _save_client_adapters(cfg, info, driver, tracker)
@@ -348,11 +340,10 @@ def _simulate(cfg: FedSimConfig, ckpt: Checkpoint | None, run_dir: Path | None =
         if tracker is not None:
             tracker.finish("KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
         if writer is not None and (writer.run_dir / "latest.json").exists():
-            print(
-                f"fedsim: the run stopped; continue it with: fedsim run --resume {writer.run_dir}",
-                file=sys.stderr,
-                flush=True,
-            )
+            hint = f"fedsim run --resume {writer.run_dir}"
+            if isinstance(exc, RunFailed):  # the CLI prints it with the reason
+                raise RunFailed(f"{exc}; the last good checkpoint continues with: {hint}") from None
+            print(f"fedsim: the run stopped; continue it with: {hint}", file=sys.stderr, flush=True)
         raise
     finally:
         if pool is not None:
@@ -361,6 +352,26 @@ def _simulate(cfg: FedSimConfig, ckpt: Checkpoint | None, run_dir: Path | None =
             ray.kill(server)
         if started:
             ray.shutdown()
+
+
+def _load_server_state(server, ckpt: Checkpoint) -> None:
+    """Load a checkpoint's server state; one that does not fit this run is a config error."""
+    try:
+        ray.get(server.load_state_dict.remote(ckpt.server))
+    except ray.exceptions.RayTaskError as exc:
+        reason = str(exc.cause) if getattr(exc, "cause", None) else str(exc).splitlines()[-1]
+        raise ConfigError(
+            "--resume", f"{ckpt.path / 'server.safetensors'} does not fit this run: {reason}"
+        ) from None
+
+
+def _log_skipped_rows(tracker: Tracker, dataset) -> None:
+    """``data/skipped_rows`` (a metric, 0 when none) and the table of rows left out."""
+    skipped = list(getattr(dataset, "skipped", None) or [])
+    tracker.log_metrics({"data/skipped_rows": len(skipped)}, step=0)
+    if skipped:
+        rows = [{"file": s.file, "row": s.row, "reason": s.reason} for s in skipped]
+        tracker.log_table(rows, "data/skipped_rows.json")
 
 
 class _Driver:
@@ -376,9 +387,12 @@ class _Driver:
         self.profiles = assign_profiles(cfg)
         self.totals = _Totals()
         self.next_round = 0
+        self.first_round = 1  # the first round this process trains (later when resumed)
         self._dirty: set[int] = set()  # clients whose state changed since the last checkpoint
         # client id -> (ref of its last upload, its rank): tracking.save_client_adapters
         self.last_upload: dict[int, tuple[object, int]] = {}
+        self.empty_rounds: list[int] = []  # the current streak of rounds that merged nothing
+        self.merged_any = False  # whether any round of this process merged an update
 
     def restore(self, ckpt: Checkpoint) -> None:
         """Take up the driver's state from a checkpoint, and log what MLflow missed."""
@@ -388,6 +402,7 @@ class _Driver:
         self.result.history = meta["history"]
         self.result.clients = meta["clients"]
         self.next_round = ckpt.round + 1
+        self.first_round = self.next_round
         # The checkpoint is written before a round is logged: log any round the kill cut off.
         logged = self.tracker.last_step("time/round_s")  # logged every round (eval.every)
         for h, rows in zip(self.result.history, self.result.clients):
@@ -467,6 +482,15 @@ class _Driver:
         for cid, reason in agg.rejected.items():
             print(f"round {t}: update of client {cid} rejected: {reason}", flush=True)
             status[cid] = f"rejected: {reason}"
+        if agg.nonfinite:
+            raise RunFailed(
+                f"round {t}: the merged global adapter is not finite (NaN/Inf in "
+                f"{', '.join(agg.nonfinite[:3])}{' ...' if len(agg.nonfinite) > 3 else ''}); "
+                "the round was not applied. Lower server.lr or train.lr"
+            )
+        merged = any(c not in agg.rejected for c in used)
+        reasons = [*outcome.failed.values(), *agg.rejected.values()]
+        self._count_empty(t, sampled, status, merged, reasons)
         metrics = _round_metrics(
             reports, list(finished.values()), agg.rejected, outcome.failed, close.late
         )
@@ -486,6 +510,31 @@ class _Driver:
         rows = _client_rows(list(finished.values()), status, sim_s, self.profiles)
         self._end_round(t, metrics, rows, used)
         return metrics
+
+    def _count_empty(self, t: int, sampled: list, status: dict, merged: bool, reasons) -> None:
+        """Say so when round ``t`` merged nothing; stop after ``round.max_empty_rounds``."""
+        if merged:
+            self.empty_rounds = []
+            self.merged_any = True
+            return
+        self.empty_rounds.append(t)
+        kinds = [s.split(":")[0] for s in status.values()]
+        counts = {k: kinds.count(k) for k in ("failed", "late", "rejected", "unused")}
+        why = ", ".join(f"{n} {k}" for k, n in counts.items() if n) or "none reported"
+        print(
+            f"round {t}: nothing merged ({len(sampled)} sampled: {why}); the global adapter "
+            "is unchanged",
+            file=sys.stderr,
+            flush=True,
+        )
+        limit = self.cfg.round.max_empty_rounds
+        if limit and len(self.empty_rounds) >= limit:
+            reasons = sorted(set(reasons))
+            detail = f"; e.g. {reasons[0][:200]}" if reasons else ""
+            raise RunFailed(
+                f"rounds {self.empty_rounds[0]}-{t} merged no client update (round {t}: "
+                f"{why}{detail}); stopped by round.max_empty_rounds={limit}"
+            )
 
     def _end_round(self, t: int, metrics: dict, rows: list[dict], used: list[int]) -> None:
         """Record round ``t``: history, checkpoint (first), then MLflow."""

@@ -108,6 +108,8 @@ def _load_real(cfg: FedSimConfig) -> MultimodalDataset:
     from fedsim.data import loaders
 
     d = cfg.data
+    if not Path(d.root).is_dir():
+        raise ConfigError("data.root", f"{d.root} is not a directory")
     loader, file_of, default_test = {
         "hateful_memes": (loaders.load_hateful_memes, loaders.hateful_memes_file, "dev"),
         "crisismmd": (loaders.load_crisismmd, loaders.crisismmd_file, "test"),
