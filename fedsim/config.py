@@ -921,7 +921,11 @@ def _validate_faults_rounds_devices(cfg: FedSimConfig) -> None:
     _check(0 <= f.delay_prob <= 1, "faults.delay_prob", f"must be in [0, 1], got {f.delay_prob}")
     _check(f.delay_s >= 0, "faults.delay_s", f"must be >= 0, got {f.delay_s}")
     _check(f.delay_sigma > 0, "faults.delay_sigma", f"must be > 0, got {f.delay_sigma}")
-    _check(f.sleep_scale >= 0, "faults.sleep_scale", f"must be >= 0, got {f.sleep_scale}")
+    _check(
+        0 <= f.sleep_scale <= 10,
+        "faults.sleep_scale",
+        f"must be in [0, 10] real seconds per simulated second, got {f.sleep_scale}",
+    )
     _check(
         f.delay_dist == "none" or f.delay_s > 0,
         "faults.delay_s",
@@ -957,9 +961,9 @@ def _validate_faults_rounds_devices(cfg: FedSimConfig) -> None:
     _check(c.every >= 0, "checkpoint.every", f"must be >= 0, got {c.every}")
     _check(c.keep >= 1, "checkpoint.keep", f"must be >= 1, got {c.keep}")
     _check(
-        cfg.resources.placement_timeout_s > 0,
+        0 < cfg.resources.placement_timeout_s <= 3600,
         "resources.placement_timeout_s",
-        "must be > 0",
+        f"must be in (0, 3600] seconds, got {cfg.resources.placement_timeout_s}",
     )
 
 

@@ -113,6 +113,8 @@ VALUES = [
     (["round.min_clients=100"], "round.min_clients"),
     (["round.max_empty_rounds=-1"], "round.max_empty_rounds"),
     (["devices.step_s=nan"], "devices.step_s"),
+    (["faults.sleep_scale=1000"], "faults.sleep_scale"),
+    (["resources.placement_timeout_s=1e9"], "resources.placement_timeout_s"),
     (["aggregation.method=fedsgd"], "aggregation.method"),
     (["rounds=-1"], "rounds"),
     (["rounds=10000000"], "rounds"),
@@ -214,8 +216,7 @@ def _memes(root: Path, train_rows: list | None = None, dev_rows: list | None = N
     for i in range(3):
         _image(root / "img" / f"{i}.png")
     rows = [
-        {"id": i, "img": f"img/{i % 3}.png", "label": i % 2, "text": f"meme {i}"}
-        for i in range(40)
+        {"id": i, "img": f"img/{i % 3}.png", "label": i % 2, "text": f"meme {i}"} for i in range(40)
     ]
     lines = {"train": train_rows if train_rows is not None else rows}
     lines["dev"] = dev_rows if dev_rows is not None else rows[:6]

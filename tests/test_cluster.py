@@ -14,13 +14,18 @@ files live in a short temp dir (Unix socket paths must stay under 108 bytes) tha
 at the end; the teardown fails the test if any process of ours survives.
 
 The other tests check that the deployment files in cluster/ parse, match the schemas their
-tools enforce, and compose with fedsim's own runtime env and config.
+tools enforce, and compose with fedsim's own runtime env and config, and that they are secure
+by default: every Ray node and client authenticates with the token (from the token file or a
+Kubernetes Secret), the launcher's dashboard and MLflow listen on 127.0.0.1, MLflow runs its
+basic-auth app with credentials from a Secret that the job logs in with, NetworkPolicies admit
+only the pods that need the Ray head and MLflow, and no file holds a token or password.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import shlex
 import shutil
 import signal
@@ -29,6 +34,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.error
 import urllib.request
 import uuid
 from pathlib import Path
@@ -149,6 +155,322 @@ def test_mlflow_manifest_serves_the_uri_the_job_logs_to():
     # the Host header a job sends to http://mlflow:5000, and a browser through port-forward
     assert is_allowed_host_header(allowed, "mlflow:5000")
     assert is_allowed_host_header(allowed, "localhost:5000")
+
+
+# ---------------------------------------------------------------------------------------------
+# Secure defaults: token auth everywhere, loopback-only servers, MLflow behind a login, no
+# secret in any file
+# ---------------------------------------------------------------------------------------------
+
+RAY_TOKEN_SECRET_KEY = "auth_token"  # the Secret key KubeRay's authOptions.secretName must hold
+SECRET_LIKE = re.compile(r"TOKEN|PASSWORD|SECRET|CREDENTIAL", re.IGNORECASE)
+
+
+def _docs(name: str) -> list[dict]:
+    return [d for d in yaml.safe_load_all((CLUSTER / name).read_text()) if d]
+
+
+def _one(docs: list[dict], kind: str) -> dict:
+    (doc,) = [d for d in docs if d.get("kind") == kind]
+    return doc
+
+
+def _env(container: dict) -> dict[str, dict]:
+    return {e["name"]: e for e in container.get("env", [])}
+
+
+def _secret_ref(entry: dict | None) -> tuple[str, str] | None:
+    """(Secret name, key) of an env entry that takes its value from a Secret, else None."""
+    ref = ((entry or {}).get("valueFrom") or {}).get("secretKeyRef")
+    if not ref or "value" in entry:
+        return None
+    return ref["name"], ref["key"]
+
+
+def _walk(obj):
+    """Every dict nested in a parsed YAML document."""
+    if isinstance(obj, dict):
+        yield obj
+        for value in obj.values():
+            yield from _walk(value)
+    elif isinstance(obj, list):
+        for value in obj:
+            yield from _walk(value)
+
+
+def _selects(selector: dict, labels: dict) -> bool:
+    """Whether a Kubernetes label selector (matchLabels, matchExpressions) selects ``labels``."""
+    if any(labels.get(k) != v for k, v in (selector.get("matchLabels") or {}).items()):
+        return False
+    for expr in selector.get("matchExpressions") or []:
+        key, op, values = expr["key"], expr["operator"], expr.get("values", [])
+        ok = {
+            "In": key in labels and labels[key] in values,
+            "NotIn": labels.get(key) not in values,
+            "Exists": key in labels,
+            "DoesNotExist": key not in labels,
+        }[op]
+        if not ok:
+            return False
+    return True
+
+
+def _rayjob_pods() -> dict[str, dict]:
+    """The pod templates of the RayJob: ``head``, ``worker:<group>`` and ``submitter``."""
+    spec = _one(_docs("rayjob.yaml"), "RayJob")["spec"]
+    cluster = spec["rayClusterSpec"]
+    pods = {"head": cluster["headGroupSpec"]["template"]}
+    for group in cluster["workerGroupSpecs"]:
+        pods[f"worker:{group['groupName']}"] = group["template"]
+    if "submitterPodTemplate" in spec:
+        pods["submitter"] = spec["submitterPodTemplate"]
+    return pods
+
+
+def _labels(template: dict) -> dict:
+    return (template.get("metadata") or {}).get("labels") or {}
+
+
+def _run_with_stub_ray(command: str) -> list[tuple[str | None, list[str]]]:
+    """Run a start command of the launcher config in bash with `ray` (and `ulimit`) replaced by
+    stubs; return, for every `ray start` it runs, the RAY_AUTH_MODE it sees and its arguments."""
+    stub = (
+        'ray() { if [ "$1" = start ]; then printf "%s\\0" "start" "${RAY_AUTH_MODE-<unset>}" '
+        '"$@"; printf "\\n"; fi; }; ulimit() { :; }; '
+    )
+    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "RAY_HEAD_IP": "10.0.0.1"}
+    env["HOME"] = tempfile.gettempdir()
+    out = subprocess.run(
+        ["bash", "-c", stub + command], env=env, capture_output=True, text=True, check=True
+    ).stdout
+    calls = []
+    for line in out.splitlines():
+        fields = line.split("\0")[:-1]
+        if fields and fields[0] == "start":
+            mode = None if fields[1] == "<unset>" else fields[1]
+            calls.append((mode, fields[3:]))  # fields[2] is "start" itself
+    return calls
+
+
+def test_cluster_launcher_runs_every_ray_node_with_token_auth():
+    from ray._private.authentication.authentication_token_setup import _get_default_token_path
+
+    config = _load("ray-cluster.yaml")
+    starts = {
+        name: [call for cmd in config[name] for call in _run_with_stub_ray(cmd)]
+        for name in ("head_start_ray_commands", "worker_start_ray_commands")
+    }
+    (head,) = starts["head_start_ray_commands"]
+    (worker,) = starts["worker_start_ray_commands"]
+    assert "--head" in head[1] and "--head" not in worker[1]
+    for mode, argv in (head, worker):
+        assert mode == "token", f"`ray start {' '.join(argv)}` runs without RAY_AUTH_MODE=token"
+    # every other `ray` command run in the node's container (ray exec, ray status, attach)
+    run_options = shlex.split(" ".join(config["docker"]["run_options"]))
+    pairs = set(zip(run_options, run_options[1:]))
+    assert ("-e", "RAY_AUTH_MODE=token") in pairs or ("--env", "RAY_AUTH_MODE=token") in pairs
+    # The token: the file `ray start` reads (Ray's default path, under the container's home)
+    # comes from the same file on the machine that runs `ray up`, never from the config itself.
+    default = "~/" + _get_default_token_path().relative_to(Path.home()).as_posix()
+    assert config["file_mounts"].get(default) == default
+    commands = " ".join(
+        cmd for key, value in config.items() if key.endswith("_commands") for cmd in value
+    )
+    assert "RAY_AUTH_TOKEN=" not in commands and "disabled" not in commands
+
+
+def test_cluster_launcher_dashboard_and_mlflow_listen_on_loopback_only():
+    config = _load("ray-cluster.yaml")
+    (head,) = [c for cmd in config["head_start_ray_commands"] for c in _run_with_stub_ray(cmd)]
+    hosts = [a.split("=", 1)[1] for a in head[1] if a.startswith("--dashboard-host=")]
+    assert hosts == ["127.0.0.1"], f"the head's dashboard listens on {hosts or 'the default'}"
+    commands = [cmd for key, value in config.items() if key.endswith("_commands") for cmd in value]
+    assert not [c for c in commands if "0.0.0.0" in c], "a server of the launcher binds 0.0.0.0"
+    (mlflow,) = [c for c in config["head_start_ray_commands"] if "mlflow server" in c]
+    assert re.findall(r"--host[= ](\S+)", mlflow) == ["127.0.0.1"]
+
+
+def test_rayjob_head_workers_and_submitter_authenticate_with_the_token_secret():
+    spec = _one(_docs("rayjob.yaml"), "RayJob")["spec"]
+    cluster = spec["rayClusterSpec"]
+    major, minor = (int(x) for x in cluster["rayVersion"].split(".")[:2])
+    assert (major, minor) >= (2, 52), "Ray token authentication needs Ray 2.52 or newer"
+    # KubeRay's own token auth: it also makes the operator's dashboard requests authenticate
+    auth = cluster.get("authOptions") or {}
+    assert auth.get("mode") == "token"
+    secret = auth["secretName"]
+    pods = _rayjob_pods()
+    assert {"head", "submitter"} <= set(pods) and any(p.startswith("worker:") for p in pods)
+    (submitter,) = pods["submitter"]["spec"]["containers"]
+    assert submitter["name"] == "ray-job-submitter"  # the name KubeRay gives its submitter
+    assert pods["submitter"]["spec"]["restartPolicy"] == "Never"
+    for role, template in pods.items():
+        for container in template["spec"]["containers"]:
+            env = _env(container)
+            where = f"{role} container {container['name']}"
+            assert env.get("RAY_AUTH_MODE", {}).get("value") == "token", where
+            assert _secret_ref(env.get("RAY_AUTH_TOKEN")) == (secret, RAY_TOKEN_SECRET_KEY), where
+    assert "RAY_AUTH_TOKEN" not in spec.get("runtimeEnvYAML", "")
+
+
+def test_image_defaults_to_token_auth_and_bakes_in_no_secret():
+    lines = [line.split() for line in (CLUSTER / "Dockerfile").read_text().splitlines()]
+    settings = [" ".join(words[1:]) for words in lines if words and words[0] in {"ENV", "ARG"}]
+    assert "RAY_AUTH_MODE=token" in settings
+    names = [s.split("=", 1)[0] for s in settings]
+    assert not [n for n in names if SECRET_LIKE.search(n)], settings
+
+
+def _mlflow_auth_module(name: str):
+    """A module of ``mlflow.server.auth``, loaded from its file: the package itself imports
+    Flask-WTF (``mlflow[auth]``), which the MLflow image has and this environment need not."""
+    import importlib.util
+
+    import mlflow
+
+    path = Path(mlflow.__file__).parent / "server" / "auth" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"_fedsim_test_mlflow_auth_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _mlflow_container() -> tuple[dict, dict]:
+    deployment = _one(_docs("mlflow.yaml"), "Deployment")
+    pod = deployment["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    return container, pod
+
+
+def test_mlflow_runs_the_basic_auth_app_with_credentials_from_a_secret(monkeypatch, tmp_path):
+    from importlib.metadata import entry_points
+
+    from mlflow.environment_variables import (
+        MLFLOW_AUTH_ADMIN_PASSWORD,
+        MLFLOW_AUTH_ADMIN_USERNAME,
+        MLFLOW_AUTH_CONFIG_PATH,
+        MLFLOW_FLASK_SERVER_SECRET_KEY,
+    )
+
+    container, pod = _mlflow_container()
+    argv = container.get("command", []) + container.get("args", [])
+    assert argv[:2] == ["mlflow", "server"]
+    assert "--app-name" in argv and argv[argv.index("--app-name") + 1] == "basic-auth"
+    assert "basic-auth" in {e.name for e in entry_points(group="mlflow.app")}
+    env = _env(container)
+    refs = {
+        var.name: _secret_ref(env.get(var.name))
+        for var in (MLFLOW_AUTH_ADMIN_USERNAME, MLFLOW_AUTH_ADMIN_PASSWORD)
+        + (MLFLOW_FLASK_SERVER_SECRET_KEY,)
+    }
+    assert all(refs.values()), f"not from a Secret: {[k for k, v in refs.items() if not v]}"
+    assert len({name for name, _ in refs.values()}) == 1  # one Secret holds them all
+    # The auth config file: a ConfigMap mounted where MLFLOW_AUTH_CONFIG_PATH points.
+    config_path = Path(env[MLFLOW_AUTH_CONFIG_PATH.name]["value"])
+    mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    (volume,) = [n for n, p in mounts.items() if Path(p) == config_path.parent]
+    config_map = _one(_docs("mlflow.yaml"), "ConfigMap")
+    assert volumes[volume]["configMap"]["name"] == config_map["metadata"]["name"]
+    ini = config_map["data"][config_path.name]
+    assert "admin_password" not in ini
+    # Read it as MLflow does, with the Secret's values in the environment: the admin comes
+    # from the Secret, the user store lives on the data volume, strangers see nothing.
+    (tmp_path / config_path.name).write_text(ini)
+    monkeypatch.setenv(MLFLOW_AUTH_CONFIG_PATH.name, str(tmp_path / config_path.name))
+    monkeypatch.setenv(MLFLOW_AUTH_ADMIN_USERNAME.name, "from-the-secret")
+    monkeypatch.setenv(MLFLOW_AUTH_ADMIN_PASSWORD.name, "from-the-secret-too")
+    auth = _mlflow_auth_module("config").read_auth_config()
+    assert (auth.admin_username, auth.admin_password) == ("from-the-secret", "from-the-secret-too")
+    data_mount = mounts[next(n for n, v in volumes.items() if "persistentVolumeClaim" in v)]
+    assert auth.database_uri.startswith(f"sqlite:///{data_mount.rstrip('/')}/")
+    permissions = _mlflow_auth_module("permissions")
+    assert permissions.get_permission(auth.default_permission) == permissions.NO_PERMISSIONS
+    assert container["readinessProbe"]["httpGet"]["path"] == "/health"  # open under basic-auth
+
+
+def test_fedsim_job_logs_in_to_mlflow_with_the_servers_secret():
+    from mlflow.environment_variables import (
+        MLFLOW_AUTH_ADMIN_PASSWORD,
+        MLFLOW_AUTH_ADMIN_USERNAME,
+        MLFLOW_TRACKING_PASSWORD,
+        MLFLOW_TRACKING_USERNAME,
+    )
+
+    server = _env(_mlflow_container()[0])
+    # The job's driver runs on the head and inherits its environment.
+    (head,) = _rayjob_pods()["head"]["spec"]["containers"]
+    job = _env(head)
+    for client, admin in (
+        (MLFLOW_TRACKING_USERNAME, MLFLOW_AUTH_ADMIN_USERNAME),
+        (MLFLOW_TRACKING_PASSWORD, MLFLOW_AUTH_ADMIN_PASSWORD),
+    ):
+        ref = _secret_ref(job.get(client.name))
+        assert ref is not None, f"the head container takes {client.name} from no Secret"
+        assert ref == _secret_ref(server[admin.name]), client.name
+
+
+def test_network_policies_admit_only_the_ray_pods_the_submitter_and_the_operator():
+    pods = _rayjob_pods()
+    ray_labels = [_labels(t) for role, t in pods.items() if role != "submitter"]
+    submitter = _labels(pods["submitter"])
+    head_ports = {
+        p["name"]: p["containerPort"]
+        for p in pods["head"]["spec"]["containers"][0].get("ports", [])
+    }
+    policy = _one(_docs("rayjob.yaml"), "NetworkPolicy")["spec"]
+    assert all(_selects(policy["podSelector"], labels) for labels in ray_labels)
+    assert not _selects(policy["podSelector"], submitter)
+    assert policy["policyTypes"] == ["Ingress"]
+    for rule in policy["ingress"]:
+        peers = rule.get("from")
+        assert peers, "an ingress rule without `from` admits every pod and address"
+        assert all("ipBlock" not in p for p in peers)
+        if "ports" not in rule:  # all ports: the Ray pods themselves only
+            for peer in peers:
+                assert "namespaceSelector" not in peer
+                assert not _selects(peer["podSelector"], submitter)
+                assert all(_selects(peer["podSelector"], labels) for labels in ray_labels)
+        else:  # everything else: the dashboard only
+            assert [p["port"] for p in rule["ports"]] == [head_ports["dashboard"]]
+    assert any(
+        "ports" in rule and any(_selects(p.get("podSelector", {}), submitter) for p in rule["from"])
+        for rule in policy["ingress"]
+    ), "the submitter cannot reach the dashboard"
+    # MLflow: reachable from the head pods (the job's driver) only, on its port only.
+    docs = _docs("mlflow.yaml")
+    policy = _one(docs, "NetworkPolicy")["spec"]
+    deployment = _one(docs, "Deployment")["spec"]["template"]
+    assert _selects(policy["podSelector"], _labels(deployment))
+    (rule,) = policy["ingress"]
+    assert [p["port"] for p in rule["ports"]] == [_one(docs, "Service")["spec"]["ports"][0]["port"]]
+    for peer in rule["from"]:
+        assert _selects(peer["podSelector"], _labels(pods["head"]))
+        assert not _selects(peer["podSelector"], submitter)
+        assert not any(_selects(peer["podSelector"], labels) for labels in ray_labels[1:])
+
+
+def test_no_cluster_file_holds_a_token_or_password():
+    for path in sorted(CLUSTER.iterdir()):
+        text = path.read_text()
+        # a pasted token: `openssl rand -hex`, `ray get-auth-token`, uuid4().hex
+        assert not re.search(r"\b[0-9a-fA-F]{32,}\b", text), f"{path.name} holds a token"
+        if path.suffix != ".yaml":
+            continue
+        docs = [d for d in yaml.safe_load_all(text) if d]
+        assert not [d for d in docs if d.get("kind") == "Secret"], (
+            f"{path.name} holds a Secret: applying it would set its placeholder values"
+        )
+        for node in _walk(docs):
+            name = node.get("name")
+            if isinstance(name, str) and ("value" in node or "valueFrom" in node):
+                if SECRET_LIKE.search(name):
+                    assert _secret_ref(node), f"{path.name}: {name} is not from a Secret"
+    # runtime envs are shown to everyone who lists jobs: no secrets there
+    job = _one(_docs("rayjob.yaml"), "RayJob")
+    for env in (_load("runtime_env.yaml"), yaml.safe_load(job["spec"]["runtimeEnvYAML"])):
+        leaked = [k for k in (env.get("env_vars") or {}) if SECRET_LIKE.search(k)]
+        assert not leaked, f"secret-like variables in a runtime env: {leaked}"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -489,6 +811,12 @@ def test_fedsim_job_on_two_nodes_logs_to_the_mlflow_server(cluster, tiny_overrid
         f"tracking.uri={cluster.mlflow}",
         f"tracking.experiment={EXPERIMENT}",
     ]
+    # Token auth is on: without the token, or with another one, the job server refuses.
+    for headers in ({}, {"Authorization": f"Bearer {uuid.uuid4().hex}"}):
+        request = urllib.request.Request(f"{cluster.dashboard}/api/jobs/", headers=headers)
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(request, timeout=10)
+        assert refused.value.code in (401, 403), headers
     # The driver reaches MLflow only once its actors are up (MLflow's client also retries),
     # so the server may finish starting while the job starts.
     job = cluster.submit([sys.executable, "-m", "fedsim", "run", *overrides])
