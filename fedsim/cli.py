@@ -113,9 +113,12 @@ def _dispatch(ns: argparse.Namespace) -> int:
 
         print(to_yaml(cfg), end="")
     else:
+        from fedsim.preflight import preflight
+
+        dataset = preflight(cfg)  # before Ray and the models are imported: seconds, not tens
         from fedsim.simulation import run
 
-        run(cfg)
+        run(cfg, dataset=dataset)
     return 0
 
 

@@ -136,15 +136,15 @@ def check_tracking(cfg: FedSimConfig) -> None:
         check_writable_dir(art.path if art.scheme else artifacts, "tracking.uri")
 
 
-def check_outputs(cfg: FedSimConfig, run_dir: Path | None = None) -> None:
-    """Check every place the run writes to: checkpoints, the dataset cache, the MLflow store.
+def check_directories(cfg: FedSimConfig, run_dir: Path | None = None) -> None:
+    """Check the directories the run writes to: checkpoints and the dataset cache.
 
     Args:
         cfg: the resolved config.
         run_dir: a resumed run's directory (its checkpoints are written there).
 
     Raises:
-        ConfigError: naming the key of the first location that cannot be written.
+        ConfigError: naming the key of the first directory that cannot be written.
     """
     if cfg.checkpoint.every > 0:
         if run_dir is not None:
@@ -153,6 +153,11 @@ def check_outputs(cfg: FedSimConfig, run_dir: Path | None = None) -> None:
             check_writable_dir(cfg.checkpoint.dir, "checkpoint.dir")
     if cfg.data.cache_dir:
         check_writable_dir(cfg.data.cache_dir, "data.cache_dir")
+
+
+def check_outputs(cfg: FedSimConfig, run_dir: Path | None = None) -> None:
+    """Check every place the run writes to: the directories, then the MLflow store."""
+    check_directories(cfg, run_dir)
     check_tracking(cfg)
 
 
@@ -183,10 +188,13 @@ def check_inputs(cfg: FedSimConfig):
 
 
 def preflight(cfg: FedSimConfig, run_dir: Path | None = None):
-    """Every check of this module, outputs first (they are the quick ones).
+    """Every check of this module: directories (instant), inputs, then the MLflow store
+    (which imports MLflow and may wait for a server).
 
     Returns:
         The loaded dataset (see :func:`check_inputs`).
     """
-    check_outputs(cfg, run_dir)
-    return check_inputs(cfg)
+    check_directories(cfg, run_dir)
+    dataset = check_inputs(cfg)
+    check_tracking(cfg)
+    return dataset

@@ -221,12 +221,14 @@ def _client_rows(
     return rows
 
 
-def run(config: FedSimConfig | dict | str | Path | None = None) -> RunResult:
+def run(config: FedSimConfig | dict | str | Path | None = None, *, dataset=None) -> RunResult:
     """Run one federated simulation and log it to MLflow.
 
     Args:
         config: a :class:`FedSimConfig`, a dict of values over the defaults, a YAML path, or
             None for the defaults.
+        dataset: what :func:`fedsim.preflight.preflight` returned for this very config, when
+            the caller ran it already (the CLI does, before importing Ray); None: run it here.
 
     Returns:
         The MLflow run id, the per-round metrics and the checkpoint directory.
@@ -234,7 +236,7 @@ def run(config: FedSimConfig | dict | str | Path | None = None) -> RunResult:
     Raises:
         ConfigError: a config value is not allowed (including ranks the backbone cannot take).
     """
-    return _simulate(as_config(config), None)
+    return _simulate(as_config(config), None, dataset=dataset)
 
 
 def resume(run_dir: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> RunResult:
@@ -279,12 +281,15 @@ class _Totals:
     simulated_s: float = 0.0
 
 
-def _simulate(cfg: FedSimConfig, ckpt: Checkpoint | None, run_dir: Path | None = None):
+def _simulate(
+    cfg: FedSimConfig, ckpt: Checkpoint | None, run_dir: Path | None = None, dataset=None
+):
     ranks = list(ckpt.meta["ranks"]) if ckpt else resolve_ranks(cfg.clients, cfg.seed)
     per_round = len(sample_clients(cfg.clients.num, cfg.clients.fraction, cfg.seed, 1))
     # Every output location, the dataset, the clients' splits and the model are checked here,
     # once, before Ray starts: a user mistake is a one-line config error, not N dead actors.
-    dataset = preflight(cfg, run_dir if ckpt else None)
+    if dataset is None:
+        dataset = preflight(cfg, run_dir if ckpt else None)
     started = init_ray()
     for key in ephemeral_paths(cfg):
         print(
