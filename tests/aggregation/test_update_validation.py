@@ -42,6 +42,13 @@ def test_non_finite_values_are_rejected(bad: float, key: str) -> None:
     _rejects(state, 4, key, kind)
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16, torch.int64, torch.bool])
+def test_a_dtype_other_than_the_global_adapters_is_rejected(dtype: torch.dtype) -> None:
+    state = _update()
+    state[lora_a(QUERY)] = state[lora_a(QUERY)].to(dtype)
+    _rejects(state, 4, lora_a(QUERY), str(dtype), "torch.float32")
+
+
 def test_wrong_lora_a_shape_is_rejected() -> None:
     state = _update()
     state[lora_a(QUERY)] = torch.zeros(4, 6)
