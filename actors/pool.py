@@ -85,6 +85,17 @@ def reserve(cfg: FedSimConfig, size: int):
     return pg
 
 
+def _config_error(exc: BaseException) -> ConfigError | None:
+    """The :class:`ConfigError` a Ray error wraps (an actor's constructor raised it), if any."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, ConfigError):
+            return exc
+        exc = getattr(exc, "cause", None) or exc.__cause__
+    return None
+
+
 def _short(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
     return text[-1] if text else type(exc).__name__
@@ -116,6 +127,9 @@ class ClientPool:
             ray.get([a.ping.remote() for a in self.actors])
         except RayError as exc:
             self.shutdown()
+            cause = _config_error(exc)
+            if cause is not None:  # a user mistake the actor found: keep it one line
+                raise cause from None
             raise RuntimeError(f"a client actor failed to start: {_short(exc)}") from None
 
     def _spawn(self, index: int):

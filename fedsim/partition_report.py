@@ -88,7 +88,15 @@ def save_heatmap(data: FederatedData, rows: list[dict], path: str | Path) -> Pat
 
 
 def partition_report(cfg: FedSimConfig, heatmap: str | None = None) -> list[dict]:
-    """Build the split of ``cfg``, print its table, optionally save the heat map."""
+    """Build the split of ``cfg``, print its table, optionally save the heat map.
+
+    Raises:
+        ConfigError: the split cannot be made, or the heat map's directory is not writable.
+    """
+    if heatmap:
+        from fedsim.preflight import check_writable_dir
+
+        check_writable_dir(Path(heatmap).expanduser().parent, "--heatmap")
     data = FederatedData(cfg, load_dataset(cfg))
     rows = client_rows(cfg, data)
     print_table(cfg, data, rows)

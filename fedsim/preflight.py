@@ -88,8 +88,12 @@ def _one_line(exc: BaseException) -> str:
     return (text[:300] + "...") if len(text) > 300 else text or type(exc).__name__
 
 
-def check_tracking(cfg: FedSimConfig) -> None:
+def check_tracking(cfg: FedSimConfig, run_id: str | None = None) -> None:
     """Open the MLflow store, find or create the experiment, and write one tag to it.
+
+    Args:
+        cfg: the resolved config.
+        run_id: a resumed run's MLflow run, which must be in the store.
 
     Raises:
         ConfigError: naming ``tracking.uri`` (an unknown scheme, a store that cannot be opened
@@ -124,6 +128,12 @@ def check_tracking(cfg: FedSimConfig) -> None:
                     "(mlflow experiments restore) or pick another name",
                 )
             client.set_experiment_tag(exp.experiment_id, "fedsim.checked", "1")
+            if run_id is not None and not _has_run(client, run_id):
+                raise ConfigError(
+                    "tracking.uri",
+                    f"MLflow run {run_id} of the checkpoint is not in the store {uri}; resume "
+                    "from the directory the run was started in, or pass tracking.uri=",
+                )
     except ConfigError:
         raise
     except Exception as exc:  # mlflow raises many types for a bad URI, server or database
@@ -134,6 +144,16 @@ def check_tracking(cfg: FedSimConfig) -> None:
     art = urlparse(artifacts)
     if art.scheme in ("", "file") and artifacts:
         check_writable_dir(art.path if art.scheme else artifacts, "tracking.uri")
+
+
+def _has_run(client, run_id: str) -> bool:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        client.get_run(run_id)
+    except MlflowException:
+        return False
+    return True
 
 
 def check_directories(cfg: FedSimConfig, run_dir: Path | None = None) -> None:
@@ -184,17 +204,41 @@ def check_inputs(cfg: FedSimConfig):
         from fedsim.models.vlm import check_model_source
 
         check_model_source(cfg.model)
+    elif cfg.model.backbone == "hf":
+        for key in ("text_encoder", "vision_encoder"):
+            check_hf_config(getattr(cfg.model, key), f"model.{key}")
     return dataset
 
 
-def preflight(cfg: FedSimConfig, run_dir: Path | None = None):
+def check_hf_config(name_or_path: str, key: str) -> None:
+    """Read a Hugging Face model's config (not its weights): the model can be found.
+
+    Raises:
+        ConfigError: naming ``key`` and why the config cannot be read.
+    """
+    from transformers import AutoConfig
+
+    try:
+        AutoConfig.from_pretrained(name_or_path)
+    except (OSError, ValueError, KeyError) as exc:
+        raise ConfigError(
+            key, f"cannot read a model config from {name_or_path!r}: {_one_line(exc)}"
+        ) from None
+
+
+def preflight(cfg: FedSimConfig, run_dir: Path | None = None, run_id: str | None = None):
     """Every check of this module: directories (instant), inputs, then the MLflow store
     (which imports MLflow and may wait for a server).
+
+    Args:
+        cfg: the resolved config.
+        run_dir: a resumed run's directory (checked instead of ``checkpoint.dir``).
+        run_id: a resumed run's MLflow run id (it must be in the store).
 
     Returns:
         The loaded dataset (see :func:`check_inputs`).
     """
     check_directories(cfg, run_dir)
     dataset = check_inputs(cfg)
-    check_tracking(cfg)
+    check_tracking(cfg, run_id)
     return dataset

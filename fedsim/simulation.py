@@ -289,7 +289,8 @@ def _simulate(
     # Every output location, the dataset, the clients' splits and the model are checked here,
     # once, before Ray starts: a user mistake is a one-line config error, not N dead actors.
     if dataset is None:
-        dataset = preflight(cfg, run_dir if ckpt else None)
+        resumed = (run_dir, ckpt.meta["mlflow_run_id"]) if ckpt else (None, None)
+        dataset = preflight(cfg, *resumed)
     started = init_ray()
     for key in ephemeral_paths(cfg):
         print(

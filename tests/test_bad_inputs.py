@@ -312,6 +312,15 @@ def test_too_many_clients_for_the_data(fails, base):
     fails(["run", *base, "clients.num=200", "clients.ranks=equal:4"], "clients")
 
 
+def test_hf_encoders_that_cannot_be_found(fails, base, tmp_path):
+    args = [f"model.text_encoder={tmp_path / 'nope'}", f"model.vision_encoder={tmp_path}"]
+    fails(["run", *base, "model.backbone=hf", *args], "model.text_encoder")
+
+
+def test_partition_heatmap_in_an_unwritable_place(fails, base):
+    fails(["partition", *base, "--heatmap", "/proc/fedsim/heat.png"], "--heatmap")
+
+
 def test_unwritable_dataset_cache(fails, base):
     fails(["run", *base, "data.cache_dir=/proc/fedsim-cache"], "data.cache_dir")
 
@@ -447,6 +456,10 @@ def test_non_finite_checkpoint_tensors_refuse_to_load(fails, tmp_path, tiny_over
     writer.save(0, server, {}, meta)
     line = fails(["run", "--resume", str(path)], "m.lora_A.weight")
     assert "NaN" in line
+
+
+def test_resume_into_a_store_without_the_run(fails, run_dir):
+    fails(["run", "--resume", str(run_dir)], "is not in the store")
 
 
 @pytest.mark.parametrize(
