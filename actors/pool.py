@@ -8,6 +8,7 @@ fails (its actor died, or it raised) is retried on another actor up to
 from __future__ import annotations
 
 import math
+import re
 from collections import deque
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field, replace
@@ -85,13 +86,26 @@ def reserve(cfg: FedSimConfig, size: int):
     return pg
 
 
+_CONFIG_ERROR = re.compile(r"ConfigError: config error: (\S+): (.*)")
+
+
 def _config_error(exc: BaseException) -> ConfigError | None:
-    """The :class:`ConfigError` a Ray error wraps (an actor's constructor raised it), if any."""
+    """The :class:`ConfigError` an actor's constructor raised, if that is what ``exc`` wraps.
+
+    Ray keeps the exception object of a failed task but only the text of a failed actor
+    constructor, so the text is searched too.
+    """
     seen = set()
     while exc is not None and id(exc) not in seen:
         seen.add(id(exc))
         if isinstance(exc, ConfigError):
             return exc
+        match = _CONFIG_ERROR.search(str(exc))
+        if match:
+            message = match.group(2).strip()
+            return ConfigError(
+                match.group(1), message[:400] + ("..." if len(message) > 400 else "")
+            )
         exc = getattr(exc, "cause", None) or exc.__cause__
     return None
 

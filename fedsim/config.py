@@ -861,6 +861,16 @@ def validate(cfg: FedSimConfig) -> None:
     _check(r.actors is None or r.actors >= 1, "resources.actors", "must be >= 1")
     _check(r.max_retries >= 0, "resources.max_retries", "must be >= 0")
     _check(bool(cfg.tracking.experiment), "tracking.experiment", "must not be empty")
+    _check(
+        len(cfg.tracking.experiment) <= 500,
+        "tracking.experiment",
+        f"is {len(cfg.tracking.experiment)} characters; MLflow takes at most 500",
+    )
+    _check(
+        cfg.tracking.run_name is None or len(cfg.tracking.run_name) <= 250,
+        "tracking.run_name",
+        "MLflow takes at most 250 characters",
+    )
     _check_combinations(cfg)
     for cid in cfg.faults.nan_update_clients:
         _check(
@@ -887,6 +897,12 @@ def _validate_generative(cfg: FedSimConfig) -> None:
     )
     _check(ev.max_new_tokens >= 1, "eval.max_new_tokens", "must be >= 1")
     _check(ev.examples >= 0, "eval.examples", "must be >= 0")
+    _check(bool(m.targets), "model.targets", "must name at least one module suffix")
+    if m.target_regex is not None:
+        try:
+            re.compile(m.target_regex)
+        except re.error as exc:
+            raise ConfigError("model.target_regex", f"not a valid regex: {exc}") from None
     if m.backbone == "hf-vlm":
         _check(
             bool(m.name_or_path),
@@ -901,12 +917,6 @@ def _validate_generative(cfg: FedSimConfig) -> None:
             "or hf-vlm",
         )
         return
-    _check(bool(m.targets), "model.targets", "must name at least one module suffix")
-    if m.target_regex is not None:
-        try:
-            re.compile(m.target_regex)
-        except re.error as exc:
-            raise ConfigError("model.target_regex", f"not a valid regex: {exc}") from None
     _check(
         d.image_fill != "learned",
         "data.image_fill",

@@ -32,7 +32,10 @@ def check_writable_dir(path: str | Path, key: str) -> None:
     Raises:
         ConfigError: naming ``key``, the path and what is wrong with it.
     """
-    path = Path(path).expanduser()
+    try:
+        path = Path(path).expanduser()
+    except RuntimeError as exc:  # ~user of a user this machine does not have
+        raise ConfigError(key, f"cannot expand {path}: {exc}") from None
     if path.exists() and not path.is_dir():
         raise ConfigError(key, f"{path} exists and is not a directory")
     probe = path

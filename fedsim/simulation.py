@@ -86,11 +86,16 @@ def init_ray() -> bool:
         return False
     # No runtime_env here: under `ray job submit` the job's own runtime_env applies, and
     # the actors quieten tokenizers and transformers themselves (ClientWorker.__init__).
-    ray.init(
-        address=os.environ.get("RAY_ADDRESS") or None,
-        include_dashboard=False,
-        logging_level="ERROR",
-    )
+    address = os.environ.get("RAY_ADDRESS") or None
+    try:
+        ray.init(address=address, include_dashboard=False, logging_level="ERROR")
+    except (ValueError, ConnectionError, TimeoutError) as exc:
+        if address is None:
+            raise
+        reason = " ".join(str(exc).split())[:300]
+        raise ConfigError(
+            "RAY_ADDRESS", f"cannot join the Ray cluster at {address!r}: {reason}"
+        ) from None
     return True
 
 

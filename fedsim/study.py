@@ -170,10 +170,7 @@ def run_study(path: str | Path, extra: list[str] = ()) -> str:
                 plan.append((cell, name, seed, cfg))
     import ray
 
-    from fedsim.preflight import check_outputs, check_writable_dir
-
-    check_writable_dir(Path(study.output).parent, "output")
-    check_outputs(plan[0][3])  # the tracking store and checkpoints, before the parent run
+    _preflight(study, plan)
 
     parent = Tracker(plan[0][3], run_name=f"study {Path(path).stem}", log_config=False)
     started = init_ray()
@@ -210,6 +207,38 @@ def run_study(path: str | Path, extra: list[str] = ()) -> str:
     print(table)
     print(f"written to {out}; MLflow parent run {parent.run_id}")
     return table
+
+
+def _preflight(study: StudyConfig, plan: list) -> None:
+    """Check every run's outputs and inputs before the first run starts.
+
+    Runs that share their output locations, or their data, model and clients settings, are
+    checked once; a mistake in the last variant is found before the first one trains.
+
+    Raises:
+        ConfigError: naming the key and the run it belongs to.
+    """
+    from fedsim.config import flatten
+    from fedsim.preflight import check_inputs, check_outputs, check_writable_dir
+
+    check_writable_dir(Path(study.output).parent, "output")
+    seen: set[tuple] = set()
+    for _cell, _name, _seed, cfg in plan:
+        flat = flatten(cfg)
+        outputs = tuple(flat[k] for k in ("tracking.uri", "tracking.experiment", "checkpoint.dir"))
+        inputs = tuple(
+            str(v) for k, v in sorted(flat.items()) if k.startswith(("data.", "model.", "clients."))
+        )
+        for kind, key in (("outputs", outputs), ("inputs", inputs)):
+            if (kind, key) in seen:
+                continue
+            seen.add((kind, key))
+            try:
+                check_outputs(cfg) if kind == "outputs" else check_inputs(cfg)
+            except ConfigError as exc:
+                message = str(exc).removeprefix(f"config error: {exc.key}: ")
+                label = cfg.tracking.run_name
+                raise ConfigError(exc.key, f"{message} (in run '{label}')") from None
 
 
 def _cell(runs, key: str, last: int) -> str:

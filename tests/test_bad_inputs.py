@@ -127,11 +127,15 @@ VALUES = [
     (["checkpoint.keep=0"], "checkpoint.keep"),
     (["tracking.experiment="], "tracking.experiment"),
     (["no.such_key=1"], "no.such_key"),
+    (["checkpoint.dir=~nonexistentuser/runs"], "checkpoint.dir"),
+    (["tracking.uri=sqlite:///~nonexistentuser/m.db"], "tracking.uri"),
+    (["tracking.experiment=" + "x" * 600], "tracking.experiment"),
+    (["model.target_regex=("], "model.target_regex"),
     (["rounds"], "rounds"),
 ]
 
 
-@pytest.mark.parametrize(("overrides", "culprit"), VALUES, ids=lambda v: str(v))
+@pytest.mark.parametrize(("overrides", "culprit"), VALUES, ids=lambda v: str(v)[:60])
 def test_config_value(fails, base, overrides, culprit):
     fails(["run", *base, *overrides], culprit)
 
@@ -179,6 +183,10 @@ STUDIES = {
     "negative-seed": (f"base: {DEFAULT}\nvariants: {{a: []}}\nseeds: [-1]\n", "seed"),
     "bad-variant-key": (f"base: {DEFAULT}\nvariants: {{a: [nokey=1]}}\n", "nokey"),
     "unknown-study-key": (f"base: {DEFAULT}\nvariants: {{a: []}}\nseedz: [1]\n", "seedz"),
+    "bad-last-variant": (
+        f"base: {DEFAULT}\nvariants: {{good: [], bad: [data.cache_dir=/proc/fedsim]}}\n",
+        "in run 'bad seed=0'",
+    ),
     "unwritable-output": (
         f"base: {DEFAULT}\nvariants: {{a: []}}\noutput: /proc/fedsim/x.md\n",
         "output",
@@ -359,6 +367,15 @@ def test_deleted_experiment(fails, base, workdir):
     client = MlflowClient("sqlite:///mlflow.db")
     client.delete_experiment(client.create_experiment("gone", artifact_location="art"))
     fails(["run", *base, "tracking.experiment=gone"], "tracking.experiment")
+
+
+def test_a_ray_address_that_is_no_address(fails, base, monkeypatch):
+    import ray
+
+    if ray.is_initialized():  # an earlier test module's cluster would be joined instead
+        pytest.skip("Ray is already running in this test process")
+    monkeypatch.setenv("RAY_ADDRESS", "nonsense")
+    fails(["run", *base], "RAY_ADDRESS")
 
 
 # --- checkpoints --------------------------------------------------------------------------

@@ -193,7 +193,7 @@ def build_emoji(image_size: int) -> tuple[torch.Tensor, list[EmojiEntry], dict]:
 
 def default_cache_dir() -> Path:
     """``$FEDSIM_CACHE`` or ``~/.cache/fedsim``."""
-    return Path(os.environ.get("FEDSIM_CACHE", Path.home() / ".cache" / "fedsim"))
+    return Path(os.environ.get("FEDSIM_CACHE") or Path.home() / ".cache" / "fedsim")
 
 
 def load_emoji(
