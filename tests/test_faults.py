@@ -100,7 +100,7 @@ def _expected_attempts(cfg, rounds: int) -> tuple[dict[int, int], int]:
     return failed, failed_attempts
 
 
-@pytest.mark.parametrize("mode", ["raise", "crash"])
+@pytest.mark.parametrize("mode", ["raise", pytest.param("crash", marks=pytest.mark.slow)])
 def test_injected_failures_are_retried_to_the_same_numbers(baseline, config, mode):
     cfg = config(
         *SLOW, "faults.fail_prob=0.3", f"faults.fail_mode={mode}", "resources.max_retries=4"

@@ -13,6 +13,8 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
+
 SCRIPT = textwrap.dedent(
     """
     import json, sys
@@ -40,6 +42,7 @@ SCRIPT = textwrap.dedent(
 )
 
 
+@pytest.mark.slow  # its own Ray instance in a subprocess
 def test_fractional_gpus_pack_two_actors_on_one_declared_gpu(tiny_overrides, tmp_path):
     args = [
         *tiny_overrides,

@@ -78,7 +78,11 @@ def config(make_config, mlflow_store):
     return build
 
 
-@pytest.mark.parametrize("variant", list(VARIANTS))
+@pytest.mark.parametrize(
+    "variant",
+    # the quick loop (-m "not slow") keeps one variant; CI runs all three
+    [v if i == 0 else pytest.param(v, marks=pytest.mark.slow) for i, v in enumerate(VARIANTS)],
+)
 def test_stopped_and_resumed_run_equals_an_uninterrupted_one(ray_cluster, config, variant):
     over = VARIANTS[variant]
     straight = fedsim.run(config(*over, "rounds=3"))
@@ -100,6 +104,7 @@ def test_stopped_and_resumed_run_equals_an_uninterrupted_one(ray_cluster, config
     assert bool(a.clients) == (variant != "flora")
 
 
+@pytest.mark.slow  # a driver subprocess and three runs
 def test_sigkilled_driver_resumes_into_the_same_mlflow_run(
     ray_cluster, config, tiny_overrides, tmp_path
 ):

@@ -59,6 +59,7 @@ def test_a_study_with_a_bad_run_fails_before_anything_runs(tmp_path, tiny_overri
     assert info.value.key == "rounds"
 
 
+@pytest.mark.slow  # many runs: CI runs it, the quick loop does not
 def test_sweep_nests_runs_under_a_parent_and_writes_the_table(
     ray_cluster, tmp_path, tiny_overrides, mlflow_store
 ):
