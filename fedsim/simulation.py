@@ -304,7 +304,7 @@ def _simulate(
             f"Pass an absolute path ({key}=/lasting/storage/...).",
             file=sys.stderr,
         )
-    pool = server = tracker = writer = None
+    pool = server = tracker = writer = progress = None
     try:
         pool = ClientPool(cfg, pool_size(cfg, per_round))
         info = pool.call_first("describe")
@@ -348,6 +348,8 @@ def _simulate(
             progress.summary(result.history, tracker.run_id, tracker.ui_command())
         return result
     except BaseException as exc:
+        if progress is not None:  # end the bar's line before the error is printed
+            progress.close()
         if tracker is not None:
             tracker.finish("KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
         if writer is not None and (writer.run_dir / "latest.json").exists():
