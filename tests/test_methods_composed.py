@@ -78,7 +78,14 @@ def test_combinations_that_make_no_sense_are_rejected(make_config, overrides, ke
     ],
 )
 def test_meaningful_combinations_load(make_config, overrides):
-    make_config("editing.enabled=false", *overrides)
+    import yaml
+
+    from fedsim.config import flatten
+
+    values = flatten(make_config("editing.enabled=false", *overrides))
+    for item in overrides:
+        key, _, value = item.partition("=")
+        assert values[key] == yaml.safe_load(value), key
 
 
 @pytest.mark.parametrize(("policy", "private_kind"), [("B", is_lora_a), ("A", is_lora_b)])

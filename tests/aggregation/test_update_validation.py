@@ -24,8 +24,11 @@ def _rejects(state: dict, rank: int, *fragments: str) -> None:
 
 @pytest.mark.parametrize("rank", [1, 4, 8])
 def test_valid_update_passes(rank: int) -> None:
-    check_update(truncate(REFERENCE, rank), REFERENCE, rank)
-    check_update(_update(rank), REFERENCE, rank)
+    assert check_update(truncate(REFERENCE, rank), REFERENCE, rank) is None
+    assert check_update(_update(rank), REFERENCE, rank) is None
+    # the same tensors declared at another rank are not a valid update: the check looks
+    other = rank + 1 if rank < 8 else rank - 1
+    _rejects(_update(rank), other, "shape", f"for rank {other}")
 
 
 def test_update_rejected_is_a_value_error() -> None:
