@@ -6,7 +6,7 @@ client's rank), then times ``get_merger(name).merge(...)`` for every method in `
 as the practical floor, one pass that reads every input element once (a sum per tensor). It
 prints one row per (clients, method): merge ms, floor ms, their ratio and the input size.
 
-    /work/venv/bin/python experiments/bench/aggregation.py [--clients 10 100 500]
+    /work/venv/bin/python experiments/bench/merges.py [--clients 10 100 500]
         [--methods zeropad fedilora ...] [--repeats 3] [--threads N] [--tiny]
 
 See ``experiments/bench/README.md`` for the columns and a measured table.
@@ -14,26 +14,18 @@ See ``experiments/bench/README.md`` for the columns and a measured table.
 
 from __future__ import annotations
 
+import argparse
 import os
-import sys
-from pathlib import Path
+import platform
+import statistics
+import time
+from collections.abc import Callable, Mapping, Sequence
 
-# This file shares its name with the top-level ``aggregation`` package. Run as a script, its
-# folder is sys.path[0] and ``import aggregation`` would import this file again, so drop it.
-_HERE = Path(__file__).resolve().parent
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]
+import numpy as np
+import torch
+from torch import Tensor
 
-import argparse  # noqa: E402
-import platform  # noqa: E402
-import statistics  # noqa: E402
-import time  # noqa: E402
-from collections.abc import Callable, Mapping, Sequence  # noqa: E402
-
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from torch import Tensor  # noqa: E402
-
-from aggregation import MERGERS, get_merger, rank_axis, truncate  # noqa: E402
+from aggregation import MERGERS, get_merger, rank_axis, truncate
 
 RANK_CHOICES = (4, 8, 16, 32, 64)
 GLOBAL_RANK = 64

@@ -1,4 +1,4 @@
-"""Smoke test of experiments/bench/aggregation.py on tiny shapes: it runs and prints every method.
+"""Smoke test of experiments/bench/merges.py on tiny shapes: it runs and prints every method.
 
 No timing is asserted: the point is that the benchmark still runs against the merger API.
 """
@@ -12,12 +12,11 @@ import torch
 
 from aggregation import MERGERS
 
-BENCH = Path(__file__).resolve().parents[1] / "experiments" / "bench" / "aggregation.py"
+BENCH = Path(__file__).resolve().parents[1] / "experiments" / "bench" / "merges.py"
 
 
 def load_bench():
-    # The file is named like the ``aggregation`` package, so load it under another name.
-    spec = importlib.util.spec_from_file_location("bench_aggregation", BENCH)
+    spec = importlib.util.spec_from_file_location("bench_merges", BENCH)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
