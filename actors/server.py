@@ -208,16 +208,14 @@ class ServerState:
         if self.merger.fresh_adapter_each_round:
             merged = self._fold_into_base(merged)
         new = self.options.optimizer.step(current, merged)
-        nonfinite = [k for k, v in new.items() if not bool(torch.isfinite(v).all())]
-        if self.base_delta is not None:
-            nonfinite += [
-                f"base update of {k}"
-                for k, v in self.base_delta.items()
-                if not bool(torch.isfinite(v).all())
-            ]
+        # The norm of the change is needed anyway; it is finite exactly when every merged
+        # value is (a sum of squares of finite float32 differences cannot overflow float64).
+        delta = sum(float((new[k].double() - current[k].double()).pow(2).sum()) for k in new)
+        nonfinite = [] if math.isfinite(delta) else _nonfinite_keys(new)
+        if self.base_delta is not None:  # FLoRA's folded base updates
+            nonfinite += [f"base update of {k}" for k in _nonfinite_keys(self.base_delta)]
         if nonfinite:
             return nonfinite
-        delta = sum(float((new[k].double() - current[k].double()).pow(2).sum()) for k in new)
         self._last_delta_norm = math.sqrt(delta)
         self.global_state = {**self.global_state, **new}
         if self.scaffold_c is not None:
@@ -242,3 +240,8 @@ class ServerState:
         self.base_version += 1
         dense = {k: v for k, v in stacked.items() if k not in lora}
         return {**{k: self.template[k] for k in lora}, **dense}
+
+
+def _nonfinite_keys(state: State) -> list[str]:
+    """The keys of ``state`` whose tensor holds NaN or Inf."""
+    return [k for k, v in state.items() if not bool(torch.isfinite(v).all())]

@@ -135,15 +135,19 @@ class CheckpointWriter:
         keep: how many checkpoints to keep.
         client_files: client id to its current state file (from a resumed checkpoint).
         config: the run's resolved config; every checkpoint records its non-resumable keys.
+        client_digests: the sha256 of each file of ``client_files`` (a resumed checkpoint's
+            ``digests``, verified by :func:`load_checkpoint`); a file without one is read
+            and digested here.
 
     Raises:
-        ConfigError: a client file of ``client_files`` cannot be read (to digest it).
+        ConfigError: a client file of ``client_files`` without a digest cannot be read.
     """
 
     run_dir: Path
     keep: int = 2
     client_files: dict[int, str] = field(default_factory=dict)
     config: FedSimConfig = field(kw_only=True)
+    client_digests: dict[str, str] = field(default_factory=dict, kw_only=True)
     _digests: dict[str, str] = field(default_factory=dict, init=False, repr=False)
     _record: dict = field(default_factory=dict, init=False, repr=False)
 
@@ -151,9 +155,11 @@ class CheckpointWriter:
         self.run_dir = Path(self.run_dir)
         (self.run_dir / "clients").mkdir(parents=True, exist_ok=True)
         self._record = config_record(self.config)
-        # A resumed run's files were verified by load_checkpoint a moment ago; digest them
-        # once here, since later checkpoints keep naming them.
+        # Later checkpoints keep naming a resumed run's files: take their verified digests.
         for name in self.client_files.values():
+            if name in self.client_digests:
+                self._digests[name] = self.client_digests[name]
+                continue
             path = self.run_dir / "clients" / name
             try:
                 self._digests[name] = sha256_file(path)

@@ -324,7 +324,11 @@ def _simulate(
             _log_skipped_rows(tracker, dataset)
         if cfg.checkpoint.every > 0:
             files = {int(c): f for c, f in (ckpt.meta["client_files"] if ckpt else {}).items()}
-            writer = CheckpointWriter(run_dir, cfg.checkpoint.keep, files, config=cfg)
+            saved = ckpt.meta["digests"] if ckpt else {}
+            digests = {k.removeprefix("clients/"): v for k, v in saved.items()}
+            writer = CheckpointWriter(
+                run_dir, cfg.checkpoint.keep, files, config=cfg, client_digests=digests
+            )
             writer.write_config(to_yaml(cfg))
         result = RunResult(tracker.run_id, tracker.uri, run_dir=writer.run_dir if writer else None)
         driver = _Driver(cfg, ranks, pool, server, tracker, result, writer)

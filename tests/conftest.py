@@ -114,3 +114,18 @@ def mlflow_store(tmp_path_factory) -> Callable[[str], str]:
         return uri
 
     return experiment
+
+
+@pytest.fixture(scope="module")
+def experiment_config(make_config, mlflow_store) -> Callable[[str], Callable[..., FedSimConfig]]:
+    """``experiment_config(name)("rounds=3", ...)``: tiny configs logging to experiment ``name``
+    of the module's MLflow store."""
+
+    def for_experiment(name: str) -> Callable[..., FedSimConfig]:
+        def build(*overrides: str) -> FedSimConfig:
+            uri = mlflow_store(name)
+            return make_config(f"tracking.uri={uri}", f"tracking.experiment={name}", *overrides)
+
+        return build
+
+    return for_experiment

@@ -23,12 +23,8 @@ ALL_FAIL = ["faults.fail_prob=1", "resources.max_retries=0"]
 
 
 @pytest.fixture(scope="module")
-def config(make_config, mlflow_store):
-    def build(*overrides: str):
-        uri = mlflow_store(EXPERIMENT)
-        return make_config(f"tracking.uri={uri}", f"tracking.experiment={EXPERIMENT}", *overrides)
-
-    return build
+def config(experiment_config):
+    return experiment_config(EXPERIMENT)
 
 
 def _last_run(cfg):

@@ -70,12 +70,8 @@ def _same_tensors(a: dict, b: dict) -> None:
 
 
 @pytest.fixture(scope="module")
-def config(make_config, mlflow_store):
-    def build(*overrides: str):
-        uri = mlflow_store(EXPERIMENT)
-        return make_config(f"tracking.uri={uri}", f"tracking.experiment={EXPERIMENT}", *overrides)
-
-    return build
+def config(experiment_config):
+    return experiment_config(EXPERIMENT)
 
 
 @pytest.mark.parametrize(

@@ -380,16 +380,9 @@ def check_model_source(cfg: ModelConfig) -> None:
 
         smollm2_gguf()
     elif cfg.backbone == "hf-vlm":
-        from transformers import AutoConfig
+        from fedsim.preflight import check_hf_config
 
-        try:
-            AutoConfig.from_pretrained(cfg.name_or_path)
-        except (OSError, ValueError, KeyError) as exc:
-            reason = " ".join(str(exc).split())[:300]
-            raise ConfigError(
-                "model.name_or_path",
-                f"cannot read a model config from {cfg.name_or_path!r}: {reason}",
-            ) from None
+        check_hf_config(cfg.name_or_path, "model.name_or_path")
 
 
 def build_generative(cfg: ModelConfig, num_classes: int, image_fill: str, text_fill: str):
