@@ -16,9 +16,10 @@ from dataclasses import dataclass, field, replace
 import ray
 from ray.exceptions import RayActorError, RayError, RayTaskError
 
-from actors.client import ClientTask, ClientWorker
+from actors.client import ClientWorker
 from actors.server import ServerState
 from fedsim.config import ConfigError, FedSimConfig
+from fedsim.messages import ClientTask
 
 RemoteClient = ray.remote(ClientWorker)
 RemoteServer = ray.remote(ServerState)
@@ -115,12 +116,24 @@ def _short(exc: BaseException) -> str:
     return text[-1] if text else type(exc).__name__
 
 
+@dataclass(frozen=True)
+class ClientRefs:
+    """Object refs of what a client task returned besides its report."""
+
+    upload: ray.ObjectRef  # fedsim.messages.Upload, for the server
+    state: ray.ObjectRef  # fedsim.messages.ClientState, the client's next persistent state
+
+
 @dataclass
 class Outcome:
-    """Results of a batch of tasks: first return values, the other refs, and failures."""
+    """Results of a batch of tasks: first return values, the other refs, and failures.
+
+    ``values[key]`` is a task's first return value (a client's ``ClientReport``, a shard's
+    evaluation part); ``refs[key]`` the refs of the rest (a client task's ``ClientRefs``).
+    """
 
     values: dict[Hashable, object] = field(default_factory=dict)
-    refs: dict[Hashable, tuple] = field(default_factory=dict)
+    refs: dict[Hashable, ClientRefs] = field(default_factory=dict)
     failed: dict[Hashable, str] = field(default_factory=dict)
 
 
@@ -174,18 +187,19 @@ class ClientPool:
             states: client id to the ref of its persistent state (absent: first round).
 
         Returns:
-            ``values[cid]`` is the report; ``refs[cid]`` the refs of (update, scaffold delta,
-            new state).
+            ``values[cid]`` is the client's report, ``refs[cid]`` its upload and new state.
         """
         jobs = {
             t.client_id: (
-                lambda a, attempt, t=t: a.train.options(num_returns=4).remote(
+                lambda a, attempt, t=t: a.train.options(num_returns=3).remote(
                     replace(t, attempt=attempt), broadcast_ref, states.get(t.client_id)
                 )
             )
             for t in tasks
         }
-        return self._run(jobs)
+        out = self._run(jobs)
+        out.refs = {c: ClientRefs(*refs) for c, refs in out.refs.items()}
+        return out
 
     def evaluate(self, broadcast_ref) -> Outcome:
         """Evaluate the global adapter, the test set split in one shard per actor."""
@@ -241,6 +255,10 @@ class ClientPool:
             self.group = None
 
 
-def start_server(merger, initial, options) -> object:
-    """Start the server actor (no CPU reserved: it only merges between client tasks)."""
-    return RemoteServer.options(num_cpus=0).remote(merger, initial, options)
+def start_server(*args) -> object:
+    """Start the server actor (no CPU reserved: it only merges between client tasks).
+
+    Args:
+        args: :class:`actors.server.ServerState`'s arguments.
+    """
+    return RemoteServer.options(num_cpus=0).remote(*args)

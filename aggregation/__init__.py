@@ -7,6 +7,7 @@ on torch only: no Ray, no I/O, no config objects.
 """
 
 from aggregation.editing import EditResult, cosine_similarity, edit_layerwise
+from aggregation.fedex import fedex_residual
 from aggregation.fedilora import FediLoRAMerger, dimension_weights, fedilora_merge
 from aggregation.fednova import fednova_rescale
 from aggregation.flexlora import (
@@ -90,6 +91,7 @@ __all__ = [
     "dimension_weights",
     "edit_layerwise",
     "factor_product",
+    "fedex_residual",
     "fedilora_merge",
     "fednova_rescale",
     "flexlora_merge",

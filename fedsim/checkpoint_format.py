@@ -18,7 +18,7 @@
 :func:`fedsim.checkpoint.load_checkpoint` trusts nothing it reads: every field is checked for
 its type, every path must resolve inside its directory (symlinks included), every tensor file
 must match its digest and hold finite values, and the server file must hold exactly the
-tensors the state names. A format-1 checkpoint (fedsim before verification) is refused, not
+tensors the state names. A checkpoint of an older format is refused, not
 read unchecked. Every failure is a one-line :class:`ConfigError` on ``--resume`` naming the file.
 """
 
@@ -38,7 +38,8 @@ from safetensors.torch import load_file
 
 from fedsim.config import ConfigError, FedSimConfig, flatten
 
-FORMAT = 2
+# 3: the server state holds each method's state under its name (fedsim.methods)
+FORMAT = 3
 _TENSOR = "__tensor__"
 
 # Overrides a resumed run may take: they change where and how fast it runs, not its numbers.
@@ -277,12 +278,13 @@ def check_state(state: Any, file: Path, round_idx: int) -> None:
     if not isinstance(state, dict):
         fail(file, f"must be a JSON object, got {show(state)}")
     fmt = state.get("format", MISSING)
-    if fmt == 1 and _is_int(fmt):
+    if _is_int(fmt) and fmt in (1, 2):
+        what = {1: "without digests or the run's config", 2: "before methods were plug-ins"}
         fail(
             file,
-            f"was written by an older fedsim (checkpoint format 1, without digests or the run's "
-            f"config); this fedsim resumes format {FORMAT} only: finish the run with the fedsim "
-            "that started it, or start a new run",
+            f"was written by an older fedsim (checkpoint format {fmt}, {what[fmt]}); this "
+            f"fedsim resumes format {FORMAT} only: finish the run with the fedsim that started "
+            "it, or start a new run",
         )
     if fmt != FORMAT or not _is_int(fmt):
         newer = " (written by a newer fedsim?)" if _is_int(fmt) and fmt > FORMAT else ""

@@ -16,21 +16,21 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from aggregation import MERGERS
+from aggregation import MERGERS, SERVER_OPTIMIZERS
+from fedsim.errors import ConfigError
+from fedsim.methods import (
+    OBJECTIVES,
+    EditingConfig,
+    FedExConfig,
+    PruningConfig,
+    check_methods,
+)
 
 # FediLoRA's setting: ranks of its 10 clients. Repeated in blocks of 10 for more clients.
 FEDILORA_RANKS = (32, 32, 16, 16, 8, 8, 4, 4, 4, 4)
 BACKBONES = ("minilm-effnet", "tiny", "hf", "smolvlm-effnet", "hf-vlm")
 # Backbones that generate text (the generation task); the others are classifiers.
 GENERATIVE_BACKBONES = ("smolvlm-effnet", "hf-vlm")
-
-
-class ConfigError(ValueError):
-    """A configuration key holds a value that is not allowed; the message names the key."""
-
-    def __init__(self, key: str, message: str):
-        super().__init__(f"config error: {key}: {message}")
-        self.key = key
 
 
 def _help(text: str) -> dict[str, str]:
@@ -256,7 +256,7 @@ class AggregationConfig:
 
 @dataclass
 class SharingConfig:
-    policy: Literal["all", "B", "A", "none"] = field(
+    policy: str = field(
         default="all",
         metadata=_help(
             "Which LoRA parts go to the server: all; B (pLoRA: each client keeps its own A); "
@@ -267,9 +267,12 @@ class SharingConfig:
 
 @dataclass
 class ServerConfig:
-    optimizer: Literal["fedavg", "fedavgm", "fedadagrad", "fedadam", "fedyogi"] = field(
+    optimizer: str = field(
         default="fedavg",
-        metadata=_help("Server optimiser on the pseudo-gradient (Reddi et al. 2021)."),
+        metadata=_help(
+            "Server optimiser on the pseudo-gradient (Reddi et al. 2021): "
+            + ", ".join(SERVER_OPTIMIZERS)
+        ),
     )
     lr: float | None = field(
         default=None, metadata=_help("Server learning rate (default: 1.0 FedAvgM, 1e-2 adaptive).")
@@ -281,7 +284,7 @@ class ServerConfig:
 
 @dataclass
 class ObjectiveConfig:
-    method: Literal["plain", "fedprox", "scaffold", "fednova", "fedmllm"] = field(
+    method: str = field(
         default="plain",
         metadata=_help(
             "Client objective: plain; fedprox (mu/2 ||theta - theta_g||^2); scaffold (control "
@@ -297,35 +300,6 @@ class ObjectiveConfig:
             "fedmllm: layers s .. L-1-s of each tower get the term (FedMLLM uses s=4 on a "
             "32-layer LLM; the default MiniLM tower has 6 layers, hence 1)."
         ),
-    )
-
-
-@dataclass
-class PruningConfig:
-    gamma: float = field(
-        default=0.0,
-        metadata=_help(
-            "HetLoRA's rank self-pruning: weight of gamma * ||B[:, r-delta:] A[r-delta:]||_F in "
-            "the local loss; 0 turns pruning off."
-        ),
-    )
-    delta: int = field(default=1, metadata=_help("Tail dimensions penalised and dropped at once."))
-    threshold: float = field(
-        default=1e-3, metadata=_help("Drop the tail when its norm after training is below this.")
-    )
-    min_rank: int = field(default=1, metadata=_help("A client's rank never drops below this."))
-
-
-@dataclass
-class EditingConfig:
-    enabled: bool = field(default=True, metadata=_help("FediLoRA layer-wise model editing."))
-    key: Literal["lora_A", "lora_B", "all"] = field(
-        default="lora_A", metadata=_help("Which LoRA tensors are candidates for editing.")
-    )
-    count: int = field(default=1, metadata=_help("How many lowest-similarity tensors to edit."))
-    threshold: float = field(default=0.95, metadata=_help("Edit only if cosine < threshold."))
-    mode: Literal["weighted", "replace", "half"] = field(
-        default="weighted", metadata=_help("weighted: mix by clamped cosine; replace; half.")
     )
 
 
@@ -547,6 +521,7 @@ class FedSimConfig:
     server: ServerConfig = field(default_factory=ServerConfig)
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
     editing: EditingConfig = field(default_factory=EditingConfig)
+    fedex: FedExConfig = field(default_factory=FedExConfig)
     pruning: PruningConfig = field(default_factory=PruningConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
@@ -838,9 +813,6 @@ def validate(cfg: FedSimConfig) -> None:
         "aggregation.method",
         f"unknown method {cfg.aggregation.method!r}; allowed: {', '.join(sorted(MERGERS))}",
     )
-    e = cfg.editing
-    _check(e.count >= 1, "editing.count", f"must be >= 1, got {e.count}")
-    _check(0 <= e.threshold <= 1.0 + 1e-9, "editing.threshold", "must be in [0, 1]")
     t = cfg.train
     _check(t.local_epochs >= 1, "train.local_epochs", "must be >= 1")
     _check(
@@ -978,17 +950,19 @@ def _validate_faults_rounds_devices(cfg: FedSimConfig) -> None:
 
 
 def _check_combinations(cfg: FedSimConfig) -> None:
-    """Reject method combinations that make no sense, using the merge rules' capability flags."""
+    """Names from the registries, then every method's own rules (:mod:`fedsim.methods`)."""
     merger = MERGERS[cfg.aggregation.method]
     method = f"aggregation.method={cfg.aggregation.method}"
-    policy = cfg.sharing.policy
-    opt, objective = cfg.server.optimizer, cfg.objective.method
+    opt = cfg.server.optimizer
     _check(
-        not (merger.needs_pairs and policy in ("A", "B")),
-        "sharing.policy",
-        f"{method} needs both A and B of every module on the server, but sharing.policy={policy}"
-        " keeps one of them on the clients; use sharing.policy=all or a merge of factors "
-        "(zeropad, fedilora)",
+        opt in SERVER_OPTIMIZERS,
+        "server.optimizer",
+        f"unknown optimiser {opt!r}; allowed: {', '.join(SERVER_OPTIMIZERS)}",
+    )
+    _check(
+        cfg.objective.method in OBJECTIVES,
+        "objective.method",
+        f"unknown objective {cfg.objective.method!r}; allowed: {', '.join(OBJECTIVES)}",
     )
     _check(
         opt == "fedavg" or merger.linear_in_factors,
@@ -1003,62 +977,13 @@ def _check_combinations(cfg: FedSimConfig) -> None:
         )
         + "; use server.optimizer=fedavg",
     )
-    if objective in ("scaffold", "fednova"):
-        _check(
-            merger.linear_in_factors and merger.fixed_rank,
-            "objective.method",
-            f"objective.method={objective} needs a merge that is a weighted sum of the clients' "
-            f"factors with a fixed rank (zeropad, fedilora, hetlora), not {method}",
-        )
-    if objective == "scaffold":
-        _check(
-            cfg.train.optimizer == "sgd",
-            "train.optimizer",
-            "objective.method=scaffold derives its control variates for SGD; set "
-            "train.optimizer=sgd",
-        )
-        _check(
-            cfg.lora.scaling == "constant",
-            "lora.scaling",
-            "objective.method=scaffold needs lora.scaling=constant: with per-rank scaling the "
-            "clients' B tensors live in different spaces and their control variates cannot be "
-            "averaged",
-        )
-    if cfg.editing.enabled:
-        without = method if merger.fresh_adapter_each_round else "sharing.policy=none"
-        _check(
-            not merger.fresh_adapter_each_round and policy != "none",
-            "editing.enabled",
-            "layer-wise editing compares a client's adapter with the global one it received, "
-            f"which does not exist with {without}; set editing.enabled=false",
-        )
-        private = {"B": "lora_A", "A": "lora_B"}.get(policy)
-        _check(
-            cfg.editing.key != private,
-            "editing.key",
-            f"editing.key={cfg.editing.key} edits tensors that sharing.policy={policy} keeps "
-            "private (there is no global version to compare with); use the shared part or all",
-        )
+    check_methods(cfg)
     _check(
         cfg.data.partition != "centralized" or cfg.clients.num == 1,
         "clients.num",
         f"data.partition=centralized is one client holding all data; set clients.num=1 "
         f"(got {cfg.clients.num})",
     )
-    pr = cfg.pruning
-    _check(pr.gamma >= 0, "pruning.gamma", "must be >= 0")
-    _check(pr.delta >= 1, "pruning.delta", "must be >= 1")
-    _check(pr.threshold >= 0, "pruning.threshold", "must be >= 0")
-    _check(pr.min_rank >= 1, "pruning.min_rank", "must be >= 1")
-    _check(
-        pr.gamma == 0 or (merger.linear_in_factors and merger.fixed_rank),
-        "pruning.gamma",
-        f"rank self-pruning changes client ranks between rounds; {method} cannot take that "
-        "(use zeropad, fedilora or hetlora)",
-    )
-    _check(cfg.objective.mu >= 0, "objective.mu", "must be >= 0")
-    _check(cfg.objective.layer_weight >= 0, "objective.layer_weight", "must be >= 0")
-    _check(cfg.objective.layer_skip >= 0, "objective.layer_skip", "must be >= 0")
     _check(cfg.server.lr is None or cfg.server.lr > 0, "server.lr", "must be > 0")
     _check(0 <= cfg.server.beta1 < 1, "server.beta1", "must be in [0, 1)")
     _check(0 <= cfg.server.beta2 < 1, "server.beta2", "must be in [0, 1)")

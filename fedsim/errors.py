@@ -1,6 +1,14 @@
-"""Errors a run reports to the user without a traceback (config errors live in ``config``)."""
+"""Errors a run reports to the user as one line, without a traceback."""
 
 from __future__ import annotations
+
+
+class ConfigError(ValueError):
+    """A configuration key holds a value that is not allowed; the message names the key."""
+
+    def __init__(self, key: str, message: str):
+        super().__init__(f"config error: {key}: {message}")
+        self.key = key
 
 
 class RunFailed(RuntimeError):

@@ -18,12 +18,9 @@ from pathlib import Path
 
 import numpy as np
 import ray
-import torch
 
-from actors.client import ClientTask, merger_options
 from actors.pool import ClientPool, pool_size, start_server
-from actors.server import AggregateReport, ServerOptions
-from aggregation import SERVER_OPTIMIZERS, get_merger, lora_rank, shared_keys, unfold_scaling
+from aggregation import SERVER_OPTIMIZERS, unfold_scaling
 from fedsim.adapter_io import save_peft_adapter
 from fedsim.checkpoint import (
     Checkpoint,
@@ -44,8 +41,16 @@ from fedsim.data.partition import sample_clients
 from fedsim.devices import assign_profiles, close_round, straggler_delay, task_seconds
 from fedsim.errors import RunFailed
 from fedsim.evaluation import summarize
+from fedsim.messages import (
+    AggregateReport,
+    ClientMeta,
+    ClientReport,
+    ClientState,
+    ClientTask,
+    ExportedAdapter,
+)
+from fedsim.methods import Method, build_merger, enabled_methods
 from fedsim.models.lora import client_scaling
-from fedsim.objectives import objective_spec
 from fedsim.preflight import preflight, store_path
 from fedsim.progress import RoundProgress
 from fedsim.tasks import combine_parts
@@ -128,14 +133,19 @@ def _check_ranks(ranks: list[int], max_rank: int) -> None:
             )
 
 
-def server_options(cfg: FedSimConfig, keys: list[str]) -> ServerOptions:
-    """The server-side choices of ``cfg`` (sharing, server optimiser, FedNova, SCAFFOLD)."""
-    spec = objective_spec(cfg.objective.method)
-    return ServerOptions(
-        shared=tuple(shared_keys(keys, cfg.sharing.policy)),
-        optimizer=server_optimizer(cfg.server),
-        fednova=spec.rescale_by_steps,
-        scaffold_clients=cfg.clients.num if spec.control_variates else None,
+def server_args(cfg: FedSimConfig, initial: dict) -> tuple:
+    """The arguments of :class:`actors.server.ServerState` for ``cfg``'s run.
+
+    Args:
+        cfg: the run's config.
+        initial: the initial global adapter (``ClientWorker.initial_global``).
+    """
+    return (
+        build_merger(cfg),
+        initial,
+        server_optimizer(cfg.server),
+        enabled_methods(cfg),
+        cfg.clients.num,
     )
 
 
@@ -149,16 +159,7 @@ def server_optimizer(cfg) -> object:
     return cls(**{k: v for k, v in values.items() if k in accepted and v is not None})
 
 
-def concat_stacks(stacks: list[dict]) -> dict:
-    """FLoRA's rounds as one adapter: A rows and B columns concatenated in round order."""
-    out = {}
-    for k in stacks[0]:
-        axis = 0 if k.endswith("lora_A.weight") else 1
-        out[k] = torch.cat([s[k] for s in stacks], dim=axis)
-    return out
-
-
-def _global_metrics(outcome) -> tuple[dict[str, float], list[dict]]:
+def global_metrics(outcome) -> tuple[dict[str, float], list[dict]]:
     """``global/*`` metrics and example rows from the shards of a global evaluation."""
     # shards in shard order; combine_parts skips the empty ones of a pool larger than the set
     metrics, examples = combine_parts([v for _, v in sorted(outcome.values.items())])
@@ -166,60 +167,67 @@ def _global_metrics(outcome) -> tuple[dict[str, float], list[dict]]:
 
 
 def _round_metrics(
-    used: list[dict], finished: list[dict], rejected: dict[int, str], failed: dict, late: list
+    methods: list[Method],
+    used: list[ClientReport],
+    finished: list[ClientReport],
+    rejected: dict[int, str],
+    failed: dict,
+    late: list,
 ) -> dict:
     """Metrics of one round: ``used`` reports were merged, ``finished`` includes late ones."""
-    ok = [r for r in used if r["client_id"] not in rejected]
+    ok = [r for r in used if r.client_id not in rejected]
     m: dict[str, float] = {
         "clients/sampled": len(finished) + len(failed),
         "clients/failed": len(failed),
         "clients/late": len(late),
         "clients/rejected": len(rejected),
         # every client that finished training downloaded the broadcast and uploaded its update
-        "comm/upload_bytes": sum(r["upload_bytes"] for r in finished),
-        "comm/download_bytes": sum(r["download_bytes"] for r in finished),
-        "editing/edited_tensors": sum(len(r["edited"]) for r in used),
+        "comm/upload_bytes": sum(r.upload_bytes for r in finished),
+        "comm/download_bytes": sum(r.download_bytes for r in finished),
     }
     if ok:
         # AUC is undefined on a held-out split with one class: summarise the clients that have it
-        names = dict.fromkeys(k for r in ok for k in r["personalized"])
+        names = dict.fromkeys(k for r in ok for k in r.personalized)
         for metric in names:
-            stats = summarize(
-                [r["personalized"][metric] for r in ok if metric in r["personalized"]]
-            )
+            stats = summarize([r.personalized[metric] for r in ok if metric in r.personalized])
             for stat, value in stats.items():
                 m[f"personalized/{metric}_{stat}"] = value
-        m["train/loss_mean"] = float(np.mean([r["train_loss"] for r in ok]))
-    sims = [v for r in used for v in r["similarities"].values()]
-    if sims:
-        m["editing/similarity_mean"] = float(np.mean(sims))
-        m["editing/similarity_min"] = float(np.min(sims))
+        m["train/loss_mean"] = float(np.mean([r.train_loss for r in ok]))
+    for method in methods:
+        m.update(method.round_metrics(used))
     return m
 
 
 def _client_rows(
-    reports: list[dict], status: dict[int, str], sim_s: dict[int, float], profiles: list
+    methods: list[Method],
+    reports: list[ClientReport],
+    status: dict[int, str],
+    sim_s: dict[int, float],
+    profiles: list,
 ) -> list[dict]:
     rows = []
-    for r in sorted(reports, key=lambda r: r["client_id"]):
-        cid = r["client_id"]
-        rows.append(
+    for r in sorted(reports, key=lambda r: r.client_id):
+        cid = r.client_id
+        row = {
+            "client_id": cid,
+            "rank": r.rank,
+            "num_samples": r.num_samples,
+            "steps": r.steps,
+            "train_loss": r.train_loss,
+            **{f"personalized_{k}": v for k, v in r.personalized.items()},
+        }
+        for method in methods:
+            row.update(method.client_columns(r))
+        row.update(
             {
-                "client_id": cid,
-                "rank": r["rank"],
-                "num_samples": r["num_samples"],
-                "steps": r["steps"],
-                "train_loss": r["train_loss"],
-                **{f"personalized_{k}": v for k, v in r["personalized"].items()},
-                "edited_tensors": len(r["edited"]),
-                "min_similarity": min(r["similarities"].values(), default=float("nan")),
-                "time_s": r["time_s"],
+                "time_s": r.time_s,
                 "simulated_s": sim_s[cid],
                 "device": profiles[cid][0],
-                "node_id": r["node_id"],
+                "node_id": r.node_id,
                 "status": status.get(cid, "ok"),
             }
         )
+        rows.append(row)
     for cid, reason in sorted(status.items()):
         if reason.startswith("failed"):
             rows.append({"client_id": cid, "device": profiles[cid][0], "status": reason})
@@ -310,11 +318,7 @@ def _simulate(
         info = pool.call_first("describe")
         _check_ranks(resolve_ranks(cfg.clients, cfg.seed), info["max_rank"])
         initial = pool.call_first("initial_global")
-        server = start_server(
-            get_merger(cfg.aggregation.method, **merger_options(cfg)),
-            initial,
-            server_options(cfg, list(initial)),
-        )
+        server = start_server(*server_args(cfg, initial))
         if ckpt:
             _load_server_state(server, ckpt)
             tracker = Tracker.reopen(cfg, ckpt.meta["mlflow_run_id"], ckpt.round)
@@ -344,7 +348,7 @@ def _simulate(
                 f"{cfg.rounds}: every sampled client failed, was late or was rejected); see the "
                 "round lines above and the clients/ tables in MLflow"
             )
-        _finish(cfg, info, server, tracker, result, max(resolve_ranks(cfg.clients, cfg.seed)))
+        _finish(cfg, info, server, tracker, result)
         if cfg.tracking.save_client_adapters:
             _save_client_adapters(cfg, info, driver, tracker)
         tracker.finish()
@@ -400,7 +404,8 @@ class _Driver:
         self.pool, self.server, self.tracker = pool, server, tracker
         self.result = result
         self.writer = writer
-        self.states: dict[int, object] = {}  # client id -> object ref of its persistent state
+        self.states: dict[int, object] = {}  # client id -> object ref of its ClientState
+        self.methods = enabled_methods(cfg)  # for their round-loop hooks (metrics, columns)
         self.profiles = assign_profiles(cfg)
         self.totals = _Totals()
         self.next_round = 0
@@ -414,7 +419,7 @@ class _Driver:
     def restore(self, ckpt: Checkpoint) -> None:
         """Take up the driver's state from a checkpoint, and log what MLflow missed."""
         meta = ckpt.meta
-        self.states = {c: ray.put(s) for c, s in ckpt.clients.items()}
+        self.states = {c: ray.put(ClientState.from_dict(s)) for c, s in ckpt.clients.items()}
         self.totals = _Totals(**meta["totals"])
         self.result.history = meta["history"]
         self.result.clients = meta["clients"]
@@ -444,7 +449,7 @@ class _Driver:
 
     def _evaluate_global(self, t: int) -> dict[str, float]:
         """Evaluate the global adapter; log round ``t``'s example generations, if any."""
-        metrics, examples = _global_metrics(self.pool.evaluate(self.server.broadcast.remote()))
+        metrics, examples = global_metrics(self.pool.evaluate(self.server.broadcast.remote()))
         if examples:
             self.tracker.log_table(examples, f"examples/round_{t:04d}.json")
         return metrics
@@ -462,9 +467,9 @@ class _Driver:
             c: task_seconds(
                 self.profiles[c][1],
                 cfg.devices.step_s,
-                r["steps"],
-                r["upload_bytes"],
-                r["download_bytes"],
+                r.steps,
+                r.upload_bytes,
+                r.download_bytes,
                 straggler_delay(cfg, t, c),
             )
             for c, r in finished.items()
@@ -483,17 +488,15 @@ class _Driver:
             used = []
         reports = [finished[c] for c in used]
         for c in used:
-            self.states[c] = outcome.refs[c][2]
+            self.states[c] = outcome.refs[c].state
             if cfg.tracking.save_client_adapters:  # its last personalised adapter, at the end
-                self.last_upload[c] = (outcome.refs[c][0], finished[c]["rank"])
-        meta = [(c, r["rank"], r["num_samples"], r["steps"]) for c, r in zip(used, reports)]
-        for c, r in zip(used, reports):  # HetLoRA self-pruning: the rank from the next round on
-            self.ranks[c] = r["next_rank"] or self.ranks[c]
+                self.last_upload[c] = (outcome.refs[c].upload, finished[c].rank)
+        meta = [ClientMeta(c, r.rank, r.num_samples, r.steps) for c, r in zip(used, reports)]
+        for c, r in zip(used, reports):  # a method may lower the rank (HetLoRA's pruning)
+            self.ranks[c] = r.next_rank or self.ranks[c]
         if used:
-            refs = [outcome.refs[c][0] for c in used]
-            if objective_spec(cfg.objective.method).control_variates:
-                refs += [outcome.refs[c][1] for c in used]
-            agg = ray.get(self.server.aggregate_packed.remote(t, meta, *refs))
+            uploads = [outcome.refs[c].upload for c in used]
+            agg = ray.get(self.server.aggregate_packed.remote(t, meta, *uploads))
         else:
             agg = AggregateReport(t)
         for cid, reason in agg.rejected.items():
@@ -509,7 +512,7 @@ class _Driver:
         reasons = [*outcome.failed.values(), *agg.rejected.values()]
         self._count_empty(t, sampled, status, merged, reasons)
         metrics = _round_metrics(
-            reports, list(finished.values()), agg.rejected, outcome.failed, close.late
+            self.methods, reports, list(finished.values()), agg.rejected, outcome.failed, close.late
         )
         metrics["clients/rank_mean"] = float(np.mean(self.ranks))
         metrics["clients/actors_replaced"] = self.pool.replaced
@@ -524,7 +527,7 @@ class _Driver:
         metrics["time/simulated_total_s"] = self.totals.simulated_s
         metrics["time/aggregate_s"] = agg.aggregate_s
         metrics["time/round_s"] = time.perf_counter() - start
-        rows = _client_rows(list(finished.values()), status, sim_s, self.profiles)
+        rows = _client_rows(self.methods, list(finished.values()), status, sim_s, self.profiles)
         self._end_round(t, metrics, rows, used)
         return metrics
 
@@ -567,7 +570,7 @@ class _Driver:
         # Only the clients trained since the last checkpoint changed: a round's checkpoint
         # costs what it sampled, whatever the number of clients. The writer keeps the rest.
         dirty = sorted(self._dirty)
-        changed = dict(zip(dirty, ray.get([self.states[c] for c in dirty])))
+        changed = {c: s.to_dict() for c, s in zip(dirty, ray.get([self.states[c] for c in dirty]))}
         server = ray.get(self.server.state_dict.remote())
         meta = {
             "ranks": self.ranks,
@@ -589,20 +592,26 @@ class _Driver:
             self.tracker.log_table(rows, f"clients/round_{t:04d}.json")
 
 
-def _finish(cfg, info, server, tracker, result: RunResult, global_rank: int) -> None:
-    """Log the final global adapter (peft format) and the plots."""
+def _finish(cfg, info, server, tracker, result: RunResult) -> None:
+    """Log the final global adapter (peft format) and the plots.
+
+    Base-weight updates that a method folded in and a LoRA adapter cannot hold (FedEx-LoRA's
+    residuals) go beside it as ``base_delta.safetensors`` (module prefix to ``dW``, to add to
+    the pretrained weights before loading the adapter).
+    """
     if cfg.tracking.save_adapter:
-        state = ray.get(server.get_global.remote())
-        stacked = ray.get(server.stacked_history.remote())
-        rank = global_rank
-        if stacked:  # FLoRA: the base updates are the sum of every round's stacked product
-            state = {**state, **concat_stacks(stacked)}
-            rank = lora_rank(state)
-        state = unfold_scaling(state, client_scaling(cfg.lora, rank, rank))
+        exported: ExportedAdapter = ray.get(server.export.remote())
+        rank = exported.rank
+        state = unfold_scaling(exported.adapter, client_scaling(cfg.lora, rank, rank))
         with tempfile.TemporaryDirectory(prefix="fedsim-") as tmp:
             save_peft_adapter(
                 state, tmp, cfg, info["target_modules"], rank, rank, info["dense_modules"]
             )
+            if exported.base is not None:
+                from safetensors.torch import save_file
+
+                base = {k: v.contiguous() for k, v in exported.base.items()}
+                save_file(base, str(Path(tmp) / "base_delta.safetensors"))
             tracker.log_dir(tmp, "global_adapter")
     if cfg.tracking.plots:
         import matplotlib.pyplot as plt
@@ -633,8 +642,9 @@ def _save_client_adapters(cfg, info, driver: _Driver, tracker) -> None:
     """
     global_rank = max(resolve_ranks(cfg.clients, cfg.seed))
     for cid, (ref, rank) in sorted(driver.last_upload.items()):
-        shared = unfold_scaling(ray.get(ref), client_scaling(cfg.lora, rank, global_rank))
-        private = ray.get(driver.states[cid]).get("private", {})
+        upload = ray.get(ref)
+        shared = unfold_scaling(upload.update, client_scaling(cfg.lora, rank, global_rank))
+        private = ray.get(driver.states[cid]).private
         state = {**shared, **private}
         with tempfile.TemporaryDirectory(prefix="fedsim-") as tmp:
             save_peft_adapter(

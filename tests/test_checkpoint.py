@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from actors.server import ServerOptions, ServerState
+from actors.server import ServerState
 from aggregation import FedAdam, get_merger
 from fedsim.checkpoint import (
     CheckpointWriter,
@@ -24,6 +24,7 @@ from fedsim.checkpoint import (
     split_tensors,
 )
 from fedsim.config import ConfigError, FedSimConfig, load_config, to_yaml
+from fedsim.messages import ClientMeta, Upload
 
 CFG = FedSimConfig()
 
@@ -168,24 +169,25 @@ def _server(seed: int) -> ServerState:
         "m.lora_A.weight": torch.randn(4, 6, generator=g),
         "m.lora_B.weight": torch.zeros(6, 4),
     }
-    options = ServerOptions(shared=tuple(initial), optimizer=FedAdam(lr=0.1))
-    return ServerState(get_merger("fedilora"), initial, options)
+    return ServerState(get_merger("fedilora"), initial, FedAdam(lr=0.1), [], 2)
 
 
-def _updates(round_idx: int) -> list[dict]:
+def _updates(round_idx: int) -> list[Upload]:
     g = torch.Generator().manual_seed(100 + round_idx)
     return [
-        {
-            "m.lora_A.weight": torch.randn(r, 6, generator=g),
-            "m.lora_B.weight": torch.randn(6, r, generator=g),
-        }
+        Upload(
+            {
+                "m.lora_A.weight": torch.randn(r, 6, generator=g),
+                "m.lora_B.weight": torch.randn(6, r, generator=g),
+            }
+        )
         for r in (4, 2)
     ]
 
 
 def test_server_state_dict_resumes_the_same_trajectory(tmp_path):
     """Three merges straight equal two merges, a checkpoint, a fresh server and one more."""
-    meta = [(0, 4, 10, 5), (1, 2, 30, 5)]
+    meta = [ClientMeta(0, 4, 10, 5), ClientMeta(1, 2, 30, 5)]
     straight = _server(0)
     for t in (1, 2, 3):
         straight.aggregate(t, meta, _updates(t))
@@ -198,7 +200,7 @@ def test_server_state_dict_resumes_the_same_trajectory(tmp_path):
     second.aggregate(3, meta, _updates(3))
     for k, v in straight.get_global().items():
         assert torch.equal(second.get_global()[k], v), k
-    assert second.options.optimizer.steps == 3
+    assert second.optimizer.steps == 3
 
 
 def test_server_rejects_a_checkpoint_of_another_shape():
@@ -372,8 +374,8 @@ def test_state_json_field_of_another_type_is_refused_naming_it(tmp_path, name, v
         (lambda s: s["config"]["values"].update(seed=5), "config.digest"),
         (lambda s: s["digests"].pop("clients/c000001_r00001.safetensors"), "digests lacks"),
         (lambda s: s["digests"].update({"clients/x": "0" * 64}), "does not hold"),
-        (lambda s: s.update(format=[2]), "format must be 2"),
-        (lambda s: s.update(format=3), "newer fedsim"),
+        (lambda s: s.update(format=[3]), "format must be 3"),
+        (lambda s: s.update(format=4), "newer fedsim"),
     ],
 )
 def test_state_json_that_contradicts_itself_is_refused(tmp_path, edit, words):
@@ -389,10 +391,11 @@ def test_state_json_that_is_not_an_object_is_refused(tmp_path, text):
     _refused(run_dir, "state.json", "must be a JSON object")
 
 
-def test_a_format_1_checkpoint_is_refused_as_written_by_an_older_fedsim(tmp_path):
+@pytest.mark.parametrize("fmt", [1, 2])
+def test_an_older_format_is_refused_as_written_by_an_older_fedsim(tmp_path, fmt):
     run_dir = _run(tmp_path)
-    _edit_json(run_dir / "round_00002" / "state.json", lambda s: s.update(format=1))
-    _refused(run_dir, "state.json", "older fedsim", "format 1")
+    _edit_json(run_dir / "round_00002" / "state.json", lambda s: s.update(format=fmt))
+    _refused(run_dir, "state.json", "older fedsim", f"format {fmt}")
 
 
 @pytest.mark.parametrize(

@@ -8,23 +8,24 @@ import numpy as np
 import pytest
 import torch
 
-from actors.client import ClientTask, ClientWorker, merger_options, nbytes
+from actors.client import ClientWorker
 from actors.pool import Outcome
 from actors.server import ServerState
-from aggregation import check_update, get_merger, is_lora_a, is_lora_b
+from aggregation import check_update, is_lora_a, is_lora_b
 from fedsim.config import resolve_ranks
-from fedsim.simulation import _global_metrics, server_options
+from fedsim.messages import Broadcast, ClientMeta, ClientTask, Upload, nbytes
+from fedsim.simulation import global_metrics, server_args
 
 
 def _bc(adapter):
     """A broadcast holding just the global adapter (no SCAFFOLD, no FLoRA base updates)."""
-    return {"adapter": adapter}
+    return Broadcast(adapter)
 
 
 def _train(worker, task, adapter, state=None):
     """``(report, update)`` of one task."""
-    report, update, _, _ = worker.train(task, _bc(adapter), state)
-    return report, update
+    report, upload, _ = worker.train(task, _bc(adapter), state)
+    return report, upload.update
 
 
 @pytest.fixture(scope="module")
@@ -61,12 +62,7 @@ def round1(worker, initial):
 
 
 def _server(worker, initial) -> ServerState:
-    cfg = worker.cfg
-    return ServerState(
-        get_merger(cfg.aggregation.method, **merger_options(cfg)),
-        initial,
-        server_options(cfg, list(initial)),
-    )
+    return ServerState(*server_args(worker.cfg, initial))
 
 
 def _rank_of(state) -> set[int]:
@@ -86,22 +82,22 @@ def test_train_reports_the_client_split_and_uploads_its_rank(worker, initial, ro
     for cid, (report, update) in round1.items():
         client = worker.data.clients[cid]
         rank = worker.ranks[cid]
-        assert report["client_id"] == cid and report["rank"] == rank
-        assert report["num_samples"] == len(client.train)
+        assert report.client_id == cid and report.rank == rank
+        assert report.num_samples == len(client.train)
         expected_steps = min(
             cfg.train.max_local_steps, math.ceil(len(client.train) / cfg.train.batch_size)
         )
-        assert report["steps"] == expected_steps
-        assert math.isfinite(report["train_loss"]) and report["train_loss"] > 0
-        assert 0.0 <= report["personalized"]["accuracy"] <= 1.0
-        assert 0.0 <= report["personalized"]["macro_f1"] <= 1.0
+        assert report.steps == expected_steps
+        assert math.isfinite(report.train_loss) and report.train_loss > 0
+        assert 0.0 <= report.personalized["accuracy"] <= 1.0
+        assert 0.0 <= report.personalized["macro_f1"] <= 1.0
         assert set(update) == set(initial)
         assert _rank_of(update) == {rank}
         assert all(torch.isfinite(v).all() for v in update.values())
         assert all(v.device.type == "cpu" for v in update.values())
         check_update(update, initial, rank)  # what the server will check
-        assert report["upload_bytes"] == nbytes(update)
-        assert report["download_bytes"] == nbytes(update)  # same rank down and up
+        assert report.upload_bytes == nbytes(update)
+        assert report.download_bytes == nbytes(update)  # same rank down and up
         assert update is not initial
 
 
@@ -115,8 +111,8 @@ def test_same_task_twice_gives_bit_identical_updates(worker, initial, round1):
     _train(worker, ClientTask(5, worker.ranks[5], 1), initial)  # serve someone else between
     again_report, again = _train(worker, ClientTask(2, worker.ranks[2], 1), initial)
     assert all(torch.equal(update[k], again[k]) for k in update)
-    assert again_report["train_loss"] == report["train_loss"]
-    assert again_report["personalized"] == report["personalized"]
+    assert again_report.train_loss == report.train_loss
+    assert again_report.personalized == report.personalized
 
 
 def test_another_worker_gives_the_same_initial_global_and_updates(cfg, initial, round1):
@@ -130,15 +126,15 @@ def test_another_worker_gives_the_same_initial_global_and_updates(cfg, initial, 
 
 def test_editing_happens_only_from_round_2(worker, initial, round1):
     for report, _ in round1.values():
-        assert report["edited"] == [] and report["similarities"] == {}
+        assert report.parts["editing"].edited == [] and report.parts["editing"].similarities == {}
     server = _server(worker, initial)
-    clients = [(cid, r["rank"], r["num_samples"], r["steps"]) for cid, (r, _) in round1.items()]
-    server.aggregate(1, clients, [u for _, u in round1.values()])
+    clients = [ClientMeta(cid, r.rank, r.num_samples, r.steps) for cid, (r, _) in round1.items()]
+    server.aggregate(1, clients, [Upload(u) for _, u in round1.values()])
     report, update = _train(worker, ClientTask(2, worker.ranks[2], 2), server.get_global())
-    assert len(report["edited"]) == worker.cfg.editing.count == 1
-    assert all(is_lora_a(k) for k in report["edited"])
-    assert report["similarities"]
-    assert all(-1.0 <= s <= 1.0 for s in report["similarities"].values())
+    assert len(report.parts["editing"].edited) == worker.cfg.editing.count == 1
+    assert all(is_lora_a(k) for k in report.parts["editing"].edited)
+    assert report.parts["editing"].similarities
+    assert all(-1.0 <= s <= 1.0 for s in report.parts["editing"].similarities.values())
     assert _rank_of(update) == {worker.ranks[2]}
 
 
@@ -149,8 +145,8 @@ def _aggregate(worker, initial, round1, order, poison=()):
         report, update = round1[cid]
         if cid in poison:
             update = {k: torch.full_like(v, float("nan")) for k, v in update.items()}
-        clients.append((cid, report["rank"], report["num_samples"], report["steps"]))
-        updates.append(update)
+        clients.append(ClientMeta(cid, report.rank, report.num_samples, report.steps))
+        updates.append(Upload(update))
     return server, server.aggregate(1, clients, updates)
 
 
@@ -181,8 +177,12 @@ def test_wrong_rank_and_empty_client_are_rejected(worker, initial, round1):
     (r0, u0), (_, u2), (r5, u5) = round1[0], round1[2], round1[5]
     report = server.aggregate(
         1,
-        [(0, 4, r0["num_samples"], 1), (2, 4, 0, 1), (5, 2, r5["num_samples"], 1)],
-        [u0, u2, u5],
+        [
+            ClientMeta(0, 4, r0.num_samples, 1),
+            ClientMeta(2, 4, 0, 1),
+            ClientMeta(5, 2, r5.num_samples, 1),
+        ],
+        [Upload(u0), Upload(u2), Upload(u5)],
     )
     assert set(report.rejected) == {0, 2}
     assert "shape" in report.rejected[0]
@@ -208,8 +208,8 @@ def test_global_evaluation_does_not_depend_on_the_shard_count(worker, initial):
 
 def test_global_metrics_skip_the_empty_shards_of_a_pool_larger_than_the_test_set(worker, initial):
     batches = math.ceil(len(worker.data.test) / worker.cfg.train.eval_batch_size)
-    one = _global_metrics(Outcome(values={0: worker.evaluate_global(_bc(initial), 0, 1)}))
+    one = global_metrics(Outcome(values={0: worker.evaluate_global(_bc(initial), 0, 1)}))
     shards = batches + 2  # more actors than batches: the last shards get nothing to evaluate
     parts = {s: worker.evaluate_global(_bc(initial), s, shards) for s in range(shards)}
     assert sum(len(part) == 0 for part in parts.values()) == 2
-    assert _global_metrics(Outcome(values=parts)) == one
+    assert global_metrics(Outcome(values=parts)) == one

@@ -6,13 +6,14 @@ import pytest
 import ray
 import torch
 
-from actors.client import ClientTask, ClientWorker, merger_options
+from actors.client import ClientWorker
 from actors.pool import ClientPool
 from actors.server import ServerState
-from aggregation import get_merger, is_lora_a, is_lora_b
+from aggregation import is_lora_a, is_lora_b
 from fedsim.config import ConfigError
+from fedsim.messages import Broadcast, ClientMeta, ClientTask, Parts
 from fedsim.objectives import middle_layer_weights, tower_depths
-from fedsim.simulation import server_options
+from fedsim.simulation import server_args
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -27,12 +28,7 @@ def _worker(make_config, *overrides) -> ClientWorker:
 
 
 def _server(worker: ClientWorker, initial) -> ServerState:
-    cfg = worker.cfg
-    return ServerState(
-        get_merger(cfg.aggregation.method, **merger_options(cfg)),
-        initial,
-        server_options(cfg, list(initial)),
-    )
+    return ServerState(*server_args(worker.cfg, initial))
 
 
 def _equal(a: dict, b: dict) -> bool:
@@ -96,24 +92,24 @@ def test_private_parts_stay_with_the_client_and_come_back(make_config, policy, p
     )
     initial = worker.initial_global()
     task1, task2 = ClientTask(0, 8, 1), ClientTask(0, 8, 2)
-    _, update, _, state = worker.train(task1, {"adapter": initial})
-    private = state["private"]
+    _, upload, state = worker.train(task1, Broadcast(initial))
+    update, private = upload.update, state.private
     assert private and all(private_kind(k) for k in private)
     assert not set(update) & set(private)  # the private part is never uploaded
     # Round 2 starts from the client's own private part: with and without it differ.
-    _, with_state, _, _ = worker.train(task2, {"adapter": initial}, state)
-    _, without, _, _ = worker.train(task2, {"adapter": initial})
-    assert not _equal(with_state, without)
+    _, with_state, _ = worker.train(task2, Broadcast(initial), state)
+    _, without, _ = worker.train(task2, Broadcast(initial))
+    assert not _equal(with_state.update, without.update)
 
 
 def test_local_only_uploads_nothing_and_keeps_everything(make_config):
     worker = _worker(make_config, "sharing.policy=none")
     initial = worker.initial_global()
-    report, update, _, state = worker.train(ClientTask(1, 8, 1), {"adapter": initial})
-    assert update == {} and report["upload_bytes"] == 0
-    assert set(state["private"]) == set(initial)
+    report, upload, state = worker.train(ClientTask(1, 8, 1), Broadcast(initial))
+    assert upload.update == {} and upload.parts == {} and report.upload_bytes == 0
+    assert set(state.private) == set(initial)
     server = _server(worker, initial)
-    agg = server.aggregate(1, [(1, 8, report["num_samples"], report["steps"])], [update])
+    agg = server.aggregate(1, [ClientMeta(1, 8, report.num_samples, report.steps)], [upload])
     assert agg.accepted == [1] and _equal(server.get_global(), initial)
 
 
@@ -131,21 +127,21 @@ def test_state_travels_to_another_actor(ray_cluster, make_config):
     server = _server(plain, initial)
     bc = server.broadcast()
     t1, t2 = ClientTask(0, 8, 1), ClientTask(0, 8, 2)
-    _, _, _, state = plain.train(t1, bc)
-    _, expected, expected_delta, _ = plain.train(t2, bc, state)
+    _, _, state = plain.train(t1, bc)
+    _, expected, _ = plain.train(t2, bc, state)
 
     pool = ClientPool(cfg, 2)
     try:
         bc_ref = ray.put(bc)
         first = pool.train([t1], bc_ref, {})  # client 0 on actor 0
-        state_ref = first.refs[0][2]
+        state_ref = first.refs[0].state
         # client 1 takes actor 0, so client 0's round 2 runs on actor 1
         second = pool.train([ClientTask(1, 8, 2), t2], bc_ref, {0: state_ref})
-        update, delta = ray.get(list(second.refs[0][:2]))
+        upload = ray.get(second.refs[0].upload)
     finally:
         pool.shutdown()
-    assert _equal(update, expected)
-    assert _equal(delta, expected_delta)
+    assert _equal(upload.update, expected.update)
+    assert _equal(upload.parts["scaffold"], expected.parts["scaffold"])
 
 
 def test_scaffold_with_zero_variates_trains_like_plain_sgd(make_config):
@@ -154,16 +150,19 @@ def test_scaffold_with_zero_variates_trains_like_plain_sgd(make_config):
     scaffold = _worker(make_config, *sgd, "objective.method=scaffold")
     initial = plain.initial_global()
     zeros = {k: torch.zeros_like(v) for k, v in initial.items()}
-    _, a, none_delta, _ = plain.train(ClientTask(2, 4, 1), {"adapter": initial})
-    _, b, delta, state = scaffold.train(
-        ClientTask(2, 4, 1), {"adapter": initial, "scaffold_c": zeros}
+    _, a, plain_state = plain.train(ClientTask(2, 4, 1), Broadcast(initial))
+    _, b, state = scaffold.train(
+        ClientTask(2, 4, 1), Broadcast(initial, parts=Parts(scaffold=zeros))
     )
-    assert none_delta is None and delta is not None and "scaffold_c" in state
-    assert _equal(a, b)
+    assert a.parts == {} and plain_state.parts == {}
+    assert set(b.parts) == {"scaffold"} and set(state.parts) == {"scaffold"}
+    assert _equal(a.update, b.update)
     # with a non-zero server variate the local gradients are corrected
     c = {k: torch.full_like(v, 0.01) for k, v in initial.items()}
-    _, corrected, _, _ = scaffold.train(ClientTask(2, 4, 1), {"adapter": initial, "scaffold_c": c})
-    assert not _equal(a, corrected)
+    _, corrected, _ = scaffold.train(
+        ClientTask(2, 4, 1), Broadcast(initial, parts=Parts(scaffold=c))
+    )
+    assert not _equal(a.update, corrected.update)
 
 
 def _distance(update: dict, reference: dict) -> float:
@@ -175,9 +174,9 @@ def test_fedprox_keeps_the_update_closer_to_the_global(make_config):
     plain = _worker(make_config, *steps)
     prox = _worker(make_config, *steps, "objective.method=fedprox", "objective.mu=50")
     initial = plain.initial_global()
-    _, a, _, _ = plain.train(ClientTask(0, 8, 1), {"adapter": initial})
-    _, b, _, _ = prox.train(ClientTask(0, 8, 1), {"adapter": initial})
-    assert _distance(b, initial) < _distance(a, initial)
+    _, a, _ = plain.train(ClientTask(0, 8, 1), Broadcast(initial))
+    _, b, _ = prox.train(ClientTask(0, 8, 1), Broadcast(initial))
+    assert _distance(b.update, initial) < _distance(a.update, initial)
 
 
 def test_fedmllm_weights_only_the_middle_layers():
@@ -206,30 +205,29 @@ def test_flora_folds_the_stacked_product_into_the_base(make_config):
     worker = _worker(make_config, "aggregation.method=flora")
     initial = worker.initial_global()
     server = _server(worker, initial)
-    reports, updates = [], []
+    metas, uploads = [], []
     for cid in (0, 2):
-        report, update, _, _ = worker.train(
-            ClientTask(cid, worker.ranks[cid], 1), server.broadcast()
-        )
-        reports.append((cid, report["rank"], report["num_samples"], report["steps"]))
-        updates.append(update)
+        report, upload, _ = worker.train(ClientTask(cid, worker.ranks[cid], 1), server.broadcast())
+        metas.append(ClientMeta(cid, report.rank, report.num_samples, report.steps))
+        uploads.append(upload)
     before = worker.evaluate_global(server.broadcast(), 0, 1)
-    server.aggregate(1, reports, updates)
+    server.aggregate(1, metas, uploads)
     bc = server.broadcast()
-    assert bc["base_version"] == 1 and bc["base_delta"]
-    stacked = server.stacked_history()[0]
+    assert bc.base is not None and bc.base.version == 1 and bc.base.delta
+    stacked = server.state_dict()["methods"]["flora"]["stacked"][0]
     assert {v.shape[0] for k, v in stacked.items() if is_lora_a(k)} == {8 + 4}
     # the adapter restarts (B = 0); the global model is the base plus the merged product
-    assert all(torch.equal(bc["adapter"][k], initial[k]) for k in initial if is_lora_b(k))
+    assert all(torch.equal(bc.adapter[k], initial[k]) for k in initial if is_lora_b(k))
     after = worker.evaluate_global(bc, 0, 1)
     assert not (before.batch_losses == after.batch_losses).all()
     # next round's clients download the stacked factors they fold into their base weights
-    assert bc["base_bytes"] == sum(v.numel() * 4 for v in stacked.values())
-    report, _, _, _ = worker.train(ClientTask(1, worker.ranks[1], 2), bc)
-    first, _, _, _ = worker.train(
-        ClientTask(1, worker.ranks[1], 1), server.broadcast() | {"base_bytes": 0}
-    )
-    assert report["download_bytes"] == first["download_bytes"] + bc["base_bytes"]
+    assert bc.base.round_bytes == sum(v.numel() * 4 for v in stacked.values())
+    report, _, _ = worker.train(ClientTask(1, worker.ranks[1], 2), bc)
+    first, _, _ = worker.train(ClientTask(1, worker.ranks[1], 1), Broadcast(bc.adapter))
+    assert report.download_bytes == first.download_bytes + bc.base.round_bytes
+    # the export is every round's stack, whose product is the folded base update
+    exported = server.export()
+    assert exported.rank == 8 + 4 and exported.base is None
 
 
 def test_rank_self_pruning_drops_the_tail_and_the_next_round_uses_it(make_config):
@@ -243,14 +241,15 @@ def test_rank_self_pruning_drops_the_tail_and_the_next_round_uses_it(make_config
         "pruning.min_rank=2",
     )
     initial = worker.initial_global()
-    report, update, _, state = worker.train(ClientTask(0, 8, 1), {"adapter": initial})
-    assert report["next_rank"] == 6 and report["tail_norm"] is not None
-    assert {v.shape[0] for k, v in update.items() if is_lora_a(k)} == {8}  # uploaded at rank 8
-    report2, update2, _, _ = worker.train(ClientTask(0, 6, 2), {"adapter": initial}, state)
-    assert {v.shape[0] for k, v in update2.items() if is_lora_a(k)} == {6}
+    report, upload, state = worker.train(ClientTask(0, 8, 1), Broadcast(initial))
+    assert report.next_rank == 6 and report.parts["pruning"] is not None
+    # uploaded at rank 8
+    assert {v.shape[0] for k, v in upload.update.items() if is_lora_a(k)} == {8}
+    _, upload2, _ = worker.train(ClientTask(0, 6, 2), Broadcast(initial), state)
+    assert {v.shape[0] for k, v in upload2.update.items() if is_lora_a(k)} == {6}
     # at the floor nothing more is dropped
-    floor, _, _, _ = worker.train(ClientTask(0, 2, 3), {"adapter": initial})
-    assert floor["next_rank"] == 2 and floor["tail_norm"] is None
+    floor, _, _ = worker.train(ClientTask(0, 2, 3), Broadcast(initial))
+    assert floor.next_rank == 2 and floor.parts["pruning"] is None
 
 
 def test_rank_self_pruning_needs_a_merge_that_truncates(make_config):

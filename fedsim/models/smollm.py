@@ -86,8 +86,11 @@ def smollm2_gguf() -> Path:
     )
 
 
-def _cache_key(gguf: Path) -> str:
-    """``<first 8 hex of sha256 of the first MiB>-<file size>``: cheap, changes with the file."""
+def cache_key(gguf: Path) -> str:
+    """The key :func:`smollm2_dir` names its cache directory with
+    (``smollm2-135m-instruct-<key>``): ``<first 8 hex of sha256 of the first MiB>-<file size>``.
+    Cheap (~1 ms), and it changes with the file.
+    """
     with open(gguf, "rb") as f:
         head = f.read(1 << 20)
     return f"{hashlib.sha256(head).hexdigest()[:8]}-{gguf.stat().st_size}"
@@ -110,7 +113,7 @@ def smollm2_dir(cache_dir: str | Path | None = None) -> Path:
     """
     gguf = smollm2_gguf()
     root = Path(cache_dir) if cache_dir else default_cache_dir()
-    target = root / f"smollm2-135m-instruct-{_cache_key(gguf)}"
+    target = root / f"smollm2-135m-instruct-{cache_key(gguf)}"
     if not _complete(target):
         _convert(gguf, target)
     return target
@@ -131,7 +134,7 @@ def _convert(gguf: Path, target: Path) -> None:
     try:
         tmp.chmod(0o755)  # mkdtemp makes it 0700; the cache may be shared
         with _quiet():
-            _write(gguf, tmp)
+            write_transformers_dir(gguf, tmp)
         try:
             os.replace(tmp, target)
         except OSError:  # another process renamed first (target is a non-empty dir)
@@ -141,7 +144,15 @@ def _convert(gguf: Path, target: Path) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _write(gguf: Path, out: Path) -> None:
+def write_transformers_dir(gguf: Path, out: Path) -> None:
+    """Dequantise ``gguf`` into the existing directory ``out``: config and float32 safetensors
+    weights, and the tokenizer with its chat template, checked by reloading (tied embeddings,
+    identical logits). The slow step (~25 s) of :func:`smollm2_dir`, which calls it through
+    this module's attribute on a temp dir and publishes that dir only if it returns.
+
+    Raises:
+        RuntimeError: the reloaded model lost the tied embeddings or changes the logits.
+    """
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
 

@@ -1,0 +1,266 @@
+"""The hooks a federated method plugs into the client, the server and the round loop.
+
+A method (SCAFFOLD, FedProx, FediLoRA's editing, FLoRA's base folding, ...) is one subclass of
+:class:`Method` in one module of :mod:`fedsim.methods`. It declares when the config turns it on
+(:meth:`Method.enabled`), the rules its settings must follow (:meth:`Method.check`), and
+overrides only the hooks it needs; every hook of the base class does nothing. The client worker
+(:mod:`actors.client`), the server (:mod:`actors.server`) and the round loop
+(:mod:`fedsim.simulation`) call the hooks of every enabled method, in registry order, and never
+ask which method is on.
+
+Client hooks see and change a :class:`ClientStep`; server hooks a :class:`MergeBatch`. A
+method's payloads travel in the messages' ``parts`` (see :mod:`fedsim.messages`) under its
+name.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import torch
+
+from fedsim.messages import (
+    Broadcast,
+    ClientMeta,
+    ClientReport,
+    ClientState,
+    ExportedAdapter,
+    Parts,
+    State,
+    Upload,
+)
+
+if TYPE_CHECKING:
+    from aggregation import RankMerger
+    from fedsim.config import FedSimConfig
+    from fedsim.messages import BaseUpdate, ClientTask
+
+Params = Mapping[str, torch.nn.Parameter]
+
+
+class Objective:
+    """The local objective of one client task: cross-entropy plus the methods' terms.
+
+    Methods add a ``penalty(params) -> Tensor | None`` (summed into the loss, in the order
+    added) or a ``correct(params)`` (a change of the gradients after ``backward``). ``params``
+    maps peft state keys to the trainable parameters.
+    """
+
+    def __init__(self) -> None:
+        self.penalties: list = []
+        self.corrections: list = []
+
+    def penalty(self, params: Params) -> torch.Tensor | None:
+        total = None
+        for term in self.penalties:
+            value = term(params)
+            if value is not None:
+                total = value if total is None else total + value
+        return total
+
+    def correct(self, params: Params) -> None:
+        for correction in self.corrections:
+            correction(params)
+
+
+@dataclass
+class ClientStep:
+    """One client task as the client hooks see it.
+
+    Attributes:
+        task: which client, rank and round.
+        broadcast: the round's broadcast.
+        state: the client's persistent state from its earlier rounds (read only).
+        received: the global adapter's view at the client's rank (model space).
+        start: what local training starts from (``received`` plus the private tensors).
+        shared: the keys the client uploads.
+        objective: the local objective; ``before_training`` hooks add terms.
+        depths: layers per tower of the backbone (FedMLLM's layer restriction).
+        local: after training, the client's adapter; an ``after_training`` hook may replace
+            it (FediLoRA's editing), and the worker then reloads the model.
+        steps: local optimiser steps taken.
+        next_rank: the client's rank from its next round on (HetLoRA's pruning lowers it).
+        download_bytes: bytes of method payloads the client downloaded this round.
+        upload: the methods' tensors for the server (``Upload.parts``).
+        new_state: the methods' persistent client state (``ClientState.parts``).
+        report: the methods' report values (``ClientReport.parts``).
+        memo: a method's values from its ``before_training`` for its ``after_training``.
+    """
+
+    task: ClientTask
+    broadcast: Broadcast
+    state: ClientState
+    received: State
+    start: State
+    shared: list[str]
+    objective: Objective
+    depths: Mapping[str, int]
+    local: State = field(default_factory=dict)
+    steps: int = 0
+    next_rank: int = 0
+    download_bytes: int = 0
+    upload: Parts = field(default_factory=Parts)
+    new_state: Parts = field(default_factory=Parts)
+    report: Parts = field(default_factory=Parts)
+    memo: Parts = field(default_factory=Parts)
+
+
+@dataclass
+class MergeBatch:
+    """The accepted uploads of a round, in client-id order, as the server hooks see them.
+
+    Attributes:
+        clients: each upload's client id, rank, sample count and local steps.
+        updates: the shared tensors to merge; a ``before_merge`` hook may replace them
+            (FedNova rescales them).
+        uploads: the uploads as received (with the methods' parts).
+        current: the global adapter's shared tensors before this merge.
+    """
+
+    clients: list[ClientMeta]
+    updates: list[State]
+    uploads: list[Upload]
+    current: State
+
+    @property
+    def ranks(self) -> list[int]:
+        return [c.rank for c in self.clients]
+
+    @property
+    def num_samples(self) -> list[int]:
+        return [c.num_samples for c in self.clients]
+
+
+@dataclass
+class ServerContext:
+    """What server hooks may use of the server (given to :meth:`Method.bind_server`).
+
+    Attributes:
+        merger: the heterogeneous-rank merge rule.
+        template: the initial global adapter (every key, ``s = 1`` space).
+        shared: the keys that clients upload.
+        global_rank: the global rank ``R``.
+        num_clients: the number of clients ``N`` of the federation.
+        base: folds updates into the clients' frozen base weights (see :class:`BaseFolding`).
+    """
+
+    merger: RankMerger
+    template: State
+    shared: list[str]
+    global_rank: int
+    num_clients: int
+    base: BaseFolding
+
+
+class BaseFolding:
+    """The server's running sum of updates folded into every client's frozen base weights."""
+
+    def __init__(self) -> None:
+        self.delta: State | None = None
+        self.version = 0
+        self.round_bytes = 0
+
+    def add(self, delta: State, round_bytes: int) -> None:
+        """Fold ``delta`` (module prefix to ``dW``) into the base; clients download
+        ``round_bytes`` to follow."""
+        if self.delta is None:
+            self.delta = delta
+        else:
+            self.delta = {k: self.delta[k] + delta[k] for k in delta}
+        self.version += 1
+        self.round_bytes = round_bytes
+
+    def message(self) -> BaseUpdate | None:
+        from fedsim.messages import BaseUpdate
+
+        if self.delta is None:
+            return None
+        return BaseUpdate(self.delta, self.version, self.round_bytes)
+
+    def state_dict(self) -> dict:
+        return {"delta": self.delta, "version": self.version, "round_bytes": self.round_bytes}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.delta = state.get("delta")
+        self.version = int(state.get("version", 0))
+        self.round_bytes = int(state.get("round_bytes", 0))
+
+
+class Method:
+    """Base class of federated methods: a name, a switch, rules and optional hooks.
+
+    Attributes:
+        name: the registry name (also the key of the method's payloads in messages).
+        summary: one line for the README's table of methods.
+        objective: whether ``objective.method`` names it (a client objective).
+    """
+
+    name: ClassVar[str] = ""
+    summary: ClassVar[str] = ""
+    objective: ClassVar[bool] = False
+
+    def __init__(self, cfg: FedSimConfig):
+        self.cfg = cfg
+
+    # -- config ---------------------------------------------------------------------------
+    @classmethod
+    def enabled(cls, cfg: FedSimConfig) -> bool:
+        """Whether ``cfg`` turns this method on."""
+        return False
+
+    @classmethod
+    def check(cls, cfg: FedSimConfig) -> None:
+        """Raise :class:`fedsim.errors.ConfigError` when ``cfg`` breaks one of this method's
+        rules (its own settings' ranges always; its compatibility when it is enabled)."""
+
+    # -- client ---------------------------------------------------------------------------
+    def filter_shared(self, keys: list[str]) -> list[str]:
+        """The keys that go to the server, of ``keys`` (client and server alike)."""
+        return keys
+
+    def before_training(self, step: ClientStep) -> None:
+        """Before local training: add terms to ``step.objective``."""
+
+    def after_training(self, step: ClientStep) -> None:
+        """After local training: change ``step.local``, add to the upload, state, report."""
+
+    # -- server ---------------------------------------------------------------------------
+    def bind_server(self, server: ServerContext) -> None:
+        """Called once when the server starts: keep what the server hooks need."""
+        self.server = server
+
+    def broadcast_part(self) -> Any:
+        """This method's payload in the round's broadcast (None: nothing)."""
+        return None
+
+    def before_merge(self, batch: MergeBatch) -> None:
+        """Before the merge rule runs: may replace ``batch.updates``."""
+
+    def after_merge(self, batch: MergeBatch, merged: State) -> State:
+        """After the merge rule, before the server optimiser: the merged shared tensors."""
+        return merged
+
+    def after_apply(self, batch: MergeBatch) -> None:
+        """After the new global adapter is applied (only when it was finite)."""
+
+    def export(self, adapter: ExportedAdapter) -> ExportedAdapter:
+        """The final global model for saving (FLoRA: the stacked rounds)."""
+        return adapter
+
+    def state_dict(self) -> dict:
+        """The server-side state that evolves across rounds (tensors and plain values)."""
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore what :meth:`state_dict` returned."""
+
+    # -- driver ---------------------------------------------------------------------------
+    def round_metrics(self, reports: Sequence[ClientReport]) -> dict[str, float]:
+        """Metrics of a round from the reports of the clients merged in it."""
+        return {}
+
+    def client_columns(self, report: ClientReport) -> dict[str, Any]:
+        """Columns this method adds to a client's row of the round's client table."""
+        return {}

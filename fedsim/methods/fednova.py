@@ -1,0 +1,38 @@
+"""FedNova (ALGORITHMS 3): normalised averaging of clients that took different step counts.
+
+Clients train plainly; before the merge the server rescales each update by its local step
+count (:func:`aggregation.fednova_rescale`), relative to the global view the client received.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, ClassVar
+
+from aggregation import fednova_rescale
+from fedsim.methods.base import MergeBatch, Method
+from fedsim.methods.scaffold import check_weighted_sum_merge
+
+if TYPE_CHECKING:
+    from fedsim.config import FedSimConfig
+
+
+class FedNova(Method):
+    """``objective.method=fednova``."""
+
+    name: ClassVar[str] = "fednova"
+    summary: ClassVar[str] = "objective.method=fednova: updates rescaled by local step counts"
+    objective: ClassVar[bool] = True
+
+    @classmethod
+    def enabled(cls, cfg: FedSimConfig) -> bool:
+        return cfg.objective.method == cls.name
+
+    @classmethod
+    def check(cls, cfg: FedSimConfig) -> None:
+        if cls.enabled(cfg):
+            check_weighted_sum_merge(cfg, "objective.method", cls.name)
+
+    def before_merge(self, batch: MergeBatch) -> None:
+        views = [self.server.merger.redistribute(batch.current, r) for r in batch.ranks]
+        steps = [c.steps for c in batch.clients]
+        batch.updates = fednova_rescale(batch.updates, views, steps, batch.num_samples)

@@ -1,0 +1,67 @@
+"""FLoRA's base folding (ALGORITHMS 1.6): the stacked product goes into the frozen weights.
+
+The merge rule (:class:`aggregation.FLoRAMerger`) stacks the clients' factors so that
+``B_g A_g = sum_i p_i B_i A_i``. This method folds that product into every client's frozen base
+weights and restarts the global adapter from its initial value, so each round's clients train a
+fresh LoRA on top of all earlier rounds. The stacked factors of every round are kept: the final
+adapter is their concatenation (its product is the sum of the folded updates).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, ClassVar
+
+import torch
+
+from aggregation import MERGERS, flora_delta, lora_rank
+from fedsim.messages import ExportedAdapter, State, nbytes
+from fedsim.methods.base import MergeBatch, Method
+
+if TYPE_CHECKING:
+    from fedsim.config import FedSimConfig
+
+_FACTORS = ("lora_A.weight", "lora_B.weight")
+
+
+class FLoRAFolding(Method):
+    """On with ``aggregation.method=flora`` (a merge that hands out a fresh adapter)."""
+
+    name: ClassVar[str] = "flora"
+    summary: ClassVar[str] = "aggregation.method=flora: fold the stacked product into the base"
+
+    @classmethod
+    def enabled(cls, cfg: FedSimConfig) -> bool:
+        merger = MERGERS.get(cfg.aggregation.method)
+        return merger is not None and merger.fresh_adapter_each_round
+
+    def after_merge(self, batch: MergeBatch, merged: State) -> State:
+        lora = {k: v for k, v in merged.items() if k.endswith(_FACTORS)}
+        self.stacked.append(lora)
+        self.server.base.add(flora_delta(lora), nbytes(lora))
+        dense = {k: v for k, v in merged.items() if k not in lora}
+        return {**{k: self.server.template[k] for k in lora}, **dense}
+
+    def bind_server(self, server) -> None:
+        super().bind_server(server)
+        self.stacked: list[State] = []
+
+    def export(self, adapter: ExportedAdapter) -> ExportedAdapter:
+        if not self.stacked:
+            return adapter
+        state = {**adapter.adapter, **concat_stacks(self.stacked)}
+        return ExportedAdapter(state, lora_rank(state), base=None)
+
+    def state_dict(self) -> dict:
+        return {"stacked": self.stacked}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.stacked = list(state.get("stacked") or [])
+
+
+def concat_stacks(stacks: list[State]) -> State:
+    """FLoRA's rounds as one adapter: A rows and B columns concatenated in round order."""
+    out = {}
+    for k in stacks[0]:
+        axis = 0 if k.endswith("lora_A.weight") else 1
+        out[k] = torch.cat([s[k] for s in stacks], dim=axis)
+    return out

@@ -1,0 +1,98 @@
+"""HetLoRA's rank self-pruning (ALGORITHMS 1.4), on the client.
+
+While a client's rank can still drop by ``pruning.delta`` without going below
+``pruning.min_rank``, its local loss gets ``gamma * ||B[:, r-delta:] A[r-delta:]||_F``; after
+training, a tail whose norm is below ``pruning.threshold`` is dropped from the next round on.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, ClassVar
+
+from aggregation import MERGERS, hetlora_tail_norm, is_lora
+from fedsim.errors import ConfigError
+from fedsim.methods.base import ClientStep, Method, Params
+
+if TYPE_CHECKING:
+    from fedsim.config import FedSimConfig
+
+
+@dataclass
+class PruningConfig:
+    gamma: float = field(
+        default=0.0,
+        metadata={
+            "help": "HetLoRA's rank self-pruning: weight of gamma * ||B[:, r-delta:] "
+            "A[r-delta:]||_F in the local loss; 0 turns pruning off."
+        },
+    )
+    delta: int = field(
+        default=1, metadata={"help": "Tail dimensions penalised and dropped at once."}
+    )
+    threshold: float = field(
+        default=1e-3,
+        metadata={"help": "Drop the tail when its norm after training is below this."},
+    )
+    min_rank: int = field(default=1, metadata={"help": "A client's rank never drops below this."})
+
+
+class Pruning(Method):
+    """``pruning.gamma > 0``."""
+
+    name: ClassVar[str] = "pruning"
+    summary: ClassVar[str] = "pruning.gamma > 0: HetLoRA's rank self-pruning"
+
+    @classmethod
+    def enabled(cls, cfg: FedSimConfig) -> bool:
+        return cfg.pruning.gamma > 0
+
+    @classmethod
+    def check(cls, cfg: FedSimConfig) -> None:
+        p = cfg.pruning
+        for key, ok, want in (
+            ("gamma", p.gamma >= 0, ">= 0"),
+            ("delta", p.delta >= 1, ">= 1"),
+            ("threshold", p.threshold >= 0, ">= 0"),
+            ("min_rank", p.min_rank >= 1, ">= 1"),
+        ):
+            if not ok:
+                raise ConfigError(f"pruning.{key}", f"must be {want}")
+        merger = MERGERS.get(cfg.aggregation.method)
+        if (
+            p.gamma > 0
+            and merger is not None
+            and not (merger.linear_in_factors and merger.fixed_rank)
+        ):
+            raise ConfigError(
+                "pruning.gamma",
+                "rank self-pruning changes client ranks between rounds; "
+                f"aggregation.method={cfg.aggregation.method} cannot take that (use zeropad, "
+                "fedilora or hetlora)",
+            )
+
+    def _prunes(self, rank: int) -> bool:
+        p = self.cfg.pruning
+        return rank - p.delta >= p.min_rank
+
+    def before_training(self, step: ClientStep) -> None:
+        if self._prunes(step.task.rank):
+            gamma, delta = self.cfg.pruning.gamma, self.cfg.pruning.delta
+            step.objective.penalties.append(lambda params: _tail(params, gamma, delta))
+
+    def after_training(self, step: ClientStep) -> None:
+        rank = step.task.rank
+        if not self._prunes(rank):
+            step.report[self.name] = None
+            return
+        p = self.cfg.pruning
+        tail = float(
+            hetlora_tail_norm({k: v for k, v in step.local.items() if is_lora(k)}, p.delta)
+        )
+        step.report[self.name] = tail
+        if tail < p.threshold:
+            step.next_rank = rank - p.delta
+
+
+def _tail(params: Params, gamma: float, delta: int):
+    return gamma * hetlora_tail_norm({k: p for k, p in params.items() if is_lora(k)}, delta)
