@@ -80,10 +80,30 @@ def _entrypoint_config(entrypoint: str):
     return load_config(REPO / path, overrides)
 
 
+def _runtime_env_conflicts(job: dict, driver: dict) -> set[str]:
+    """What keeps Ray from merging a job's runtime env (``ray job submit --runtime-env``, a
+    RayJob's ``runtimeEnvYAML``) with the one its driver passes to ``ray.init``: a field both
+    set, or an environment variable both set. Ray then fails the job before it starts ("Failed
+    to merge the Job's runtime env ... Specifying the same runtime_env fields or the same
+    environment variable keys is not allowed"), unless RAY_OVERRIDE_JOB_RUNTIME_ENV=1."""
+    fields = (set(job) & set(driver)) - {"env_vars"}
+    variables = set(job.get("env_vars") or {}) & set(driver.get("env_vars") or {})
+    return fields | {f"env_vars.{name}" for name in variables}
+
+
+def test_runtime_env_conflicts_are_shared_fields_and_variables():
+    job = {"working_dir": ".", "env_vars": {"A": "1", "B": "2"}}
+    assert _runtime_env_conflicts(job, {}) == set()
+    assert _runtime_env_conflicts(job, {"pip": ["x"], "env_vars": {"C": "3"}}) == set()
+    assert _runtime_env_conflicts(job, {"working_dir": "/x", "env_vars": {"B": "9"}}) == {
+        "working_dir",
+        "env_vars.B",
+    }
+
+
 def test_runtime_env_ships_the_project_and_composes_with_the_driver(monkeypatch):
     from ray.dashboard.modules.dashboard_sdk import parse_runtime_env_args
     from ray.runtime_env import RuntimeEnv
-    from ray.runtime_env.runtime_env import _merge_runtime_env
 
     path = CLUSTER / "runtime_env.yaml"
     # exactly what `ray job submit --runtime-env cluster/runtime_env.yaml` does with the file
@@ -97,26 +117,32 @@ def test_runtime_env_ships_the_project_and_composes_with_the_driver(monkeypatch)
     # passes none, so whatever a user's job sets is kept.
     driver = _driver_runtime_env(monkeypatch)
     assert not driver, f"init_ray passes a runtime_env {driver} that can clash with a job's"
-    assert _merge_runtime_env(RuntimeEnv(**env), RuntimeEnv(**driver)) is not None
+    assert not _runtime_env_conflicts(RuntimeEnv(**env), RuntimeEnv(**driver))
 
 
 def test_cluster_launcher_config_passes_ray_up_validation():
-    from ray.autoscaler._private.util import prepare_config, validate_config
+    import jsonschema
+    import ray.autoscaler
+    from ray.autoscaler.sdk import fillout_defaults
 
     raw = _load("ray-cluster.yaml")
-    config = prepare_config(raw)  # what `ray up` does before launching anything
-    validate_config(config)  # Ray's JSON schema of a cluster config
+    # Ray's JSON schema of a cluster config (shipped beside ray.autoscaler), which `ray up`
+    # checks the config against once it has filled in the provider's defaults
+    schema = json.loads((Path(ray.autoscaler.__file__).parent / "ray-schema.json").read_text())
+    jsonschema.validate(raw, schema)
+    config = fillout_defaults(raw)
+    jsonschema.validate(config, schema)
     types = config["available_node_types"]
     assert config["head_node_type"] in types
     workers = [t for name, t in types.items() if name != config["head_node_type"]]
     assert workers and all(t["min_workers"] >= 1 for t in workers)
+    assert sum(t.get("min_workers", 0) for t in types.values()) <= config["max_workers"]
     assert "fedsim" in " ".join(config["setup_commands"])
     assert "." in config["file_mounts"].values()
 
 
 def test_rayjob_runs_a_valid_fedsim_command_on_a_gpu_cluster(monkeypatch):
     from ray.runtime_env import RuntimeEnv
-    from ray.runtime_env.runtime_env import _merge_runtime_env
 
     docs = list(yaml.safe_load_all((CLUSTER / "rayjob.yaml").read_text()))
     (job,) = [d for d in docs if d and d.get("kind") == "RayJob"]
@@ -128,7 +154,7 @@ def test_rayjob_runs_a_valid_fedsim_command_on_a_gpu_cluster(monkeypatch):
     env = yaml.safe_load(spec["runtimeEnvYAML"])
     assert env["working_dir"]
     driver = _driver_runtime_env(monkeypatch)
-    assert _merge_runtime_env(RuntimeEnv(**env), RuntimeEnv(**driver)) is not None
+    assert not _runtime_env_conflicts(RuntimeEnv(**env), RuntimeEnv(**driver))
     cluster = spec["rayClusterSpec"]
     assert cluster["headGroupSpec"]["template"]["spec"]["containers"]
     gpus = [
@@ -252,9 +278,25 @@ def _run_with_stub_ray(command: str) -> list[tuple[str | None, list[str]]]:
     return calls
 
 
-def test_cluster_launcher_runs_every_ray_node_with_token_auth():
-    from ray._private.authentication.authentication_token_setup import _get_default_token_path
+def _ray_default_token_file(home: Path) -> str:
+    """Ray's default token file, as a ``~/`` path: where ``ray get-auth-token --generate``
+    writes a new token when neither RAY_AUTH_TOKEN nor RAY_AUTH_TOKEN_PATH is set (run with
+    ``home`` as HOME, so it touches no token of this machine)."""
+    home.mkdir()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    env.update(HOME=str(home), RAY_USAGE_STATS_ENABLED="0")
+    subprocess.run(
+        [*_cli("ray"), "get-auth-token", "--generate"],
+        env=env,
+        capture_output=True,
+        check=True,
+        timeout=120,
+    )
+    (token,) = [p for p in home.rglob("*") if p.is_file()]
+    return "~/" + token.relative_to(home).as_posix()
 
+
+def test_cluster_launcher_runs_every_ray_node_with_token_auth(tmp_path):
     config = _load("ray-cluster.yaml")
     starts = {
         name: [call for cmd in config[name] for call in _run_with_stub_ray(cmd)]
@@ -271,7 +313,7 @@ def test_cluster_launcher_runs_every_ray_node_with_token_auth():
     assert ("-e", "RAY_AUTH_MODE=token") in pairs or ("--env", "RAY_AUTH_MODE=token") in pairs
     # The token: the file `ray start` reads (Ray's default path, under the container's home)
     # comes from the same file on the machine that runs `ray up`, never from the config itself.
-    default = "~/" + _get_default_token_path().relative_to(Path.home()).as_posix()
+    default = _ray_default_token_file(tmp_path / "home")
     assert config["file_mounts"].get(default) == default
     commands = " ".join(
         cmd for key, value in config.items() if key.endswith("_commands") for cmd in value

@@ -10,7 +10,7 @@ from vlm_builders import FAMILIES, build_tiny_vlm
 
 from fedsim.data.federated import Split
 from fedsim.data.partition import ModalityMask
-from fedsim.models.vlm import IGNORE, DemoChatCodec, HFChatCodec, ProjectedVLM, Sample, _pil
+from fedsim.models.vlm import IGNORE, DemoChatCodec, HFChatCodec, ProjectedVLM, Sample
 from fedsim.tasks import combine_parts
 from fedsim.tasks.generation import AGNOSTIC_SUFFIX, GenerationPart, PromptBuilder, label_metrics
 from fedsim.text_metrics import generation_metrics
@@ -40,6 +40,13 @@ def vlm_dirs(tmp_path_factory) -> dict:
     return {family: build_tiny_vlm(family, root / family) for family in FAMILIES}
 
 
+def _to_pil(image: torch.Tensor):
+    """A ``(3, H, W)`` uint8 tensor as the RGB PIL image a processor takes."""
+    from PIL import Image
+
+    return Image.fromarray(image.permute(1, 2, 0).numpy())
+
+
 def _processor(directory):
     from transformers import AutoProcessor
 
@@ -52,7 +59,7 @@ def _reference(processor, samples: list[Sample]) -> dict:
     processor.tokenizer.padding_side = "right"
     convs = []
     for s in samples:
-        content = [{"type": "image", "image": _pil(s.image)}] if s.image is not None else []
+        content = [{"type": "image", "image": _to_pil(s.image)}] if s.image is not None else []
         content.append({"type": "text", "text": s.text})
         convs.append(
             [

