@@ -7,7 +7,7 @@ method state, every client's persistent state). Runs use the tiny backbone so th
 takes minutes; the methods are ``experiments/compare.yaml``'s variants plus every client
 objective, sharing policy, a server optimiser, pruning, and a resumed run.
 
-    python experiments/fingerprint.py OUT.json [--only NAME ...]
+    python experiments/fingerprint.py OUT.json [--only NAME ...] [--local]
     python experiments/fingerprint.py --compare BEFORE.json AFTER.json
 """
 
@@ -120,6 +120,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("out", nargs="?")
     p.add_argument("--only", nargs="*", default=None)
     p.add_argument("--compare", nargs=2, metavar=("BEFORE", "AFTER"))
+    p.add_argument(
+        "--local", action="store_true", help="run in this process (LocalExecutor), not on Ray"
+    )
     args = p.parse_args(argv)
     if args.compare:
         return compare(*map(Path, args.compare))
@@ -134,16 +137,22 @@ def main(argv: list[str] | None = None) -> int:
     load_emoji(16, "group", cache)
     store = f"sqlite:///{work / 'mlflow.db'}"
     base = tiny(cache, runs, store)
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+    if args.local:
+        from actors.executor import LocalExecutor
+
+        executor = LocalExecutor()
+    else:
+        executor = None
+        ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
     out: dict = {}
     names = args.only or [*CASES, *RESUMED]
     for name in names:
         if name in RESUMED:
             case = CASES[RESUMED[name]]
-            first = run(_cfg(base, case, f"rounds={RESUME_AT}"))
-            result = resume(first.run_dir, [f"rounds={ROUNDS}"])
+            first = run(_cfg(base, case, f"rounds={RESUME_AT}"), executor=executor)
+            result = resume(first.run_dir, [f"rounds={ROUNDS}"], executor=executor)
         else:
-            result = run(_cfg(base, CASES[name]))
+            result = run(_cfg(base, CASES[name]), executor=executor)
         out[name] = fingerprint(result)
         print(f"{name}: global/accuracy {result.final.get('global/accuracy')}", flush=True)
     ray.shutdown()

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import ray
 
-from actors.pool import ClientPool, pool_size, start_server
+from actors.executor import LocalExecutor, RayExecutor, init_ray
 from aggregation import SERVER_OPTIMIZERS, unfold_scaling
 from fedsim.adapter_io import save_peft_adapter
 from fedsim.checkpoint import (
@@ -79,29 +79,6 @@ class RunResult:
     def final(self) -> dict[str, float]:
         """Metrics of the last round."""
         return self.history[-1]
-
-
-def init_ray() -> bool:
-    """Join the Ray cluster that ``RAY_ADDRESS`` names, or start a local one.
-
-    Returns:
-        Whether this call started Ray (and so should shut it down).
-    """
-    if ray.is_initialized():
-        return False
-    # No runtime_env here: under `ray job submit` the job's own runtime_env applies, and
-    # the actors quieten tokenizers and transformers themselves (ClientWorker.__init__).
-    address = os.environ.get("RAY_ADDRESS") or None
-    try:
-        ray.init(address=address, include_dashboard=False, logging_level="ERROR")
-    except (ValueError, ConnectionError, TimeoutError) as exc:
-        if address is None:
-            raise
-        reason = " ".join(str(exc).split())[:300]
-        raise ConfigError(
-            "RAY_ADDRESS", f"cannot join the Ray cluster at {address!r}: {reason}"
-        ) from None
-    return True
 
 
 def ephemeral_paths(cfg: FedSimConfig, environ=os.environ) -> list[str]:
@@ -234,7 +211,12 @@ def _client_rows(
     return rows
 
 
-def run(config: FedSimConfig | dict | str | Path | None = None, *, dataset=None) -> RunResult:
+def run(
+    config: FedSimConfig | dict | str | Path | None = None,
+    *,
+    dataset=None,
+    executor: RayExecutor | LocalExecutor | None = None,
+) -> RunResult:
     """Run one federated simulation and log it to MLflow.
 
     Args:
@@ -242,6 +224,9 @@ def run(config: FedSimConfig | dict | str | Path | None = None, *, dataset=None)
             None for the defaults.
         dataset: what :func:`fedsim.preflight.preflight` returned for this very config, when
             the caller ran it already (the CLI does, before importing Ray); None: run it here.
+        executor: where the work runs: a :class:`actors.executor.RayExecutor` (None: the
+            default) or a :class:`actors.executor.LocalExecutor` (everything in this process,
+            no Ray; for debugging and the scale benchmark's floor). The numbers are the same.
 
     Returns:
         The MLflow run id, the per-round metrics and the checkpoint directory.
@@ -249,10 +234,15 @@ def run(config: FedSimConfig | dict | str | Path | None = None, *, dataset=None)
     Raises:
         ConfigError: a config value is not allowed (including ranks the backbone cannot take).
     """
-    return _simulate(as_config(config), None, dataset=dataset)
+    return _simulate(as_config(config), None, dataset=dataset, executor=executor)
 
 
-def resume(run_dir: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> RunResult:
+def resume(
+    run_dir: str | Path,
+    overrides: list[str] | tuple[str, ...] = (),
+    *,
+    executor: RayExecutor | LocalExecutor | None = None,
+) -> RunResult:
     """Continue a run from the latest checkpoint in ``run_dir`` (``fedsim run --resume``).
 
     The run continues under its own config (``run_dir/config.yaml``) and MLflow run, and
@@ -282,7 +272,7 @@ def resume(run_dir: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> 
         raise ConfigError(
             "rounds", f"the checkpoint is at round {ckpt.round}; rounds={cfg.rounds} is behind it"
         )
-    return _simulate(cfg, ckpt, Path(run_dir))
+    return _simulate(cfg, ckpt, Path(run_dir), executor=executor)
 
 
 @dataclass
@@ -295,7 +285,11 @@ class _Totals:
 
 
 def _simulate(
-    cfg: FedSimConfig, ckpt: Checkpoint | None, run_dir: Path | None = None, dataset=None
+    cfg: FedSimConfig,
+    ckpt: Checkpoint | None,
+    run_dir: Path | None = None,
+    dataset=None,
+    executor: RayExecutor | LocalExecutor | None = None,
 ):
     ranks = list(ckpt.meta["ranks"]) if ckpt else resolve_ranks(cfg.clients, cfg.seed)
     per_round = len(sample_clients(cfg.clients.num, cfg.clients.fraction, cfg.seed, 1))
@@ -304,7 +298,8 @@ def _simulate(
     if dataset is None:
         resumed = (run_dir, ckpt.meta["mlflow_run_id"]) if ckpt else (None, None)
         dataset = preflight(cfg, *resumed)
-    started = init_ray()
+    ex = executor or RayExecutor()
+    ex.start()
     for key in ephemeral_paths(cfg):
         print(
             f"fedsim: warning: {key} is a relative path and this Ray job runs in Ray's temporary "
@@ -314,13 +309,13 @@ def _simulate(
         )
     pool = server = tracker = writer = progress = None
     try:
-        pool = ClientPool(cfg, pool_size(cfg, per_round))
+        pool = ex.make_pool(cfg, per_round)
         info = pool.call_first("describe")
         _check_ranks(resolve_ranks(cfg.clients, cfg.seed), info["max_rank"])
         initial = pool.call_first("initial_global")
-        server = start_server(*server_args(cfg, initial))
+        server = ex.make_server(*server_args(cfg, initial))
         if ckpt:
-            _load_server_state(server, ckpt)
+            _load_server_state(ex, server, ckpt)
             tracker = Tracker.reopen(cfg, ckpt.meta["mlflow_run_id"], ckpt.round)
         else:
             tracker = Tracker(cfg)
@@ -335,7 +330,7 @@ def _simulate(
             )
             writer.write_config(to_yaml(cfg))
         result = RunResult(tracker.run_id, tracker.uri, run_dir=writer.run_dir if writer else None)
-        driver = _Driver(cfg, ranks, pool, server, tracker, result, writer)
+        driver = _Driver(cfg, ranks, ex, pool, server, tracker, result, writer)
         if ckpt:
             driver.restore(ckpt)
         done = max(driver.next_round - 1, 0)  # rounds already trained (a resumed run's checkpoint)
@@ -348,7 +343,7 @@ def _simulate(
                 f"{cfg.rounds}: every sampled client failed, was late or was rejected); see the "
                 "round lines above and the clients/ tables in MLflow"
             )
-        _finish(cfg, info, server, tracker, result)
+        _finish(cfg, info, ex, server, tracker, result)
         if cfg.tracking.save_client_adapters:
             _save_client_adapters(cfg, info, driver, tracker)
         tracker.finish()
@@ -367,19 +362,14 @@ def _simulate(
             print(f"fedsim: the run stopped; continue it with: {hint}", file=sys.stderr, flush=True)
         raise
     finally:
-        if pool is not None:
-            pool.shutdown()
-        if server is not None:
-            ray.kill(server)
-        if started:
-            ray.shutdown()
+        ex.close(pool, server)
 
 
-def _load_server_state(server, ckpt: Checkpoint) -> None:
+def _load_server_state(ex, server, ckpt: Checkpoint) -> None:
     """Load a checkpoint's server state; one that does not fit this run is a config error."""
     try:
-        ray.get(server.load_state_dict.remote(ckpt.server))
-    except ray.exceptions.RayTaskError as exc:
+        ex.get(ex.call(server, "load_state_dict", ckpt.server))
+    except (ray.exceptions.RayTaskError, ValueError, KeyError) as exc:
         reason = str(exc.cause) if getattr(exc, "cause", None) else str(exc).splitlines()[-1]
         raise ConfigError(
             "--resume", f"{ckpt.path / 'server.safetensors'} does not fit this run: {reason}"
@@ -398,9 +388,10 @@ def _log_skipped_rows(tracker: Tracker, dataset) -> None:
 class _Driver:
     """The round loop and the state the driver keeps across rounds."""
 
-    def __init__(self, cfg, ranks, pool, server, tracker, result: RunResult, writer):
+    def __init__(self, cfg, ranks, ex, pool, server, tracker, result: RunResult, writer):
         self.cfg = cfg
         self.ranks = list(ranks)  # current ranks: self-pruning may lower them
+        self.ex = ex  # the executor: Ray's get/put and server calls, or in-process ones
         self.pool, self.server, self.tracker = pool, server, tracker
         self.result = result
         self.writer = writer
@@ -419,7 +410,7 @@ class _Driver:
     def restore(self, ckpt: Checkpoint) -> None:
         """Take up the driver's state from a checkpoint, and log what MLflow missed."""
         meta = ckpt.meta
-        self.states = {c: ray.put(ClientState.from_dict(s)) for c, s in ckpt.clients.items()}
+        self.states = {c: self.ex.put(ClientState.from_dict(s)) for c, s in ckpt.clients.items()}
         self.totals = _Totals(**meta["totals"])
         self.result.history = meta["history"]
         self.result.clients = meta["clients"]
@@ -449,7 +440,9 @@ class _Driver:
 
     def _evaluate_global(self, t: int) -> dict[str, float]:
         """Evaluate the global adapter; log round ``t``'s example generations, if any."""
-        metrics, examples = global_metrics(self.pool.evaluate(self.server.broadcast.remote()))
+        metrics, examples = global_metrics(
+            self.pool.evaluate(self.ex.call(self.server, "broadcast"))
+        )
         if examples:
             self.tracker.log_table(examples, f"examples/round_{t:04d}.json")
         return metrics
@@ -458,7 +451,7 @@ class _Driver:
         cfg = self.cfg
         start = time.perf_counter()
         sampled = sample_clients(cfg.clients.num, cfg.clients.fraction, cfg.seed, t)
-        broadcast = self.server.broadcast.remote()  # one object in the store for all tasks
+        broadcast = self.ex.call(self.server, "broadcast")  # one object for all tasks
         evaluate = self.evaluates(t)
         tasks = [ClientTask(c, self.ranks[c], t, evaluate=evaluate) for c in sampled]
         outcome = self.pool.train(tasks, broadcast, self.states)
@@ -496,7 +489,7 @@ class _Driver:
             self.ranks[c] = r.next_rank or self.ranks[c]
         if used:
             uploads = [outcome.refs[c].upload for c in used]
-            agg = ray.get(self.server.aggregate_packed.remote(t, meta, *uploads))
+            agg = self.ex.get(self.ex.call(self.server, "aggregate_packed", t, meta, *uploads))
         else:
             agg = AggregateReport(t)
         for cid, reason in agg.rejected.items():
@@ -570,8 +563,9 @@ class _Driver:
         # Only the clients trained since the last checkpoint changed: a round's checkpoint
         # costs what it sampled, whatever the number of clients. The writer keeps the rest.
         dirty = sorted(self._dirty)
-        changed = {c: s.to_dict() for c, s in zip(dirty, ray.get([self.states[c] for c in dirty]))}
-        server = ray.get(self.server.state_dict.remote())
+        states = self.ex.get([self.states[c] for c in dirty])
+        changed = {c: s.to_dict() for c, s in zip(dirty, states)}
+        server = self.ex.get(self.ex.call(self.server, "state_dict"))
         meta = {
             "ranks": self.ranks,
             "history": self.result.history,
@@ -592,7 +586,7 @@ class _Driver:
             self.tracker.log_table(rows, f"clients/round_{t:04d}.json")
 
 
-def _finish(cfg, info, server, tracker, result: RunResult) -> None:
+def _finish(cfg, info, ex, server, tracker, result: RunResult) -> None:
     """Log the final global adapter (peft format) and the plots.
 
     Base-weight updates that a method folded in and a LoRA adapter cannot hold (FedEx-LoRA's
@@ -600,7 +594,7 @@ def _finish(cfg, info, server, tracker, result: RunResult) -> None:
     the pretrained weights before loading the adapter).
     """
     if cfg.tracking.save_adapter:
-        exported: ExportedAdapter = ray.get(server.export.remote())
+        exported: ExportedAdapter = ex.get(ex.call(server, "export"))
         rank = exported.rank
         state = unfold_scaling(exported.adapter, client_scaling(cfg.lora, rank, rank))
         with tempfile.TemporaryDirectory(prefix="fedsim-") as tmp:
@@ -642,9 +636,9 @@ def _save_client_adapters(cfg, info, driver: _Driver, tracker) -> None:
     """
     global_rank = max(resolve_ranks(cfg.clients, cfg.seed))
     for cid, (ref, rank) in sorted(driver.last_upload.items()):
-        upload = ray.get(ref)
+        upload = driver.ex.get(ref)
         shared = unfold_scaling(upload.update, client_scaling(cfg.lora, rank, global_rank))
-        private = ray.get(driver.states[cid]).private
+        private = driver.ex.get(driver.states[cid]).private
         state = {**shared, **private}
         with tempfile.TemporaryDirectory(prefix="fedsim-") as tmp:
             save_peft_adapter(
