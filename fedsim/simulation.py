@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import ray
 
-from actors.executor import LocalExecutor, RayExecutor, init_ray
+from actors.executor import LocalExecutor, RayExecutor
 from aggregation import SERVER_OPTIMIZERS, unfold_scaling
 from fedsim.adapter_io import save_peft_adapter
 from fedsim.checkpoint import (

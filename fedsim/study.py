@@ -151,7 +151,8 @@ def run_study(path: str | Path, extra: list[str] = ()) -> str:
         ConfigError: a bad study file or a run whose config is not allowed (every run is
             checked before the first one starts).
     """
-    from fedsim.simulation import init_ray, run
+    from actors.executor import init_ray
+    from fedsim.simulation import run
     from fedsim.tracking import Tracker
 
     study, here = load_study(path)

@@ -61,12 +61,14 @@ def _load(name: str):
 
 def _driver_runtime_env(monkeypatch) -> dict:
     """The runtime env fedsim's driver passes to ``ray.init`` (captured, Ray not started)."""
-    import fedsim.simulation as simulation
+    import ray
+
+    from actors.executor import init_ray
 
     captured: dict = {}
-    monkeypatch.setattr(simulation.ray, "is_initialized", lambda: False)
-    monkeypatch.setattr(simulation.ray, "init", lambda **kw: captured.update(kw))
-    simulation.init_ray()
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", lambda **kw: captured.update(kw))
+    init_ray()
     return captured.get("runtime_env") or {}
 
 
