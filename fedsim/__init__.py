@@ -10,15 +10,15 @@ __all__ = ["ConfigError", "FedSimConfig", "load_config", "resume", "run"]
 __version__ = "0.1.0"
 
 
-def run(config=None):
-    """Run one simulation; see :func:`fedsim.simulation.run`."""
+def run(config=None, **options):
+    """Run one simulation; see :func:`fedsim.simulation.run` (``dataset``, ``executor``)."""
     from fedsim.simulation import run as _run
 
-    return _run(config)
+    return _run(config, **options)
 
 
-def resume(run_dir, overrides=()):
+def resume(run_dir, overrides=(), **options):
     """Continue a stopped run from its latest checkpoint; see :func:`fedsim.simulation.resume`."""
     from fedsim.simulation import resume as _resume
 
-    return _resume(run_dir, overrides)
+    return _resume(run_dir, overrides, **options)

@@ -1,0 +1,79 @@
+"""Typed experiment configuration: defaults, then a YAML file, then dotlist overrides.
+
+- :mod:`fedsim.config.schema`: the sections, one dataclass each, every field with help text;
+- :mod:`fedsim.config.loading`: :func:`load_config`, :func:`as_config`, :func:`to_yaml`;
+- :mod:`fedsim.config.checks`: :func:`validate`, the engine's rules (each method's own rules
+  live in its module of :mod:`fedsim.methods`);
+- :mod:`fedsim.config.ranks`: ``clients.ranks`` and :func:`resolve_ranks`.
+
+Every rule raises :class:`ConfigError` naming the key and what is allowed.
+"""
+
+from fedsim.config.checks import MAX_CLIENTS, MAX_ROUNDS, MAX_SEED, is_generative, validate
+from fedsim.config.loading import as_config, flatten, load_config, to_yaml
+from fedsim.config.ranks import FEDILORA_RANKS, rank_spec, resolve_ranks
+from fedsim.config.schema import (
+    BACKBONES,
+    GENERATIVE_BACKBONES,
+    AggregationConfig,
+    CheckpointConfig,
+    ClientResources,
+    ClientsConfig,
+    DataConfig,
+    DeviceProfile,
+    DevicesConfig,
+    EvalConfig,
+    FaultsConfig,
+    FedSimConfig,
+    LoraConfig,
+    ModelConfig,
+    ObjectiveConfig,
+    ResourcesConfig,
+    RoundConfig,
+    ServerConfig,
+    SharingConfig,
+    TrackingConfig,
+    TrainConfig,
+)
+from fedsim.errors import ConfigError
+from fedsim.methods import EditingConfig, FedExConfig, PruningConfig
+
+__all__ = [
+    "BACKBONES",
+    "FEDILORA_RANKS",
+    "GENERATIVE_BACKBONES",
+    "MAX_CLIENTS",
+    "MAX_ROUNDS",
+    "MAX_SEED",
+    "AggregationConfig",
+    "CheckpointConfig",
+    "ClientResources",
+    "ClientsConfig",
+    "ConfigError",
+    "DataConfig",
+    "DeviceProfile",
+    "DevicesConfig",
+    "EditingConfig",
+    "EvalConfig",
+    "FaultsConfig",
+    "FedExConfig",
+    "FedSimConfig",
+    "LoraConfig",
+    "ModelConfig",
+    "ObjectiveConfig",
+    "PruningConfig",
+    "ResourcesConfig",
+    "RoundConfig",
+    "ServerConfig",
+    "SharingConfig",
+    "TrackingConfig",
+    "TrainConfig",
+    "as_config",
+    "flatten",
+    "is_generative",
+    "load_config",
+    "rank_spec",
+    "resolve_ranks",
+    "to_yaml",
+    "validate",
+]

@@ -1,0 +1,312 @@
+"""The rules a config must follow, checked once at load: ranges, limits, combinations.
+
+A method's own rules live in its module (:meth:`fedsim.methods.base.Method.check`) and are
+called from here; this module holds the rules of the engine's own sections.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import fields, is_dataclass
+from typing import Any
+
+from aggregation import MERGERS, SERVER_OPTIMIZERS
+from fedsim.config.ranks import resolve_ranks
+from fedsim.config.schema import BACKBONES, GENERATIVE_BACKBONES, FedSimConfig
+from fedsim.errors import ConfigError
+from fedsim.methods import OBJECTIVES, check_methods
+
+
+def _check(cond: bool, key: str, message: str) -> None:
+    if not cond:
+        raise ConfigError(key, message)
+
+
+# Upper limits that keep a typo from exhausting memory before anything useful happens.
+MAX_SEED = 2**32 - 1
+MAX_CLIENTS = 1_000_000
+MAX_ROUNDS = 1_000_000
+_UPPER = {
+    "rounds": MAX_ROUNDS,
+    "clients.num": MAX_CLIENTS,
+    "model.head_hidden": 65_536,
+    "data.max_text_tokens": 8_192,
+    "eval.max_new_tokens": 4_096,
+    "eval.examples": 10_000,
+    "train.local_epochs": 10_000,
+    "train.batch_size": 1_000_000,
+    "train.eval_batch_size": 1_000_000,
+    "resources.max_retries": 100,
+    "resources.actors": 100_000,
+}
+
+
+def _check_values(obj: Any, prefix: str = "") -> None:
+    """Every number finite, every size below its upper limit; the message names the key."""
+    for f in fields(obj):
+        value = getattr(obj, f.name)
+        key = f"{prefix}{f.name}"
+        if is_dataclass(value):
+            _check_values(value, key + ".")
+        elif isinstance(value, dict):
+            for name, item in value.items():
+                if is_dataclass(item):
+                    _check_values(item, f"{key}.{name}.")
+        elif isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(key, f"must be a finite number, got {value}")
+        elif isinstance(value, int) and not isinstance(value, bool) and key in _UPPER:
+            _check(
+                value <= _UPPER[key],
+                key,
+                f"{value} is above the limit of {_UPPER[key]:,} (a typo?)",
+            )
+
+
+def validate(cfg: FedSimConfig) -> None:
+    """Check cross-field rules once; raise :class:`ConfigError` naming the key."""
+    _check_values(cfg)
+    _check(0 <= cfg.seed <= MAX_SEED, "seed", f"must be in [0, 2^32 - 1], got {cfg.seed}")
+    _check(cfg.rounds >= 0, "rounds", f"must be >= 0 (0: zero-shot only), got {cfg.rounds}")
+    _check(cfg.clients.num >= 1, "clients.num", f"must be >= 1, got {cfg.clients.num}")
+    _check(
+        0 < cfg.clients.fraction <= 1,
+        "clients.fraction",
+        f"must be in (0, 1], got {cfg.clients.fraction}",
+    )
+    resolve_ranks(cfg.clients, cfg.seed)
+    d = cfg.data
+    _check(d.alpha > 0, "data.alpha", f"must be > 0, got {d.alpha}")
+    _check(
+        0 <= d.missing_rate <= 1, "data.missing_rate", f"must be in [0, 1], got {d.missing_rate}"
+    )
+    _check(
+        0 <= d.missing_beta <= 1, "data.missing_beta", f"must be in [0, 1], got {d.missing_beta}"
+    )
+    _check(0 <= d.hybrid_p <= 1, "data.hybrid_p", f"must be in [0, 1], got {d.hybrid_p}")
+    try:
+        from fedsim.data.partition import parse_ratio
+
+        parse_ratio(d.cross_ratio)
+    except ValueError as exc:
+        raise ConfigError("data.cross_ratio", str(exc)) from None
+    _check(
+        0 < d.test_fraction < 1, "data.test_fraction", f"must be in (0, 1), got {d.test_fraction}"
+    )
+    _check(
+        0 < d.holdout_fraction < 1,
+        "data.holdout_fraction",
+        f"must be in (0, 1), got {d.holdout_fraction}",
+    )
+    _check(8 <= d.image_size <= 512, "data.image_size", f"must be in [8, 512], got {d.image_size}")
+    _check(d.min_per_client >= 2, "data.min_per_client", f"must be >= 2, got {d.min_per_client}")
+    _check(d.max_text_tokens >= 4, "data.max_text_tokens", "must be >= 4")
+    _check(
+        d.subset is None or d.subset >= 2 * cfg.clients.num,
+        "data.subset",
+        f"must be at least 2 * clients.num = {2 * cfg.clients.num}, got {d.subset}",
+    )
+    _check(
+        d.test_split != "train",
+        "data.test_split",
+        "'train' is the training split; the global test set must be held out",
+    )
+    _check(
+        d.dataset == "emoji" or bool(d.root),
+        "data.root",
+        f"data.dataset={d.dataset} reads its files from a directory; set data.root",
+    )
+    m = cfg.model
+    _check(
+        m.backbone in BACKBONES,
+        "model.backbone",
+        f"unknown backbone {m.backbone!r}; allowed: {', '.join(BACKBONES)}",
+    )
+    if m.backbone == "hf":
+        _check(bool(m.text_encoder), "model.text_encoder", "is required when model.backbone=hf")
+        _check(bool(m.vision_encoder), "model.vision_encoder", "is required when model.backbone=hf")
+    _check(0 <= m.head_dropout < 1, "model.head_dropout", "must be in [0, 1)")
+    _check(m.head_hidden >= 1, "model.head_hidden", f"must be >= 1, got {m.head_hidden}")
+    _validate_generative(cfg)
+    _check(cfg.lora.alpha > 0, "lora.alpha", f"must be > 0, got {cfg.lora.alpha}")
+    _check(0 <= cfg.lora.dropout < 1, "lora.dropout", "must be in [0, 1)")
+    _check(
+        cfg.aggregation.method in MERGERS,
+        "aggregation.method",
+        f"unknown method {cfg.aggregation.method!r}; allowed: {', '.join(sorted(MERGERS))}",
+    )
+    t = cfg.train
+    _check(t.local_epochs >= 1, "train.local_epochs", "must be >= 1")
+    _check(
+        t.max_local_steps is None or t.max_local_steps >= 1, "train.max_local_steps", "must be >= 1"
+    )
+    _check(t.batch_size >= 1, "train.batch_size", "must be >= 1")
+    _check(t.eval_batch_size >= 1, "train.eval_batch_size", "must be >= 1")
+    _check(t.lr > 0, "train.lr", f"must be > 0, got {t.lr}")
+    _check(t.weight_decay >= 0, "train.weight_decay", f"must be >= 0, got {t.weight_decay}")
+    r = cfg.resources
+    _check(r.client.num_cpus > 0, "resources.client.num_cpus", "must be > 0")
+    _check(
+        r.client.num_gpus >= 0
+        and (r.client.num_gpus <= 1 or float(r.client.num_gpus).is_integer()),
+        "resources.client.num_gpus",
+        f"must be 0, a fraction in (0, 1] or a whole number, got {r.client.num_gpus}",
+    )
+    _check(r.actors is None or r.actors >= 1, "resources.actors", "must be >= 1")
+    _check(r.max_retries >= 0, "resources.max_retries", "must be >= 0")
+    _check(bool(cfg.tracking.experiment), "tracking.experiment", "must not be empty")
+    _check(
+        len(cfg.tracking.experiment) <= 500,
+        "tracking.experiment",
+        f"is {len(cfg.tracking.experiment)} characters; MLflow takes at most 500",
+    )
+    _check(
+        cfg.tracking.run_name is None or len(cfg.tracking.run_name) <= 250,
+        "tracking.run_name",
+        "MLflow takes at most 250 characters",
+    )
+    _check_combinations(cfg)
+    for cid in cfg.faults.nan_update_clients:
+        _check(
+            0 <= cid < cfg.clients.num,
+            "faults.nan_update_clients",
+            f"client id {cid} is not in [0, {cfg.clients.num})",
+        )
+    _validate_faults_rounds_devices(cfg)
+
+
+def is_generative(cfg: FedSimConfig) -> bool:
+    """Whether the configured backbone generates text (the generation task)."""
+    return cfg.model.backbone in GENERATIVE_BACKBONES
+
+
+def _validate_generative(cfg: FedSimConfig) -> None:
+    """Rules of the generation task and of the eval.* settings."""
+    m, d, ev = cfg.model, cfg.data, cfg.eval
+    _check(ev.every >= 1, "eval.every", f"must be >= 1, got {ev.every}")
+    _check(
+        ev.max_samples is None or ev.max_samples >= 1,
+        "eval.max_samples",
+        f"must be >= 1 or null, got {ev.max_samples}",
+    )
+    _check(ev.max_new_tokens >= 1, "eval.max_new_tokens", "must be >= 1")
+    _check(ev.examples >= 0, "eval.examples", "must be >= 0")
+    _check(bool(m.targets), "model.targets", "must name at least one module suffix")
+    if m.target_regex is not None:
+        try:
+            re.compile(m.target_regex)
+        except re.error as exc:
+            raise ConfigError("model.target_regex", f"not a valid regex: {exc}") from None
+    if m.backbone == "hf-vlm":
+        _check(
+            bool(m.name_or_path),
+            "model.name_or_path",
+            "is required when model.backbone=hf-vlm (a hub id or a local model directory)",
+        )
+    if not is_generative(cfg):
+        _check(
+            d.dataset != "llava",
+            "data.dataset",
+            "llava conversation data needs a generative model: model.backbone=smolvlm-effnet "
+            "or hf-vlm",
+        )
+        return
+    _check(
+        d.image_fill != "learned",
+        "data.image_fill",
+        "learned is a classifier's fill (a trained embedding of the image features); a "
+        "generative model takes zeros (a zero image) or mask (no image in the prompt)",
+    )
+
+
+def _validate_faults_rounds_devices(cfg: FedSimConfig) -> None:
+    f = cfg.faults
+    _check(0 <= f.fail_prob <= 1, "faults.fail_prob", f"must be in [0, 1], got {f.fail_prob}")
+    _check(0 <= f.delay_prob <= 1, "faults.delay_prob", f"must be in [0, 1], got {f.delay_prob}")
+    _check(f.delay_s >= 0, "faults.delay_s", f"must be >= 0, got {f.delay_s}")
+    _check(f.delay_sigma > 0, "faults.delay_sigma", f"must be > 0, got {f.delay_sigma}")
+    _check(
+        0 <= f.sleep_scale <= 10,
+        "faults.sleep_scale",
+        f"must be in [0, 10] real seconds per simulated second, got {f.sleep_scale}",
+    )
+    _check(
+        f.delay_dist == "none" or f.delay_s > 0,
+        "faults.delay_s",
+        f"faults.delay_dist={f.delay_dist} needs faults.delay_s > 0",
+    )
+    r = cfg.round
+    _check(r.deadline_s >= 0, "round.deadline_s", f"must be >= 0, got {r.deadline_s}")
+    _check(
+        r.max_empty_rounds >= 0,
+        "round.max_empty_rounds",
+        f"must be >= 0 (0: never stop), got {r.max_empty_rounds}",
+    )
+    per_round = max(1, int(round(cfg.clients.fraction * cfg.clients.num)))
+    _check(
+        1 <= r.min_clients <= per_round,
+        "round.min_clients",
+        f"must be in [1, {per_round}] (the clients sampled per round), got {r.min_clients}",
+    )
+    d = cfg.devices
+    _check(d.step_s >= 0, "devices.step_s", f"must be >= 0, got {d.step_s}")
+    for name, p in d.profiles.items():
+        key = f"devices.profiles.{name}"
+        _check(p.share >= 0, f"{key}.share", f"must be >= 0, got {p.share}")
+        _check(p.speed > 0, f"{key}.speed", f"must be > 0, got {p.speed}")
+        _check(p.up_mbps > 0, f"{key}.up_mbps", f"must be > 0, got {p.up_mbps}")
+        _check(p.down_mbps > 0, f"{key}.down_mbps", f"must be > 0, got {p.down_mbps}")
+    _check(
+        not d.profiles or sum(p.share for p in d.profiles.values()) > 0,
+        "devices.profiles",
+        "the shares must not all be 0",
+    )
+    c = cfg.checkpoint
+    _check(c.every >= 0, "checkpoint.every", f"must be >= 0, got {c.every}")
+    _check(c.keep >= 1, "checkpoint.keep", f"must be >= 1, got {c.keep}")
+    _check(
+        0 < cfg.resources.placement_timeout_s <= 3600,
+        "resources.placement_timeout_s",
+        f"must be in (0, 3600] seconds, got {cfg.resources.placement_timeout_s}",
+    )
+
+
+def _check_combinations(cfg: FedSimConfig) -> None:
+    """Names from the registries, then every method's own rules (:mod:`fedsim.methods`)."""
+    merger = MERGERS[cfg.aggregation.method]
+    method = f"aggregation.method={cfg.aggregation.method}"
+    opt = cfg.server.optimizer
+    _check(
+        opt in SERVER_OPTIMIZERS,
+        "server.optimizer",
+        f"unknown optimiser {opt!r}; allowed: {', '.join(SERVER_OPTIMIZERS)}",
+    )
+    _check(
+        cfg.objective.method in OBJECTIVES,
+        "objective.method",
+        f"unknown objective {cfg.objective.method!r}; allowed: {', '.join(OBJECTIVES)}",
+    )
+    _check(
+        opt == "fedavg" or merger.linear_in_factors,
+        "server.optimizer",
+        f"{method} does not compose with server.optimizer={opt}: "
+        + (
+            "FLoRA stacks a fresh adapter every round, so there is no persistent global "
+            "adapter for moments to act on"
+            if merger.fresh_adapter_each_round
+            else "its factors are re-derived by an SVD every round (signs and bases change), "
+            "so moments over them are meaningless"
+        )
+        + "; use server.optimizer=fedavg",
+    )
+    check_methods(cfg)
+    _check(
+        cfg.data.partition != "centralized" or cfg.clients.num == 1,
+        "clients.num",
+        f"data.partition=centralized is one client holding all data; set clients.num=1 "
+        f"(got {cfg.clients.num})",
+    )
+    _check(cfg.server.lr is None or cfg.server.lr > 0, "server.lr", "must be > 0")
+    _check(0 <= cfg.server.beta1 < 1, "server.beta1", "must be in [0, 1)")
+    _check(0 <= cfg.server.beta2 < 1, "server.beta2", "must be in [0, 1)")
+    _check(cfg.server.tau > 0, "server.tau", "must be > 0")

@@ -1,0 +1,83 @@
+"""``clients.ranks``: the spec (a string) and the one rank per client it resolves to."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from fedsim.errors import ConfigError
+
+if TYPE_CHECKING:
+    from fedsim.config.schema import ClientsConfig
+
+# FediLoRA's setting: ranks of its 10 clients. Repeated in blocks of 10 for more clients.
+FEDILORA_RANKS = (32, 32, 16, 16, 8, 8, 4, 4, 4, 4)
+
+
+def rank_spec(value: Any) -> str:
+    """``clients.ranks`` as its canonical string: a list becomes ``"32,32,16"``, an int ``"8"``.
+
+    Anything else is kept as given and judged by :func:`resolve_ranks`.
+    """
+    if isinstance(value, str):
+        return value
+    if isinstance(value, int) and not isinstance(value, bool):
+        return str(value)
+    try:
+        items = list(value)
+    except TypeError:
+        return value
+    return ",".join(str(v).strip() for v in items)
+
+
+def _int(text: str) -> int | None:
+    text = text.strip()
+    return int(text) if text.isdigit() else None
+
+
+def resolve_ranks(clients: ClientsConfig, seed: int) -> list[int]:
+    """Turn ``clients.ranks`` into one rank per client.
+
+    Raises:
+        ConfigError: a malformed list or distribution name.
+    """
+    import numpy as np
+
+    spec = rank_spec(clients.ranks)
+    n = clients.num
+    if not isinstance(spec, str):
+        raise ConfigError("clients.ranks", f"must be a list of ints or a name, got {spec!r}")
+    name, colon, arg = spec.partition(":")
+    if colon:
+        if name == "equal" and _int(arg):
+            return [int(arg)] * n
+        if name == "choice" and arg and all(_int(p) for p in arg.split(",")):
+            options = [int(p) for p in arg.split(",")]
+            rng = np.random.default_rng([seed, 0x5A4B])
+            return [int(r) for r in rng.choice(options, size=n)]
+    elif spec == "fedilora":
+        return [FEDILORA_RANKS[i % len(FEDILORA_RANKS)] for i in range(n)]
+    elif spec.strip() and all(p.strip().lstrip("-").isdigit() for p in spec.split(",")):
+        parts = spec.split(",")
+        if len(parts) == 1:  # one int: every client
+            parts = parts * n
+        if len(parts) != n:
+            raise ConfigError("clients.ranks", f"has {len(parts)} entries but clients.num is {n}")
+        ranks = [int(p) for p in parts]
+        for i, r in enumerate(ranks):
+            if r < 1:
+                raise ConfigError(
+                    "clients.ranks", f"client {i}: rank must be an int >= 1, got {r!r}"
+                )
+        return ranks
+    elif "," in spec and not colon:
+        bad = next(
+            (i, p) for i, p in enumerate(spec.split(",")) if not p.strip().lstrip("-").isdigit()
+        )
+        raise ConfigError(
+            "clients.ranks", f"client {bad[0]}: rank must be an int >= 1, got {bad[1].strip()!r}"
+        )
+    raise ConfigError(
+        "clients.ranks",
+        f"unknown distribution {spec!r}; allowed: a list of ints, 'fedilora', "
+        "'equal:R', 'choice:R1,R2,...'",
+    )

@@ -1,0 +1,529 @@
+"""The config schema: one typed dataclass per section, every field with help text.
+
+A method's own section lives in its module (``editing``, ``pruning``, ``fedex``: see
+:mod:`fedsim.methods`); names that come from a registry (merge, objective, server optimiser,
+sharing policy) are plain strings checked against that registry in :mod:`fedsim.config.checks`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from aggregation import MERGERS, SERVER_OPTIMIZERS, SHARING_POLICIES
+from fedsim.config.ranks import FEDILORA_RANKS, rank_spec
+from fedsim.methods import OBJECTIVES, EditingConfig, FedExConfig, PruningConfig
+
+BACKBONES = ("minilm-effnet", "tiny", "hf", "smolvlm-effnet", "hf-vlm")
+# Backbones that generate text (the generation task); the others are classifiers.
+GENERATIVE_BACKBONES = ("smolvlm-effnet", "hf-vlm")
+
+
+def _help(text: str) -> dict[str, str]:
+    return {"help": text}
+
+
+@dataclass
+class ClientsConfig:
+    num: int = field(default=10, metadata=_help("Number of simulated clients."))
+    fraction: float = field(
+        default=0.4, metadata=_help("Share of clients sampled per round, in (0, 1].")
+    )
+    ranks: str = field(
+        default=rank_spec(FEDILORA_RANKS),
+        metadata=_help(
+            "LoRA rank per client: clients.num comma-separated ints (a YAML or override list "
+            "[32, 32, ...] is taken too), one int for every client, or a named distribution: "
+            "'fedilora' (FediLoRA's 32,32,16,16,8,8,4,4,4,4 pattern repeated), "
+            "'equal:R' (every client R), 'choice:R1,R2,...' (seeded draw per client)."
+        ),
+    )
+
+    def __post_init__(self) -> None:
+        # a list given in code reads like one given in YAML
+        self.ranks = rank_spec(self.ranks)
+
+
+@dataclass
+class DataConfig:
+    dataset: Literal["emoji", "hateful_memes", "crisismmd", "llava"] = field(
+        default="emoji",
+        metadata=_help(
+            "emoji (built in: OpenMoji + Unicode names); hateful_memes or crisismmd (their "
+            "released files under data.root); llava (LLaVA conversation JSON: "
+            "data.root/train.json and data.root/<test_split>.json, generative models only)."
+        ),
+    )
+    root: str | None = field(
+        default=None, metadata=_help("Directory holding a real dataset's files.")
+    )
+    test_split: str | None = field(
+        default=None,
+        metadata=_help(
+            "Real datasets: the split used as the global test set (default: dev for "
+            "hateful_memes, test for crisismmd); their train split is partitioned."
+        ),
+    )
+    on_error: Literal["raise", "skip"] = field(
+        default="raise",
+        metadata=_help("A corrupt row, missing image or bad label: stop, or skip and count it."),
+    )
+    label: Literal["group", "subgroup"] = field(
+        default="group", metadata=_help("Target: Unicode group (9 classes) or subgroup.")
+    )
+    target: Literal["caption", "label"] = field(
+        default="caption",
+        metadata=_help(
+            "Generative models on emoji: caption (the image, plus a hint where the client has "
+            "text, to the emoji's Unicode name) or label (the class name, posed as instruction "
+            "following). Hateful Memes and CrisisMMD are always label; llava always caption."
+        ),
+    )
+    prompt_style: Literal["default", "agnostic"] = field(
+        default="default",
+        metadata=_help(
+            "Generative models: default (the instruction names the modalities a sample has) or "
+            "agnostic (FedMLLM's modality-agnostic prompt: one template for every sample)."
+        ),
+    )
+    image_size: int = field(default=32, metadata=_help("Rendered image side in pixels."))
+    test_fraction: float = field(default=0.2, metadata=_help("Share held out as global test."))
+    holdout_fraction: float = field(
+        default=0.2, metadata=_help("Share of each client's data held out for personalised eval.")
+    )
+    partition: Literal["dirichlet", "centralized"] = field(
+        default="dirichlet",
+        metadata=_help(
+            "dirichlet: label-skew split over clients; centralized: the centralised baseline, "
+            "one client (clients.num=1) holding all training data."
+        ),
+    )
+    alpha: float = field(default=0.5, metadata=_help("Dirichlet concentration of label skew."))
+    min_per_client: int = field(default=10, metadata=_help("Minimum samples per client."))
+    scenario: Literal["aligned", "missing", "fedilora", "cross", "hybrid"] = field(
+        default="fedilora",
+        metadata=_help(
+            "Modality heterogeneity: aligned (both kept); missing (each row loses each modality "
+            "with probability missing_beta); fedilora (a share missing_rate of each client's "
+            "rows loses exactly one); cross (image-only : text-only clients, cross_ratio); "
+            "hybrid (each client keeps each modality with probability hybrid_p)."
+        ),
+    )
+    missing_rate: float = field(
+        default=0.4,
+        metadata=_help(
+            "FediLoRA missing rate: share of each client's samples missing one modality."
+        ),
+    )
+    missing_beta: float = field(
+        default=0.3, metadata=_help("missing: per-row probability of losing each modality.")
+    )
+    cross_ratio: str = field(
+        default="3:7", metadata=_help("cross: image-only : text-only clients, e.g. 3:7.")
+    )
+    hybrid_p: float = field(
+        default=0.8, metadata=_help("hybrid: probability that a client keeps each modality.")
+    )
+    image_fill: Literal["zeros", "learned", "mask"] = field(
+        default="zeros",
+        metadata=_help(
+            "A missing image: zeros (a zero input image, FediLoRA's choice), learned (a "
+            "trained, federated embedding replaces the image features), or mask (the image "
+            "features are zeroed)."
+        ),
+    )
+    text_fill: Literal["placeholder", "mask"] = field(
+        default="placeholder",
+        metadata=_help(
+            "A missing text: placeholder (data.text_placeholder is encoded instead) or mask "
+            "(the text features are zeroed)."
+        ),
+    )
+    text_placeholder: str = field(
+        default="", metadata=_help("Text that stands in for a missing text (empty string).")
+    )
+    max_text_tokens: int = field(
+        default=32,
+        metadata=_help("Token limit of the text tower (generative models: of the prompt text)."),
+    )
+    subset: int | None = field(
+        default=None, metadata=_help("Keep only this many samples (seeded), for quick runs.")
+    )
+    cache_dir: str | None = field(
+        default=None, metadata=_help("Where built datasets are cached (default ~/.cache/fedsim).")
+    )
+
+
+@dataclass
+class ModelConfig:
+    backbone: str = field(
+        default="minilm-effnet",
+        metadata=_help(
+            "'minilm-effnet' (pretrained MiniLM + EfficientNet-Lite0), 'tiny' (random, tests), "
+            "or 'hf' (model.text_encoder / model.vision_encoder by hub id or local path)."
+        ),
+    )
+    text_encoder: str | None = field(default=None, metadata=_help("hf: text encoder id/path."))
+    vision_encoder: str | None = field(default=None, metadata=_help("hf: vision encoder id/path."))
+    text_targets: list[str] = field(
+        default_factory=lambda: ["query", "value", "q_proj", "v_proj"],
+        metadata=_help("hf: module-name suffixes that get LoRA in the text tower."),
+    )
+    vision_targets: list[str] = field(
+        default_factory=lambda: ["query", "value", "q_proj", "v_proj"],
+        metadata=_help("hf: module-name suffixes that get LoRA in the vision tower."),
+    )
+    head_hidden: int = field(default=256, metadata=_help("Hidden width of the fusion head."))
+    head_dropout: float = field(default=0.1, metadata=_help("Dropout in the fusion head."))
+    name_or_path: str | None = field(
+        default=None,
+        metadata=_help(
+            "hf-vlm: a Hugging Face image-text-to-text model (hub id or local directory), "
+            "loaded with AutoProcessor + AutoModelForImageTextToText."
+        ),
+    )
+    targets: list[str] = field(
+        default_factory=lambda: ["q_proj", "v_proj"],
+        metadata=_help(
+            "Generative models: module-name suffixes that get LoRA, in the vision tower and "
+            "the language model alike (FediLoRA: q_proj, v_proj)."
+        ),
+    )
+    target_regex: str | None = field(
+        default=None,
+        metadata=_help(
+            "Generative models: a full-match regex of module names that get LoRA, instead of "
+            "model.targets (e.g. '.*text_model.*(q_proj|v_proj)' for the language model only)."
+        ),
+    )
+    modules_to_save: list[str] | None = field(
+        default=None,
+        metadata=_help(
+            "Generative models: non-LoRA modules trained in full and federated like the "
+            "classifier head (default: the projector for smolvlm-effnet, none for hf-vlm; "
+            "e.g. [multi_modal_projector] for LLaVA)."
+        ),
+    )
+    dtype: Literal["float32", "bfloat16"] = field(
+        default="float32",
+        metadata=_help(
+            "Generative models: dtype of the frozen weights (bfloat16 halves memory on GPUs; "
+            "LoRA tensors stay float32)."
+        ),
+    )
+    gradient_checkpointing: bool = field(
+        default=False,
+        metadata=_help("Generative models: recompute activations in backward (saves memory)."),
+    )
+
+
+@dataclass
+class LoraConfig:
+    alpha: float = field(default=16.0, metadata=_help("LoRA alpha."))
+    scaling: Literal["constant", "rank"] = field(
+        default="constant",
+        metadata=_help(
+            "'constant': every client uses s = alpha / R (R = largest rank), so B@A means the "
+            "same on every client; 'rank': peft's per-client alpha / r_i."
+        ),
+    )
+    dropout: float = field(default=0.0, metadata=_help("LoRA dropout."))
+
+
+@dataclass
+class AggregationConfig:
+    method: str = field(
+        default="fedilora", metadata=_help("Heterogeneous-rank merge: " + ", ".join(MERGERS))
+    )
+    empty_dim: Literal["keep", "zero"] = field(
+        default="keep",
+        metadata=_help("FediLoRA: a rank dimension no sampled client covers keeps or zeroes."),
+    )
+    svd: Literal["auto", "exact", "lowrank"] = field(
+        default="auto",
+        metadata=_help("FlexLoRA: exact SVD, randomised torch.svd_lowrank, or auto by size."),
+    )
+
+
+@dataclass
+class SharingConfig:
+    policy: str = field(
+        default="all",
+        metadata=_help(
+            "Which LoRA parts go to the server ("
+            + ", ".join(SHARING_POLICIES)
+            + "): all; B (pLoRA: each client keeps its own A); A (FedSA-LoRA: each client "
+            "keeps its own B); none (local-only baseline)."
+        ),
+    )
+
+
+@dataclass
+class ServerConfig:
+    optimizer: str = field(
+        default="fedavg",
+        metadata=_help(
+            "Server optimiser on the pseudo-gradient (Reddi et al. 2021): "
+            + ", ".join(SERVER_OPTIMIZERS)
+        ),
+    )
+    lr: float | None = field(
+        default=None, metadata=_help("Server learning rate (default: 1.0 FedAvgM, 1e-2 adaptive).")
+    )
+    beta1: float = field(default=0.9, metadata=_help("First-moment decay."))
+    beta2: float = field(default=0.99, metadata=_help("Second-moment decay."))
+    tau: float = field(default=1e-3, metadata=_help("Adaptivity (epsilon) of adaptive optimisers."))
+
+
+@dataclass
+class ObjectiveConfig:
+    method: str = field(
+        default="plain",
+        metadata=_help(
+            "Client objective ("
+            + ", ".join(OBJECTIVES)
+            + "): plain; fedprox (mu/2 ||theta - theta_g||^2); scaffold (control variates); "
+            "fednova (normalised averaging); fedmllm (FedProx term weighted by layer_weight on "
+            "layers layer_skip .. L-1-layer_skip only)."
+        ),
+    )
+    mu: float = field(default=0.01, metadata=_help("Proximal coefficient (fedprox, fedmllm)."))
+    layer_weight: float = field(default=0.1, metadata=_help("fedmllm: weight w of the term."))
+    layer_skip: int = field(
+        default=1,
+        metadata=_help(
+            "fedmllm: layers s .. L-1-s of each tower get the term (FedMLLM uses s=4 on a "
+            "32-layer LLM; the default MiniLM tower has 6 layers, hence 1)."
+        ),
+    )
+
+
+@dataclass
+class TrainConfig:
+    local_epochs: int = field(default=1, metadata=_help("Local epochs per round."))
+    max_local_steps: int | None = field(
+        default=None, metadata=_help("Cap on local optimiser steps per round.")
+    )
+    batch_size: int = field(default=32, metadata=_help("Local training batch size."))
+    eval_batch_size: int = field(default=256, metadata=_help("Evaluation batch size."))
+    optimizer: Literal["adamw", "sgd"] = field(
+        default="adamw", metadata=_help("Local optimiser (SCAFFOLD needs sgd).")
+    )
+    lr: float = field(default=2e-3, metadata=_help("Local learning rate."))
+    weight_decay: float = field(default=0.0, metadata=_help("AdamW weight decay."))
+    precision: Literal["fp32", "bf16"] = field(
+        default="fp32", metadata=_help("Autocast precision of the forward pass.")
+    )
+
+
+@dataclass
+class EvalConfig:
+    every: int = field(
+        default=1,
+        metadata=_help(
+            "Evaluate (global and personalised) every this many rounds; round 0 and the last "
+            "round are always evaluated."
+        ),
+    )
+    max_samples: int | None = field(
+        default=None,
+        metadata=_help(
+            "Cap on the samples of the global test set and of each client's held-out split "
+            "that are evaluated (a fixed seeded subset); None: all."
+        ),
+    )
+    max_new_tokens: int = field(
+        default=32, metadata=_help("Generative models: greedy decoding length limit.")
+    )
+    examples: int = field(
+        default=8,
+        metadata=_help("Generative models: example generations logged per evaluated round."),
+    )
+
+
+@dataclass
+class ClientResources:
+    num_cpus: float = field(default=1.0, metadata=_help("CPUs per client actor."))
+    num_gpus: float = field(default=0.0, metadata=_help("GPU fraction per client actor."))
+
+
+@dataclass
+class ResourcesConfig:
+    client: ClientResources = field(default_factory=ClientResources)
+    actors: int | None = field(
+        default=None, metadata=_help("Cap on the actor pool (default: what the cluster fits).")
+    )
+    max_retries: int = field(
+        default=1, metadata=_help("Retries of a failed client task on another actor.")
+    )
+    placement: Literal["pack", "spread", "strict_spread", "none"] = field(
+        default="pack",
+        metadata=_help(
+            "Reserve the client actors in a Ray placement group: pack (fill a node, e.g. four "
+            "0.25-GPU actors on one GPU, before the next), spread (one per node where it can), "
+            "strict_spread (one per node, or fail), none (plain actors)."
+        ),
+    )
+    placement_timeout_s: float = field(
+        default=60.0,
+        metadata=_help(
+            "Seconds to wait for the cluster to place the actor pool before failing with the "
+            "numbers (an autoscaling cluster may need minutes to add nodes)."
+        ),
+    )
+
+
+@dataclass
+class FaultsConfig:
+    nan_update_clients: list[int] = field(
+        default_factory=list,
+        metadata=_help(
+            "Client ids whose uploads are poisoned with NaN, to exercise the server's update "
+            "validation (such updates must be rejected and logged, never merged)."
+        ),
+    )
+    fail_prob: float = field(
+        default=0.0,
+        metadata=_help(
+            "Probability that a client task attempt fails after training (seeded per seed, "
+            "round, client and attempt); the pool retries it like any failure."
+        ),
+    )
+    fail_mode: Literal["raise", "crash"] = field(
+        default="raise",
+        metadata=_help(
+            "How an injected failure happens: raise an exception in the task, or crash the "
+            "actor's process (the pool then replaces the actor)."
+        ),
+    )
+    delay_dist: Literal["none", "constant", "uniform", "exponential", "lognormal"] = field(
+        default="none",
+        metadata=_help(
+            "Distribution of the extra simulated seconds a straggling client task takes: "
+            "constant (delay_s), uniform on [0, 2 delay_s], exponential (mean delay_s), "
+            "lognormal (median delay_s, log-sd delay_sigma)."
+        ),
+    )
+    delay_s: float = field(default=0.0, metadata=_help("Scale of faults.delay_dist, seconds."))
+    delay_sigma: float = field(default=1.0, metadata=_help("Log-sd of the lognormal delay."))
+    delay_prob: float = field(
+        default=1.0, metadata=_help("Probability that a client task is delayed at all.")
+    )
+    sleep_scale: float = field(
+        default=0.0,
+        metadata=_help(
+            "Real seconds a delayed task sleeps per simulated delay second (0: the delay is "
+            "only on the simulated clock). Makes clients really finish out of order."
+        ),
+    )
+
+
+@dataclass
+class RoundConfig:
+    deadline_s: float = field(
+        default=0.0,
+        metadata=_help(
+            "Close a round after this many simulated seconds; clients that would report later "
+            "are late: left out of the merge and counted in clients/late (0: no deadline)."
+        ),
+    )
+    min_clients: int = field(
+        default=1,
+        metadata=_help(
+            "A round waits past the deadline until this many clients reported; with fewer "
+            "successful clients in all, the round merges nothing."
+        ),
+    )
+    max_empty_rounds: int = field(
+        default=3,
+        metadata=_help(
+            "Stop the run with an error once this many rounds in a row merged no update "
+            "(every sampled client failed, was late or was rejected); 0: never stop."
+        ),
+    )
+
+
+@dataclass
+class DeviceProfile:
+    share: float = field(default=1.0, metadata=_help("Share of clients with this profile."))
+    speed: float = field(default=1.0, metadata=_help("Compute speed (1: the reference device)."))
+    up_mbps: float = field(default=10.0, metadata=_help("Upload bandwidth, Mbit/s."))
+    down_mbps: float = field(default=50.0, metadata=_help("Download bandwidth, Mbit/s."))
+
+
+@dataclass
+class DevicesConfig:
+    step_s: float = field(
+        default=0.5,
+        metadata=_help("Simulated seconds of one local training step on a speed-1 device."),
+    )
+    profiles: dict[str, DeviceProfile] = field(
+        default_factory=dict,
+        metadata=_help(
+            "Named device profiles (share, speed, up_mbps, down_mbps), assigned to clients by a "
+            "seeded draw with the given shares; empty: every client is the reference device "
+            "(speed 1, 10 Mbit/s up, 50 Mbit/s down)."
+        ),
+    )
+
+
+@dataclass
+class CheckpointConfig:
+    dir: str = field(
+        default="runs",
+        metadata=_help(
+            "Checkpoints go to DIR/<MLflow run id>/; resume with fedsim run --resume that path."
+        ),
+    )
+    every: int = field(
+        default=1, metadata=_help("Write a checkpoint every this many rounds (0: never).")
+    )
+    keep: int = field(default=2, metadata=_help("How many recent checkpoints to keep."))
+
+
+@dataclass
+class TrackingConfig:
+    uri: str = field(default="sqlite:///mlflow.db", metadata=_help("MLflow tracking URI."))
+    experiment: str = field(default="fedsim", metadata=_help("MLflow experiment name."))
+    run_name: str | None = field(default=None, metadata=_help("MLflow run name."))
+    parent_run_id: str | None = field(
+        default=None, metadata=_help("Nest the run under this MLflow run (set by sweeps).")
+    )
+    save_adapter: bool = field(default=True, metadata=_help("Log the final global adapter."))
+    save_client_adapters: bool = field(
+        default=False,
+        metadata=_help(
+            "Also log each client's last personalised adapter (clients/cNNNNNN) as a peft "
+            "adapter directory."
+        ),
+    )
+    plots: bool = field(default=True, metadata=_help("Log PNG plots of the curves."))
+
+
+@dataclass
+class FedSimConfig:
+    seed: int = field(default=0, metadata=_help("Seed of every random choice."))
+    rounds: int = field(
+        default=10,
+        metadata=_help("Federated rounds; 0 is the zero-shot baseline (round 0 evaluation only)."),
+    )
+    clients: ClientsConfig = field(default_factory=ClientsConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    aggregation: AggregationConfig = field(default_factory=AggregationConfig)
+    sharing: SharingConfig = field(default_factory=SharingConfig)
+    server: ServerConfig = field(default_factory=ServerConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    editing: EditingConfig = field(default_factory=EditingConfig)
+    fedex: FedExConfig = field(default_factory=FedExConfig)
+    pruning: PruningConfig = field(default_factory=PruningConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    resources: ResourcesConfig = field(default_factory=ResourcesConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    faults: FaultsConfig = field(default_factory=FaultsConfig)
+    round: RoundConfig = field(default_factory=RoundConfig)
+    devices: DevicesConfig = field(default_factory=DevicesConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    progress: bool = field(default=True, metadata=_help("Show a progress bar and summary."))
