@@ -207,8 +207,10 @@ def check_inputs(cfg: FedSimConfig):
         from fedsim.models.vlm import check_model_source
 
         check_model_source(cfg.model)
-    elif cfg.model.backbone == "hf":
-        for key in ("text_encoder", "vision_encoder"):
+    else:
+        from fedsim.models.registry import backbone_spec
+
+        for key in backbone_spec(cfg.model.backbone).hub_configs:
             check_hf_config(getattr(cfg.model, key), f"model.{key}")
     return dataset
 

@@ -14,8 +14,10 @@ from typing import Any
 from aggregation import MERGERS, SERVER_OPTIMIZERS
 from fedsim.config.ranks import resolve_ranks
 from fedsim.config.schema import BACKBONES, GENERATIVE_BACKBONES, FedSimConfig
+from fedsim.data.registry import DATASETS
 from fedsim.errors import ConfigError
 from fedsim.methods import OBJECTIVES, check_methods
+from fedsim.models.registry import BACKBONES as BACKBONE_SPECS
 
 
 def _check(cond: bool, key: str, message: str) -> None:
@@ -112,7 +114,12 @@ def validate(cfg: FedSimConfig) -> None:
         "'train' is the training split; the global test set must be held out",
     )
     _check(
-        d.dataset == "emoji" or bool(d.root),
+        d.dataset in DATASETS,
+        "data.dataset",
+        f"unknown dataset {d.dataset!r}; allowed: {', '.join(DATASETS)}",
+    )
+    _check(
+        not DATASETS[d.dataset].needs_root or bool(d.root),
         "data.root",
         f"data.dataset={d.dataset} reads its files from a directory; set data.root",
     )
@@ -122,9 +129,12 @@ def validate(cfg: FedSimConfig) -> None:
         "model.backbone",
         f"unknown backbone {m.backbone!r}; allowed: {', '.join(BACKBONES)}",
     )
-    if m.backbone == "hf":
-        _check(bool(m.text_encoder), "model.text_encoder", "is required when model.backbone=hf")
-        _check(bool(m.vision_encoder), "model.vision_encoder", "is required when model.backbone=hf")
+    for key in BACKBONE_SPECS[m.backbone].required:
+        _check(
+            bool(getattr(m, key)),
+            f"model.{key}",
+            f"is required when model.backbone={m.backbone} (a hub id or a local path)",
+        )
     _check(0 <= m.head_dropout < 1, "model.head_dropout", "must be in [0, 1)")
     _check(m.head_hidden >= 1, "model.head_hidden", f"must be >= 1, got {m.head_hidden}")
     _validate_generative(cfg)
@@ -197,18 +207,12 @@ def _validate_generative(cfg: FedSimConfig) -> None:
             re.compile(m.target_regex)
         except re.error as exc:
             raise ConfigError("model.target_regex", f"not a valid regex: {exc}") from None
-    if m.backbone == "hf-vlm":
-        _check(
-            bool(m.name_or_path),
-            "model.name_or_path",
-            "is required when model.backbone=hf-vlm (a hub id or a local model directory)",
-        )
     if not is_generative(cfg):
         _check(
-            d.dataset != "llava",
+            not DATASETS[d.dataset].generative_only,
             "data.dataset",
-            "llava conversation data needs a generative model: model.backbone=smolvlm-effnet "
-            "or hf-vlm",
+            f"{d.dataset} targets are free text and need a generative model: model.backbone="
+            + " or ".join(GENERATIVE_BACKBONES),
         )
         return
     _check(

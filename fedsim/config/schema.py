@@ -12,11 +12,13 @@ from typing import Literal
 
 from aggregation import MERGERS, SERVER_OPTIMIZERS, SHARING_POLICIES
 from fedsim.config.ranks import FEDILORA_RANKS, rank_spec
+from fedsim.data.registry import DATASETS
 from fedsim.methods import OBJECTIVES, EditingConfig, FedExConfig, PruningConfig
+from fedsim.models.registry import BACKBONES as BACKBONE_SPECS
 
-BACKBONES = ("minilm-effnet", "tiny", "hf", "smolvlm-effnet", "hf-vlm")
+BACKBONES = tuple(BACKBONE_SPECS)
 # Backbones that generate text (the generation task); the others are classifiers.
-GENERATIVE_BACKBONES = ("smolvlm-effnet", "hf-vlm")
+GENERATIVE_BACKBONES = tuple(n for n, spec in BACKBONE_SPECS.items() if spec.generative)
 
 
 def _help(text: str) -> dict[str, str]:
@@ -46,12 +48,12 @@ class ClientsConfig:
 
 @dataclass
 class DataConfig:
-    dataset: Literal["emoji", "hateful_memes", "crisismmd", "llava"] = field(
+    dataset: str = field(
         default="emoji",
         metadata=_help(
-            "emoji (built in: OpenMoji + Unicode names); hateful_memes or crisismmd (their "
-            "released files under data.root); llava (LLaVA conversation JSON: "
-            "data.root/train.json and data.root/<test_split>.json, generative models only)."
+            "; ".join(f"{n}: {spec.summary}" for n, spec in DATASETS.items())
+            + " (real datasets read their files under data.root; llava needs a generative "
+            "model)."
         ),
     )
     root: str | None = field(
@@ -158,10 +160,7 @@ class DataConfig:
 class ModelConfig:
     backbone: str = field(
         default="minilm-effnet",
-        metadata=_help(
-            "'minilm-effnet' (pretrained MiniLM + EfficientNet-Lite0), 'tiny' (random, tests), "
-            "or 'hf' (model.text_encoder / model.vision_encoder by hub id or local path)."
-        ),
+        metadata=_help("; ".join(f"{n}: {spec.summary}" for n, spec in BACKBONE_SPECS.items())),
     )
     text_encoder: str | None = field(default=None, metadata=_help("hf: text encoder id/path."))
     vision_encoder: str | None = field(default=None, metadata=_help("hf: vision encoder id/path."))

@@ -22,6 +22,7 @@ from fedsim.data.partition import (
     subset_indices,
     train_test_split,
 )
+from fedsim.data.registry import DATASETS
 from fedsim.data.scenarios import client_modalities
 
 if TYPE_CHECKING:
@@ -86,7 +87,7 @@ def load_dataset(cfg: FedSimConfig) -> MultimodalDataset:
     from fedsim.config import is_generative
 
     d = cfg.data
-    if d.dataset == "emoji":
+    if not DATASETS[d.dataset].needs_root:  # the built-in emoji benchmark
         if is_generative(cfg) and d.target == "caption":
             ds = load_emoji_captions(d.image_size, d.cache_dir)
         else:
@@ -110,12 +111,9 @@ def _load_real(cfg: FedSimConfig) -> MultimodalDataset:
     d = cfg.data
     if not Path(d.root).is_dir():
         raise ConfigError("data.root", f"{d.root} is not a directory")
-    loader, file_of, default_test = {
-        "hateful_memes": (loaders.load_hateful_memes, loaders.hateful_memes_file, "dev"),
-        "crisismmd": (loaders.load_crisismmd, loaders.crisismmd_file, "test"),
-        "llava": (loaders.load_llava_split, loaders.llava_file, "test"),
-    }[d.dataset]
-    split = d.test_split or default_test
+    spec = DATASETS[d.dataset]
+    loader, file_of = spec.load("loader"), spec.load("file_of")
+    split = d.test_split or spec.default_test
     train_file, test_file = file_of(d.root, "train"), file_of(d.root, split)
     if split == "train":
         raise ConfigError(

@@ -6,7 +6,6 @@ the modules that get LoRA and the largest rank those modules admit.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 import torch
@@ -163,7 +162,7 @@ def _text_targets(prefix: str = "text") -> str:
     return rf"{prefix}\.encoder\.layer\.\d+\.attention\.self\.(query|value)"
 
 
-def _build_minilm_effnet(
+def build_minilm_effnet(
     cfg: ModelConfig, num_classes: int, image_fill: str, text_fill: str
 ) -> Backbone:
     from transformers import AutoTokenizer, BertModel
@@ -191,7 +190,7 @@ def _build_minilm_effnet(
     return Backbone(model, tokenizer, targets, _max_rank(model, targets))
 
 
-def _build_tiny(cfg: ModelConfig, num_classes: int, image_fill: str, text_fill: str) -> Backbone:
+def build_tiny(cfg: ModelConfig, num_classes: int, image_fill: str, text_fill: str) -> Backbone:
     from transformers import AutoTokenizer, BertConfig, BertModel
 
     tokenizer = AutoTokenizer.from_pretrained(_minilm_path(), local_files_only=True)
@@ -222,7 +221,7 @@ def _build_tiny(cfg: ModelConfig, num_classes: int, image_fill: str, text_fill: 
     return Backbone(model, tokenizer, targets, _max_rank(model, targets))
 
 
-def _build_hf(cfg: ModelConfig, num_classes: int, image_fill: str, text_fill: str) -> Backbone:
+def build_hf(cfg: ModelConfig, num_classes: int, image_fill: str, text_fill: str) -> Backbone:
     from transformers import AutoModel, AutoTokenizer
 
     try:
@@ -267,13 +266,6 @@ def _escape(name: str) -> str:
     return re.escape(name)
 
 
-BACKBONE_BUILDERS: dict[str, Callable[[ModelConfig, int, str, str], Backbone]] = {
-    "minilm-effnet": _build_minilm_effnet,
-    "tiny": _build_tiny,
-    "hf": _build_hf,
-}
-
-
 def build_backbone(
     cfg: ModelConfig,
     num_classes: int,
@@ -289,18 +281,12 @@ def build_backbone(
     Raises:
         ConfigError: unknown backbone name, or weights that cannot be loaded.
     """
-    if cfg.backbone in ("smolvlm-effnet", "hf-vlm"):
-        from fedsim.models.vlm import build_generative
+    from fedsim.models.registry import backbone_spec
 
-        builder = build_generative
-    elif cfg.backbone in BACKBONE_BUILDERS:
-        builder = BACKBONE_BUILDERS[cfg.backbone]
-    else:
-        raise ConfigError(
-            "model.backbone",
-            f"unknown backbone {cfg.backbone!r}; allowed: "
-            f"{', '.join([*BACKBONE_BUILDERS, 'smolvlm-effnet', 'hf-vlm'])}",
-        )
+    try:
+        builder = backbone_spec(cfg.backbone).load_builder()
+    except ValueError as exc:
+        raise ConfigError("model.backbone", str(exc)) from None
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # one "Loading weights" bar per actor is noise
