@@ -7,12 +7,13 @@ For each client count ``N`` the benchmark runs, each in a fresh process:
   descendant of that process). A background thread samples, every ``--interval`` seconds, the
   RSS and PSS of the driver, of the Ray worker processes (the client actors, the server actor,
   idle workers) and of Ray's own daemons, and keeps the peak of each sum.
-* **floor**: the same local training without Ray, in one process: one ``ClientWorker`` (its
-  backbone load not timed) trains exactly the clients ``sample_clients`` picks for those
-  rounds, back to back, with the same broadcast: an in-process ``ServerState`` merges their
-  updates between rounds as fedsim's server does. Only ``ClientWorker.train`` calls are timed;
-  the in-process evaluation of the global adapter after each round is timed separately. The
-  floor's final global accuracy is compared with fedsim's as a check that it did the same work.
+* **floor**: ``fedsim.simulation.run`` of the very same config with
+  ``executor=actors.executor.LocalExecutor()``: the real round loop, every client task and the
+  server in this one process, no Ray. Its ``LocalPool`` (one ``ClientWorker``, whose backbone
+  load is not timed) trains the sampled clients of a round back to back and keeps the seconds
+  of each round's training (``train_seconds``) and of each global evaluation
+  (``eval_seconds``). Both runs execute the same loop, so the floor's history (every metric
+  but ``time/*``) must equal fedsim's exactly: the check that it did the same work.
 
 It prints one row per ``N`` (see ``experiments/bench/README.md`` for the columns) and the
 memory growth per extra client next to the bytes of state a client keeps:
@@ -23,26 +24,20 @@ memory growth per extra client next to the bytes of state a client keeps:
 
 from __future__ import annotations
 
+import argparse
+import json
+import math
+import os
+import platform
+import subprocess
 import sys
+import tempfile
+import threading
+import time
+from collections.abc import Sequence
 from pathlib import Path
 
-# Run as a script, this folder is sys.path[0], and its aggregation.py (the merge benchmark)
-# would shadow the top-level ``aggregation`` package for this process and, through the
-# driver's sys.path that Ray hands on, for every Ray worker: drop it.
-_HERE = Path(__file__).resolve().parent
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]
-
-import argparse  # noqa: E402
-import json  # noqa: E402
-import os  # noqa: E402
-import platform  # noqa: E402
-import subprocess  # noqa: E402
-import tempfile  # noqa: E402
-import threading  # noqa: E402
-import time  # noqa: E402
-from collections.abc import Sequence  # noqa: E402
-
-import psutil  # noqa: E402
+import psutil
 
 DEFAULT_CLIENTS = "10,100,1000"
 # The emoji benchmark has 3,944 rows; 80% (3,155) are partitioned over the clients. The default
@@ -218,25 +213,37 @@ def state_bytes(state: dict) -> int:
     return total
 
 
-def run_fedsim(args: argparse.Namespace, num: int, workdir: Path) -> dict:
-    """One fedsim run of ``num`` clients on a local Ray this process starts; round times and
-    peak memory."""
+def load_run_config(args: argparse.Namespace, num: int, workdir: Path):
+    """The config of either case, its MLflow experiment created with artifacts under
+    ``workdir`` (never ``./mlruns``)."""
     import logging
 
     from mlflow.tracking import MlflowClient
 
-    from fedsim.checkpoint import load_checkpoint
     from fedsim.config import load_config
-    from fedsim.simulation import run
 
     cfg = load_config(None, overrides(args, num, workdir))
     logging.getLogger("mlflow").setLevel(logging.WARNING)  # "Creating initial ... tables"
     client = MlflowClient(tracking_uri=cfg.tracking.uri)
     if client.get_experiment_by_name(cfg.tracking.experiment) is None:
-        # Artifacts go under the temp dir too, never into ./mlruns.
         client.create_experiment(
             cfg.tracking.experiment, artifact_location=(workdir / "artifacts").as_uri()
         )
+    return cfg
+
+
+def untimed_history(history: list[dict]) -> list[dict]:
+    """A run's history without its ``time/*`` metrics (wall times differ from run to run)."""
+    return [{k: v for k, v in h.items() if not k.startswith("time/")} for h in history]
+
+
+def run_fedsim(args: argparse.Namespace, num: int, workdir: Path) -> dict:
+    """One fedsim run of ``num`` clients on a local Ray this process starts; round times and
+    peak memory."""
+    from fedsim.checkpoint import load_checkpoint
+    from fedsim.simulation import run
+
+    cfg = load_run_config(args, num, workdir)
     with MemorySampler(args.interval) as mem:
         result = run(cfg)
     rounds = [h for h in result.history if h["round"] >= 1]
@@ -249,6 +256,7 @@ def run_fedsim(args: argparse.Namespace, num: int, workdir: Path) -> dict:
         "failed": [h["clients/failed"] for h in rounds],
         "accuracy": result.final["global/accuracy"],
         "loss": result.final["global/loss"],
+        "history": untimed_history(result.history),
         "clients_with_state": len(clients),
         "state_bytes_total": sum(sizes),
         "peak": mem.peak,
@@ -256,58 +264,29 @@ def run_fedsim(args: argparse.Namespace, num: int, workdir: Path) -> dict:
 
 
 def run_floor(args: argparse.Namespace, num: int, workdir: Path) -> dict:
-    """The same clients' local training back to back in this process, without Ray."""
-    from actors.client import ClientTask, ClientWorker, merger_options
-    from actors.server import ServerState
-    from aggregation import get_merger
-    from fedsim.config import load_config, resolve_ranks
-    from fedsim.data.partition import sample_clients
-    from fedsim.objectives import objective_spec
-    from fedsim.simulation import server_options
-    from fedsim.tasks import combine_parts
+    """The same run in this process without Ray: the real round loop on a ``LocalExecutor``.
 
-    cfg = load_config(None, overrides(args, num, workdir))
+    ``train_s`` is, per round 1..R, the time its one worker spent training that round's
+    clients back to back; ``eval_s`` is, per global evaluation after round 0, the time of that
+    evaluation. Neither includes the backbone load (the worker is built before the loop).
+    """
+    from actors.executor import LocalExecutor
+    from fedsim.simulation import run
+
+    cfg = load_run_config(args, num, workdir)
+    executor = LocalExecutor()
     with MemorySampler(args.interval) as mem:
-        load_start = time.perf_counter()
-        worker = ClientWorker(cfg)
-        initial = worker.initial_global()
-        load_s = time.perf_counter() - load_start
-        server = ServerState(
-            get_merger(cfg.aggregation.method, **merger_options(cfg)),
-            initial,
-            server_options(cfg, list(initial)),
-        )
-        scaffold = objective_spec(cfg.objective.method).control_variates
-        ranks = resolve_ranks(cfg.clients, cfg.seed)
-        states: dict[int, dict] = {}
-        train_s, eval_s = [], []
-        final: dict[str, float] = {}
-        for t in range(1, cfg.rounds + 1):
-            broadcast = server.broadcast()
-            meta, updates, deltas, spent = [], [], [], 0.0
-            for cid in sample_clients(cfg.clients.num, cfg.clients.fraction, cfg.seed, t):
-                start = time.perf_counter()
-                report, update, delta, state = worker.train(
-                    ClientTask(cid, ranks[cid], t), broadcast, states.get(cid)
-                )
-                spent += time.perf_counter() - start
-                states[cid] = state
-                meta.append((cid, report["rank"], report["num_samples"], report["steps"]))
-                updates.append(update)
-                deltas.append(delta)
-                ranks[cid] = report["next_rank"] or ranks[cid]
-            server.aggregate(t, meta, updates, deltas if scaffold else None)
-            train_s.append(spent)
-            start = time.perf_counter()
-            part = worker.evaluate_global(server.broadcast(), 0, 1)
-            eval_s.append(time.perf_counter() - start)
-            final = combine_parts([part])[0]
+        result = run(cfg, executor=executor)
+    pool = executor.pool
+    rounds = [h for h in result.history if h["round"] >= 1]
     return {
-        "train_s": train_s,
-        "eval_s": eval_s,
-        "load_s": load_s,
-        "accuracy": final["accuracy"],
-        "loss": final["loss"],
+        "train_s": list(pool.train_seconds),
+        "eval_s": list(pool.eval_seconds[1:]),  # [0] is round 0's, before any training
+        "rounds": cfg.rounds,
+        "round_s": [h["time/round_s"] for h in rounds],
+        "accuracy": result.final["global/accuracy"],
+        "loss": result.final["global/loss"],
+        "history": untimed_history(result.history),
         "peak": mem.peak,
     }
 
@@ -343,14 +322,27 @@ def mean(values: Sequence[float]) -> float:
     return sum(values) / len(values) if values else float("nan")
 
 
+def equal(a, b) -> bool:
+    """``a == b`` for nested dicts and lists of numbers, where NaN equals NaN."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(equal(a[k], b[k]) for k in a)
+    if isinstance(a, list) and isinstance(b, list):
+        return len(a) == len(b) and all(equal(x, y) for x, y in zip(a, b))
+    if isinstance(a, float) and isinstance(b, float) and math.isnan(a) and math.isnan(b):
+        return True
+    return a == b
+
+
 def same_result(fed: dict, floor: dict) -> bool:
-    """Whether the floor's final global adapter scores as fedsim's did (it did the same work)."""
-    close = abs(fed["loss"] - floor["loss"]) <= 1e-5 * max(1.0, abs(fed["loss"]))
-    return close and abs(fed["accuracy"] - floor["accuracy"]) < 1e-9
+    """Whether the floor's history (every metric but ``time/*``, every round) is fedsim's
+    exactly: both ran the same round loop, so they did the same work."""
+    return equal(fed["history"], floor["history"])
 
 
 def table_row(num: int, fed: dict, floor: dict) -> dict:
-    round_s, floor_s, eval_s = mean(fed["round_s"]), mean(floor["train_s"]), mean(floor["eval_s"])
+    round_s, floor_s = mean(fed["round_s"]), mean(floor["train_s"])
+    # per round, as round s counts it: a round not evaluated (eval.every) adds no evaluation
+    eval_s = sum(floor["eval_s"]) / floor["rounds"]
     with_state = fed["clients_with_state"]
     return {
         "clients": num,
@@ -433,12 +425,12 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
                 print(f"{num} clients: failed client tasks per round {fed['failed']}")
             print(
                 f"{num} clients: fedsim round_s {[round(x, 2) for x in fed['round_s']]}, "
-                f"floor train_s {[round(x, 2) for x in floor['train_s']]}, floor eval_s "
-                f"{[round(x, 2) for x in floor['eval_s']]}; global accuracy / loss: fedsim "
-                f"{fed['accuracy']:.4f} / {fed['loss']:.6f}, floor {floor['accuracy']:.4f} / "
-                f"{floor['loss']:.6f}; floor process peak RSS "
-                f"{floor['peak']['driver'] / MB:.0f} MB (backbone load {floor['load_s']:.1f} s); "
-                f"{time.perf_counter() - case_start:.0f} s",
+                f"floor round_s {[round(x, 2) for x in floor['round_s']]} = train_s "
+                f"{[round(x, 2) for x in floor['train_s']]} + eval_s "
+                f"{[round(x, 2) for x in floor['eval_s']]} + the rest; global accuracy / loss: "
+                f"fedsim {fed['accuracy']:.4f} / {fed['loss']:.6f}, floor "
+                f"{floor['accuracy']:.4f} / {floor['loss']:.6f}; floor process peak RSS "
+                f"{floor['peak']['driver'] / MB:.0f} MB; {time.perf_counter() - case_start:.0f} s",
                 flush=True,
             )
             rows.append(table_row(num, fed, floor))

@@ -1,0 +1,96 @@
+"""experiments/bench/scale.py at a tiny size: its fedsim case (Ray) and its floor (the same round
+loop in one process, ``LocalExecutor``) run, agree exactly, and the table adds up.
+
+Both cases run as the benchmark runs them, each in a fresh Python process; the test records
+what each case returned (by wrapping ``run_case``) to check the printed row against it.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[1] / "experiments" / "bench" / "scale.py"
+ROUNDS = 2
+# keys the benchmark sets itself (from its flags, or per case): not passed on with --set
+OWN_KEYS = ("seed", "rounds", "clients.", "model.backbone", "data.min_per_client", "sharing.")
+OWN_KEYS += ("tracking.", "checkpoint.", "progress")
+
+
+def load_bench():
+    spec = importlib.util.spec_from_file_location("bench_scale", BENCH)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def cells_of(line: str) -> list[str]:
+    return [c.strip() for c in line.strip().strip("|").split("|")]
+
+
+@pytest.mark.slow
+def test_floor_is_the_round_loop_in_process_and_matches_fedsim(tiny_overrides, monkeypatch, capsys):
+    bench = load_bench()
+    recorded: dict[str, dict] = {}
+    run_case = bench.run_case
+
+    def recording(args, case, num, workdir):
+        recorded[case] = run_case(args, case, num, workdir)
+        return recorded[case]
+
+    monkeypatch.setattr(bench, "run_case", recording)
+    sets = [x for x in tiny_overrides if not x.split("=")[0].startswith(OWN_KEYS)]
+    argv = ["--clients", "6", "--fraction", "0.5", "--rounds", str(ROUNDS), "--backbone", "tiny"]
+    argv += ["--min-per-client", "5", "--ranks", "choice:2,4,8"]
+    for item in sets:
+        argv += ["--set", item]
+    rows = bench.main(argv)
+    out = capsys.readouterr().out
+
+    fed, floor = recorded["fedsim"], recorded["floor"]
+    # the floor is the real loop: the whole history but time/* is fedsim's, bit for bit
+    assert bench.equal(floor["history"], fed["history"])
+    assert [h["round"] for h in fed["history"]] == list(range(ROUNDS + 1))
+    assert not any(k.startswith("time/") for h in fed["history"] for k in h)
+    assert fed["sampled"] == [3] * ROUNDS and fed["failed"] == [0] * ROUNDS
+    # one training time per round, one evaluation time per round after round 0 (eval.every=1)
+    assert len(floor["train_s"]) == ROUNDS and len(floor["eval_s"]) == ROUNDS
+    assert all(x > 0 for x in [*floor["train_s"], *floor["eval_s"], *fed["round_s"]])
+    # the floor's own rounds hold its training and evaluation
+    for round_s, train_s, eval_s in zip(floor["round_s"], floor["train_s"], floor["eval_s"]):
+        assert train_s + eval_s <= round_s
+
+    header = next(line for line in out.splitlines() if line.startswith("| clients |"))
+    assert cells_of(header) == list(bench.COLUMNS)
+    line = next(line for line in out.splitlines() if line.startswith("| 6 |"))
+    cells = dict(zip(bench.COLUMNS, cells_of(line)))
+    assert cells == {k: str(v) for k, v in rows[0].items()}
+    assert cells["same result"] == "yes"
+    assert int(cells["sampled"]) == 3
+    assert 1 <= int(cells["actors"]) <= 3
+    for column in ("round s", "floor s", "eval s", "round/floor", "round/(floor+eval)"):
+        assert float(cells[column]) > 0, column
+    for column in ("RSS MB", "PSS MB", "driver MB"):
+        assert float(cells[column]) > 0, column
+
+    # the columns are the recorded times, and the ratios are of those times
+    round_s, floor_s = bench.mean(fed["round_s"]), bench.mean(floor["train_s"])
+    eval_s = sum(floor["eval_s"]) / ROUNDS
+    assert cells["round s"] == f"{round_s:.2f}"
+    assert cells["floor s"] == f"{floor_s:.2f}"
+    assert cells["eval s"] == f"{eval_s:.2f}"
+    assert cells["round/floor"] == f"{round_s / floor_s:.2f}"
+    assert cells["round/(floor+eval)"] == f"{round_s / (floor_s + eval_s):.2f}"
+
+
+def test_same_result_is_exact_and_ignores_time():
+    bench = load_bench()
+    nan = float("nan")
+    history = [{"round": 0, "global/loss": 1.5, "personalized/auc_mean": nan}]
+    fed = {"history": bench.untimed_history([{**history[0], "time/round_s": 0.5}])}
+    floor = {"history": bench.untimed_history([{**history[0], "time/round_s": 0.7}])}
+    assert bench.same_result(fed, floor)  # NaN == NaN, time/* left out
+    floor["history"][0]["global/loss"] = 1.5 + 1e-12
+    assert not bench.same_result(fed, floor)
