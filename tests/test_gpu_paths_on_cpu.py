@@ -5,16 +5,19 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from actors.client import ClientTask, ClientWorker
+from actors.client import ClientWorker
 from actors.pool import pool_size
 from fedsim.config import ConfigError
+from fedsim.messages import Broadcast, ClientTask
 
 
 def test_bf16_training_and_evaluation_run_and_stay_finite(make_config):
     worker = ClientWorker(make_config("train.precision=bf16"))
-    report, update, _, _ = worker.train(ClientTask(0, 8, 1), {"adapter": worker.initial_global()})
-    assert np.isfinite(report["train_loss"])
-    assert np.isfinite(report["personalized"]["loss"])
+    broadcast = Broadcast(adapter=worker.initial_global())
+    report, upload, _ = worker.train(ClientTask(0, 8, 1), broadcast)
+    update = upload.update
+    assert np.isfinite(report.train_loss)
+    assert np.isfinite(report.personalized["loss"])
     assert all(v.isfinite().all() for v in update.values())
     assert all(v.dtype == next(iter(update.values())).dtype for v in update.values())
 

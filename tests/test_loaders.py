@@ -423,7 +423,8 @@ def test_hateful_memes_runs_end_to_end_with_auc(tmp_path, make_config):
     import torch
     from PIL import Image
 
-    from actors.client import ClientTask, ClientWorker
+    from actors.client import ClientWorker
+    from fedsim.messages import Broadcast, ClientTask
 
     (tmp_path / "img").mkdir()
     for split, n in (("train", 40), ("dev", 12)):
@@ -446,8 +447,8 @@ def test_hateful_memes_runs_end_to_end_with_auc(tmp_path, make_config):
     )
     worker = ClientWorker(cfg)
     assert len(worker.data.test) == 12 and worker.data.num_classes == 2
-    report, _, _, _ = worker.train(ClientTask(0, 4, 1), {"adapter": worker.initial_global()})
-    part = worker.evaluate_global({"adapter": worker.initial_global()}, 0, 1)
+    report, _, _ = worker.train(ClientTask(0, 4, 1), Broadcast(adapter=worker.initial_global()))
+    part = worker.evaluate_global(Broadcast(adapter=worker.initial_global()), 0, 1)
     torch.set_num_threads(threads)
     assert part.probs.shape == (12, 2)
     from fedsim.tasks import combine_parts

@@ -119,7 +119,8 @@ def test_fill_policies_train_and_the_learned_embedding_is_federated(
 ):
     import torch
 
-    from actors.client import ClientTask, ClientWorker
+    from actors.client import ClientWorker
+    from fedsim.messages import Broadcast, ClientTask
 
     threads = torch.get_num_threads()
     cfg = make_config(
@@ -133,12 +134,12 @@ def test_fill_policies_train_and_the_learned_embedding_is_federated(
     initial = worker.initial_global()
     has_learned = any(".missing_image." in k for k in initial)
     assert has_learned == (image_fill == "learned")
-    report, update, _, _ = worker.train(ClientTask(0, 8, 1), {"adapter": initial})
+    report, upload, _ = worker.train(ClientTask(0, 8, 1), Broadcast(adapter=initial))
     torch.set_num_threads(threads)
-    assert np.isfinite(report["train_loss"])
+    assert np.isfinite(report.train_loss)
     if has_learned:  # trained and uploaded like the head
-        key = next(k for k in update if ".missing_image." in k)
-        assert not torch.equal(update[key], initial[key])
+        key = next(k for k in upload.update if ".missing_image." in k)
+        assert not torch.equal(upload.update[key], initial[key])
 
 
 def test_mask_fill_ignores_the_missing_modality_content():

@@ -11,9 +11,10 @@ import numpy as np
 import pytest
 from peft import PeftModel
 
-from actors.client import ClientTask, ClientWorker
+from actors.client import ClientWorker
 from fedsim.adapter_io import save_peft_adapter
 from fedsim.config import load_config
+from fedsim.messages import Broadcast, ClientTask
 from fedsim.models.backbone import build_backbone
 
 
@@ -41,16 +42,16 @@ def test_the_pretrained_demo_vlm_learns_the_captions(tmp_path):
     initial = worker.initial_global()
     worker.host.load(16, initial)
     before = worker.task.evaluate(worker.host.model, probe)["loss"]
-    report, update, _, _ = worker.train(ClientTask(0, 16, 1), {"adapter": initial})
+    report, upload, _ = worker.train(ClientTask(0, 16, 1), Broadcast(adapter=initial))
     after = worker.task.evaluate(worker.host.model, probe)
-    assert report["steps"] == 8
+    assert report.steps == 8
     assert after["loss"] < 0.7 * before  # the captions' loss falls by more than 30%
-    assert {"bleu", "rouge_l", "cider", "exact_match"} <= set(report["personalized"])
+    assert {"bleu", "rouge_l", "cider", "exact_match"} <= set(report.personalized)
     outputs = worker.task.eval_part(worker.host.model, probe, np.array([0]), 4).predictions
     assert len(outputs) == 4 and all(isinstance(o, str) for o in outputs)
     assert any(o.strip() for o in outputs)
     # the projector is trained and uploaded with the LoRA tensors
-    assert any(".projector." in k for k in update)
+    assert any(".projector." in k for k in upload.update)
     # the trained adapter, saved in peft's format, loads onto a fresh copy of the VLM with
     # PeftModel.from_pretrained and generates exactly what the client's model generates
     adapter = save_peft_adapter(

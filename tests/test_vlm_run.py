@@ -254,7 +254,8 @@ def test_targets_that_match_nothing_are_a_config_error(tiny_vlms):
 
 def test_bf16_weights_autocast_and_checkpointing_train_and_generate_on_cpu(vlm_config):
     """The GPU settings of the cluster configs, exercised on the CPU with a tiny LLaVA."""
-    from actors.client import ClientTask, ClientWorker
+    from actors.client import ClientWorker
+    from fedsim.messages import Broadcast, ClientTask
 
     cfg = vlm_config(
         "llava",
@@ -268,10 +269,10 @@ def test_bf16_weights_autocast_and_checkpointing_train_and_generate_on_cpu(vlm_c
     assert worker.backbone.model.is_activation_checkpointing
     initial = worker.initial_global()
     assert all(v.dtype == torch.float32 for v in initial.values())  # LoRA stays float32
-    report, update, _, _ = worker.train(ClientTask(0, 8, 1), {"adapter": initial})
-    assert report["steps"] == 2 and report["train_loss"] == report["train_loss"]  # not NaN
-    assert all(v.isfinite().all() for v in update.values())
-    assert 0.0 <= report["personalized"]["rouge_l"] <= 1.0
+    report, upload, _ = worker.train(ClientTask(0, 8, 1), Broadcast(adapter=initial))
+    assert report.steps == 2 and report.train_loss == report.train_loss  # not NaN
+    assert all(v.isfinite().all() for v in upload.update.values())
+    assert 0.0 <= report.personalized["rouge_l"] <= 1.0
 
 
 def test_a_missing_model_stops_the_run_before_any_actor_starts(make_config, tmp_path):

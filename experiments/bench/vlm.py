@@ -377,13 +377,12 @@ def generation_times(worker) -> tuple[float, int, int]:
 
 def run_floor(args: argparse.Namespace, workdir: Path) -> dict:
     """The engine's rounds back to back in this process without Ray, then the model alone."""
-    from actors.client import ClientTask, ClientWorker, merger_options
+    from actors.client import ClientWorker
     from actors.server import ServerState
-    from aggregation import get_merger
     from fedsim.config import load_config, resolve_ranks
     from fedsim.data.partition import sample_clients
-    from fedsim.objectives import objective_spec
-    from fedsim.simulation import server_options
+    from fedsim.messages import ClientMeta, ClientState, ClientTask
+    from fedsim.simulation import server_args
     from fedsim.tasks import combine_parts
 
     cfg = load_config(args.config, config_items(args, workdir))
@@ -395,36 +394,30 @@ def run_floor(args: argparse.Namespace, workdir: Path) -> dict:
         worker = ClientWorker(cfg)
         initial = worker.initial_global()
         load_s = time.perf_counter() - start
-        server = ServerState(
-            get_merger(cfg.aggregation.method, **merger_options(cfg)),
-            initial,
-            server_options(cfg, list(initial)),
-        )
-        scaffold = objective_spec(cfg.objective.method).control_variates
+        server = ServerState(*server_args(cfg, initial))
         ranks = resolve_ranks(cfg.clients, cfg.seed)
         # Round 0, untimed as in the engine: the initial adapter's global evaluation (it also
         # warms this worker up as it warms the actors up).
         worker.evaluate_global(server.broadcast(), 0, 1)
-        states: dict[int, dict] = {}
+        states: dict[int, ClientState] = {}
         round_s, train_s, merge_s, eval_s, eval_n = [], [], [], [], 0
         final: dict[str, float] = {}
         for t in range(1, cfg.rounds + 1):
             round_start = time.perf_counter()
             broadcast = server.broadcast()
             evaluate = _evaluates(cfg, t)
-            meta, updates, deltas = [], [], []
+            meta, uploads = [], []
             for cid in sample_clients(cfg.clients.num, cfg.clients.fraction, cfg.seed, t):
-                report, update, delta, state = worker.train(
+                report, upload, state = worker.train(
                     ClientTask(cid, ranks[cid], t, evaluate=evaluate), broadcast, states.get(cid)
                 )
                 states[cid] = state
-                meta.append((cid, report["rank"], report["num_samples"], report["steps"]))
-                updates.append(update)
-                deltas.append(delta)
-                ranks[cid] = report["next_rank"] or ranks[cid]
+                meta.append(ClientMeta(cid, report.rank, report.num_samples, report.steps))
+                uploads.append(upload)
+                ranks[cid] = report.next_rank or ranks[cid]
             train_s.append(time.perf_counter() - round_start)
             merge_start = time.perf_counter()
-            server.aggregate(t, meta, updates, deltas if scaffold else None)
+            server.aggregate(t, meta, uploads)
             merge_s.append(time.perf_counter() - merge_start)
             if evaluate:
                 eval_start = time.perf_counter()
