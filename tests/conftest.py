@@ -76,6 +76,19 @@ def make_config(tiny_overrides) -> Callable[..., FedSimConfig]:
     return make
 
 
+@pytest.fixture(scope="module")
+def restore_threads():
+    """A ``ClientWorker`` sets torch's thread count for its process; put it back afterwards.
+
+    Modules that build workers in-process use it (``pytestmark`` or a fixture argument).
+    """
+    import torch
+
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def ray_cluster():
     """One local Ray cluster with 2 CPUs for every test that needs Ray."""

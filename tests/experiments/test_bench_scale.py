@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-BENCH = Path(__file__).resolve().parents[1] / "experiments" / "bench" / "scale.py"
+BENCH = Path(__file__).resolve().parents[2] / "experiments" / "bench" / "scale.py"
 ROUNDS = 2
 # keys the benchmark sets itself (from its flags, or per case): not passed on with --set
 OWN_KEYS = ("seed", "rounds", "clients.", "model.backbone", "data.min_per_client", "sharing.")

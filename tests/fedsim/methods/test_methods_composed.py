@@ -15,12 +15,7 @@ from fedsim.messages import Broadcast, ClientMeta, ClientTask, Parts
 from fedsim.objectives import middle_layer_weights, tower_depths
 from fedsim.simulation import server_args
 
-
-@pytest.fixture(scope="module", autouse=True)
-def restore_threads():
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("restore_threads")
 
 
 def _worker(make_config, *overrides) -> ClientWorker:

@@ -12,7 +12,7 @@ import torch
 
 from aggregation import MERGERS
 
-BENCH = Path(__file__).resolve().parents[1] / "experiments" / "bench" / "merges.py"
+BENCH = Path(__file__).resolve().parents[2] / "experiments" / "bench" / "merges.py"
 
 
 def load_bench():

@@ -71,6 +71,7 @@ def _sampled(cfg, round_idx: int) -> list[int]:
     return sample_clients(cfg.clients.num, cfg.clients.fraction, cfg.seed, round_idx)
 
 
+@pytest.mark.slow  # 1,000 clients
 def test_thousand_clients_train_a_tenth_each_round_without_failures(thousand):
     history = thousand.result.history
     assert [h["round"] for h in history] == list(range(ROUNDS + 1))
@@ -82,6 +83,7 @@ def test_thousand_clients_train_a_tenth_each_round_without_failures(thousand):
     assert all(len(rows) == SAMPLED for rows in thousand.result.clients[1:])
 
 
+@pytest.mark.slow  # 1,000 clients
 def test_a_round_sends_tasks_only_for_its_sampled_clients(thousand):
     cfg = thousand.cfg
     # one batch of tasks per round, exactly the seeded sample: none for the other 900 clients
@@ -89,6 +91,7 @@ def test_a_round_sends_tasks_only_for_its_sampled_clients(thousand):
     assert all(len(batch) == SAMPLED for batch in thousand.batches)
 
 
+@pytest.mark.slow  # 1,000 clients
 def test_a_round_checkpoints_only_its_sampled_clients_states(thousand):
     cfg, run_dir = thousand.cfg, thousand.result.run_dir
     written: dict[int, set[int]] = {}

@@ -29,14 +29,6 @@ def _train(worker, task, adapter, state=None):
 
 
 @pytest.fixture(scope="module")
-def restore_threads():
-    """ClientWorker sets torch's thread count for its process; put it back afterwards."""
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
 def cfg(make_config):
     # threshold 1.0: every round-2 client edits its least similar tensor, so editing shows.
     return make_config("editing.threshold=1.0")

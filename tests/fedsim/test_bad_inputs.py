@@ -176,7 +176,7 @@ def test_config_file(fails, base, workdir, kind):
 
 # --- study and sweep files ----------------------------------------------------------------
 
-DEFAULT = Path(__file__).resolve().parent.parent / "experiments" / "default.yaml"
+DEFAULT = Path(__file__).resolve().parents[2] / "experiments" / "default.yaml"
 STUDIES = {
     "list": ("- a\n- b\n", "must be a mapping"),
     "unparseable": ("variants: {a: [x=1\n", "cannot parse"),

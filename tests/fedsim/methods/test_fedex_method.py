@@ -20,12 +20,7 @@ from fedsim.messages import Broadcast, ClientMeta, ClientTask, Upload
 from fedsim.methods import FedEx, enabled_methods
 from fedsim.simulation import server_args
 
-
-@pytest.fixture(scope="module", autouse=True)
-def restore_threads():
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("restore_threads")
 
 
 @pytest.mark.parametrize(

@@ -43,7 +43,7 @@ import psutil
 import pytest
 import yaml
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 CLUSTER = REPO / "cluster"
 EXPERIMENT = "cluster-test"
 JOB_TIMEOUT_S = 240
@@ -841,6 +841,7 @@ def cluster():
         assert not survivors, f"processes outlived the teardown: {survivors}"
 
 
+@pytest.mark.slow  # two Ray nodes, an MLflow server and a job: about a minute
 @pytest.mark.timeout(JOB_TIMEOUT_S + 3 * START_TIMEOUT_S)
 def test_fedsim_job_on_two_nodes_logs_to_the_mlflow_server(cluster, tiny_overrides, tmp_path):
     from mlflow.tracking import MlflowClient

@@ -14,7 +14,7 @@ import pytest
 
 import fedsim  # noqa: F401  (before tests/ joins sys.path, as the builders need)
 
-TESTS = Path(__file__).resolve().parent
+TESTS = Path(__file__).resolve().parents[1]
 BENCH = TESTS.parent / "experiments" / "bench" / "vlm.py"
 
 
