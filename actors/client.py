@@ -28,16 +28,18 @@ from fedsim.messages import (
     ClientTask,
     State,
     Upload,
+    WorkerInfo,
     nbytes,
 )
 from fedsim.methods import ClientStep, Objective, build_merger, enabled_methods
 from fedsim.models.backbone import build_backbone
-from fedsim.models.lora import AdapterHost, client_scaling, fresh_lora_state
+from fedsim.models.lora import AdapterHost, client_scaling
 from fedsim.objectives import tower_depths
 from fedsim.tasks import EvalPart, build_task
 from fedsim.training import train_local
 
-_SHUFFLE, _TORCH, _FRESH, _EVAL_CAP = 201, 202, 203, 204
+# random streams of (seed, stream, round, client); 203 is FLoRA's fresh adapter
+_SHUFFLE, _TORCH, _EVAL_CAP = 201, 202, 204
 # the global test set's key in the eval.max_samples subset stream (no client has this id)
 _GLOBAL = 2**32 - 1
 
@@ -75,17 +77,17 @@ class ClientWorker:
     def ping(self) -> str:
         return "ok"
 
-    def describe(self) -> dict:
-        """Facts about the backbone and the split that the driver needs (plain values)."""
-        return {
-            "max_rank": self.backbone.max_rank,
-            "target_modules": self.backbone.target_modules,
-            "dense_modules": list(self.backbone.dense_modules),
-            "task": self.task.kind,
-            "classes": list(self.data.dataset.classes),
-            "num_test": len(self.data.test),
-            "client_train_sizes": [len(c.train) for c in self.data.clients],
-        }
+    def describe(self) -> WorkerInfo:
+        """Facts about the backbone and the split that the driver needs."""
+        return WorkerInfo(
+            max_rank=self.backbone.max_rank,
+            target_modules=self.backbone.target_modules,
+            dense_modules=list(self.backbone.dense_modules),
+            task=self.task.kind,
+            classes=list(self.data.dataset.classes),
+            num_test=len(self.data.test),
+            client_train_sizes=[len(c.train) for c in self.data.clients],
+        )
 
     def initial_global(self) -> State:
         """The seeded initial global adapter at the global rank, in the ``s = 1`` space."""
@@ -113,12 +115,10 @@ class ClientWorker:
     def _received(self, task: ClientTask, broadcast: Broadcast) -> State:
         """The client's rank-``r_i`` starting adapter (model space) from the broadcast."""
         view = self.merger.redistribute(broadcast.adapter, task.rank)
-        if self.merger.fresh_adapter_each_round:
-            seq = np.random.SeedSequence([self.cfg.seed, _FRESH, task.round_idx, task.client_id])
-            gen = torch.Generator().manual_seed(int(seq.generate_state(1)[0]))
-            # The broadcast adapter's rank-r view gives the shapes; no copy off the model.
-            template = truncate(broadcast.adapter, task.rank)
-            return {**fresh_lora_state(template, gen), **view}
+        for m in self.methods:  # a method may decide the start (FLoRA: a fresh adapter)
+            start = m.receive(task, broadcast, view)
+            if start is not None:
+                return start
         return unfold_scaling(view, self._scaling(task.rank))
 
     def train(

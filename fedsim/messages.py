@@ -71,6 +71,19 @@ class Broadcast:
 
 
 @dataclass(frozen=True)
+class WorkerInfo:
+    """Facts about a worker's backbone and data that the driver needs (``describe``)."""
+
+    max_rank: int  # the largest rank the LoRA target modules admit
+    target_modules: str  # regex of the module names that get LoRA
+    dense_modules: list[str]  # non-LoRA modules trained and federated in full
+    task: str  # "classification" or "generation"
+    classes: list[str]
+    num_test: int
+    client_train_sizes: list[int]
+
+
+@dataclass(frozen=True)
 class ClientTask:
     """Train client ``client_id`` (of LoRA rank ``rank``) in round ``round_idx`` (1-based)."""
 

@@ -311,7 +311,7 @@ def _simulate(
     try:
         pool = ex.make_pool(cfg, per_round)
         info = pool.call_first("describe")
-        _check_ranks(resolve_ranks(cfg.clients, cfg.seed), info["max_rank"])
+        _check_ranks(resolve_ranks(cfg.clients, cfg.seed), info.max_rank)
         initial = pool.call_first("initial_global")
         server = ex.make_server(*server_args(cfg, initial))
         if ckpt:
@@ -598,9 +598,7 @@ def _finish(cfg, info, ex, server, tracker, result: RunResult) -> None:
         rank = exported.rank
         state = unfold_scaling(exported.adapter, client_scaling(cfg.lora, rank, rank))
         with tempfile.TemporaryDirectory(prefix="fedsim-") as tmp:
-            save_peft_adapter(
-                state, tmp, cfg, info["target_modules"], rank, rank, info["dense_modules"]
-            )
+            save_peft_adapter(state, tmp, cfg, info.target_modules, rank, rank, info.dense_modules)
             if exported.base is not None:
                 from safetensors.torch import save_file
 
@@ -642,6 +640,6 @@ def _save_client_adapters(cfg, info, driver: _Driver, tracker) -> None:
         state = {**shared, **private}
         with tempfile.TemporaryDirectory(prefix="fedsim-") as tmp:
             save_peft_adapter(
-                state, tmp, cfg, info["target_modules"], rank, global_rank, info["dense_modules"]
+                state, tmp, cfg, info.target_modules, rank, global_rank, info.dense_modules
             )
             tracker.log_dir(tmp, f"clients/c{cid:06d}")

@@ -220,6 +220,19 @@ class Method:
         """The keys that go to the server, of ``keys`` (client and server alike)."""
         return keys
 
+    def receive(self, task: ClientTask, broadcast: Broadcast, view: State) -> State | None:
+        """The client's starting adapter (model space), if this method decides it.
+
+        Args:
+            task: the client task.
+            broadcast: the round's broadcast.
+            view: the merge rule's rank-``r_i`` view of the global adapter (``s = 1`` space).
+
+        Returns:
+            The adapter, or None for the default (``view`` in the client's LoRA scaling).
+        """
+        return None
+
     def before_training(self, step: ClientStep) -> None:
         """Before local training: add terms to ``step.objective``."""
 

@@ -11,16 +11,18 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, ClassVar
 
+import numpy as np
 import torch
 
-from aggregation import MERGERS, flora_delta, lora_rank
-from fedsim.messages import ExportedAdapter, State, nbytes
+from aggregation import MERGERS, flora_delta, lora_rank, truncate
+from fedsim.messages import Broadcast, ClientTask, ExportedAdapter, State, nbytes
 from fedsim.methods.base import MergeBatch, Method
 
 if TYPE_CHECKING:
     from fedsim.config import FedSimConfig
 
 _FACTORS = ("lora_A.weight", "lora_B.weight")
+FRESH_STREAM = 203  # the random stream of the fresh adapters (see actors.client)
 
 
 class FLoRAFolding(Method):
@@ -33,6 +35,17 @@ class FLoRAFolding(Method):
     def enabled(cls, cfg: FedSimConfig) -> bool:
         merger = MERGERS.get(cfg.aggregation.method)
         return merger is not None and merger.fresh_adapter_each_round
+
+    def receive(self, task: ClientTask, broadcast: Broadcast, view: State) -> State:
+        """A fresh LoRA of the client's rank, seeded by (seed, round, client), plus the dense
+        keys of the view (the merge hands back only those)."""
+        from fedsim.models.lora import fresh_lora_state
+
+        seq = np.random.SeedSequence([self.cfg.seed, FRESH_STREAM, task.round_idx, task.client_id])
+        gen = torch.Generator().manual_seed(int(seq.generate_state(1)[0]))
+        # The broadcast adapter's rank-r view gives the shapes; no copy off the model.
+        template = truncate(broadcast.adapter, task.rank)
+        return {**fresh_lora_state(template, gen), **view}
 
     def after_merge(self, batch: MergeBatch, merged: State) -> State:
         lora = {k: v for k, v in merged.items() if k.endswith(_FACTORS)}
