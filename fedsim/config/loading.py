@@ -27,6 +27,12 @@ def _ranks_as_spec(node: Any) -> Any:
     clients = node.get("clients") if isinstance(node, (DictConfig, dict)) else None
     if isinstance(clients, (DictConfig, dict)) and "ranks" in clients:
         value = clients["ranks"]
+        if isinstance(value, (DictConfig, dict)):  # `choice:` read by YAML as a mapping
+            raise ConfigError(
+                "clients.ranks",
+                f"got a mapping {dict(value)!r}; write a rank list, one int, 'fedilora', "
+                "'equal:R' or 'choice:R1,R2,...' (in YAML, quote a spec with a colon)",
+            )
         if isinstance(value, (ListConfig, list, tuple, int)) and not isinstance(value, bool):
             items = list(value) if not isinstance(value, int) else value
             clients["ranks"] = rank_spec(items)

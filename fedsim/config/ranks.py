@@ -48,12 +48,18 @@ def resolve_ranks(clients: ClientsConfig, seed: int) -> list[int]:
         raise ConfigError("clients.ranks", f"must be a list of ints or a name, got {spec!r}")
     name, colon, arg = spec.partition(":")
     if colon:
-        if name == "equal" and _int(arg):
-            return [int(arg)] * n
-        if name == "choice" and arg and all(_int(p) for p in arg.split(",")):
-            options = [int(p) for p in arg.split(",")]
+        values = [_int(p) for p in arg.split(",")] if arg else [None]
+        if (
+            name in ("equal", "choice")
+            and None not in values
+            and (name == "choice" or len(values) == 1)
+        ):
+            if min(values) < 1:
+                raise ConfigError("clients.ranks", f"{spec}: a rank must be an int >= 1")
+            if name == "equal":
+                return values * n
             rng = np.random.default_rng([seed, 0x5A4B])
-            return [int(r) for r in rng.choice(options, size=n)]
+            return [int(r) for r in rng.choice(values, size=n)]
     elif spec == "fedilora":
         return [FEDILORA_RANKS[i % len(FEDILORA_RANKS)] for i in range(n)]
     elif spec.strip() and all(p.strip().lstrip("-").isdigit() for p in spec.split(",")):

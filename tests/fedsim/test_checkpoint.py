@@ -651,7 +651,7 @@ def test_a_resume_may_change_the_resumable_keys(tmp_path, overrides):
         ("seed", "seed: 3", "0", "3"),
         ("aggregation.method", "aggregation:\n  method: zeropad", '"fedilora"', '"zeropad"'),
         ("tracking.experiment", "tracking:\n  experiment: other", '"fedsim"', '"other"'),
-        ("clients.ranks", "clients:\n  ranks: equal:4", "[32, 32", '"equal:4"'),
+        ("clients.ranks", "clients:\n  ranks: equal:4", '"32,32,16', '"equal:4"'),
     ],
 )
 def test_an_edited_config_yaml_is_refused_naming_the_key(tmp_path, key, line, before, after):

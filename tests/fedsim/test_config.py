@@ -28,7 +28,7 @@ DEFAULT_YAML = REPO / "experiments" / "default.yaml"
 def test_defaults_load_and_match_the_dataclass():
     cfg = load_config()
     assert cfg == FedSimConfig()
-    assert cfg.clients.ranks == list(FEDILORA_RANKS)
+    assert cfg.clients.ranks == "32,32,16,16,8,8,4,4,4,4"  # the string spec of that list
     assert resolve_ranks(cfg.clients, cfg.seed) == list(FEDILORA_RANKS)
 
 
@@ -40,7 +40,8 @@ def test_yaml_then_dotlist_overrides_merge(tmp_path):
     )
     cfg = load_config(path, ["rounds=5", "clients.fraction=0.5", "data.alpha=0.9"])
     assert cfg.seed == 7  # from the YAML
-    assert cfg.clients.num == 4 and cfg.clients.ranks == [4, 4, 2, 2]
+    assert cfg.clients.num == 4 and cfg.clients.ranks == "4,4,2,2"  # a YAML list, joined
+    assert resolve_ranks(cfg.clients, cfg.seed) == [4, 4, 2, 2]
     assert cfg.train.lr == 0.01
     assert cfg.rounds == 5  # dotlist wins over the YAML
     assert cfg.clients.fraction == 0.5
