@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import sys
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -20,8 +19,7 @@ import numpy as np
 import ray
 
 from actors.executor import LocalExecutor, RayExecutor
-from aggregation import SERVER_OPTIMIZERS, unfold_scaling
-from fedsim.adapter_io import save_peft_adapter
+from aggregation import SERVER_OPTIMIZERS
 from fedsim.checkpoint import (
     Checkpoint,
     CheckpointWriter,
@@ -40,21 +38,18 @@ from fedsim.config import (
 from fedsim.data.partition import sample_clients
 from fedsim.devices import assign_profiles, close_round, straggler_delay, task_seconds
 from fedsim.errors import RunFailed
-from fedsim.evaluation import summarize
 from fedsim.messages import (
     AggregateReport,
     ClientMeta,
-    ClientReport,
     ClientState,
     ClientTask,
-    ExportedAdapter,
 )
-from fedsim.methods import Method, build_merger, enabled_methods
-from fedsim.models.lora import client_scaling
+from fedsim.methods import build_merger, enabled_methods
 from fedsim.preflight import preflight, store_path
 from fedsim.progress import RoundProgress
-from fedsim.tasks import combine_parts
-from fedsim.tracking import Tracker, plot_history
+from fedsim.round_report import client_rows, global_metrics, round_metrics
+from fedsim.run_outputs import log_client_adapters, log_final_outputs
+from fedsim.tracking import Tracker
 
 
 @dataclass
@@ -134,81 +129,6 @@ def server_optimizer(cfg) -> object:
     accepted = inspect.signature(cls).parameters
     values = {"lr": cfg.lr, "beta1": cfg.beta1, "beta2": cfg.beta2, "tau": cfg.tau}
     return cls(**{k: v for k, v in values.items() if k in accepted and v is not None})
-
-
-def global_metrics(outcome) -> tuple[dict[str, float], list[dict]]:
-    """``global/*`` metrics and example rows from the shards of a global evaluation."""
-    # shards in shard order; combine_parts skips the empty ones of a pool larger than the set
-    metrics, examples = combine_parts([v for _, v in sorted(outcome.values.items())])
-    return {f"global/{k}": v for k, v in metrics.items()}, examples
-
-
-def _round_metrics(
-    methods: list[Method],
-    used: list[ClientReport],
-    finished: list[ClientReport],
-    rejected: dict[int, str],
-    failed: dict,
-    late: list,
-) -> dict:
-    """Metrics of one round: ``used`` reports were merged, ``finished`` includes late ones."""
-    ok = [r for r in used if r.client_id not in rejected]
-    m: dict[str, float] = {
-        "clients/sampled": len(finished) + len(failed),
-        "clients/failed": len(failed),
-        "clients/late": len(late),
-        "clients/rejected": len(rejected),
-        # every client that finished training downloaded the broadcast and uploaded its update
-        "comm/upload_bytes": sum(r.upload_bytes for r in finished),
-        "comm/download_bytes": sum(r.download_bytes for r in finished),
-    }
-    if ok:
-        # AUC is undefined on a held-out split with one class: summarise the clients that have it
-        names = dict.fromkeys(k for r in ok for k in r.personalized)
-        for metric in names:
-            stats = summarize([r.personalized[metric] for r in ok if metric in r.personalized])
-            for stat, value in stats.items():
-                m[f"personalized/{metric}_{stat}"] = value
-        m["train/loss_mean"] = float(np.mean([r.train_loss for r in ok]))
-    for method in methods:
-        m.update(method.round_metrics(used))
-    return m
-
-
-def _client_rows(
-    methods: list[Method],
-    reports: list[ClientReport],
-    status: dict[int, str],
-    sim_s: dict[int, float],
-    profiles: list,
-) -> list[dict]:
-    rows = []
-    for r in sorted(reports, key=lambda r: r.client_id):
-        cid = r.client_id
-        row = {
-            "client_id": cid,
-            "rank": r.rank,
-            "num_samples": r.num_samples,
-            "steps": r.steps,
-            "train_loss": r.train_loss,
-            **{f"personalized_{k}": v for k, v in r.personalized.items()},
-        }
-        for method in methods:
-            row.update(method.client_columns(r))
-        row.update(
-            {
-                "time_s": r.time_s,
-                "simulated_s": sim_s[cid],
-                "device": profiles[cid][0],
-                "node_id": r.node_id,
-                "status": status.get(cid, "ok"),
-            }
-        )
-        rows.append(row)
-    for cid, reason in sorted(status.items()):
-        if reason.startswith("failed"):
-            rows.append({"client_id": cid, "device": profiles[cid][0], "status": reason})
-    return rows
 
 
 def run(
@@ -343,9 +263,9 @@ def _simulate(
                 f"{cfg.rounds}: every sampled client failed, was late or was rejected); see the "
                 "round lines above and the clients/ tables in MLflow"
             )
-        _finish(cfg, info, ex, server, tracker, result)
+        log_final_outputs(cfg, info, ex, server, tracker, result.history, result.clients)
         if cfg.tracking.save_client_adapters:
-            _save_client_adapters(cfg, info, driver, tracker)
+            log_client_adapters(cfg, info, driver, tracker)
         tracker.finish()
         if cfg.progress:
             progress.summary(result.history, tracker.run_id, tracker.ui_command())
@@ -504,7 +424,7 @@ class _Driver:
         merged = any(c not in agg.rejected for c in used)
         reasons = [*outcome.failed.values(), *agg.rejected.values()]
         self._count_empty(t, sampled, status, merged, reasons)
-        metrics = _round_metrics(
+        metrics = round_metrics(
             self.methods, reports, list(finished.values()), agg.rejected, outcome.failed, close.late
         )
         metrics["clients/rank_mean"] = float(np.mean(self.ranks))
@@ -520,7 +440,7 @@ class _Driver:
         metrics["time/simulated_total_s"] = self.totals.simulated_s
         metrics["time/aggregate_s"] = agg.aggregate_s
         metrics["time/round_s"] = time.perf_counter() - start
-        rows = _client_rows(self.methods, list(finished.values()), status, sim_s, self.profiles)
+        rows = client_rows(self.methods, list(finished.values()), status, sim_s, self.profiles)
         self._end_round(t, metrics, rows, used)
         return metrics
 
@@ -584,62 +504,3 @@ class _Driver:
         self.tracker.log_metrics(metrics, step=t)
         if rows:
             self.tracker.log_table(rows, f"clients/round_{t:04d}.json")
-
-
-def _finish(cfg, info, ex, server, tracker, result: RunResult) -> None:
-    """Log the final global adapter (peft format) and the plots.
-
-    Base-weight updates that a method folded in and a LoRA adapter cannot hold (FedEx-LoRA's
-    residuals) go beside it as ``base_delta.safetensors`` (module prefix to ``dW``, to add to
-    the pretrained weights before loading the adapter).
-    """
-    if cfg.tracking.save_adapter:
-        exported: ExportedAdapter = ex.get(ex.call(server, "export"))
-        rank = exported.rank
-        state = unfold_scaling(exported.adapter, client_scaling(cfg.lora, rank, rank))
-        with tempfile.TemporaryDirectory(prefix="fedsim-") as tmp:
-            save_peft_adapter(state, tmp, cfg, info.target_modules, rank, rank, info.dense_modules)
-            if exported.base is not None:
-                from safetensors.torch import save_file
-
-                base = {k: v.contiguous() for k, v in exported.base.items()}
-                save_file(base, str(Path(tmp) / "base_delta.safetensors"))
-            tracker.log_dir(tmp, "global_adapter")
-    if cfg.tracking.plots:
-        import matplotlib.pyplot as plt
-
-        fig = plot_history(result.history)
-        tracker.log_figure(fig, "plots/curves.png")
-        plt.close(fig)
-        sims = [
-            r["min_similarity"] for rows in result.clients for r in rows if "min_similarity" in r
-        ]
-        sims = [s for s in sims if s == s]
-        if sims:
-            fig, ax = plt.subplots(figsize=(5, 3.5))
-            ax.hist(sims, bins=30)
-            ax.set_xlabel("lowest cosine similarity to the global adapter, per client update")
-            ax.set_ylabel("client updates")
-            fig.tight_layout()
-            tracker.log_figure(fig, "plots/editing_similarity.png")
-            plt.close(fig)
-
-
-def _save_client_adapters(cfg, info, driver: _Driver, tracker) -> None:
-    """Log each client's last personalised adapter as ``clients/cNNNNNN`` (peft format).
-
-    A client's personalised adapter is its last upload (after editing) with the private
-    tensors its sharing policy keeps; clients that never trained since this process started
-    (or since a resume) have none.
-    """
-    global_rank = max(resolve_ranks(cfg.clients, cfg.seed))
-    for cid, (ref, rank) in sorted(driver.last_upload.items()):
-        upload = driver.ex.get(ref)
-        shared = unfold_scaling(upload.update, client_scaling(cfg.lora, rank, global_rank))
-        private = driver.ex.get(driver.states[cid]).private
-        state = {**shared, **private}
-        with tempfile.TemporaryDirectory(prefix="fedsim-") as tmp:
-            save_peft_adapter(
-                state, tmp, cfg, info.target_modules, rank, global_rank, info.dense_modules
-            )
-            tracker.log_dir(tmp, f"clients/c{cid:06d}")

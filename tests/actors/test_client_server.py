@@ -14,7 +14,8 @@ from actors.server import ServerState
 from aggregation import check_update, is_lora_a, is_lora_b
 from fedsim.config import resolve_ranks
 from fedsim.messages import Broadcast, ClientMeta, ClientTask, Upload, nbytes
-from fedsim.simulation import global_metrics, server_args
+from fedsim.round_report import global_metrics
+from fedsim.simulation import server_args
 
 
 def _bc(adapter):

@@ -1,0 +1,89 @@
+"""What a round logs: its metrics and its client table, from the clients' reports.
+
+The methods add their own metrics and columns through their round-loop hooks
+(:meth:`fedsim.methods.base.Method.round_metrics`, ``client_columns``).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from fedsim.evaluation import summarize
+from fedsim.messages import ClientReport
+from fedsim.methods import Method
+from fedsim.tasks import combine_parts
+
+
+def global_metrics(outcome) -> tuple[dict[str, float], list[dict]]:
+    """``global/*`` metrics and example rows from the shards of a global evaluation."""
+    # shards in shard order; combine_parts skips the empty ones of a pool larger than the set
+    metrics, examples = combine_parts([v for _, v in sorted(outcome.values.items())])
+    return {f"global/{k}": v for k, v in metrics.items()}, examples
+
+
+def round_metrics(
+    methods: list[Method],
+    used: list[ClientReport],
+    finished: list[ClientReport],
+    rejected: dict[int, str],
+    failed: dict,
+    late: list,
+) -> dict:
+    """Metrics of one round: ``used`` reports were merged, ``finished`` includes late ones."""
+    ok = [r for r in used if r.client_id not in rejected]
+    m: dict[str, float] = {
+        "clients/sampled": len(finished) + len(failed),
+        "clients/failed": len(failed),
+        "clients/late": len(late),
+        "clients/rejected": len(rejected),
+        # every client that finished training downloaded the broadcast and uploaded its update
+        "comm/upload_bytes": sum(r.upload_bytes for r in finished),
+        "comm/download_bytes": sum(r.download_bytes for r in finished),
+    }
+    if ok:
+        # AUC is undefined on a held-out split with one class: summarise the clients that have it
+        names = dict.fromkeys(k for r in ok for k in r.personalized)
+        for metric in names:
+            stats = summarize([r.personalized[metric] for r in ok if metric in r.personalized])
+            for stat, value in stats.items():
+                m[f"personalized/{metric}_{stat}"] = value
+        m["train/loss_mean"] = float(np.mean([r.train_loss for r in ok]))
+    for method in methods:
+        m.update(method.round_metrics(used))
+    return m
+
+
+def client_rows(
+    methods: list[Method],
+    reports: list[ClientReport],
+    status: dict[int, str],
+    sim_s: dict[int, float],
+    profiles: list,
+) -> list[dict]:
+    rows = []
+    for r in sorted(reports, key=lambda r: r.client_id):
+        cid = r.client_id
+        row = {
+            "client_id": cid,
+            "rank": r.rank,
+            "num_samples": r.num_samples,
+            "steps": r.steps,
+            "train_loss": r.train_loss,
+            **{f"personalized_{k}": v for k, v in r.personalized.items()},
+        }
+        for method in methods:
+            row.update(method.client_columns(r))
+        row.update(
+            {
+                "time_s": r.time_s,
+                "simulated_s": sim_s[cid],
+                "device": profiles[cid][0],
+                "node_id": r.node_id,
+                "status": status.get(cid, "ok"),
+            }
+        )
+        rows.append(row)
+    for cid, reason in sorted(status.items()):
+        if reason.startswith("failed"):
+            rows.append({"client_id": cid, "device": profiles[cid][0], "status": reason})
+    return rows

@@ -1,0 +1,72 @@
+"""What a finished run leaves in MLflow besides its metrics: the final global adapter (peft
+format, plus base-weight updates a LoRA cannot hold), the clients' personalised adapters, plots.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+from aggregation import unfold_scaling
+from fedsim.adapter_io import save_peft_adapter
+from fedsim.config import resolve_ranks
+from fedsim.messages import ExportedAdapter
+from fedsim.models.lora import client_scaling
+from fedsim.tracking import plot_history
+
+
+def log_final_outputs(cfg, info, ex, server, tracker, history, clients) -> None:
+    """Log the final global adapter (peft format) and the plots.
+
+    Base-weight updates that a method folded in and a LoRA adapter cannot hold (FedEx-LoRA's
+    residuals) go beside it as ``base_delta.safetensors`` (module prefix to ``dW``, to add to
+    the pretrained weights before loading the adapter).
+    """
+    if cfg.tracking.save_adapter:
+        exported: ExportedAdapter = ex.get(ex.call(server, "export"))
+        rank = exported.rank
+        state = unfold_scaling(exported.adapter, client_scaling(cfg.lora, rank, rank))
+        with tempfile.TemporaryDirectory(prefix="fedsim-") as tmp:
+            save_peft_adapter(state, tmp, cfg, info.target_modules, rank, rank, info.dense_modules)
+            if exported.base is not None:
+                from safetensors.torch import save_file
+
+                base = {k: v.contiguous() for k, v in exported.base.items()}
+                save_file(base, str(Path(tmp) / "base_delta.safetensors"))
+            tracker.log_dir(tmp, "global_adapter")
+    if cfg.tracking.plots:
+        import matplotlib.pyplot as plt
+
+        fig = plot_history(history)
+        tracker.log_figure(fig, "plots/curves.png")
+        plt.close(fig)
+        sims = [r["min_similarity"] for rows in clients for r in rows if "min_similarity" in r]
+        sims = [s for s in sims if s == s]
+        if sims:
+            fig, ax = plt.subplots(figsize=(5, 3.5))
+            ax.hist(sims, bins=30)
+            ax.set_xlabel("lowest cosine similarity to the global adapter, per client update")
+            ax.set_ylabel("client updates")
+            fig.tight_layout()
+            tracker.log_figure(fig, "plots/editing_similarity.png")
+            plt.close(fig)
+
+
+def log_client_adapters(cfg, info, driver, tracker) -> None:
+    """Log each client's last personalised adapter as ``clients/cNNNNNN`` (peft format).
+
+    A client's personalised adapter is its last upload (after editing) with the private
+    tensors its sharing policy keeps; clients that never trained since this process started
+    (or since a resume) have none.
+    """
+    global_rank = max(resolve_ranks(cfg.clients, cfg.seed))
+    for cid, (ref, rank) in sorted(driver.last_upload.items()):
+        upload = driver.ex.get(ref)
+        shared = unfold_scaling(upload.update, client_scaling(cfg.lora, rank, global_rank))
+        private = driver.ex.get(driver.states[cid]).private
+        state = {**shared, **private}
+        with tempfile.TemporaryDirectory(prefix="fedsim-") as tmp:
+            save_peft_adapter(
+                state, tmp, cfg, info.target_modules, rank, global_rank, info.dense_modules
+            )
+            tracker.log_dir(tmp, f"clients/c{cid:06d}")
