@@ -11,6 +11,7 @@ from aggregation import unfold_scaling
 from fedsim.adapter_io import save_peft_adapter
 from fedsim.config import resolve_ranks
 from fedsim.messages import ExportedAdapter
+from fedsim.methods import enabled_methods
 from fedsim.models.lora import client_scaling
 from fedsim.tracking import plot_history
 
@@ -37,18 +38,11 @@ def log_final_outputs(cfg, info, ex, server, tracker, history, clients) -> None:
     if cfg.tracking.plots:
         import matplotlib.pyplot as plt
 
-        fig = plot_history(history)
-        tracker.log_figure(fig, "plots/curves.png")
-        plt.close(fig)
-        sims = [r["min_similarity"] for rows in clients for r in rows if "min_similarity" in r]
-        sims = [s for s in sims if s == s]
-        if sims:
-            fig, ax = plt.subplots(figsize=(5, 3.5))
-            ax.hist(sims, bins=30)
-            ax.set_xlabel("lowest cosine similarity to the global adapter, per client update")
-            ax.set_ylabel("client updates")
-            fig.tight_layout()
-            tracker.log_figure(fig, "plots/editing_similarity.png")
+        figures = {"plots/curves.png": plot_history(history)}
+        for method in enabled_methods(cfg):
+            figures.update(method.figures(clients))
+        for name, fig in figures.items():
+            tracker.log_figure(fig, name)
             plt.close(fig)
 
 

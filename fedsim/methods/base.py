@@ -277,3 +277,8 @@ class Method:
     def client_columns(self, report: ClientReport) -> dict[str, Any]:
         """Columns this method adds to a client's row of the round's client table."""
         return {}
+
+    def figures(self, clients: Sequence[Sequence[dict]]) -> dict[str, Any]:
+        """Plots of a finished run (artifact name to matplotlib figure), from every round's
+        client table (``tracking.plots``)."""
+        return {}

@@ -112,6 +112,20 @@ class Editing(Method):
             m["editing/similarity_min"] = float(np.min(sims))
         return m
 
+    def figures(self, clients: Sequence[Sequence[dict]]) -> dict[str, Any]:
+        sims = [r["min_similarity"] for rows in clients for r in rows if "min_similarity" in r]
+        sims = [s for s in sims if s == s]  # NaN: nothing was compared
+        if not sims:
+            return {}
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(5, 3.5))
+        ax.hist(sims, bins=30)
+        ax.set_xlabel("lowest cosine similarity to the global adapter, per client update")
+        ax.set_ylabel("client updates")
+        fig.tight_layout()
+        return {"plots/editing_similarity.png": fig}
+
     def client_columns(self, report: ClientReport) -> dict[str, Any]:
         part = report.parts.of(self)
         return {

@@ -160,6 +160,11 @@ def test_plots_are_logged(simulation, mlflow_client):
     _, result = simulation
     names = {a.path for a in mlflow_client.list_artifacts(result.run_id, "plots")}
     assert "plots/curves.png" in names
+    # editing (on by default) compared the round-2 updates: its method adds its histogram
+    assert any(
+        r.get("min_similarity", float("nan")) == r.get("min_similarity") for r in result.clients[2]
+    )
+    assert "plots/editing_similarity.png" in names
 
 
 @pytest.fixture(scope="module")
