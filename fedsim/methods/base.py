@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import torch
 
 from fedsim.messages import (
+    BaseUpdate,
     Broadcast,
     ClientMeta,
     ClientReport,
@@ -35,7 +36,7 @@ from fedsim.messages import (
 if TYPE_CHECKING:
     from aggregation import RankMerger
     from fedsim.config import FedSimConfig
-    from fedsim.messages import BaseUpdate, ClientTask
+    from fedsim.messages import ClientTask
 
 Params = Mapping[str, torch.nn.Parameter]
 
@@ -173,8 +174,7 @@ class BaseFolding:
         self.round_bytes = round_bytes
 
     def message(self) -> BaseUpdate | None:
-        from fedsim.messages import BaseUpdate
-
+        """What the broadcast carries: None until a method folded something."""
         if self.delta is None:
             return None
         return BaseUpdate(self.delta, self.version, self.round_bytes)
