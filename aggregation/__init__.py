@@ -1,7 +1,8 @@
 """Pure math on LoRA adapter tensors: merging heterogeneous ranks, editing, validating updates.
 
-Also the pieces of federated optimisation that act on state dicts: server optimisers, SCAFFOLD
-control variates, FedNova's rescaling, and the sharing policies that split a client's state.
+Also the pieces of federated optimisation that act on state dicts: robust rules (norm bounding,
+median, trimmed mean, Krum), server optimisers, SCAFFOLD control variates, FedNova's rescaling,
+and the sharing policies that split a client's state.
 Mappings of tensors plus ranks and weights in, new dicts out; inputs are never mutated. Depends
 on torch only: no Ray, no I/O, no config objects.
 """
@@ -39,6 +40,14 @@ from aggregation.lora_pairs import factor_product, lora_pairs, pair_products
 from aggregation.merge import merge_lora_state_dicts
 from aggregation.rank_merger import RankMerger
 from aggregation.registry import MERGERS, get_merger, merger_class
+from aggregation.robust import (
+    clip_to_norm,
+    coordinate_median,
+    krum_scores,
+    multi_krum,
+    trimmed_mean,
+    update_norms,
+)
 from aggregation.scaffold import scaffold_client_variate, scaffold_server_variate
 from aggregation.scaling import fold_scaling, unfold_scaling
 from aggregation.server_opt import (
@@ -86,6 +95,8 @@ __all__ = [
     "check_merge_states",
     "check_state_tensors",
     "check_update",
+    "clip_to_norm",
+    "coordinate_median",
     "cosine_similarity",
     "default_global_rank",
     "dimension_weights",
@@ -107,10 +118,12 @@ __all__ = [
     "is_lora_a",
     "is_lora_b",
     "join_state",
+    "krum_scores",
     "lora_pairs",
     "lora_rank",
     "merge_lora_state_dicts",
     "merger_class",
+    "multi_krum",
     "pad",
     "pair_products",
     "product_norm",
@@ -120,8 +133,10 @@ __all__ = [
     "shared_keys",
     "split_state",
     "svd_factors",
+    "trimmed_mean",
     "truncate",
     "unfold_scaling",
+    "update_norms",
     "use_lowrank",
     "zeropad_merge",
 ]
