@@ -171,7 +171,8 @@ class ClientWorker:
         if task.client_id in self.cfg.faults.nan_update_clients:
             upload.update = {k: torch.full_like(v, float("nan")) for k, v in upload.update.items()}
         self._inject_faults(task)
-        private = {k: v for k, v in step.local.items() if k not in set(step.shared)}
+        shared = set(step.shared)
+        private = {k: v for k, v in step.local.items() if k not in shared}
         report = ClientReport(
             client_id=task.client_id,
             rank=task.rank,

@@ -20,7 +20,7 @@ from dataclasses import replace
 from typing import Any
 
 from actors.client import ClientWorker
-from actors.pool import ClientPool, ClientRefs, Outcome, pool_size, start_server
+from actors.pool import ClientPool, ClientRefs, Outcome, pool_size, short_reason, start_server
 from actors.server import ServerState
 from fedsim.errors import ConfigError
 
@@ -140,8 +140,7 @@ class LocalPool:
                 try:
                     first, *rest = job(attempt)
                 except Exception as exc:  # a task failure, as Ray reports it
-                    reason = str(exc).strip().splitlines()
-                    out.failed[key] = reason[-1] if reason else type(exc).__name__
+                    out.failed[key] = short_reason(exc)
                     continue
                 out.failed.pop(key, None)
                 out.values[key] = first

@@ -111,7 +111,8 @@ def _config_error(exc: BaseException) -> ConfigError | None:
     return None
 
 
-def _short(exc: BaseException) -> str:
+def short_reason(exc: BaseException) -> str:
+    """The last line of an exception's text: why a task failed, in one line."""
     text = str(exc).strip().splitlines()
     return text[-1] if text else type(exc).__name__
 
@@ -157,7 +158,7 @@ class ClientPool:
             cause = _config_error(exc)
             if cause is not None:  # a user mistake the actor found: keep it one line
                 raise cause from None
-            raise RuntimeError(f"a client actor failed to start: {_short(exc)}") from None
+            raise RuntimeError(f"a client actor failed to start: {short_reason(exc)}") from None
 
     def _spawn(self, index: int):
         """Start the actor of slot ``index`` (in its placement-group bundle, if any)."""
@@ -238,7 +239,7 @@ class ClientPool:
                 attempts[key] += 1
                 tried_on[key].add(i)
                 if attempts[key] > self.cfg.resources.max_retries:
-                    out.failed[key] = _short(exc)
+                    out.failed[key] = short_reason(exc)
                 else:
                     pending.append(key)
             idle.append(i)

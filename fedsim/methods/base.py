@@ -282,3 +282,28 @@ class Method:
         """Plots of a finished run (artifact name to matplotlib figure), from every round's
         client table (``tracking.plots``)."""
         return {}
+
+
+class ObjectiveMethod(Method):
+    """A client objective: on when ``objective.method`` names it."""
+
+    objective: ClassVar[bool] = True
+
+    @classmethod
+    def enabled(cls, cfg: FedSimConfig) -> bool:
+        return cfg.objective.method == cls.name
+
+
+def check_weighted_sum_merge(cfg: FedSimConfig, key: str, name: str) -> None:
+    """A method that needs a merge that is a weighted sum of factors at a fixed rank."""
+    from aggregation import MERGERS
+    from fedsim.errors import ConfigError
+
+    merger = MERGERS.get(cfg.aggregation.method)
+    if merger is not None and not (merger.linear_in_factors and merger.fixed_rank):
+        raise ConfigError(
+            key,
+            f"{key}={name} needs a merge that is a weighted sum of the clients' factors with a "
+            "fixed rank (zeropad, fedilora, hetlora), not "
+            f"aggregation.method={cfg.aggregation.method}",
+        )

@@ -9,23 +9,17 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, ClassVar
 
 from aggregation import fednova_rescale
-from fedsim.methods.base import MergeBatch, Method
-from fedsim.methods.scaffold import check_weighted_sum_merge
+from fedsim.methods.base import MergeBatch, ObjectiveMethod, check_weighted_sum_merge
 
 if TYPE_CHECKING:
     from fedsim.config import FedSimConfig
 
 
-class FedNova(Method):
+class FedNova(ObjectiveMethod):
     """``objective.method=fednova``."""
 
     name: ClassVar[str] = "fednova"
     summary: ClassVar[str] = "objective.method=fednova: updates rescaled by local step counts"
-    objective: ClassVar[bool] = True
-
-    @classmethod
-    def enabled(cls, cfg: FedSimConfig) -> bool:
-        return cfg.objective.method == cls.name
 
     @classmethod
     def check(cls, cfg: FedSimConfig) -> None:

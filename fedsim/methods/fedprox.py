@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, ClassVar
 import torch
 
 from fedsim.errors import ConfigError
-from fedsim.methods.base import ClientStep, Method, Params
+from fedsim.methods.base import ClientStep, ObjectiveMethod, Params
 from fedsim.objectives import middle_layer_weights
 
 if TYPE_CHECKING:
@@ -43,16 +43,11 @@ class Proximal:
         return 0.5 * self.mu * torch.stack(terms).sum() if terms else None
 
 
-class FedProx(Method):
+class FedProx(ObjectiveMethod):
     """``objective.method=fedprox``: the proximal term on every shared tensor."""
 
     name: ClassVar[str] = "fedprox"
     summary: ClassVar[str] = "objective.method=fedprox: mu/2 ||theta - theta_g||^2"
-    objective: ClassVar[bool] = True
-
-    @classmethod
-    def enabled(cls, cfg: FedSimConfig) -> bool:
-        return cfg.objective.method == cls.name
 
     @classmethod
     def check(cls, cfg: FedSimConfig) -> None:

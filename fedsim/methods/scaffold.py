@@ -12,25 +12,27 @@ from typing import TYPE_CHECKING, ClassVar
 
 import torch
 
-from aggregation import MERGERS, scaffold_client_variate, scaffold_server_variate, truncate
+from aggregation import scaffold_client_variate, scaffold_server_variate, truncate
 from fedsim.errors import ConfigError
 from fedsim.messages import nbytes
-from fedsim.methods.base import ClientStep, MergeBatch, Method, Params, ServerContext
+from fedsim.methods.base import (
+    ClientStep,
+    MergeBatch,
+    ObjectiveMethod,
+    Params,
+    ServerContext,
+    check_weighted_sum_merge,
+)
 
 if TYPE_CHECKING:
     from fedsim.config import FedSimConfig
 
 
-class Scaffold(Method):
+class Scaffold(ObjectiveMethod):
     """``objective.method=scaffold``."""
 
     name: ClassVar[str] = "scaffold"
     summary: ClassVar[str] = "objective.method=scaffold: control variates (needs SGD)"
-    objective: ClassVar[bool] = True
-
-    @classmethod
-    def enabled(cls, cfg: FedSimConfig) -> bool:
-        return cfg.objective.method == cls.name
 
     @classmethod
     def check(cls, cfg: FedSimConfig) -> None:
@@ -105,15 +107,3 @@ def _correct(params: Params, correction: dict) -> None:
         p = params.get(k)
         if p is not None and p.grad is not None:
             p.grad.add_(corr.to(p.grad.device))
-
-
-def check_weighted_sum_merge(cfg: FedSimConfig, key: str, name: str) -> None:
-    """A method that needs a merge that is a weighted sum of factors at a fixed rank."""
-    merger = MERGERS.get(cfg.aggregation.method)
-    if merger is not None and not (merger.linear_in_factors and merger.fixed_rank):
-        raise ConfigError(
-            key,
-            f"{key}={name} needs a merge that is a weighted sum of the clients' factors with a "
-            "fixed rank (zeropad, fedilora, hetlora), not "
-            f"aggregation.method={cfg.aggregation.method}",
-        )

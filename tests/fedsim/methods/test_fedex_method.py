@@ -173,3 +173,39 @@ def test_a_run_logs_the_residual_beside_the_adapter(ray_cluster, experiment_conf
     assert base and all(torch.isfinite(v).all() for v in base.values())
     modules = {k.removesuffix("lora_A.weight") for k in adapter if is_lora_a(k)}
     assert len(base) == len(modules)
+
+
+def _numbers(result) -> list[dict]:
+    return [{k: v for k, v in h.items() if not k.startswith("time/")} for h in result.history]
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ("aggregation.method=fedilora", "editing.threshold=1.0"),  # editing edits in round 2
+        ("objective.method=scaffold", "train.optimizer=sgd", "editing.enabled=false"),
+        ("objective.method=fednova", "aggregation.method=hetlora", "editing.enabled=false"),
+        ("objective.method=fedprox", "aggregation.method=flexlora", "editing.enabled=false"),
+        ("pruning.gamma=0.1", "pruning.threshold=10", "aggregation.method=zeropad"),
+        ("data.scenario=cross", "faults.fail_prob=0.3", "resources.max_retries=5"),
+    ],
+    ids=["editing", "scaffold", "fednova-hetlora", "fedprox-flexlora", "pruning", "cross-faults"],
+)
+def test_it_composes_with_the_other_methods_and_resumes_to_the_same_numbers(
+    experiment_config, overrides
+):
+    """Three rounds straight equal two rounds, a resume and the third (the folded base is in
+    the checkpoint), with FedEx-LoRA on top of each combination."""
+    from actors.executor import LocalExecutor
+
+    build = experiment_config("fedsim-fedex-composed")
+    cfg = build("fedex.enabled=true", "rounds=3", *overrides)
+    straight = fedsim.run(cfg, executor=LocalExecutor())
+    assert all(h["clients/rejected"] == 0 for h in straight.history[1:])
+    # round 2's clients download the dense residuals besides what they upload
+    assert straight.history[2]["comm/download_bytes"] > straight.history[2]["comm/upload_bytes"]
+    first = fedsim.run(
+        build("fedex.enabled=true", "rounds=2", *overrides), executor=LocalExecutor()
+    )
+    resumed = fedsim.resume(first.run_dir, ["rounds=3"], executor=LocalExecutor())
+    assert _numbers(resumed) == _numbers(straight)
