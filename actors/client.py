@@ -152,11 +152,15 @@ class ClientWorker:
             objective=Objective(),
             depths=self.depths,
             next_rank=task.rank,
+            train=client.train,
+            scaling=self._scaling(task.rank),
+            upload_rank=task.rank,
+            num_classes=self.data.num_classes,
         )
         params = self.host.parameters_by_key(task.rank)
         for m in self.methods:
             m.before_training(step)
-        stats = self._train(task, model, step.objective, params)
+        stats = self._train(task, model, step.objective, params, step.train)
         step.local = trained = self.host.state(task.rank)
         step.steps = stats.steps
         for m in self.methods:
@@ -164,10 +168,10 @@ class ClientWorker:
         if step.local is not trained:  # a method changed the adapter (FediLoRA's editing)
             self.host.load(task.rank, step.local)
         personalized = self._metrics(client.holdout, task.client_id) if task.evaluate else {}
-        upload = Upload(
-            fold_scaling({k: step.local[k] for k in step.shared}, self._scaling(task.rank)),
-            step.upload,
-        )
+        update = fold_scaling({k: step.local[k] for k in step.shared}, step.scaling)
+        for m in self.methods:  # client-side privacy, attacks: what leaves the client
+            update = m.before_upload(step, update)
+        upload = Upload(update, step.upload)
         if task.client_id in self.cfg.faults.nan_update_clients:
             upload.update = {k: torch.full_like(v, float("nan")) for k, v in upload.update.items()}
         self._inject_faults(task)
@@ -175,7 +179,7 @@ class ClientWorker:
         private = {k: v for k, v in step.local.items() if k not in shared}
         report = ClientReport(
             client_id=task.client_id,
-            rank=task.rank,
+            rank=step.upload_rank,
             num_samples=len(client.train),
             steps=stats.steps,
             train_loss=stats.loss_mean,
@@ -204,13 +208,12 @@ class ClientWorker:
                 f"{task.round_idx}, attempt {task.attempt}"
             )
 
-    def _train(self, task: ClientTask, model, objective, params):
-        """Local training of ``task``'s client, seeded by (seed, round, client)."""
+    def _train(self, task: ClientTask, model, objective, params, split):
+        """Local training of ``task``'s client on ``split``, seeded by (seed, round, client)."""
         cfg = self.cfg
         seed_seq = np.random.SeedSequence([cfg.seed, _TORCH, task.round_idx, task.client_id])
         torch.manual_seed(int(seed_seq.generate_state(1)[0]))
         shuffle = rng_for(cfg.seed, _SHUFFLE, task.round_idx, task.client_id)
-        split = self.data.clients[task.client_id].train
         return train_local(
             model,
             self.host.trainable_parameters(task.rank),

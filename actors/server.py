@@ -144,7 +144,7 @@ class ServerState:
                 continue
             kept.append((meta, upload))
         if kept:
-            report.nonfinite = self._merge(kept)
+            report.nonfinite = self._merge(kept, report)
             if not report.nonfinite:
                 report.global_delta_norm = self._last_delta_norm
                 report.accepted = [m.client_id for m, _ in kept]
@@ -161,8 +161,9 @@ class ServerState:
         """
         return self.aggregate(round_idx, clients, list(uploads))
 
-    def _merge(self, kept: list[tuple[ClientMeta, Upload]]) -> list[str]:
-        """Merge the accepted uploads into the global state.
+    def _merge(self, kept: list[tuple[ClientMeta, Upload]], report: AggregateReport) -> list[str]:
+        """Merge the accepted uploads into the global state; the hooks' metrics and client
+        columns go to ``report``.
 
         Returns:
             The keys whose merged value is not finite (an overflow in the merge or the server
@@ -178,6 +179,7 @@ class ServerState:
         )
         for m in self.methods:
             m.before_merge(batch)
+        report.metrics, report.columns = batch.metrics, batch.columns
         merged = self.merger.merge(
             batch.updates,
             batch.ranks,

@@ -150,3 +150,140 @@ def multi_krum(
     keys = sorted(updates[0])
     mean = _flat([updates[i] for i in selected], keys).mean(dim=0)
     return _unflat(mean, updates[0], keys), selected
+
+
+# -- heterogeneous ranks -------------------------------------------------------------------
+def rank_bands(ranks: Sequence[int]) -> list[tuple[int, int, list[int]]]:
+    """The rank dimensions grouped by who covers them: ``(lo, hi, clients)`` per band.
+
+    Dimension ``j`` (0-based) is covered by the clients with ``r_i > j``; between two
+    consecutive distinct ranks that set does not change. Bands are in increasing ``lo``.
+    """
+    if not ranks or min(ranks) < 1:
+        raise ValueError(f"ranks must be positive, got {list(ranks)}")
+    out, lo = [], 0
+    for hi in sorted(set(ranks)):
+        out.append((lo, hi, [i for i, r in enumerate(ranks) if r >= hi]))
+        lo = hi
+    return out
+
+
+def covered_statistic(
+    deltas: Sequence[State], ranks: Sequence[int], statistic
+) -> list[dict[str, Tensor]]:
+    """Replace every client's covered coordinates by ``statistic`` over the clients covering them.
+
+    ``deltas[i]`` holds client ``i``'s tensors at its own rank ``ranks[i]``. For each rank band
+    (:func:`rank_bands`) and LoRA key, the band's slice of every covering client goes to
+    ``statistic`` (a function of a list of one-key states, e.g. :func:`coordinate_median`), and
+    each of them gets the result; a dense key is one band covered by every client. A merge of
+    the results then sees the statistic wherever a client has a value: any weighted average
+    over the clients covering a coordinate returns the statistic exactly.
+
+    Returns:
+        New state dicts, each at its client's rank.
+    """
+    from aggregation.lora_keys import rank_axis
+
+    if len(deltas) != len(ranks):
+        raise ValueError(f"{len(deltas)} updates but {len(ranks)} ranks")
+    keys = sorted(deltas[0])
+    out = [{k: d[k].clone() for k in keys} for d in deltas]
+    bands = rank_bands(ranks)
+    for k in keys:
+        axis = rank_axis(k)
+        if axis is None:
+            value = statistic([{k: d[k]} for d in deltas])[k]
+            for o in out:
+                o[k] = value.clone()
+            continue
+        for lo, hi, members in bands:
+            slices = [{k: deltas[i][k].narrow(axis, lo, hi - lo)} for i in members]
+            value = statistic(slices)[k]
+            for i in members:
+                out[i][k].narrow(axis, lo, hi - lo).copy_(value)
+    return out
+
+
+def product_distances(
+    updates: Sequence[State], origins: Sequence[State]
+) -> tuple[Tensor, list[str]]:
+    """Squared distances between the clients' updates in the space of low-rank products.
+
+    Per LoRA module the update of client ``i`` is ``dW_i = B_i A_i - B0_i A0_i`` (``B0, A0``:
+    what it started from; any rank, so clients of different ranks compare as functions, not
+    as padded factors); per dense key it is the tensor's change. The ``n x n`` squared
+    Frobenius distances are computed from factor Gram matrices, never forming ``dW_i``
+    (``O(n^2 r^2 (d + k))`` per module). Each module's matrix is divided by its median
+    off-diagonal entry, so every module counts alike whatever its size, and the matrices are
+    summed.
+
+    Returns:
+        ``(distances, modules)``: the float64 ``(n, n)`` sum, and the modules it covers.
+    """
+    from aggregation.lora_keys import rank_axis
+    from aggregation.lora_pairs import a_matrix, b_matrix, lora_pairs
+
+    n = len(updates)
+    if n != len(origins) or n < 1:
+        raise ValueError(f"{n} updates but {len(origins)} origins")
+    keys = sorted(updates[0])
+    pairs = lora_pairs(keys)
+    total = torch.zeros(n, n, dtype=torch.float64)
+    names = []
+
+    def add(gram: Tensor, name: str) -> None:
+        diag = gram.diagonal()
+        dist = (diag[:, None] + diag[None, :] - 2 * gram).clamp(min=0)
+        off = dist[~torch.eye(n, dtype=torch.bool)]
+        scale = float(off.median()) if off.numel() else 0.0
+        total.add_(dist / scale if scale > 0 else dist)
+        names.append(name)
+
+    for module, (ka, kb) in pairs.items():
+        # dW_i = P_i Q_i with P_i = [B_i, -B0_i], Q_i = [A_i; A0_i]
+        p = [
+            torch.cat([b_matrix(u[kb]).double(), -b_matrix(o[kb]).double()], dim=1)
+            for u, o in zip(updates, origins)
+        ]
+        q = [
+            torch.cat([a_matrix(u[ka]).double(), a_matrix(o[ka]).double()], dim=0)
+            for u, o in zip(updates, origins)
+        ]
+        gram = torch.empty(n, n, dtype=torch.float64)
+        for i in range(n):
+            for j in range(i, n):
+                g = float(((p[i].T @ p[j]) * (q[i] @ q[j].T)).sum())
+                gram[i, j] = gram[j, i] = g
+        add(gram, module)
+    for k in keys:
+        if rank_axis(k) is None:
+            flat = torch.stack(
+                [(u[k].double() - o[k].double()).reshape(-1) for u, o in zip(updates, origins)]
+            )
+            add(flat @ flat.T, k)
+    return total, names
+
+
+def product_outliers(distances: Tensor, threshold: float) -> tuple[list[float], list[int]]:
+    """fedsim's rank-aware rule: score each client by its median distance to the others and
+    reject those scoring above ``threshold`` times the median score.
+
+    At most ``ceil(n / 2) - 1`` clients are rejected (the worst-scored first), so the rule
+    never drops a majority; with fewer than 3 clients nothing is rejected (no majority to
+    compare with).
+
+    Returns:
+        ``(scores, rejected)``: each client's score, and the rejected indices (sorted).
+    """
+    if not (math.isfinite(threshold) and threshold > 1):
+        raise ValueError(f"threshold must be a finite number above 1, got {threshold}")
+    n = distances.shape[0]
+    if n < 3:
+        return [0.0] * n, []
+    others = distances[~torch.eye(n, dtype=torch.bool)].reshape(n, n - 1)
+    scores = others.median(dim=1).values  # the lower middle: an outlier cannot pull it
+    bar = threshold * float(scores.median())
+    order = sorted(range(n), key=lambda i: (-float(scores[i]), i))
+    rejected = [i for i in order[: (n + 1) // 2 - 1] if float(scores[i]) > bar]
+    return [float(s) for s in scores], sorted(rejected)

@@ -92,6 +92,7 @@ class ClientTask:
     round_idx: int
     attempt: int = 0
     evaluate: bool = True  # personalised evaluation this round (eval.every)
+    cohort: tuple[int, ...] = ()  # the ranks of every client sampled this round (public)
 
 
 @dataclass
@@ -175,6 +176,8 @@ class AggregateReport:
     aggregate_s: float = 0.0
     global_delta_norm: float = 0.0
     nonfinite: list[str] = field(default_factory=list)
+    metrics: dict[str, float] = field(default_factory=dict)  # the server hooks' metrics
+    columns: dict[int, dict[str, Any]] = field(default_factory=dict)  # their client columns
 
 
 @dataclass

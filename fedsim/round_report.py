@@ -59,7 +59,11 @@ def client_rows(
     status: dict[int, str],
     sim_s: dict[int, float],
     profiles: list,
+    server_columns: dict[int, dict] | None = None,
 ) -> list[dict]:
+    """The round's client table: one row per client that finished (with the methods' client
+    and server columns), then one per failed client."""
+    server_columns = server_columns or {}
     rows = []
     for r in sorted(reports, key=lambda r: r.client_id):
         cid = r.client_id
@@ -73,6 +77,7 @@ def client_rows(
         }
         for method in methods:
             row.update(method.client_columns(r))
+        row.update(server_columns.get(cid, {}))
         row.update(
             {
                 "time_s": r.time_s,

@@ -373,7 +373,8 @@ class _Driver:
         sampled = sample_clients(cfg.clients.num, cfg.clients.fraction, cfg.seed, t)
         broadcast = self.ex.call(self.server, "broadcast")  # one object for all tasks
         evaluate = self.evaluates(t)
-        tasks = [ClientTask(c, self.ranks[c], t, evaluate=evaluate) for c in sampled]
+        cohort = tuple(self.ranks[c] for c in sampled)
+        tasks = [ClientTask(c, self.ranks[c], t, evaluate=evaluate, cohort=cohort) for c in sampled]
         outcome = self.pool.train(tasks, broadcast, self.states)
         finished = {c: outcome.values[c] for c in sorted(outcome.values)}
         sim_s = {
@@ -427,6 +428,7 @@ class _Driver:
         metrics = round_metrics(
             self.methods, reports, list(finished.values()), agg.rejected, outcome.failed, close.late
         )
+        metrics.update(agg.metrics)
         metrics["clients/rank_mean"] = float(np.mean(self.ranks))
         metrics["clients/actors_replaced"] = self.pool.replaced
         if evaluate:
@@ -440,7 +442,9 @@ class _Driver:
         metrics["time/simulated_total_s"] = self.totals.simulated_s
         metrics["time/aggregate_s"] = agg.aggregate_s
         metrics["time/round_s"] = time.perf_counter() - start
-        rows = client_rows(self.methods, list(finished.values()), status, sim_s, self.profiles)
+        rows = client_rows(
+            self.methods, list(finished.values()), status, sim_s, self.profiles, agg.columns
+        )
         self._end_round(t, metrics, rows, used)
         return metrics
 

@@ -36,7 +36,13 @@ from fedsim.config.schema import (
     TrainConfig,
 )
 from fedsim.errors import ConfigError
-from fedsim.methods import EditingConfig, FedExConfig, PruningConfig
+from fedsim.methods import (
+    EditingConfig,
+    FedExConfig,
+    PrivacyConfig,
+    PruningConfig,
+    RobustConfig,
+)
 
 __all__ = [
     "BACKBONES",
@@ -58,6 +64,8 @@ __all__ = [
     "FaultsConfig",
     "FedExConfig",
     "FedSimConfig",
+    "PrivacyConfig",
+    "RobustConfig",
     "LoraConfig",
     "ModelConfig",
     "ObjectiveConfig",

@@ -36,6 +36,13 @@ def _ranks_as_spec(node: Any) -> Any:
         if isinstance(value, (ListConfig, list, tuple, int)) and not isinstance(value, bool):
             items = list(value) if not isinstance(value, int) else value
             clients["ranks"] = rank_spec(items)
+    faults = node.get("faults") if isinstance(node, (DictConfig, dict)) else None
+    if isinstance(faults, (DictConfig, dict)) and "malicious" in faults:
+        value = faults["malicious"]  # ids as a YAML list, or one id / share as a number
+        if isinstance(value, (ListConfig, list, tuple)):
+            faults["malicious"] = ",".join(str(v).strip() for v in value)
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            faults["malicious"] = str(value)
     return node
 
 

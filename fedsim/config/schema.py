@@ -13,7 +13,14 @@ from typing import Literal
 from aggregation import MERGERS, SERVER_OPTIMIZERS, SHARING_POLICIES
 from fedsim.config.ranks import FEDILORA_RANKS, rank_spec
 from fedsim.data.registry import DATASETS
-from fedsim.methods import OBJECTIVES, EditingConfig, FedExConfig, PruningConfig
+from fedsim.methods import (
+    OBJECTIVES,
+    EditingConfig,
+    FedExConfig,
+    PrivacyConfig,
+    PruningConfig,
+    RobustConfig,
+)
 from fedsim.models.registry import BACKBONES as BACKBONE_SPECS
 
 BACKBONES = tuple(BACKBONE_SPECS)
@@ -415,6 +422,38 @@ class FaultsConfig:
             "only on the simulated clock). Makes clients really finish out of order."
         ),
     )
+    malicious: str = field(
+        default="",
+        metadata=_help(
+            'Malicious clients: their ids ("3,7" or a list), or a share of the clients '
+            '("0.1", chosen by the seed, fixed for the run); they run faults.attack.'
+        ),
+    )
+    attack: Literal["none", "scale", "sign_flip", "gaussian", "label_flip", "lie_about_rank"] = (
+        field(
+            default="none",
+            metadata=_help(
+                "What the malicious clients do: scale (send their update times "
+                "faults.attack_scale), sign_flip (send minus their update), gaussian (send "
+                "Gaussian noise of norm faults.attack_norm as their update), label_flip (train "
+                "on labels y -> C-1-y), lie_about_rank (pad or truncate their factors to claim "
+                "rank faults.claimed_rank)."
+            ),
+        )
+    )
+    attack_scale: float = field(
+        default=100.0, metadata=_help("faults.attack=scale: the factor k of the update.")
+    )
+    attack_norm: float = field(
+        default=1.0, metadata=_help("faults.attack=gaussian: the norm of the noise update.")
+    )
+    claimed_rank: int = field(
+        default=0,
+        metadata=_help(
+            "faults.attack=lie_about_rank: the rank claimed (0: the global rank, or half the "
+            "client's rank for a client at the global rank)."
+        ),
+    )
 
 
 @dataclass
@@ -517,6 +556,8 @@ class FedSimConfig:
     editing: EditingConfig = field(default_factory=EditingConfig)
     fedex: FedExConfig = field(default_factory=FedExConfig)
     pruning: PruningConfig = field(default_factory=PruningConfig)
+    robust: RobustConfig = field(default_factory=RobustConfig)
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     resources: ResourcesConfig = field(default_factory=ResourcesConfig)

@@ -39,6 +39,8 @@ class Split:
 
     rows: np.ndarray
     mask: ModalityMask
+    # class y is read as label_map[y] (a label-flipping attacker's poisoned labels); None: as is
+    label_map: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -48,7 +50,18 @@ class Split:
         return Split(
             self.rows[positions],
             ModalityMask(self.mask.image[positions], self.mask.text[positions]),
+            self.label_map,
         )
+
+    def relabelled(self, label_map: np.ndarray) -> Split:
+        """The same rows with class ``y`` read as ``label_map[y]``."""
+        return Split(self.rows, self.mask, np.asarray(label_map, dtype=np.int64))
+
+    def label_of(self, labels: torch.Tensor) -> torch.Tensor:
+        """``labels`` (of this split's rows) as this split reads them."""
+        if self.label_map is None:
+            return labels
+        return torch.as_tensor(self.label_map, dtype=labels.dtype)[labels]
 
     def capped(self, max_samples: int | None, seed: int, tag: int, *key: int) -> Split:
         """At most ``max_samples`` rows: a subset seeded by ``(seed, tag, *key)``, in order.
@@ -261,7 +274,7 @@ class Batcher:
             "attention_mask": attn,
             "has_image": has_image,
             "has_text": torch.from_numpy(np.asarray(has_text)),
-            "labels": self.dataset.labels[idx],
+            "labels": split.label_of(self.dataset.labels[idx]),
         }
 
     def iterate(

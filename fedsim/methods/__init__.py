@@ -2,9 +2,10 @@
 
 Each method module holds a :class:`fedsim.methods.base.Method` subclass: when the config turns
 it on, its rules, and the client, server and round-loop hooks it needs. ``METHODS`` lists them
-in the order their hooks run (sharing first, then the client objectives, the server-side
-folding, editing, pruning). ``objective.method`` takes ``plain`` or the name of a method whose
-``objective`` flag is set.
+in the order their hooks run (sharing first, the client objectives, the robust rules and
+differential privacy, the server-side folding, editing, pruning; the attacker last, so it
+forges what finally leaves the client). ``objective.method`` takes ``plain`` or the name of a
+method whose ``objective`` flag is set.
 
 Adding a method is one module plus one line in ``METHODS`` (see the README's developer
 section, with FedEx-LoRA as the worked example).
@@ -15,6 +16,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from aggregation import RankMerger, get_merger, merger_class
+from fedsim.methods.attack import Attack
 from fedsim.methods.base import (
     BaseFolding,
     ClientStep,
@@ -28,7 +30,9 @@ from fedsim.methods.fedex import FedEx, FedExConfig
 from fedsim.methods.fednova import FedNova
 from fedsim.methods.fedprox import FedMLLM, FedProx
 from fedsim.methods.flora import FLoRAFolding, concat_stacks
+from fedsim.methods.privacy import Privacy, PrivacyConfig
 from fedsim.methods.pruning import Pruning, PruningConfig
+from fedsim.methods.robust import Robust, RobustConfig
 from fedsim.methods.scaffold import Scaffold
 from fedsim.methods.sharing import Sharing
 
@@ -38,6 +42,7 @@ if TYPE_CHECKING:
 __all__ = [
     "METHODS",
     "OBJECTIVES",
+    "Attack",
     "BaseFolding",
     "ClientStep",
     "EditReport",
@@ -52,8 +57,12 @@ __all__ = [
     "MergeBatch",
     "Method",
     "Objective",
+    "Privacy",
+    "PrivacyConfig",
     "Pruning",
     "PruningConfig",
+    "Robust",
+    "RobustConfig",
     "Scaffold",
     "ServerContext",
     "Sharing",
@@ -66,7 +75,20 @@ __all__ = [
 # The one registry of methods, in hook order.
 METHODS: dict[str, type[Method]] = {
     m.name: m
-    for m in (Sharing, FedProx, FedMLLM, Scaffold, FedNova, FLoRAFolding, FedEx, Editing, Pruning)
+    for m in (
+        Sharing,
+        FedProx,
+        FedMLLM,
+        Scaffold,
+        Robust,
+        Privacy,
+        FedNova,
+        FLoRAFolding,
+        FedEx,
+        Editing,
+        Pruning,
+        Attack,
+    )
 }
 # objective.method: plain (no method) or a method that is a client objective
 OBJECTIVES: tuple[str, ...] = (

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
+from aggregation import fold_scaling
 from fedsim.messages import (
     BaseUpdate,
     Broadcast,
@@ -36,6 +37,7 @@ from fedsim.messages import (
 if TYPE_CHECKING:
     from aggregation import RankMerger
     from fedsim.config import FedSimConfig
+    from fedsim.data.federated import Split
     from fedsim.messages import ClientTask
 
 Params = Mapping[str, torch.nn.Parameter]
@@ -88,6 +90,11 @@ class ClientStep:
         new_state: the methods' persistent client state (``ClientState.parts``).
         report: the methods' report values (``ClientReport.parts``).
         memo: a method's values from its ``before_training`` for its ``after_training``.
+        train: the rows local training reads; a ``before_training`` hook may replace them
+            (a label-flipping attacker's relabelled split).
+        scaling: the client's LoRA scaling ``s_i`` (the upload is in the ``s = 1`` space).
+        upload_rank: the rank the upload claims (an attacker may lie about it).
+        num_classes: the dataset's number of classes.
     """
 
     task: ClientTask
@@ -106,6 +113,14 @@ class ClientStep:
     new_state: Parts = field(default_factory=Parts)
     report: Parts = field(default_factory=Parts)
     memo: Parts = field(default_factory=Parts)
+    train: Split | None = None
+    scaling: float = 1.0
+    upload_rank: int = 0
+    num_classes: int = 0
+
+    def origin(self) -> State:
+        """The shared tensors the client started from, in the upload's ``s = 1`` space."""
+        return fold_scaling({k: self.start[k] for k in self.shared}, self.scaling)
 
 
 @dataclass
@@ -118,12 +133,26 @@ class MergeBatch:
             (FedNova rescales them).
         uploads: the uploads as received (with the methods' parts).
         current: the global adapter's shared tensors before this merge.
+        metrics: round metrics a server hook reports (``robust/rejected``).
+        columns: per client id, columns a server hook adds to the round's client table.
     """
 
     clients: list[ClientMeta]
     updates: list[State]
     uploads: list[Upload]
     current: State
+    metrics: dict[str, float] = field(default_factory=dict)
+    columns: dict[int, dict[str, Any]] = field(default_factory=dict)
+
+    def keep(self, positions: Sequence[int]) -> None:
+        """Merge only the uploads at ``positions`` (in order); a robust rule's selection."""
+        self.clients = [self.clients[i] for i in positions]
+        self.updates = [self.updates[i] for i in positions]
+        self.uploads = [self.uploads[i] for i in positions]
+
+    def column(self, client_id: int, **values: Any) -> None:
+        """Add ``values`` to ``client_id``'s row of the round's client table."""
+        self.columns.setdefault(client_id, {}).update(values)
 
     @property
     def ranks(self) -> list[int]:
@@ -238,6 +267,12 @@ class Method:
 
     def after_training(self, step: ClientStep) -> None:
         """After local training: change ``step.local``, add to the upload, state, report."""
+
+    def before_upload(self, step: ClientStep, update: State) -> State:
+        """The shared tensors sent to the server (``s = 1`` space), from ``update``: a
+        client-side privacy mechanism clips and noises them, an attacker forges them. The
+        client's own adapter (``step.local``) is not changed."""
+        return update
 
     # -- server ---------------------------------------------------------------------------
     def bind_server(self, server: ServerContext) -> None:

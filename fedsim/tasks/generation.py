@@ -235,7 +235,10 @@ class GenerationTask:
                 # model input for padding). mask: no image in the prompt at all.
                 image = torch.zeros_like(image) if zeros else None
             text = self.prompt(self._texts[row], has_image, has_text)
-            out.append(Sample(image, text, self.answers[row]))
+            answer = self.answers[row]
+            if split.label_map is not None:  # a label-flipping attacker's poisoned answer
+                answer = self.choices[int(split.label_map[int(self.dataset.labels[row])])]
+            out.append(Sample(image, text, answer))
         return out
 
     def train_batches(self, split: Split, batch_size: int, generator):
