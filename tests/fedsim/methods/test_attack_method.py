@@ -168,6 +168,29 @@ def _numbers(result) -> list[dict]:
     return [{k: v for k, v in h.items() if not k.startswith("time/")} for h in result.history]
 
 
+def test_attacks_with_seeded_noise_repeat_on_any_number_of_actors(ray_cluster, experiment_config):
+    """A Gaussian attacker and DP noise on the clients (adaptive clipping): two actors on Ray
+    and one in-process give the same numbers."""
+    build = experiment_config("fedsim-attack-dp")
+    cfg = build(
+        "rounds=2",
+        "faults.attack=gaussian",
+        "faults.malicious=0.34",
+        "privacy.enabled=true",
+        "privacy.noise=client",
+        "privacy.clipping=adaptive",
+        "privacy.count_noise=1",
+        "privacy.noise_multiplier=0.5",
+        "aggregation.method=fedilora",
+        "editing.enabled=false",
+        "resources.actors=2",
+    )
+    on_ray = fedsim.run(cfg)
+    local = fedsim.run(cfg, executor=LocalExecutor())
+    assert _numbers(on_ray) == _numbers(local)
+    assert on_ray.history[-1]["privacy/epsilon"] > on_ray.history[1]["privacy/epsilon"] > 0
+
+
 def test_a_run_logs_its_attackers_and_defends_the_same_on_any_number_of_actors(
     ray_cluster, experiment_config, tmp_path
 ):
