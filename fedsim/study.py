@@ -285,6 +285,7 @@ def format_table(results: dict[str, list], study: StudyConfig, rounds: int, extr
     """Markdown: one row per variant, mean +- std over seeds of the last rounds' means."""
     first = next(iter(results.values()))[0].history
     columns = GENERATION_COLUMNS if any("global/bleu" in h for h in first) else COLUMNS
+    columns = [*columns, *((m, m) for m in study.more_metrics if m not in dict(columns))]
     head = "| method | " + " | ".join(t for _, t in columns) + " | upload MB / round |"
     lines = [head, "|---" * (len(columns) + 2) + "|"]
     for name, runs in results.items():

@@ -7,7 +7,7 @@ import yaml
 from mlflow.tracking import MlflowClient
 
 from fedsim.config import ConfigError
-from fedsim.study import format_grid, grid_cells, load_study, run_study
+from fedsim.study import format_grid, format_table, grid_cells, load_study, run_study
 
 
 def _write_study(tmp_path, tiny_overrides, uri, **extra):
@@ -123,3 +123,25 @@ def test_grid_tables_hold_each_metrics_mean_over_the_last_rounds(tmp_path, tiny_
     assert "last 2 of 3 rounds; extra overrides: rounds=3." in table
     assert "local shares nothing with the server" in table
     assert "shares nothing" not in format_grid(results, study, 3, [])
+
+
+def test_a_table_without_grids_shows_the_further_metrics(tmp_path, tiny_overrides):
+    path = _write_study(
+        tmp_path,
+        tiny_overrides,
+        "sqlite:///unused.db",
+        more_metrics=["privacy/epsilon"],
+        last_rounds=2,
+        seeds=[0],
+    )
+    study, _ = load_study(path)
+
+    class Run:  # what format_table reads of a RunResult
+        history = [{"global/accuracy": 0.0, "comm/upload_bytes": 0}] + [
+            {"global/accuracy": 0.5, "privacy/epsilon": e, "comm/upload_bytes": 2e6}
+            for e in (1.0, 2.0, 4.0)
+        ]
+
+    table = format_table({"DP": [Run()]}, study, 3, [])
+    assert "| method | global acc |" in table and "| privacy/epsilon |" in table.splitlines()[0]
+    assert "| 3.000 ± 0.000 |" in table  # mean of the last 2 rounds' epsilon
