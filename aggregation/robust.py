@@ -214,9 +214,9 @@ def product_distances(
     what it started from; any rank, so clients of different ranks compare as functions, not
     as padded factors); per dense key it is the tensor's change. The ``n x n`` squared
     Frobenius distances are computed from factor Gram matrices, never forming ``dW_i``
-    (``O(n^2 r^2 (d + k))`` per module). Each module's matrix is divided by its median
-    off-diagonal entry, so every module counts alike whatever its size, and the matrices are
-    summed.
+    (``O(n^2 r^2 (d + k))`` work, ``O(n r (d + k))`` memory per module). Each module's matrix
+    is divided by its median off-diagonal entry, so every module counts alike whatever its
+    size, and the matrices are summed.
 
     Returns:
         ``(distances, modules)``: the float64 ``(n, n)`` sum, and the modules it covers.
@@ -241,20 +241,27 @@ def product_distances(
         names.append(name)
 
     for module, (ka, kb) in pairs.items():
-        # dW_i = P_i Q_i with P_i = [B_i, -B0_i], Q_i = [A_i; A0_i]
-        p = [
-            torch.cat([b_matrix(u[kb]).double(), -b_matrix(o[kb]).double()], dim=1)
-            for u, o in zip(updates, origins)
-        ]
-        q = [
-            torch.cat([a_matrix(u[ka]).double(), a_matrix(o[ka]).double()], dim=0)
-            for u, o in zip(updates, origins)
-        ]
+        # dW_i = P_i Q_i with P_i = [B_i, -B0_i], Q_i = [A_i; A0_i], zero-padded to one width
+        # (padding adds nothing to a product); <dW_i, dW_j> = sum((P_i^T P_j) * (Q_i Q_j^T))
+        p = _stack_padded(
+            [
+                torch.cat([b_matrix(u[kb]).double(), -b_matrix(o[kb]).double()], dim=1)
+                for u, o in zip(updates, origins)
+            ],
+            axis=1,
+        )
+        q = _stack_padded(
+            [
+                torch.cat([a_matrix(u[ka]).double(), a_matrix(o[ka]).double()], dim=0)
+                for u, o in zip(updates, origins)
+            ],
+            axis=0,
+        )
         gram = torch.empty(n, n, dtype=torch.float64)
-        for i in range(n):
-            for j in range(i, n):
-                g = float(((p[i].T @ p[j]) * (q[i] @ q[j].T)).sum())
-                gram[i, j] = gram[j, i] = g
+        for i in range(n):  # one row at a time: O(n r^2) memory, not O(n^2 r^2)
+            ptp = torch.einsum("dr,jds->jrs", p[i], p)
+            qqt = torch.einsum("rk,jsk->jrs", q[i], q)
+            gram[i] = (ptp * qqt).sum(dim=(1, 2))
         add(gram, module)
     for k in keys:
         if rank_axis(k) is None:
@@ -263,6 +270,16 @@ def product_distances(
             )
             add(flat @ flat.T, k)
     return total, names
+
+
+def _stack_padded(mats: list[Tensor], axis: int) -> Tensor:
+    """Stack matrices whose size differs along ``axis``, zero-padded to the largest."""
+    width = max(m.shape[axis] for m in mats)
+    out = []
+    for m in mats:
+        pad_by = width - m.shape[axis]
+        out.append(torch.nn.functional.pad(m, (0, pad_by) if axis == 1 else (0, 0, 0, pad_by)))
+    return torch.stack(out)
 
 
 def product_outliers(distances: Tensor, threshold: float) -> tuple[list[float], list[int]]:

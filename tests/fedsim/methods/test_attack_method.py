@@ -68,6 +68,11 @@ def test_malicious_clients_by_id_list_or_share():
             "above the global rank 32",
         ),
         (["faults.attack=shout", "faults.malicious=[1]"], "faults.attack", ""),
+        (
+            ["faults.attack=label_flip", "faults.malicious=[1]", "model.backbone=smolvlm-effnet"],
+            "faults.attack",
+            "free text (captions)",
+        ),
     ],
 )
 def test_attack_settings_without_meaning_are_rejected(overrides, key, words):
