@@ -1,10 +1,12 @@
 """Pure math on LoRA adapter tensors: merging heterogeneous ranks, editing, validating updates.
 
 Also the pieces of federated optimisation that act on state dicts: robust rules (norm bounding,
-median, trimmed mean, Krum), server optimisers, SCAFFOLD control variates, FedNova's rescaling,
-and the sharing policies that split a client's state.
+median, trimmed mean, Krum, the rank-aware product rule), DP-FedAvg's clipping, noise and
+accounting, server optimisers, SCAFFOLD control variates, FedNova's rescaling, and the sharing
+policies that split a client's state.
 Mappings of tensors plus ranks and weights in, new dicts out; inputs are never mutated. Depends
-on torch only: no Ray, no I/O, no config objects.
+on torch (and dp-accounting, imported when epsilon is first computed): no Ray, no I/O, no
+config objects.
 """
 
 from aggregation.editing import EditResult, cosine_similarity, edit_layerwise
@@ -38,6 +40,13 @@ from aggregation.lora_keys import (
 )
 from aggregation.lora_pairs import factor_product, lora_pairs, pair_products
 from aggregation.merge import merge_lora_state_dicts
+from aggregation.privacy import (
+    adaptive_clip_update,
+    clip_update,
+    epsilon_after,
+    noise_for_epsilon,
+    update_noise_multiplier,
+)
 from aggregation.rank_merger import RankMerger
 from aggregation.registry import MERGERS, get_merger, merger_class
 from aggregation.robust import (
@@ -76,6 +85,11 @@ from aggregation.validate import (
 from aggregation.zeropad import ZeroPadMerger, zeropad_merge
 
 __all__ = [
+    "update_noise_multiplier",
+    "noise_for_epsilon",
+    "epsilon_after",
+    "clip_update",
+    "adaptive_clip_update",
     "MERGERS",
     "MERGE_DTYPES",
     "SERVER_OPTIMIZERS",
