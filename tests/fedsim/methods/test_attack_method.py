@@ -173,6 +173,7 @@ def _numbers(result) -> list[dict]:
     return [{k: v for k, v in h.items() if not k.startswith("time/")} for h in result.history]
 
 
+@pytest.mark.slow  # two runs each, one on Ray: CI runs them, the quick loop does not
 def test_attacks_with_seeded_noise_repeat_on_any_number_of_actors(ray_cluster, experiment_config):
     """A Gaussian attacker and DP noise on the clients (adaptive clipping): two actors on Ray
     and one in-process give the same numbers."""
@@ -196,6 +197,7 @@ def test_attacks_with_seeded_noise_repeat_on_any_number_of_actors(ray_cluster, e
     assert on_ray.history[-1]["privacy/epsilon"] > on_ray.history[1]["privacy/epsilon"] > 0
 
 
+@pytest.mark.slow  # two runs each, one on Ray: CI runs them, the quick loop does not
 def test_a_run_logs_its_attackers_and_defends_the_same_on_any_number_of_actors(
     ray_cluster, experiment_config, tmp_path
 ):
