@@ -50,6 +50,7 @@ from fedsim.progress import RoundProgress
 from fedsim.round_report import client_rows, global_metrics, round_metrics
 from fedsim.run_outputs import log_client_adapters, log_final_outputs
 from fedsim.tracking import Tracker
+from fedsim.training import expected_samples
 
 
 @dataclass
@@ -250,7 +251,9 @@ def _simulate(
             )
             writer.write_config(to_yaml(cfg))
         result = RunResult(tracker.run_id, tracker.uri, run_dir=writer.run_dir if writer else None)
-        driver = _Driver(cfg, ranks, ex, pool, server, tracker, result, writer)
+        driver = _Driver(
+            cfg, ranks, ex, pool, server, tracker, result, writer, info.client_train_sizes
+        )
         if ckpt:
             driver.restore(ckpt)
         done = max(driver.next_round - 1, 0)  # rounds already trained (a resumed run's checkpoint)
@@ -308,8 +311,15 @@ def _log_skipped_rows(tracker: Tracker, dataset) -> None:
 class _Driver:
     """The round loop and the state the driver keeps across rounds."""
 
-    def __init__(self, cfg, ranks, ex, pool, server, tracker, result: RunResult, writer):
+    def __init__(
+        self, cfg, ranks, ex, pool, server, tracker, result: RunResult, writer, train_sizes
+    ):
         self.cfg = cfg
+        t = cfg.train  # each client's expected training work: the longest tasks go out first
+        self.cost = [
+            expected_samples(n, t.batch_size, t.local_epochs, t.max_local_steps)
+            for n in train_sizes
+        ]
         self.ranks = list(ranks)  # current ranks: self-pruning may lower them
         self.ex = ex  # the executor: Ray's get/put and server calls, or in-process ones
         self.pool, self.server, self.tracker = pool, server, tracker
@@ -374,7 +384,10 @@ class _Driver:
         broadcast = self.ex.call(self.server, "broadcast")  # one object for all tasks
         evaluate = self.evaluates(t)
         cohort = tuple(self.ranks[c] for c in sampled)
-        tasks = [ClientTask(c, self.ranks[c], t, evaluate=evaluate, cohort=cohort) for c in sampled]
+        # longest expected first (ties by id): results are keyed and merged by client id, so
+        # the order changes when actors are free, never a number
+        order = sorted(sampled, key=lambda c: (-self.cost[c], c))
+        tasks = [ClientTask(c, self.ranks[c], t, evaluate=evaluate, cohort=cohort) for c in order]
         outcome = self.pool.train(tasks, broadcast, self.states)
         finished = {c: outcome.values[c] for c in sorted(outcome.values)}
         sim_s = {

@@ -22,6 +22,19 @@ class TrainStats:
     samples_seen: int
 
 
+def expected_samples(num_samples: int, batch_size: int, epochs: int, max_steps: int | None) -> int:
+    """The samples one client task trains on: ``epochs`` passes over its ``num_samples`` in
+    batches of ``batch_size``, stopped after ``max_steps`` optimiser steps. The round loop
+    hands the longest tasks out first, so an actor does not idle while another finishes a
+    big client it got last."""
+    steps_per_epoch = -(-num_samples // batch_size)  # the last batch may be short
+    total = num_samples * epochs
+    if max_steps is not None and max_steps < steps_per_epoch * epochs:
+        full, rest = divmod(max_steps, steps_per_epoch)
+        total = full * num_samples + min(rest * batch_size, num_samples)
+    return total
+
+
 def autocast(precision: str, device: torch.device):
     """An autocast context for ``precision`` (``fp32`` means none)."""
     if precision == "bf16":
