@@ -330,8 +330,11 @@ class Privacy(Method):
         n = len(batch.clients)
         if p.noise == "server":
             unclipped = 0
+            views: dict[int, State] = {}  # one view per rank, not per client
             for i, meta in enumerate(batch.clients):
-                view = self.server.merger.redistribute(batch.current, meta.rank)
+                if meta.rank not in views:
+                    views[meta.rank] = self.server.merger.redistribute(batch.current, meta.rank)
+                view = views[meta.rank]
                 update = batch.updates[i]
                 batch.updates[i], norm = clip_update(
                     update, {k: view[k] for k in update}, self.clip
