@@ -234,6 +234,14 @@ class ClientWorker:
         split = split.capped(self.cfg.eval.max_samples, self.cfg.seed, _EVAL_CAP, client_id)
         return self.task.evaluate(self.host.model, split)
 
+    def peft_files(
+        self, state: State, target_modules: str, rank: int, global_rank: int, dense
+    ) -> dict[str, bytes]:
+        """``state`` as a peft adapter's files (name to bytes), for the driver to log."""
+        from fedsim.adapter_io import peft_adapter_files
+
+        return peft_adapter_files(state, self.cfg, target_modules, rank, global_rank, dense)
+
     def evaluate_global(self, broadcast: Broadcast, shard: int, num_shards: int) -> EvalPart:
         """The global adapter's results on shard ``shard`` of ``num_shards`` of the test set.
 

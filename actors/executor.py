@@ -6,9 +6,11 @@ scale benchmark's floor, in one process with no Ray at all:
 
 - ``make_pool(cfg, per_round)``: an object with ``train``, ``evaluate``, ``call_first``,
   ``replaced`` and ``shutdown`` (:class:`actors.pool.ClientPool` or :class:`LocalPool`);
-- ``make_server(*args)``: the server (a Ray actor, or a plain :class:`ServerState`);
+- ``make_server(*args)``: the server (a plain :class:`ServerState` in this process, or a Ray
+  actor with ``resources.server=actor``);
 - ``call(server, method, *args)``: start a server call and return its ref (or its value);
-- ``get(ref)`` / ``put(value)``: Ray's ``get`` and ``put``, or the identity.
+- ``get(ref)`` / ``put(value)`` / ``share(value)``: Ray's ``get`` and ``put`` (``share``: a
+  ref for many tasks, the value's own when it is one), or the identity.
 """
 
 from __future__ import annotations
@@ -16,10 +18,10 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable, Hashable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import replace
 from typing import Any
 
-from actors.client import ClientWorker
 from actors.pool import ClientPool, ClientRefs, Outcome, pool_size, short_reason, start_server
 from actors.server import ServerState
 from fedsim.errors import ConfigError
@@ -54,42 +56,117 @@ def init_ray() -> bool:
 
 
 class RayExecutor:
-    """Client actors in a placement group and a server actor, on the Ray cluster."""
+    """Client actors in a placement group on the Ray cluster; the server in this process
+    (``resources.server=driver``) or in an actor of its own (``actor``)."""
 
     def __init__(self) -> None:
         self.started = False
+        self.server_actor = False
+        self._launched: Future | None = None
+        self._threads: ThreadPoolExecutor | None = None
+
+    def launch(self, cfg, per_round: int | None = None) -> None:
+        """Start Ray and the client actors in a background thread and return at once.
+
+        The actors import the model stack and load their backbones while this process checks
+        the data, imports and opens the tracking store; :meth:`make_pool` then hands over the
+        launched pool. A second call does nothing.
+        """
+        if self._launched is not None:
+            return
+        # The thread lives until close(): Ray's driver connection dies with the thread that
+        # called ray.init (measured with Ray 2.60: 'Failed to connect to GCS within 60 s').
+        self._threads = threads = ThreadPoolExecutor(1, thread_name_prefix="fedsim-launch")
+
+        def bring_up() -> ClientPool:
+            self.started = init_ray()
+            size = per_round
+            if size is None:  # how many clients a round samples
+                from fedsim.data.partition import sample_clients
+
+                size = len(sample_clients(cfg.clients.num, cfg.clients.fraction, cfg.seed, 1))
+            return ClientPool(cfg, pool_size(cfg, size), wait=False)
+
+        self._launched = threads.submit(bring_up)
 
     def start(self) -> None:
-        self.started = init_ray()
+        """Ray is up: joined or started here, or (after :meth:`launch`) waited for."""
+        if self._launched is not None:
+            self._launched.result()  # Ray is up and the actors are starting (or its error)
+        elif not self.started:
+            self.started = init_ray()
 
-    def make_pool(self, cfg, per_round: int) -> ClientPool:
-        return ClientPool(cfg, pool_size(cfg, per_round))
+    def make_pool(self, cfg, per_round: int, wait: bool = True) -> ClientPool:
+        """Start the actors (or take those :meth:`launch` started); with ``wait=False`` return
+        before they are ready (``pool.wait_ready()`` later)."""
+        self.server_actor = cfg.resources.server == "actor"
+        if self._launched is not None:
+            launched, self._launched = self._launched, None
+            pool = launched.result()
+        else:
+            pool = ClientPool(cfg, pool_size(cfg, per_round), wait=False)
+        if wait:
+            pool.wait_ready()
+        return pool
 
     def make_server(self, *args) -> Any:
-        return start_server(*args)
+        return start_server(*args) if self.server_actor else ServerState(*args)
 
     def call(self, server, method: str, *args) -> Any:
-        return getattr(server, method).remote(*args)
+        """Start a server call: a ref (server actor), or its value (server in the driver).
+
+        Object refs among ``args`` reach the method as their values either way: Ray resolves
+        a top-level ref argument of an actor call, and this process fetches them otherwise.
+        """
+        if not isinstance(server, ServerState):
+            return getattr(server, method).remote(*args)
+        import ray
+
+        refs = [i for i, a in enumerate(args) if isinstance(a, ray.ObjectRef)]
+        values = list(args)
+        for i, value in zip(refs, ray.get([args[i] for i in refs])):
+            values[i] = value
+        return getattr(server, method)(*values)
 
     def get(self, ref) -> Any:
         import ray
 
-        return ray.get(ref)
+        if isinstance(ref, ray.ObjectRef) or (
+            isinstance(ref, list) and ref and isinstance(ref[0], ray.ObjectRef)
+        ):
+            return ray.get(ref)
+        return ref  # a value already (a call on the server in this process)
 
     def put(self, value) -> Any:
         import ray
 
         return ray.put(value)
 
+    def share(self, value) -> Any:
+        """One object-store ref for many tasks: ``value`` itself when it is a ref already."""
+        import ray
+
+        return value if isinstance(value, ray.ObjectRef) else ray.put(value)
+
     def close(self, pool, server) -> None:
         import ray
 
+        if self._launched is not None:  # launched, never taken over: a check failed meanwhile
+            launched, self._launched = self._launched, None
+            try:
+                pool = pool or launched.result()
+            except BaseException:  # noqa: BLE001 - the run's own error is the one to report
+                pass
         if pool is not None:
             pool.shutdown()
-        if server is not None:
+        if server is not None and not isinstance(server, ServerState):
             ray.kill(server)
         if self.started:
             ray.shutdown()
+            self.started = False
+        if self._threads is not None:
+            self._threads.shutdown()
+            self._threads = None
 
 
 class LocalPool:
@@ -101,6 +178,8 @@ class LocalPool:
     """
 
     def __init__(self, cfg):
+        from actors.client import ClientWorker
+
         self.cfg = cfg
         self.worker = ClientWorker(cfg)
         self.replaced = 0
@@ -113,7 +192,10 @@ class LocalPool:
     def call_first(self, method: str, *args) -> Any:
         return getattr(self.worker, method)(*args)
 
-    def train(self, tasks, broadcast, states: dict) -> Outcome:
+    def wait_ready(self) -> None:
+        pass
+
+    def train(self, tasks, broadcast, states: dict, on_done=None) -> Outcome:
         start = time.perf_counter()
         jobs = {
             t.client_id: (
@@ -123,7 +205,7 @@ class LocalPool:
             )
             for t in tasks
         }
-        out = self._run(jobs)
+        out = self._run(jobs, on_done)
         self.train_seconds.append(time.perf_counter() - start)
         return out
 
@@ -133,7 +215,7 @@ class LocalPool:
         self.eval_seconds.append(time.perf_counter() - start)
         return out
 
-    def _run(self, jobs: dict[Hashable, Callable]) -> Outcome:
+    def _run(self, jobs: dict[Hashable, Callable], on_done=None) -> Outcome:
         out = Outcome()
         for key, job in jobs.items():
             for attempt in range(self.cfg.resources.max_retries + 1):
@@ -147,6 +229,11 @@ class LocalPool:
                 if rest:
                     out.refs[key] = ClientRefs(*rest)
                 break
+            if on_done is not None:
+                if key in out.failed:
+                    on_done(key, None, None)
+                else:
+                    on_done(key, out.values[key], out.refs.get(key))
         return out
 
     def shutdown(self) -> None:
@@ -166,7 +253,10 @@ class LocalExecutor:
     def start(self) -> None:
         pass
 
-    def make_pool(self, cfg, per_round: int) -> LocalPool:
+    def launch(self, cfg, per_round: int) -> None:
+        pass
+
+    def make_pool(self, cfg, per_round: int, wait: bool = True) -> LocalPool:
         if cfg.faults.fail_prob > 0 and cfg.faults.fail_mode == "crash":
             raise ConfigError(
                 "faults.fail_mode",
@@ -186,6 +276,9 @@ class LocalExecutor:
         return ref
 
     def put(self, value) -> Any:
+        return value
+
+    def share(self, value) -> Any:
         return value
 
     def close(self, pool, server) -> None:

@@ -16,12 +16,47 @@ from dataclasses import dataclass, field, replace
 import ray
 from ray.exceptions import RayActorError, RayError, RayTaskError
 
-from actors.client import ClientWorker
 from actors.server import ServerState
 from fedsim.config import ConfigError, FedSimConfig
 from fedsim.messages import ClientTask
 
-RemoteClient = ray.remote(ClientWorker)
+
+class ClientActor:
+    """The Ray actor around :class:`actors.client.ClientWorker`.
+
+    The model stack (transformers, peft, the backbone) is imported in the actor process only:
+    the driver, which merely schedules tasks, never loads it (seconds of start-up and hundreds
+    of MB less).
+    """
+
+    def __init__(self, cfg: FedSimConfig):
+        from actors.client import ClientWorker
+
+        self.worker = ClientWorker(cfg)
+
+    def ping(self) -> str:
+        return self.worker.ping()
+
+    def describe(self):
+        return self.worker.describe()
+
+    def initial_global(self):
+        return self.worker.initial_global()
+
+    def shared_keys(self, keys: list[str]) -> list[str]:
+        return self.worker.shared_keys(keys)
+
+    def train(self, task, broadcast, state):
+        return self.worker.train(task, broadcast, state)
+
+    def evaluate_global(self, broadcast, shard: int, num_shards: int):
+        return self.worker.evaluate_global(broadcast, shard, num_shards)
+
+    def peft_files(self, state, target_modules: str, rank: int, global_rank: int, dense):
+        return self.worker.peft_files(state, target_modules, rank, global_rank, dense)
+
+
+RemoteClient = ray.remote(ClientActor)
 RemoteServer = ray.remote(ServerState)
 
 
@@ -117,6 +152,9 @@ def short_reason(exc: BaseException) -> str:
     return text[-1] if text else type(exc).__name__
 
 
+OnDone = Callable[[int, object, "ClientRefs | None"], None]
+
+
 @dataclass(frozen=True)
 class ClientRefs:
     """Object refs of what a client task returned besides its report."""
@@ -146,13 +184,26 @@ class ClientPool:
         size: number of actors.
     """
 
-    def __init__(self, cfg: FedSimConfig, size: int):
+    def __init__(self, cfg: FedSimConfig, size: int, wait: bool = True):
         self.cfg = cfg
         self.group = reserve(cfg, size)
+        # every actor starts at once and loads its backbone in parallel with the others
         self.actors = [self._spawn(i) for i in range(size)]
         self.replaced = 0
+        self._pings = [a.ping.remote() for a in self.actors]
+        if wait:
+            self.wait_ready()
+
+    def wait_ready(self) -> None:
+        """Wait until every actor has built its backbone (the driver works meanwhile).
+
+        Raises:
+            ConfigError: an actor's constructor found a user mistake (one line).
+            RuntimeError: an actor failed to start for another reason.
+        """
+        pings, self._pings = self._pings, []
         try:
-            ray.get([a.ping.remote() for a in self.actors])
+            ray.get(pings)
         except RayError as exc:
             self.shutdown()
             cause = _config_error(exc)
@@ -179,13 +230,18 @@ class ClientPool:
         """Call ``method`` on the first actor and return its value."""
         return ray.get(getattr(self.actors[0], method).remote(*args))
 
-    def train(self, tasks: list[ClientTask], broadcast_ref, states: dict) -> Outcome:
+    def train(
+        self, tasks: list[ClientTask], broadcast_ref, states: dict, on_done: OnDone | None = None
+    ) -> Outcome:
         """Run client tasks.
 
         Args:
             tasks: the round's client tasks.
             broadcast_ref: object-store ref of the server's broadcast (shared by all tasks).
             states: client id to the ref of its persistent state (absent: first round).
+            on_done: called with ``(client id, report, ClientRefs)`` as each task succeeds and
+                with ``(client id, None, None)`` when one has failed for good, in the order
+                they finish (the streaming merge).
 
         Returns:
             ``values[cid]`` is the client's report, ``refs[cid]`` its upload and new state.
@@ -198,7 +254,7 @@ class ClientPool:
             )
             for t in tasks
         }
-        out = self._run(jobs)
+        out = self._run(jobs, on_done)
         out.refs = {c: ClientRefs(*refs) for c, refs in out.refs.items()}
         return out
 
@@ -211,7 +267,7 @@ class ClientPool:
         }
         return self._run(jobs)
 
-    def _run(self, jobs: dict[Hashable, Callable]) -> Outcome:
+    def _run(self, jobs: dict[Hashable, Callable], on_done: OnDone | None = None) -> Outcome:
         out = Outcome()
         pending = deque(jobs)
         attempts: dict[Hashable, int] = dict.fromkeys(jobs, 0)
@@ -219,16 +275,10 @@ class ClientPool:
         idle = deque(range(len(self.actors)))
         inflight: dict = {}
         while pending or inflight:
-            while pending and idle:
-                key = pending.popleft()
-                # Prefer an actor this task has not failed on.
-                fresh = [i for i in idle if i not in tried_on[key]]
-                i = fresh[0] if fresh else idle[0]
-                idle.remove(i)
-                refs = jobs[key](self.actors[i], attempts[key])
-                inflight[refs[0]] = (key, i, refs)
+            self._refill(jobs, pending, idle, inflight, attempts, tried_on)
             ready, _ = ray.wait(list(inflight), num_returns=1)
             key, i, refs = inflight.pop(ready[0])
+            idle.append(i)
             try:
                 out.values[key] = ray.get(ready[0])
                 out.refs[key] = refs[1:]
@@ -240,10 +290,28 @@ class ClientPool:
                 tried_on[key].add(i)
                 if attempts[key] > self.cfg.resources.max_retries:
                     out.failed[key] = short_reason(exc)
+                    if on_done is not None:
+                        on_done(key, None, None)
                 else:
                     pending.append(key)
-            idle.append(i)
+                continue
+            if on_done is not None:
+                # the actor is handed its next task first (top of the loop) when one waits:
+                # the callback (a merge) then overlaps training
+                if pending:
+                    self._refill(jobs, pending, idle, inflight, attempts, tried_on)
+                on_done(key, out.values[key], ClientRefs(*refs[1:]))
         return out
+
+    def _refill(self, jobs, pending, idle, inflight, attempts, tried_on) -> None:
+        """Hand pending tasks to idle actors (preferring one the task has not failed on)."""
+        while pending and idle:
+            key = pending.popleft()
+            fresh = [i for i in idle if i not in tried_on[key]]
+            i = fresh[0] if fresh else idle[0]
+            idle.remove(i)
+            refs = jobs[key](self.actors[i], attempts[key])
+            inflight[refs[0]] = (key, i, refs)
 
     def shutdown(self) -> None:
         for a in self.actors:

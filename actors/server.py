@@ -1,7 +1,10 @@
 """The server: owns the global adapter, validates client updates and merges them.
 
-``ServerState`` is a plain class; :mod:`actors.pool` runs it as a Ray actor so the merge runs
-next to the updates in the object store, not in the driver. Per round it validates each
+``ServerState`` is a plain class. By default it lives in the driver process (it only sums
+tensors; no process of its own to start or feed); with ``resources.server=actor``
+:mod:`actors.pool` runs it as a Ray actor. Linear merges stream: each upload is validated and
+added as its client finishes (:meth:`ServerState.stream_add`), so the server holds one adapter,
+not one per client. Otherwise, per round it validates each
 upload, runs the methods' ``before_merge`` hooks (FedNova rescales), merges the shared tensors
 with the heterogeneous-rank rule, runs the ``after_merge`` hooks (FLoRA and FedEx-LoRA fold
 into the base weights), applies the server optimiser to the pseudo-gradient and, once the new
@@ -12,10 +15,11 @@ from __future__ import annotations
 
 import math
 import time
+from dataclasses import dataclass, field
 
 import torch
 
-from aggregation import RankMerger, UpdateRejected, check_update, lora_rank
+from aggregation import RankMerger, StreamingMerge, UpdateRejected, check_update, lora_rank
 from fedsim.messages import (
     AggregateReport,
     Broadcast,
@@ -46,6 +50,7 @@ class ServerState:
         optimizer,
         methods: list[Method],
         num_clients: int,
+        streaming: bool = False,
     ):
         self.merger = merger
         self.optimizer = optimizer
@@ -64,6 +69,18 @@ class ServerState:
         for m in self.methods:
             m.bind_server(context)
         self._last_delta_norm = 0.0
+        # Linear merges accumulate updates as they arrive when no hook needs them together.
+        self.streaming = (
+            streaming
+            and bool(self.shared)
+            and merger.streams
+            and not any(m.needs_all_updates() for m in self.methods)
+        )
+        self._stream: _Stream | None = None
+
+    def streams(self) -> bool:
+        """Whether rounds merge updates as they arrive (:meth:`stream_open`)."""
+        return self.streaming
 
     def broadcast(self) -> Broadcast:
         """What every client task of the next round receives (one object in the store)."""
@@ -136,9 +153,7 @@ class ServerState:
         kept: list[tuple[ClientMeta, Upload]] = []
         for meta, upload in sorted(zip(clients, uploads), key=lambda x: x[0].client_id):
             try:
-                if meta.num_samples <= 0:
-                    raise UpdateRejected(f"sample count must be positive, got {meta.num_samples}")
-                check_update(upload.update, reference, meta.rank)
+                self._check(meta, upload, reference)
             except UpdateRejected as exc:
                 report.rejected[meta.client_id] = str(exc)
                 continue
@@ -160,6 +175,58 @@ class ServerState:
         the clients' upload refs this way and they never travel through the driver.
         """
         return self.aggregate(round_idx, clients, list(uploads))
+
+    # -- streaming: one update at a time, in client-id order ---------------------------------
+    def stream_open(self, round_idx: int) -> None:
+        """Start round ``round_idx``'s streaming merge (:attr:`streaming` must be true).
+
+        The caller adds the updates in client-id order (:class:`aggregation.InOrder` buffers
+        early arrivals), which makes the sums, and so the result, the same bits whatever the
+        order in which the clients finished.
+        """
+        if not self.streaming:
+            raise RuntimeError("this server merges in batches (see ServerState.streaming)")
+        current = {k: self.global_state[k] for k in self.shared}
+        reference = {k: self.template[k] for k in self.shared}
+        merge = self.merger.stream(current, self.global_rank, reference)
+        self._stream = _Stream(AggregateReport(round_idx), merge, current, reference)
+
+    def stream_add(self, meta: ClientMeta, upload: Upload) -> None:
+        """Validate one upload and add it to the open merge (a rejection is reported)."""
+        stream = self._stream
+        start = time.perf_counter()
+        try:
+            self._check(meta, upload, stream.reference)
+        except UpdateRejected as exc:
+            stream.report.rejected[meta.client_id] = str(exc)
+        else:
+            stream.merge.add(upload.update, meta.rank, meta.num_samples)
+            stream.clients.append(meta)
+        stream.report.aggregate_s += time.perf_counter() - start
+
+    def stream_close(self, apply: bool = True) -> AggregateReport:
+        """Finish the open merge and apply it (``apply=False``: drop it, e.g. too few
+        clients reported); the report as :meth:`aggregate` gives it."""
+        stream, self._stream = self._stream, None
+        if not apply:
+            return AggregateReport(stream.report.round_idx)
+        report = stream.report
+        start = time.perf_counter()
+        if stream.clients:
+            batch = MergeBatch(
+                clients=stream.clients, updates=[], uploads=[], current=stream.current
+            )
+            report.nonfinite = self._apply(batch, stream.merge.result(), report)
+            if not report.nonfinite:
+                report.global_delta_norm = self._last_delta_norm
+                report.accepted = [m.client_id for m in stream.clients]
+        report.aggregate_s += time.perf_counter() - start
+        return report
+
+    def _check(self, meta: ClientMeta, upload: Upload, reference: State) -> None:
+        if meta.num_samples <= 0:
+            raise UpdateRejected(f"sample count must be positive, got {meta.num_samples}")
+        check_update(upload.update, reference, meta.rank)
 
     def _merge(self, kept: list[tuple[ClientMeta, Upload]], report: AggregateReport) -> list[str]:
         """Merge the accepted uploads into the global state; the hooks' metrics and client
@@ -187,6 +254,11 @@ class ServerState:
             previous=current,
             global_rank=self.global_rank,
         )
+        return self._apply(batch, merged, report)
+
+    def _apply(self, batch: MergeBatch, merged: State, report: AggregateReport) -> list[str]:
+        """The after-merge hooks, the server optimiser and, when finite, the new global."""
+        current = batch.current
         for m in self.methods:
             merged = m.after_merge(batch, merged)
         new = self.optimizer.step(current, merged)
@@ -203,6 +275,17 @@ class ServerState:
         for m in self.methods:
             m.after_apply(batch)
         return []
+
+
+@dataclass
+class _Stream:
+    """An open streaming merge: its report so far, the accumulator, the accepted clients."""
+
+    report: AggregateReport
+    merge: StreamingMerge
+    current: State  # the global adapter's shared tensors before this merge
+    reference: State  # what uploads are validated against (the initial global's keys, shapes)
+    clients: list[ClientMeta] = field(default_factory=list)
 
 
 def _nonfinite_keys(state: State) -> list[str]:

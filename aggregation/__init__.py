@@ -3,7 +3,7 @@
 Also the pieces of federated optimisation that act on state dicts: robust rules (norm bounding,
 median, trimmed mean, Krum, the rank-aware product rule), DP-FedAvg's clipping, noise and
 accounting, server optimisers, SCAFFOLD control variates, FedNova's rescaling, and the sharing
-policies that split a client's state.
+policies that split a client's state, and streaming merges that take one client at a time.
 Mappings of tensors plus ranks and weights in, new dicts out; inputs are never mutated. Depends
 on torch (and dp-accounting, imported when epsilon is first computed): no Ray, no I/O, no
 config objects.
@@ -74,6 +74,7 @@ from aggregation.server_opt import (
     get_server_optimizer,
 )
 from aggregation.sharing import SHARING_POLICIES, join_state, shared_keys, split_state
+from aggregation.streaming import InOrder, StreamingMerge, check_stream_inputs
 from aggregation.validate import (
     MERGE_DTYPES,
     UpdateRejected,
@@ -105,12 +106,15 @@ __all__ = [
     "FediLoRAMerger",
     "FlexLoRAMerger",
     "HetLoRAMerger",
+    "InOrder",
     "RankMerger",
     "ServerOptimizer",
+    "StreamingMerge",
     "UpdateRejected",
     "ZeroPadMerger",
     "check_merge_inputs",
     "check_merge_states",
+    "check_stream_inputs",
     "check_state_tensors",
     "check_update",
     "clip_to_norm",

@@ -24,6 +24,7 @@ from aggregation.stacking import (
     weighted_average,
     weighted_rank_sum,
 )
+from aggregation.streaming import DimensionStream, StreamingMerge
 from aggregation.validate import check_merge_inputs
 
 EmptyDim = Literal["keep", "zero"]
@@ -124,6 +125,7 @@ class FediLoRAMerger(RankMerger):
     name: ClassVar[str] = "fedilora"
     options: ClassVar[tuple[str, ...]] = ("empty_dim",)
     linear_in_factors: ClassVar[bool] = True
+    streams: ClassVar[bool] = True
 
     def __init__(self, empty_dim: EmptyDim = "keep") -> None:
         if empty_dim not in EMPTY_DIM_CHOICES:
@@ -146,3 +148,12 @@ class FediLoRAMerger(RankMerger):
             global_rank=global_rank,
             empty_dim=self.empty_dim,
         )
+
+    def _open_stream(
+        self,
+        previous: Mapping[str, Tensor] | None,
+        global_rank: int,
+        template: Mapping[str, Tensor],
+    ) -> StreamingMerge:
+        fill = previous if self.empty_dim == "keep" else None
+        return DimensionStream(template, global_rank, fill=fill)

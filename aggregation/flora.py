@@ -18,6 +18,7 @@ from aggregation.lora_keys import is_lora, rank_axis
 from aggregation.lora_pairs import factor_product, lora_pairs, stack_factors
 from aggregation.rank_merger import RankMerger
 from aggregation.stacking import accumulation_dtype, sample_weights, weighted_average
+from aggregation.streaming import StackedStream, StreamingMerge
 from aggregation.validate import check_merge_inputs
 
 
@@ -94,6 +95,7 @@ class FLoRAMerger(RankMerger):
     linear_in_factors: ClassVar[bool] = False
     fixed_rank: ClassVar[bool] = False
     fresh_adapter_each_round: ClassVar[bool] = True
+    streams: ClassVar[bool] = True
 
     def _combine(
         self,
@@ -104,6 +106,16 @@ class FLoRAMerger(RankMerger):
         global_rank: int,
     ) -> dict[str, Tensor]:
         return flora_stack(states, ranks, num_samples)
+
+    def _open_stream(
+        self,
+        previous: Mapping[str, Tensor] | None,
+        global_rank: int | None,
+        template: Mapping[str, Tensor],
+    ) -> StreamingMerge:
+        # The output has rank sum_i r_i, so the stream keeps every client's factors: its
+        # memory is the output's size, not one adapter's.
+        return StackedStream(template)
 
     def redistribute(self, global_state: Mapping[str, Tensor], rank: int) -> dict[str, Tensor]:
         """Hand a client only the dense keys of the stacked global state.

@@ -25,6 +25,7 @@ from aggregation.stacking import (
     weighted_average,
     weighted_rank_sum,
 )
+from aggregation.streaming import PaddedStream, StreamingMerge
 from aggregation.validate import check_merge_inputs
 
 
@@ -75,6 +76,22 @@ def hetlora_weights(states: Sequence[Mapping[str, Tensor]], num_samples: Sequenc
     if not bool(total > 0):
         return sample_weights(num_samples)
     return mass / total
+
+
+def _norm_weight(state: Mapping[str, Tensor], num_samples: float) -> float:
+    """HetLoRA's unnormalised weight of one client, ``n_i * sum_modules ||B_i A_i||_F``.
+
+    Args:
+        state: The client's LoRA state dict.
+        num_samples: The client's number of training samples.
+
+    Returns:
+        The weight, as a Python float (0 when the client's update is zero).
+
+    Raises:
+        ValueError: If a factor has no partner.
+    """
+    return float(num_samples) * product_norm(state)
 
 
 def hetlora_merge(
@@ -158,6 +175,7 @@ class HetLoRAMerger(RankMerger):
     name: ClassVar[str] = "hetlora"
     needs_pairs: ClassVar[bool] = True
     linear_in_factors: ClassVar[bool] = True
+    streams: ClassVar[bool] = True
 
     def _combine(
         self,
@@ -168,3 +186,14 @@ class HetLoRAMerger(RankMerger):
         global_rank: int,
     ) -> dict[str, Tensor]:
         return hetlora_merge(states, ranks, num_samples, global_rank=global_rank)
+
+    def _open_stream(
+        self,
+        previous: Mapping[str, Tensor] | None,
+        global_rank: int,
+        template: Mapping[str, Tensor],
+    ) -> StreamingMerge:
+        lora_pairs(template)  # every factor needs its partner for the norms
+        # The norm is the client's own, so its weight is known on arrival; when every norm
+        # is 0 the stream falls back to n_i, as hetlora_weights does.
+        return PaddedStream(template, global_rank, weight=_norm_weight)

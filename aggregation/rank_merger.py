@@ -1,9 +1,10 @@
-"""The base class of heterogeneous-rank merge methods: two hooks and four capability flags.
+"""The base class of heterogeneous-rank merge methods: hooks and capability flags.
 
 A merger is two hooks the round loop calls: ``merge`` (client adapters in, global adapter out)
-and ``redistribute`` (global adapter in, a rank-``r_i`` client view out). Its class-level flags
-say what the method can be combined with, so the config layer rejects an incompatible
-combination by reading a flag, never by comparing method names.
+and ``redistribute`` (global adapter in, a rank-``r_i`` client view out), plus ``stream`` for
+the methods that can merge one client at a time. Its class-level flags say what the method can
+be combined with, so the config layer rejects an incompatible combination by reading a flag,
+never by comparing method names.
 """
 
 from __future__ import annotations
@@ -13,7 +14,8 @@ from typing import ClassVar
 
 from torch import Tensor
 
-from aggregation.lora_keys import default_global_rank, truncate
+from aggregation.lora_keys import default_global_rank, lora_rank, truncate
+from aggregation.streaming import StreamingMerge, check_stream_inputs
 from aggregation.validate import check_merge_inputs
 
 
@@ -38,6 +40,9 @@ class RankMerger:
         fresh_adapter_each_round: True when clients fold the merged update into their frozen
             base weights and start a new LoRA each round, so ``redistribute`` hands back only
             the dense keys (FLoRA).
+        streams: True when ``stream`` can merge clients one at a time with the result of
+            ``merge`` (up to float rounding), holding one adapter instead of all of them.
+            False for methods that need every client at once (FlexLoRA's SVD).
     """
 
     name: ClassVar[str] = ""
@@ -46,6 +51,7 @@ class RankMerger:
     linear_in_factors: ClassVar[bool] = False
     fixed_rank: ClassVar[bool] = True
     fresh_adapter_each_round: ClassVar[bool] = False
+    streams: ClassVar[bool] = False
 
     def merge(
         self,
@@ -83,6 +89,57 @@ class RankMerger:
         rank = global_rank if global_rank is not None else default_global_rank(ranks, previous)
         check_merge_inputs(states, ranks, num_samples, rank, previous)
         return self._combine(states, ranks, num_samples, previous, rank)
+
+    def stream(
+        self,
+        previous: Mapping[str, Tensor] | None,
+        global_rank: int | None,
+        template: Mapping[str, Tensor],
+    ) -> StreamingMerge:
+        """Open a streaming merge: add clients one at a time, then take ``result()``.
+
+        The stream's result equals ``merge`` of the same clients in the order they were
+        added, up to float rounding (the stream sums in float64).
+
+        Args:
+            previous: The previous global adapter, if any (as for ``merge``). Ignored when
+                ``fixed_rank`` is False.
+            global_rank: The global rank ``R``. The stream needs it before any client
+                arrives, so it defaults to the rank of ``template``, or of ``previous`` if
+                larger. Ignored when ``fixed_rank`` is False.
+            template: A state dict with the clients' keys and, apart from the rank axis,
+                their shapes (typically the global adapter being trained).
+
+        Returns:
+            A new ``StreamingMerge``.
+
+        Raises:
+            NotImplementedError: If the method does not stream (``streams`` is False); the
+                message names the method.
+            ValueError: If ``template`` has no LoRA tensor (and ``global_rank`` is None),
+                ``global_rank`` is below 1, or ``previous`` does not fit (see
+                ``check_stream_inputs``).
+        """
+        if not self.streams:
+            raise NotImplementedError(
+                f"merge method {self.name!r} ({type(self).__name__}) cannot stream: it needs "
+                "every client at once; use merge()"
+            )
+        if not self.fixed_rank:
+            return self._open_stream(None, None, template)
+        rank = global_rank
+        if rank is None:
+            rank = default_global_rank([lora_rank(template)], previous)
+        check_stream_inputs(template, rank, previous)
+        return self._open_stream(previous, rank, template)
+
+    def _open_stream(
+        self,
+        previous: Mapping[str, Tensor] | None,
+        global_rank: int | None,
+        template: Mapping[str, Tensor],
+    ) -> StreamingMerge:
+        raise NotImplementedError(f"{type(self).__name__} sets streams but not _open_stream")
 
     def _combine(
         self,

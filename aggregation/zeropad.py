@@ -22,6 +22,7 @@ from aggregation.stacking import (
     weighted_average,
     weighted_rank_sum,
 )
+from aggregation.streaming import PaddedStream, StreamingMerge
 from aggregation.validate import check_merge_inputs
 
 
@@ -71,6 +72,7 @@ class ZeroPadMerger(RankMerger):
 
     name: ClassVar[str] = "zeropad"
     linear_in_factors: ClassVar[bool] = True
+    streams: ClassVar[bool] = True
 
     def _combine(
         self,
@@ -81,3 +83,12 @@ class ZeroPadMerger(RankMerger):
         global_rank: int,
     ) -> dict[str, Tensor]:
         return zeropad_merge(states, ranks, num_samples, global_rank=global_rank)
+
+    def _open_stream(
+        self,
+        previous: Mapping[str, Tensor] | None,
+        global_rank: int,
+        template: Mapping[str, Tensor],
+    ) -> StreamingMerge:
+        # acc[:r_i] += n_i * x_i, divided by sum n at the end.
+        return PaddedStream(template, global_rank)

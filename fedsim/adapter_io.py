@@ -8,7 +8,6 @@ import torch
 from safetensors.torch import save_file
 
 from fedsim.config import FedSimConfig
-from fedsim.models.lora import DENSE_MODULES, peft_config
 
 
 def save_peft_adapter(
@@ -18,7 +17,7 @@ def save_peft_adapter(
     target_modules: str,
     rank: int,
     global_rank: int,
-    dense_modules: tuple[str, ...] | list[str] = DENSE_MODULES,
+    dense_modules: tuple[str, ...] | list[str] | None = None,
 ) -> Path:
     """Save ``state`` (peft key names, peft's scaling already applied) as a peft adapter.
 
@@ -29,8 +28,12 @@ def save_peft_adapter(
 
     Args:
         dense_modules: the backbone's fully trained modules; those present in ``state`` are
-            declared as peft ``modules_to_save``.
+            declared as peft ``modules_to_save`` (None: the built-in classifier's).
     """
+    from fedsim.models.lora import DENSE_MODULES, peft_config  # the model stack, only here
+
+    if dense_modules is None:
+        dense_modules = DENSE_MODULES
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     dense = tuple(m for m in dense_modules if any(f".{m}." in k for k in state))
@@ -40,3 +43,20 @@ def save_peft_adapter(
     tensors = {k: v.detach().contiguous().cpu() for k, v in state.items()}
     save_file(tensors, str(directory / "adapter_model.safetensors"), metadata={"format": "pt"})
     return directory
+
+
+def peft_adapter_files(
+    state: dict[str, torch.Tensor],
+    cfg: FedSimConfig,
+    target_modules: str,
+    rank: int,
+    global_rank: int,
+    dense_modules: tuple[str, ...] | list[str] | None = None,
+) -> dict[str, bytes]:
+    """:func:`save_peft_adapter`'s files as bytes (file name to content), for a process that
+    holds the model stack to write for one that does not (a client actor for the driver)."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="fedsim-") as tmp:
+        save_peft_adapter(state, tmp, cfg, target_modules, rank, global_rank, dense_modules)
+        return {p.name: p.read_bytes() for p in sorted(Path(tmp).iterdir()) if p.is_file()}

@@ -113,12 +113,21 @@ def _dispatch(ns: argparse.Namespace) -> int:
 
         print(to_yaml(cfg), end="")
     else:
+        from actors.executor import RayExecutor
         from fedsim.preflight import preflight
 
-        dataset = preflight(cfg)  # before Ray and the models are imported: seconds, not tens
+        # Ray and the client actors start in the background while this process checks the
+        # data and outputs and imports the rest; a failed check shuts them down again.
+        executor = RayExecutor()
+        executor.launch(cfg)
+        try:
+            dataset = preflight(cfg)
+        except BaseException:
+            executor.close(None, None)
+            raise
         from fedsim.simulation import run
 
-        run(cfg, dataset=dataset)
+        run(cfg, dataset=dataset, executor=executor)
     return 0
 
 

@@ -8,15 +8,24 @@ import tempfile
 from pathlib import Path
 
 from aggregation import unfold_scaling
-from fedsim.adapter_io import save_peft_adapter
 from fedsim.config import resolve_ranks
 from fedsim.messages import ExportedAdapter
 from fedsim.methods import enabled_methods
-from fedsim.models.lora import client_scaling
+from fedsim.models.scaling import client_scaling
 from fedsim.tracking import plot_history
 
 
-def log_final_outputs(cfg, info, ex, server, tracker, history, clients) -> None:
+def _write_adapter(pool, directory: str, state, cfg, info, rank: int, global_rank: int) -> None:
+    """Write ``state`` as a peft adapter into ``directory``; a client actor, which holds the
+    model stack, makes the files (the driver never imports peft)."""
+    files = pool.call_first(
+        "peft_files", state, info.target_modules, rank, global_rank, info.dense_modules
+    )
+    for name, content in files.items():
+        (Path(directory) / name).write_bytes(content)
+
+
+def log_final_outputs(cfg, info, ex, pool, server, tracker, history, clients) -> None:
     """Log the final global adapter (peft format) and the plots.
 
     Base-weight updates that a method folded in and a LoRA adapter cannot hold (FedEx-LoRA's
@@ -28,7 +37,7 @@ def log_final_outputs(cfg, info, ex, server, tracker, history, clients) -> None:
         rank = exported.rank
         state = unfold_scaling(exported.adapter, client_scaling(cfg.lora, rank, rank))
         with tempfile.TemporaryDirectory(prefix="fedsim-") as tmp:
-            save_peft_adapter(state, tmp, cfg, info.target_modules, rank, rank, info.dense_modules)
+            _write_adapter(pool, tmp, state, cfg, info, rank, rank)
             if exported.base is not None:
                 from safetensors.torch import save_file
 
@@ -60,7 +69,5 @@ def log_client_adapters(cfg, info, driver, tracker) -> None:
         private = driver.ex.get(driver.states[cid]).private
         state = {**shared, **private}
         with tempfile.TemporaryDirectory(prefix="fedsim-") as tmp:
-            save_peft_adapter(
-                state, tmp, cfg, info.target_modules, rank, global_rank, info.dense_modules
-            )
+            _write_adapter(driver.pool, tmp, state, cfg, info, rank, global_rank)
             tracker.log_dir(tmp, f"clients/c{cid:06d}")

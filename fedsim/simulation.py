@@ -12,6 +12,7 @@ import json
 import os
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -19,7 +20,7 @@ import numpy as np
 import ray
 
 from actors.executor import LocalExecutor, RayExecutor
-from aggregation import SERVER_OPTIMIZERS
+from aggregation import SERVER_OPTIMIZERS, InOrder
 from fedsim.checkpoint import (
     Checkpoint,
     CheckpointWriter,
@@ -63,6 +64,11 @@ class RunResult:
         history: one dict of metrics per round, round 0 (before training) first.
         clients: per round, one row per sampled client (report, status).
         run_dir: the run's checkpoint directory (``fedsim run --resume`` takes it).
+        phases: seconds from the start of the run call to the end of each start-up and
+            tear-down phase: ``ray`` (Ray up), ``store`` (MLflow run created, overlapping the
+            actors' start), ``actors`` (every actor holds its backbone), ``ready`` (server
+            built: round 0 starts), ``first_round`` (round 0 evaluated), ``rounds`` (last
+            round logged), ``done`` (final outputs logged, run closed).
     """
 
     run_id: str
@@ -70,6 +76,7 @@ class RunResult:
     history: list[dict[str, float]] = field(default_factory=list)
     clients: list[list[dict]] = field(default_factory=list)
     run_dir: Path | None = None
+    phases: dict[str, float] = field(default_factory=dict)
 
     @property
     def final(self) -> dict[str, float]:
@@ -119,6 +126,7 @@ def server_args(cfg: FedSimConfig, initial: dict) -> tuple:
         server_optimizer(cfg.server),
         enabled_methods(cfg),
         cfg.clients.num,
+        cfg.aggregation.streaming,
     )
 
 
@@ -212,15 +220,38 @@ def _simulate(
     dataset=None,
     executor: RayExecutor | LocalExecutor | None = None,
 ):
+    clock = _Phases()
     ranks = list(ckpt.meta["ranks"]) if ckpt else resolve_ranks(cfg.clients, cfg.seed)
     per_round = len(sample_clients(cfg.clients.num, cfg.clients.fraction, cfg.seed, 1))
-    # Every output location, the dataset, the clients' splits and the model are checked here,
-    # once, before Ray starts: a user mistake is a one-line config error, not N dead actors.
-    if dataset is None:
-        resumed = (run_dir, ckpt.meta["mlflow_run_id"]) if ckpt else (None, None)
-        dataset = preflight(cfg, *resumed)
     ex = executor or RayExecutor()
-    ex.start()
+    # Ray and the client actors come up in the background (the actors import the model stack
+    # and load their backbones) while this process checks the inputs and opens the store.
+    ex.launch(cfg, per_round)
+    # Every output location, the dataset, the clients' splits and the model are checked here,
+    # once, before any work is handed out: a user mistake is a one-line config error.
+    try:
+        if dataset is None:
+            resumed = (run_dir, ckpt.meta["mlflow_run_id"]) if ckpt else (None, None)
+            dataset = preflight(cfg, *resumed)
+    except BaseException:
+        ex.close(None, None)
+        raise
+    clock.mark("checks")
+    # The MLflow store (schema migrations take seconds on a fresh SQLite file) is set up in a
+    # thread while the actors load.
+    tracking = ThreadPoolExecutor(1, thread_name_prefix="fedsim-tracking")
+    if ckpt:
+        opened = tracking.submit(Tracker.reopen, cfg, ckpt.meta["mlflow_run_id"], ckpt.round)
+    else:
+        opened = tracking.submit(Tracker, cfg)
+    tracking.shutdown(wait=False)
+    try:
+        ex.start()
+    except BaseException:
+        _close_tracker(opened, "FAILED")
+        ex.close(None, None)
+        raise
+    clock.mark("ray")
     for key in ephemeral_paths(cfg):
         print(
             f"fedsim: warning: {key} is a relative path and this Ray job runs in Ray's temporary "
@@ -230,16 +261,20 @@ def _simulate(
         )
     pool = server = tracker = writer = progress = None
     try:
-        pool = ex.make_pool(cfg, per_round)
+        try:
+            pool = ex.make_pool(cfg, per_round, wait=False)
+        finally:
+            tracker = opened.result()  # the store's own error, if any, comes first
+        clock.mark("store")
+        pool.wait_ready()
+        clock.mark("actors")
         info = pool.call_first("describe")
         _check_ranks(resolve_ranks(cfg.clients, cfg.seed), info.max_rank)
         initial = pool.call_first("initial_global")
         server = ex.make_server(*server_args(cfg, initial))
         if ckpt:
             _load_server_state(ex, server, ckpt)
-            tracker = Tracker.reopen(cfg, ckpt.meta["mlflow_run_id"], ckpt.round)
         else:
-            tracker = Tracker(cfg)
             run_dir = Path(cfg.checkpoint.dir) / tracker.run_id
             _log_skipped_rows(tracker, dataset)
         if cfg.checkpoint.every > 0:
@@ -251,22 +286,25 @@ def _simulate(
             )
             writer.write_config(to_yaml(cfg))
         result = RunResult(tracker.run_id, tracker.uri, run_dir=writer.run_dir if writer else None)
+        result.phases = clock.seconds
         driver = _Driver(
             cfg, ranks, ex, pool, server, tracker, result, writer, info.client_train_sizes
         )
         if ckpt:
             driver.restore(ckpt)
+        clock.mark("ready")
         done = max(driver.next_round - 1, 0)  # rounds already trained (a resumed run's checkpoint)
         progress = RoundProgress(cfg.rounds, enabled=cfg.progress, initial=done)
-        driver.loop(progress)
+        driver.loop(progress, clock)
         progress.close()
+        clock.mark("rounds")
         if cfg.rounds >= driver.first_round and not driver.merged_any:
             raise RunFailed(
                 f"no round of this run merged a client update (rounds {driver.first_round}-"
                 f"{cfg.rounds}: every sampled client failed, was late or was rejected); see the "
                 "round lines above and the clients/ tables in MLflow"
             )
-        log_final_outputs(cfg, info, ex, server, tracker, result.history, result.clients)
+        log_final_outputs(cfg, info, ex, pool, server, tracker, result.history, result.clients)
         if cfg.tracking.save_client_adapters:
             log_client_adapters(cfg, info, driver, tracker)
         tracker.finish()
@@ -276,8 +314,14 @@ def _simulate(
     except BaseException as exc:
         if progress is not None:  # end the bar's line before the error is printed
             progress.close()
+        status = "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED"
+        # a user mistake found before round 0 of a new run leaves no run behind
+        if isinstance(exc, ConfigError) and ckpt is None and progress is None:
+            status = "DISCARD"
         if tracker is not None:
-            tracker.finish("KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
+            _end_tracker(tracker, status)
+        else:
+            _close_tracker(opened, status)
         if writer is not None and (writer.run_dir / "latest.json").exists():
             hint = f"fedsim run --resume {writer.run_dir}"
             if isinstance(exc, RunFailed):  # the CLI prints it with the reason
@@ -286,6 +330,35 @@ def _simulate(
         raise
     finally:
         ex.close(pool, server)
+        clock.mark("done")
+
+
+class _Phases:
+    """Seconds from the run call's start to the end of each start-up and tear-down phase."""
+
+    def __init__(self) -> None:
+        self.start = time.perf_counter()
+        self.seconds: dict[str, float] = {}
+
+    def mark(self, phase: str) -> None:
+        self.seconds[phase] = time.perf_counter() - self.start
+
+
+def _close_tracker(opened, status: str) -> None:
+    """End the MLflow run the tracking thread opened (if it did) with ``status``."""
+    try:
+        tracker = opened.result()
+    except Exception:
+        return  # the store's own error; the run's error is the one to report
+    _end_tracker(tracker, status)
+
+
+def _end_tracker(tracker: Tracker, status: str) -> None:
+    """Mark the run ``status``; ``DISCARD``: delete a run a config error stopped at once."""
+    if status == "DISCARD" and not tracker.reopened:
+        tracker.discard()
+    else:
+        tracker.finish("FAILED" if status == "DISCARD" else status)
 
 
 def _load_server_state(ex, server, ckpt: Checkpoint) -> None:
@@ -306,6 +379,29 @@ def _log_skipped_rows(tracker: Tracker, dataset) -> None:
     if skipped:
         rows = [{"file": s.file, "row": s.row, "reason": s.reason} for s in skipped]
         tracker.log_table(rows, "data/skipped_rows.json")
+
+
+class _Stream:
+    """One round's streaming merge: updates go to the server as the clients finish, in
+    client-id order (:class:`aggregation.InOrder` holds an early arrival until every smaller
+    sampled id has reported or failed for good)."""
+
+    def __init__(self, driver: _Driver, round_idx: int, sampled: list[int]):
+        self.ex, self.server = driver.ex, driver.server
+        self.order = InOrder(sampled)
+        self.calls = [self.ex.call(self.server, "stream_open", round_idx)]
+
+    def on_done(self, cid: int, report, refs) -> None:
+        ready = self.order.drop(cid) if report is None else self.order.offer(cid, (report, refs))
+        for c, (r, refs) in ready:
+            meta = ClientMeta(c, r.rank, r.num_samples, r.steps)
+            self.calls.append(self.ex.call(self.server, "stream_add", meta, refs.upload))
+
+    def close(self, apply: bool) -> AggregateReport:
+        if self.order.pending:
+            raise RuntimeError(f"{self.order.pending} update(s) never released to the merge")
+        self.ex.get(self.calls)  # a server error surfaces here
+        return self.ex.get(self.ex.call(self.server, "stream_close", apply))
 
 
 class _Driver:
@@ -336,6 +432,15 @@ class _Driver:
         self.last_upload: dict[int, tuple[object, int]] = {}
         self.empty_rounds: list[int] = []  # the current streak of rounds that merged nothing
         self.merged_any = False  # whether any round of this process merged an update
+        self.streaming = bool(ex.get(ex.call(server, "streams")))
+        self._shared = None  # the object-store ref of the current broadcast, once made
+
+    def _broadcast(self):
+        """The current global adapter's broadcast as one shared object (made once per change:
+        a round's evaluation and the next round's tasks read the same one)."""
+        if self._shared is None:
+            self._shared = self.ex.share(self.ex.call(self.server, "broadcast"))
+        return self._shared
 
     def restore(self, ckpt: Checkpoint) -> None:
         """Take up the driver's state from a checkpoint, and log what MLflow missed."""
@@ -352,14 +457,18 @@ class _Driver:
             if h["round"] > logged:
                 self._log(h["round"], {k: v for k, v in h.items() if k != "round"}, rows)
 
-    def loop(self, progress) -> None:
+    def loop(self, progress, clock: _Phases | None = None) -> None:
         """Round 0 evaluates the initial adapter; rounds 1..T train."""
         if self.next_round == 0:
             start = time.perf_counter()
             metrics = self._evaluate_global(0)
             metrics["time/round_s"] = time.perf_counter() - start
+            if clock is not None:
+                metrics["time/startup_s"] = clock.seconds.get("ready", 0.0)
             self._end_round(0, metrics, [], [])
             progress.update(0, metrics)
+        if clock is not None:
+            clock.mark("first_round")
         for t in range(max(self.next_round, 1), self.cfg.rounds + 1):
             metrics = self._round(t)
             progress.update(t, metrics)
@@ -370,9 +479,7 @@ class _Driver:
 
     def _evaluate_global(self, t: int) -> dict[str, float]:
         """Evaluate the global adapter; log round ``t``'s example generations, if any."""
-        metrics, examples = global_metrics(
-            self.pool.evaluate(self.ex.call(self.server, "broadcast"))
-        )
+        metrics, examples = global_metrics(self.pool.evaluate(self._broadcast()))
         if examples:
             self.tracker.log_table(examples, f"examples/round_{t:04d}.json")
         return metrics
@@ -381,14 +488,18 @@ class _Driver:
         cfg = self.cfg
         start = time.perf_counter()
         sampled = sample_clients(cfg.clients.num, cfg.clients.fraction, cfg.seed, t)
-        broadcast = self.ex.call(self.server, "broadcast")  # one object for all tasks
+        broadcast = self._broadcast()  # one object for all tasks
         evaluate = self.evaluates(t)
         cohort = tuple(self.ranks[c] for c in sampled)
         # longest expected first (ties by id): results are keyed and merged by client id, so
         # the order changes when actors are free, never a number
         order = sorted(sampled, key=lambda c: (-self.cost[c], c))
         tasks = [ClientTask(c, self.ranks[c], t, evaluate=evaluate, cohort=cohort) for c in order]
-        outcome = self.pool.train(tasks, broadcast, self.states)
+        # Without a deadline every reporting client is merged, so a linear merge can take
+        # each update as it arrives (in client-id order: the same bits in any arrival order).
+        stream = _Stream(self, t, sampled) if self.streaming and cfg.round.deadline_s <= 0 else None
+        outcome = self.pool.train(tasks, broadcast, self.states, stream and stream.on_done)
+        train_s = time.perf_counter() - start
         finished = {c: outcome.values[c] for c in sorted(outcome.values)}
         sim_s = {
             c: task_seconds(
@@ -421,11 +532,14 @@ class _Driver:
         meta = [ClientMeta(c, r.rank, r.num_samples, r.steps) for c, r in zip(used, reports)]
         for c, r in zip(used, reports):  # a method may lower the rank (HetLoRA's pruning)
             self.ranks[c] = r.next_rank or self.ranks[c]
-        if used:
+        if stream is not None:
+            agg = stream.close(apply=bool(used))
+        elif used:
             uploads = [outcome.refs[c].upload for c in used]
             agg = self.ex.get(self.ex.call(self.server, "aggregate_packed", t, meta, *uploads))
         else:
             agg = AggregateReport(t)
+        self._shared = None  # the global adapter may have changed
         for cid, reason in agg.rejected.items():
             print(f"round {t}: update of client {cid} rejected: {reason}", flush=True)
             status[cid] = f"rejected: {reason}"
@@ -444,8 +558,11 @@ class _Driver:
         metrics.update(agg.metrics)
         metrics["clients/rank_mean"] = float(np.mean(self.ranks))
         metrics["clients/actors_replaced"] = self.pool.replaced
+        metrics["time/train_s"] = train_s
         if evaluate:
+            eval_start = time.perf_counter()
             metrics.update(self._evaluate_global(t))
+            metrics["time/eval_s"] = time.perf_counter() - eval_start
         self.totals.upload_bytes += metrics["comm/upload_bytes"]
         self.totals.download_bytes += metrics["comm/download_bytes"]
         self.totals.simulated_s += close.seconds

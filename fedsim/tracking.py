@@ -48,6 +48,7 @@ class Tracker:
         )
         run = self.client.create_run(exp_id, run_name=run_name or cfg.tracking.run_name, tags=tags)
         self.run_id = run.info.run_id
+        self.reopened = False
         self.experiment_id = exp_id
         if not log_config:  # a parent run of a study: its children carry the configs
             return
@@ -85,6 +86,7 @@ class Tracker:
                 "from the directory the run was started in, or pass tracking.uri=",
             ) from None
         self.run_id = run_id
+        self.reopened = True
         self.experiment_id = run.info.experiment_id
         self.client.update_run(run_id, status="RUNNING")
         self.client.set_tag(run_id, "fedsim.resumed_from_round", str(resumed_round))
@@ -122,6 +124,13 @@ class Tracker:
 
     def finish(self, status: str = "FINISHED") -> None:
         self.client.set_terminated(self.run_id, status=status)
+
+    def discard(self) -> None:
+        """Delete the run (MLflow's soft delete): a run that a config error stopped before
+        round 0 was never a run. The run is created while the actors start, so an error they
+        find (ranks above the backbone's) comes after it."""
+        self.client.set_terminated(self.run_id, status="FAILED")
+        self.client.delete_run(self.run_id)
 
     def artifact_uri(self) -> str:
         return self.client.get_run(self.run_id).info.artifact_uri

@@ -3,11 +3,19 @@
 For each client count ``N`` the benchmark draws ``N`` ranks from {4, 8, 16, 32, 64} and random
 float32 client states shaped like the default backbone's LoRA adapter (truncated to each
 client's rank), then times ``get_merger(name).merge(...)`` for every method in ``MERGERS`` and,
-as the practical floor, one pass that reads every input element once (a sum per tensor). It
-prints one row per (clients, method): merge ms, floor ms, their ratio and the input size.
+as the practical floor, one pass that reads every input element once (a sum per tensor). For
+every method that streams (``streams=True``) it also times the streaming merge: ``add`` of
+every client one by one, then ``result()``. It prints one row per (clients, method, path):
+merge ms, floor ms, their ratio, the server's peak memory and the input size.
+
+Server peak memory is measured per case in a fresh Python process: the growth of its resident
+set (peak minus the level before the first client arrives, Linux ``VmHWM`` after resetting it
+through ``/proc/self/clear_refs``). The batch path holds every client's state at once; the
+streaming path generates client ``i``'s state right before ``add`` and drops it after, as
+updates arriving one at a time would.
 
     /work/venv/bin/python experiments/bench/merges.py [--clients 10 100 500]
-        [--methods zeropad fedilora ...] [--repeats 3] [--threads N] [--tiny]
+        [--methods zeropad fedilora ...] [--repeats 3] [--threads N] [--tiny] [--no-memory]
 
 See ``experiments/bench/README.md`` for the columns and a measured table.
 """
@@ -15,17 +23,23 @@ See ``experiments/bench/README.md`` for the columns and a measured table.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
+import resource
 import statistics
+import subprocess
+import sys
+import tempfile
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from pathlib import Path
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from aggregation import MERGERS, get_merger, rank_axis, truncate
+from aggregation import MERGERS, RankMerger, get_merger, rank_axis, truncate
 
 RANK_CHOICES = (4, 8, 16, 32, 64)
 GLOBAL_RANK = 64
@@ -37,7 +51,19 @@ DEFAULT_MAX_GB = 6.0
 # run stays short: repeats are cut to fit roughly this many seconds (at least 1).
 DEFAULT_CASE_BUDGET_S = 6.0
 
-COLUMNS = ("clients", "method", "repeats", "merge ms", "floor ms", "merge/floor", "input MB")
+COLUMNS = (
+    "clients",
+    "method",
+    "path",
+    "repeats",
+    "merge ms",
+    "floor ms",
+    "merge/floor",
+    "server peak MB",
+    "input MB",
+)
+# The line a peak-memory child process prints its result on.
+RESULT_TAG = "PEAK_RESULT "
 
 
 def backbone_global_state() -> dict[str, Tensor]:
@@ -85,6 +111,19 @@ def state_bytes(shapes: Mapping[str, tuple[int, ...]]) -> int:
     return sum(4 * int(np.prod(shape, dtype=np.int64)) for shape in shapes.values())
 
 
+def draw_clients(num_clients: int, seed: int) -> tuple[list[int], list[float]]:
+    """Draw the clients' ranks from ``RANK_CHOICES`` and sample counts from [10, 1000)."""
+    rng = np.random.default_rng(seed)
+    ranks = [int(r) for r in rng.choice(RANK_CHOICES, size=num_clients)]
+    num_samples = [float(n) for n in rng.integers(10, 1000, size=num_clients)]
+    return ranks, num_samples
+
+
+def random_state(shapes: Mapping[str, tuple[int, ...]], generator: torch.Generator):
+    """A random float32 state with these shapes."""
+    return {key: torch.randn(shape, generator=generator) for key, shape in shapes.items()}
+
+
 def make_clients(
     global_state: Mapping[str, Tensor],
     num_clients: int,
@@ -102,9 +141,7 @@ def make_clients(
         ``(states, ranks, num_samples, input_bytes, distinct_bytes)``: ``input_bytes`` counts
         every client's tensors (what a merge reads), ``distinct_bytes`` the memory allocated.
     """
-    rng = np.random.default_rng(seed)
-    ranks = [int(r) for r in rng.choice(RANK_CHOICES, size=num_clients)]
-    num_samples = [float(n) for n in rng.integers(10, 1000, size=num_clients)]
+    ranks, num_samples = draw_clients(num_clients, seed)
     shapes = {r: client_shapes(global_state, r) for r in RANK_CHOICES}
     input_bytes = sum(state_bytes(shapes[r]) for r in ranks)
     counts = {r: ranks.count(r) for r in RANK_CHOICES}
@@ -122,9 +159,7 @@ def make_clients(
         index = seen[r] % pool
         seen[r] += 1
         if index == len(made[r]):
-            made[r].append(
-                {key: torch.randn(shape, generator=g) for key, shape in shapes[r].items()}
-            )
+            made[r].append(random_state(shapes[r], g))
         states.append(made[r][index])
     return states, ranks, num_samples, input_bytes, distinct_bytes
 
@@ -132,6 +167,110 @@ def make_clients(
 def memory_pass(states: Sequence[Mapping[str, Tensor]]) -> Tensor:
     """The floor: read every element of every input tensor once (one sum per tensor)."""
     return torch.stack([t.sum() for state in states for t in state.values()]).sum()
+
+
+def stream_merge(
+    merger: RankMerger,
+    clients: Iterable[tuple[Mapping[str, Tensor], int, float]],
+    global_state: Mapping[str, Tensor],
+) -> dict[str, Tensor]:
+    """Merge ``(state, rank, num_samples)`` triples one at a time with ``merger.stream``.
+
+    Each state is dropped after its ``add``, so when ``clients`` makes them lazily the server
+    never holds more than one.
+    """
+    stream = merger.stream(global_state, GLOBAL_RANK, global_state)
+    for state, rank, count in clients:
+        stream.add(state, rank, count)
+        del state
+    return stream.result()
+
+
+def _status_kb(field: str) -> int:
+    """A ``kB`` field of ``/proc/self/status`` (``VmRSS``, ``VmHWM``)."""
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise KeyError(field)
+
+
+def _reset_peak() -> bool:
+    """Reset the resident-set high-water mark to the current RSS (Linux >= 4.0)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as clear_refs:
+            clear_refs.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def peak_case(
+    shapes: Mapping[str, tuple[int, ...]],
+    method: str,
+    path: str,
+    num_clients: int,
+    seed: int,
+    max_bytes: float,
+) -> dict[str, object]:
+    """Run one merge and return the growth of this process's peak RSS while it ran.
+
+    Called in a fresh process (``run_peak_case``). The global state (the server's, held in
+    either path) and a 2-client warm-up of both paths on the tiny shapes come before the
+    baseline, so lazily loaded code is not counted; the warm-up is tiny so that it leaves no
+    freed memory the measured merge could reuse without growing the RSS.
+
+    Returns:
+        ``{"peak_bytes": ..., "exact": ...}``: the peak minus the RSS at the baseline;
+        ``exact`` is False where the high-water mark could not be reset (then it is the
+        process's lifetime peak ``ru_maxrss`` minus the baseline, an upper bound).
+    """
+    g = torch.Generator().manual_seed(seed)
+    global_state = random_state(shapes, g)
+    merger = get_merger(method)
+    draw_clients(2, seed)  # numpy's first Generator allocates about 2.5 MB
+    tiny = tiny_global_state(seed)
+    warm_ranks = [RANK_CHOICES[0], RANK_CHOICES[-1]]
+    warm = [(random_state(client_shapes(tiny, r), g), r, 10.0) for r in warm_ranks]
+    merger.merge([s for s, _, _ in warm], warm_ranks, [10.0, 10.0], previous=tiny)
+    if merger.streams:
+        stream_merge(merger, warm, tiny)
+    del warm, tiny
+    exact = _reset_peak()
+    baseline = _status_kb("VmRSS")
+    if path == "batch":
+        states, ranks, num_samples, _, _ = make_clients(global_state, num_clients, seed, max_bytes)
+        merged = merger.merge(
+            states, ranks, num_samples, previous=global_state, global_rank=GLOBAL_RANK
+        )
+    else:
+        ranks, num_samples = draw_clients(num_clients, seed)
+        by_rank = {r: client_shapes(global_state, r) for r in RANK_CHOICES}
+        lazy = (
+            (random_state(by_rank[r], g), r, n) for r, n in zip(ranks, num_samples, strict=True)
+        )
+        merged = stream_merge(merger, lazy, global_state)
+    peak = _status_kb("VmHWM") if exact else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    del merged
+    return {"peak_bytes": 1024 * (peak - baseline), "exact": exact}
+
+
+def run_peak_case(
+    args: argparse.Namespace, shapes_file: Path, method: str, path: str, num_clients: int
+) -> dict[str, object]:
+    """Run ``peak_case`` in a fresh Python process and return its result."""
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--peak-case", path, method]
+    cmd += [str(num_clients), "--shapes-file", str(shapes_file), "--seed", str(args.seed)]
+    cmd += ["--max-gb", str(args.max_gb), "--threads", str(args.threads)]
+    proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, check=False)
+    lines = [x for x in proc.stdout.splitlines() if x.startswith(RESULT_TAG)]
+    if proc.returncode != 0 or not lines:
+        sys.stdout.write(proc.stdout)
+        raise RuntimeError(
+            f"peak memory of {method} ({path}, {num_clients} clients) failed "
+            f"(exit {proc.returncode})"
+        )
+    return json.loads(lines[-1][len(RESULT_TAG) :])
 
 
 def time_ms(fn: Callable[[], object], repeats: int, budget_s: float) -> tuple[float, int]:
@@ -190,6 +329,21 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--tiny", action="store_true", help="small hand-made shapes instead of the backbone"
     )
+    parser.add_argument(
+        "--no-memory",
+        dest="memory",
+        action="store_false",
+        help="skip the server peak memory column (one fresh process per case)",
+    )
+    # Internal: run one peak-memory case (``peak_case``) and print its result.
+    parser.add_argument(
+        "--peak-case",
+        nargs=3,
+        metavar=("PATH", "METHOD", "N"),
+        default=None,
+        help=argparse.SUPPRESS,
+    )
+    parser.add_argument("--shapes-file", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.repeats < 1 or any(n < 1 for n in args.clients) or args.threads < 0:
         parser.error("--repeats and --clients must be positive, --threads at least 0")
@@ -203,6 +357,15 @@ def main(argv: Sequence[str] | None = None) -> list[tuple]:
     try:
         if args.threads:
             torch.set_num_threads(args.threads)
+        if args.peak_case:
+            path, method, num = args.peak_case
+            shapes = json.loads(Path(args.shapes_file).read_text())
+            shapes = {key: tuple(shape) for key, shape in shapes.items()}
+            result = peak_case(
+                shapes, method, path, int(num), args.seed + int(num), args.max_gb * 1e9
+            )
+            print(RESULT_TAG + json.dumps(result), flush=True)
+            return []
         return run(args)
     finally:
         torch.set_num_threads(threads)
@@ -229,7 +392,22 @@ def run(args: argparse.Namespace) -> list[tuple]:
     for r in RANK_CHOICES:
         expected = {k: tuple(t.shape) for k, t in truncate(global_state, r).items()}
         assert client_shapes(global_state, r) == expected, f"rank {r} shapes disagree"
+    with tempfile.TemporaryDirectory(prefix="bench-merges-") as tmp:
+        shapes_file = Path(tmp) / "shapes.json"
+        shapes = {key: list(tensor.shape) for key, tensor in global_state.items()}
+        shapes_file.write_text(json.dumps(shapes))
+        rows = run_cases(args, global_state, shapes_file)
+    print("\n" + format_table(rows), flush=True)
+    print(f"\ntotal {time.perf_counter() - start:.1f} s", flush=True)
+    return rows
+
+
+def run_cases(
+    args: argparse.Namespace, global_state: Mapping[str, Tensor], shapes_file: Path
+) -> list[tuple]:
+    """Time (and, with ``args.memory``, measure) every (clients, method, path) case."""
     rows = []
+    inexact = False
     for n in args.clients:
         states, ranks, num_samples, input_bytes, distinct = make_clients(
             global_state, n, args.seed + n, args.max_gb * 1e9
@@ -248,21 +426,33 @@ def run(args: argparse.Namespace) -> list[tuple]:
             def merge(m=merger, s=states, r=ranks, w=num_samples):
                 return m.merge(s, r, w, previous=global_state, global_rank=GLOBAL_RANK)
 
-            merge_ms, reps = time_ms(merge, args.repeats, args.case_budget)
-            row = (
-                n,
-                name,
-                reps,
-                f"{merge_ms:.1f}",
-                f"{floor_ms:.1f}",
-                f"{merge_ms / floor_ms:.1f}" if floor_ms > 0 else "inf",
-                f"{input_bytes / 1e6:.1f}",
-            )
-            rows.append(row)
-            print("  " + "  ".join(f"{c}={v}" for c, v in zip(COLUMNS, row)), flush=True)
+            def stream(m=merger, s=states, r=ranks, w=num_samples):
+                return stream_merge(m, zip(s, r, w), global_state)
+
+            paths = [("batch", merge)] + ([("stream", stream)] if merger.streams else [])
+            for path, fn in paths:
+                merge_ms, reps = time_ms(fn, args.repeats, args.case_budget)
+                peak = "-"
+                if args.memory:
+                    result = run_peak_case(args, shapes_file, name, path, n)
+                    peak = f"{result['peak_bytes'] / 1e6:.1f}"
+                    inexact = inexact or not result["exact"]
+                row = (
+                    n,
+                    name,
+                    path,
+                    reps,
+                    f"{merge_ms:.1f}",
+                    f"{floor_ms:.1f}",
+                    f"{merge_ms / floor_ms:.1f}" if floor_ms > 0 else "inf",
+                    peak,
+                    f"{input_bytes / 1e6:.1f}",
+                )
+                rows.append(row)
+                print("  " + "  ".join(f"{c}={v}" for c, v in zip(COLUMNS, row)), flush=True)
         del states
-    print("\n" + format_table(rows), flush=True)
-    print(f"\ntotal {time.perf_counter() - start:.1f} s", flush=True)
+    if inexact:
+        print("NB: the RSS high-water mark could not be reset; peaks are ru_maxrss upper bounds")
     return rows
 
 

@@ -59,6 +59,8 @@ COLUMNS = (
     "round/floor",
     "eval s",
     "round/(floor+eval)",
+    "ideal s",
+    "round/ideal",
     "same result",
     "RSS MB",
     "PSS MB",
@@ -186,8 +188,8 @@ class MemorySampler:
             if proc is self.me or name.startswith("ray::") or "default_worker.py" in cmdline:
                 rss += info.rss
                 pss += info.pss
-                # an actor's process title is ray::ClientWorker, or ray::ClientWorker.<method>
-                actors += name.startswith("ray::ClientWorker")
+                # an actor's process title is ray::ClientActor, or ray::ClientActor.<method>
+                actors += name.startswith("ray::ClientActor")
             else:
                 daemons += info.rss
         for key, value in (
@@ -249,7 +251,13 @@ def run_fedsim(args: argparse.Namespace, num: int, workdir: Path) -> dict:
     rounds = [h for h in result.history if h["round"] >= 1]
     clients = load_checkpoint(result.run_dir).clients
     sizes = [state_bytes(s) for s in clients.values()]
+    per_round = max(int(h["clients/sampled"]) for h in rounds)
+    slots = int((os.cpu_count() or 1) // cfg.resources.client.num_cpus)
     return {
+        # the pool the run used: what the machine fits, capped by config and demand
+        "pool": max(1, min(slots, cfg.resources.actors or slots, per_round)),
+        # per round, each client task's own seconds (training + personalised evaluation)
+        "task_s": [[row["time_s"] for row in rows] for rows in result.clients[1:]],
         "round_s": [h["time/round_s"] for h in rounds],
         "aggregate_s": [h["time/aggregate_s"] for h in rounds],
         "sampled": [h["clients/sampled"] for h in rounds],
@@ -339,10 +347,28 @@ def same_result(fed: dict, floor: dict) -> bool:
     return equal(fed["history"], floor["history"])
 
 
+def longest_first(times: Sequence[float], slots: int) -> float:
+    """Makespan of ``times`` scheduled longest first, each on the slot that frees first."""
+    ends = [0.0] * max(1, slots)
+    for t in sorted(times, reverse=True):
+        ends[ends.index(min(ends))] += t
+    return max(ends)
+
+
+def ideal_round(fed: dict, floor: dict) -> float:
+    """The round time the pool could reach: each round's client tasks (their own seconds in
+    the run) scheduled longest first over the actors, plus the global evaluation (the floor's
+    one-thread time) split evenly over them; the mean over the rounds."""
+    slots = fed["pool"]
+    eval_s = sum(floor["eval_s"]) / floor["rounds"]
+    return mean([longest_first(ts, slots) for ts in fed["task_s"]]) + eval_s / slots
+
+
 def table_row(num: int, fed: dict, floor: dict) -> dict:
     round_s, floor_s = mean(fed["round_s"]), mean(floor["train_s"])
     # per round, as round s counts it: a round not evaluated (eval.every) adds no evaluation
     eval_s = sum(floor["eval_s"]) / floor["rounds"]
+    ideal = ideal_round(fed, floor)
     with_state = fed["clients_with_state"]
     return {
         "clients": num,
@@ -353,6 +379,8 @@ def table_row(num: int, fed: dict, floor: dict) -> dict:
         "round/floor": f"{round_s / floor_s:.2f}",
         "eval s": f"{eval_s:.2f}",
         "round/(floor+eval)": f"{round_s / (floor_s + eval_s):.2f}",
+        "ideal s": f"{ideal:.2f}",
+        "round/ideal": f"{round_s / ideal:.2f}",
         "same result": "yes" if same_result(fed, floor) else "NO",
         "RSS MB": f"{fed['peak']['rss'] / MB:.0f}",
         "PSS MB": f"{fed['peak']['pss'] / MB:.0f}",

@@ -218,7 +218,7 @@ def memory_sampler(interval: float):
                     info = proc.memory_full_info()
                     name = proc.name() if proc is not self.me else ""
                     cmdline = " ".join(proc.cmdline()) if proc is not self.me else ""
-                    actor = name.startswith("ray::ClientWorker")
+                    actor = name.startswith("ray::ClientActor")
                     nice = proc.nice() if actor else 0
                 except gone:
                     continue

@@ -249,6 +249,14 @@ class AggregationConfig:
         default="auto",
         metadata=_help("FlexLoRA: exact SVD, randomised torch.svd_lowrank, or auto by size."),
     )
+    streaming: bool = field(
+        default=True,
+        metadata=_help(
+            "Linear merges (zeropad, fedilora, hetlora, flora) add each update as it arrives, "
+            "in client-id order, so the server holds one adapter, not one per client; false: "
+            "merge the round's updates as one batch (equal up to float rounding)."
+        ),
+    )
 
 
 @dataclass
@@ -311,7 +319,13 @@ class TrainConfig:
         default=None, metadata=_help("Cap on local optimiser steps per round.")
     )
     batch_size: int = field(default=32, metadata=_help("Local training batch size."))
-    eval_batch_size: int = field(default=256, metadata=_help("Evaluation batch size."))
+    eval_batch_size: int = field(
+        default=64,
+        metadata=_help(
+            "Evaluation batch size. The global evaluation is sharded over the actors by "
+            "batches, so small batches balance the shards (and run faster on CPUs)."
+        ),
+    )
     optimizer: Literal["adamw", "sgd"] = field(
         default="adamw", metadata=_help("Local optimiser (SCAFFOLD needs sgd).")
     )
@@ -375,6 +389,14 @@ class ResourcesConfig:
         metadata=_help(
             "Seconds to wait for the cluster to place the actor pool before failing with the "
             "numbers (an autoscaling cluster may need minutes to add nodes)."
+        ),
+    )
+    server: Literal["driver", "actor"] = field(
+        default="driver",
+        metadata=_help(
+            "Where the server (global adapter, merge, server optimiser) runs: in the driver "
+            "process (no extra process; updates stream to it as clients finish) or in its own "
+            "Ray actor (num_cpus=0), for a driver on a machine too small to hold the adapter."
         ),
     )
 

@@ -229,9 +229,27 @@ class Method:
     name: ClassVar[str] = ""
     summary: ClassVar[str] = ""
     objective: ClassVar[bool] = False
+    # True when ``after_merge`` reads only ``merged`` and ``batch.clients`` (FLoRA), so it
+    # also runs after a streaming merge, whose batch holds no updates.
+    after_merge_streams: ClassVar[bool] = False
 
     def __init__(self, cfg: FedSimConfig):
         self.cfg = cfg
+
+    @classmethod
+    def needs_all_updates(cls) -> bool:
+        """Whether the server hooks read the round's updates together (``before_merge``,
+        ``after_apply``, or an ``after_merge`` that reads ``batch.updates``); then the round
+        is merged as one batch instead of streamed as updates arrive."""
+
+        def own(hook: str) -> bool:
+            return getattr(cls, hook) is not getattr(Method, hook)
+
+        return (
+            own("before_merge")
+            or own("after_apply")
+            or (own("after_merge") and not cls.after_merge_streams)
+        )
 
     # -- config ---------------------------------------------------------------------------
     @classmethod
@@ -284,7 +302,8 @@ class Method:
         return None
 
     def before_merge(self, batch: MergeBatch) -> None:
-        """Before the merge rule runs: may replace ``batch.updates``."""
+        """Before the merge rule runs: may replace ``batch.updates`` (a method with this hook
+        makes its rounds merge as one batch; see :meth:`needs_all_updates`)."""
 
     def after_merge(self, batch: MergeBatch, merged: State) -> State:
         """After the merge rule, before the server optimiser: the merged shared tensors."""

@@ -47,6 +47,8 @@ class FLoRAFolding(Method):
         template = truncate(broadcast.adapter, task.rank)
         return {**fresh_lora_state(template, gen), **view}
 
+    after_merge_streams = True  # it reads only the merged adapter
+
     def after_merge(self, batch: MergeBatch, merged: State) -> State:
         lora = {k: v for k, v in merged.items() if k.endswith(_FACTORS)}
         self.stacked.append(lora)

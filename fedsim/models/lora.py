@@ -13,19 +13,13 @@ from peft import PeftModel, get_peft_model, get_peft_model_state_dict, set_peft_
 
 from fedsim.config import LoraConfig
 from fedsim.models.backbone import Backbone
+from fedsim.models.scaling import client_scaling
+
+__all__ = ["DENSE_MODULES", "HEAD_MODULE", "AdapterHost", "client_scaling", "peft_config"]
 
 HEAD_MODULE = "classifier"
 # Trained, federated non-LoRA modules of a FusionClassifier (those that exist are saved).
 DENSE_MODULES = (HEAD_MODULE, "missing_image")
-
-
-def client_scaling(cfg: LoraConfig, rank: int, global_rank: int) -> float:
-    """The factor ``s`` in ``dW = s * B @ A`` for a client of ``rank``.
-
-    ``constant``: ``alpha / R`` for every client, so ``B @ A`` means the same everywhere;
-    ``rank``: peft's ``alpha / r``.
-    """
-    return cfg.alpha / global_rank if cfg.scaling == "constant" else cfg.alpha / rank
 
 
 def peft_config(

@@ -1,6 +1,7 @@
 """Smoke test of experiments/bench/merges.py on tiny shapes: it runs and prints every method.
 
-No timing is asserted: the point is that the benchmark still runs against the merger API.
+No timing is asserted: the point is that the benchmark still runs against the merger API, with
+a batch row for every method and a streaming row for every method that streams.
 """
 
 from __future__ import annotations
@@ -22,19 +23,53 @@ def load_bench():
     return module
 
 
-def test_tiny_benchmark_prints_a_row_per_method(capsys):
+def expected_cases(methods) -> list[tuple[str, str]]:
+    cases = []
+    for name in methods:
+        cases.append((name, "batch"))
+        if MERGERS[name].streams:
+            cases.append((name, "stream"))
+    return cases
+
+
+def table_lines(out: str, clients: int) -> list[list[str]]:
+    return [
+        [cell.strip() for cell in line.strip().strip("|").split("|")]
+        for line in out.splitlines()
+        if line.startswith(f"| {clients} |")
+    ]
+
+
+def test_tiny_benchmark_prints_a_row_per_method_and_path(capsys):
     bench = load_bench()
     threads = torch.get_num_threads()
-    rows = bench.main(["--tiny", "--clients", "3", "--repeats", "1"])
+    rows = bench.main(["--tiny", "--clients", "3", "--repeats", "1", "--no-memory"])
     out = capsys.readouterr().out
     assert torch.get_num_threads() == threads  # main restores the thread count
-    assert [row[1] for row in rows] == list(MERGERS)
+    cases = expected_cases(MERGERS)
+    assert [(row[1], row[2]) for row in rows] == cases
+    assert {"zeropad", "fedilora", "hetlora", "flora"} <= {m for m, p in cases if p == "stream"}
     assert all(row[0] == 3 for row in rows)
-    table = [line for line in out.splitlines() if line.startswith("| 3 |")]
-    assert [line.split("|")[2].strip() for line in table] == list(MERGERS)
-    for line in table:
-        merge_ms, floor_ms, ratio = (float(cell) for cell in line.split("|")[4:7])
+    table = table_lines(out, 3)
+    assert [(cells[1], cells[2]) for cells in table] == cases
+    for cells in table:
+        merge_ms, floor_ms, ratio = (float(cell) for cell in cells[4:7])
         # the ratio is of the unrounded times; the printed ms are rounded to 0.1
         low = (merge_ms - 0.05) / (floor_ms + 0.05)
         high = (merge_ms + 0.05) / (floor_ms - 0.05) if floor_ms > 0.05 else float("inf")
         assert ratio > 0 and low <= ratio <= high, (merge_ms, floor_ms, ratio)
+        assert cells[7] == "-"  # no memory column with --no-memory
+
+
+def test_tiny_benchmark_measures_server_peak_memory_per_path(capsys):
+    # 400 tiny clients are about 2.8 MB of float32 inputs, which the batch path holds at once
+    # and the stream never does (each case runs in a fresh process).
+    bench = load_bench()
+    rows = bench.main(["--tiny", "--clients", "400", "--repeats", "1", "--methods", "zeropad"])
+    out = capsys.readouterr().out
+    assert [(row[1], row[2]) for row in rows] == [("zeropad", "batch"), ("zeropad", "stream")]
+    (batch, stream) = (float(cells[7]) for cells in table_lines(out, 400))
+    input_mb = float(rows[0][8])
+    assert input_mb > 2
+    if "could not be reset" not in out:
+        assert batch >= input_mb and stream < 1.0, (batch, stream, input_mb)
