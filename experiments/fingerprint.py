@@ -131,6 +131,14 @@ def main(argv: list[str] | None = None) -> int:
         "--local", action="store_true", help="run in this process (LocalExecutor), not on Ray"
     )
     p.add_argument("--backbone", choices=sorted(BACKBONES), default="tiny")
+    p.add_argument(
+        "--set",
+        dest="extra",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="an override added to every case (e.g. aggregation.streaming=false)",
+    )
     args = p.parse_args(argv)
     if args.compare:
         return compare(*map(Path, args.compare))
@@ -145,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
     size = 16 if args.backbone == "tiny" else 32
     load_emoji(size, "group", cache)
     store = f"sqlite:///{work / 'mlflow.db'}"
-    base = tiny(cache, runs, store, args.backbone)
+    base = tiny(cache, runs, store, args.backbone) + list(args.extra)
     if args.local:
         from actors.executor import LocalExecutor
 

@@ -42,12 +42,14 @@ def test_tasks_go_out_longest_first_and_the_order_changes_no_number(make_config)
     original = LocalPool.train
     seen: list[list[int]] = []
 
-    def recording(self, tasks, broadcast, states):
+    def recording(self, tasks, broadcast, states, on_done=None):
         seen.append([t.client_id for t in tasks])
-        return original(self, tasks, broadcast, states)
+        return original(self, tasks, broadcast, states, on_done)
 
-    def by_id(self, tasks, broadcast, states):
-        return original(self, sorted(tasks, key=lambda t: t.client_id), broadcast, states)
+    def by_id(self, tasks, broadcast, states, on_done=None):
+        # the streaming merge then receives the updates in id order, not longest first
+        ordered = sorted(tasks, key=lambda t: t.client_id)
+        return original(self, ordered, broadcast, states, on_done)
 
     runs = []
     for spy in (recording, by_id):
