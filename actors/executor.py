@@ -15,58 +15,36 @@ scale benchmark's floor, in one process with no Ray at all:
 
 from __future__ import annotations
 
-import os
 import time
 from collections.abc import Callable, Hashable
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from dataclasses import replace
 from typing import Any
 
 from actors.pool import ClientPool, ClientRefs, Outcome, pool_size, short_reason, start_server
+from actors.ray_init import RayStart, init_ray  # noqa: F401 - init_ray: public here too
 from actors.server import ServerState
 from fedsim.errors import ConfigError
 
 
-def init_ray() -> bool:
-    """Join the Ray cluster that ``RAY_ADDRESS`` names, or start a local one.
-
-    Returns:
-        Whether this call started Ray (and so should shut it down).
-
-    Raises:
-        ConfigError: ``RAY_ADDRESS`` names a cluster that cannot be joined.
-    """
-    import ray
-
-    if ray.is_initialized():
-        return False
-    # No runtime_env here: under `ray job submit` the job's own runtime_env applies, and
-    # the actors quieten tokenizers and transformers themselves (ClientWorker.__init__).
-    address = os.environ.get("RAY_ADDRESS") or None
-    try:
-        ray.init(address=address, include_dashboard=False, logging_level="ERROR")
-    except (ValueError, ConnectionError, TimeoutError) as exc:
-        if address is None:
-            raise
-        reason = " ".join(str(exc).split())[:300]
-        raise ConfigError(
-            "RAY_ADDRESS", f"cannot join the Ray cluster at {address!r}: {reason}"
-        ) from None
-    return True
-
-
 class RayExecutor:
     """Client actors in a placement group on the Ray cluster; the server in this process
-    (``resources.server=driver``) or in an actor of its own (``actor``)."""
+    (``resources.server=driver``) or in an actor of its own (``actor``).
 
-    def __init__(self) -> None:
+    Args:
+        start: a :class:`actors.ray_init.RayStart` already under way (``fedsim run`` begins
+            it before importing the rest), or None to start Ray when needed.
+    """
+
+    def __init__(self, start: RayStart | None = None) -> None:
         self.started = False
         self.server_actor = False
+        self._start = start
         self._launched: Future | None = None
-        self._threads: ThreadPoolExecutor | None = None
 
     def launch(self, cfg, per_round: int | None = None) -> None:
-        """Start Ray and the client actors in a background thread and return at once.
+        """Start Ray (unless under way) and the client actors in a background thread, and
+        return at once.
 
         The actors import the model stack and load their backbones while this process checks
         the data, imports and opens the tracking store; :meth:`make_pool` then hands over the
@@ -74,12 +52,12 @@ class RayExecutor:
         """
         if self._launched is not None:
             return
-        # The thread lives until close(): Ray's driver connection dies with the thread that
-        # called ray.init (measured with Ray 2.60: 'Failed to connect to GCS within 60 s').
-        self._threads = threads = ThreadPoolExecutor(1, thread_name_prefix="fedsim-launch")
+        if self._start is None:
+            self._start = RayStart()
+        start = self._start
 
         def bring_up() -> ClientPool:
-            self.started = init_ray()
+            self.started = start.result()  # runs after the start: its error, if any
             size = per_round
             if size is None:  # how many clients a round samples
                 from fedsim.data.partition import sample_clients
@@ -87,12 +65,14 @@ class RayExecutor:
                 size = len(sample_clients(cfg.clients.num, cfg.clients.fraction, cfg.seed, 1))
             return ClientPool(cfg, pool_size(cfg, size), wait=False)
 
-        self._launched = threads.submit(bring_up)
+        self._launched = start.submit(bring_up)
 
     def start(self) -> None:
         """Ray is up: joined or started here, or (after :meth:`launch`) waited for."""
         if self._launched is not None:
             self._launched.result()  # Ray is up and the actors are starting (or its error)
+        elif self._start is not None:
+            self.started = self._start.result()
         elif not self.started:
             self.started = init_ray()
 
@@ -149,6 +129,10 @@ class RayExecutor:
         return value if isinstance(value, ray.ObjectRef) else ray.put(value)
 
     def close(self, pool, server) -> None:
+        """Stop the pool and the server actor, and Ray if this executor started it.
+
+        Safe to call more than once (``fedsim run`` calls it again after a run ends).
+        """
         import ray
 
         if self._launched is not None:  # launched, never taken over: a check failed meanwhile
@@ -161,12 +145,19 @@ class RayExecutor:
             pool.shutdown()
         if server is not None and not isinstance(server, ServerState):
             ray.kill(server)
-        if self.started:
+        if self._start is not None:
+            start, self._start = self._start, None
+            try:
+                self.started = start.result() or self.started
+            except BaseException:  # noqa: BLE001 - Ray did not start: nothing to stop
+                pass
+            if self.started:
+                ray.shutdown()
+                self.started = False
+            start.close()
+        elif self.started:
             ray.shutdown()
             self.started = False
-        if self._threads is not None:
-            self._threads.shutdown()
-            self._threads = None
 
 
 class LocalPool:

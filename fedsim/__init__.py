@@ -4,7 +4,7 @@ vision-language models under heterogeneous ranks, data and modalities.
 ``fedsim.run(config)`` runs one simulation and returns its per-round metrics and MLflow run id.
 """
 
-from fedsim.config import ConfigError, FedSimConfig, load_config
+from fedsim.errors import ConfigError
 
 __all__ = ["ConfigError", "FedSimConfig", "load_config", "resume", "run"]
 __version__ = "0.1.0"
@@ -22,3 +22,13 @@ def resume(run_dir, overrides=(), **options):
     from fedsim.simulation import resume as _resume
 
     return _resume(run_dir, overrides, **options)
+
+
+def __getattr__(name: str):
+    # ``FedSimConfig`` and ``load_config`` import torch (through the config's registries):
+    # loaded on first use, so ``fedsim run`` can start Ray before paying for it
+    if name in ("FedSimConfig", "load_config"):
+        from fedsim import config
+
+        return getattr(config, name)
+    raise AttributeError(f"module 'fedsim' has no attribute {name!r}")

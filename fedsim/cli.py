@@ -6,8 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from fedsim.config import ConfigError, load_config
-from fedsim.errors import RunFailed
+from fedsim.errors import ConfigError, RunFailed
 
 DEFAULT_EXPERIMENT = Path("experiments") / "default.yaml"
 
@@ -70,8 +69,17 @@ def main(argv: list[str] | None = None) -> int:
     sweep_p.add_argument("study", metavar="STUDY.yaml")
     sweep_p.add_argument("args", nargs="*", metavar="key=value")
     ns = parser.parse_args(argv)
+    executor = None
+    if ns.command == "run":
+        # Ray starts first, in the background, while the config, torch and the data load
+        from actors.ray_init import RayStart
+
+        start = RayStart()
+        from actors.executor import RayExecutor
+
+        executor = RayExecutor(start)
     try:
-        return _dispatch(ns)
+        return _dispatch(ns, executor)
     except ConfigError as exc:  # a user mistake: one line naming the key, never a traceback
         print(f"fedsim: {_one_line(exc)}", file=sys.stderr)
         return 2
@@ -81,6 +89,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("fedsim: interrupted; the MLflow run is marked KILLED", file=sys.stderr)
         return 130
+    finally:
+        if executor is not None:  # a run closes it itself; this stops Ray after an early error
+            executor.close(None, None)
 
 
 def _one_line(exc: BaseException) -> str:
@@ -88,8 +99,12 @@ def _one_line(exc: BaseException) -> str:
     return " ".join(str(exc).split())
 
 
-def _dispatch(ns: argparse.Namespace) -> int:
-    """Run the parsed command; config errors propagate to :func:`main`."""
+def _dispatch(ns: argparse.Namespace, executor=None) -> int:
+    """Run the parsed command; config errors propagate to :func:`main`.
+
+    Args:
+        executor: for ``run``, the :class:`actors.executor.RayExecutor` whose Ray is starting.
+    """
     if ns.command in ("compare", "sweep"):
         from fedsim.study import run_study
 
@@ -100,8 +115,10 @@ def _dispatch(ns: argparse.Namespace) -> int:
 
         if ns.args and "=" not in ns.args[0]:
             raise ConfigError("--resume", f"a resumed run uses its own config; drop {ns.args[0]!r}")
-        resume(ns.resume, ns.args)
+        resume(ns.resume, ns.args, executor=executor)
         return 0
+    from fedsim.config import load_config
+
     path, overrides = _split_args(ns.args)
     cfg = load_config(path or _default_config(), overrides)
     if ns.command == "partition":
@@ -113,22 +130,29 @@ def _dispatch(ns: argparse.Namespace) -> int:
 
         print(to_yaml(cfg), end="")
     else:
-        from actors.executor import RayExecutor
-        from fedsim.preflight import preflight
-
-        # Ray and the client actors start in the background while this process checks the
-        # data and outputs and imports the rest; a failed check shuts them down again.
-        executor = RayExecutor()
-        executor.launch(cfg)
-        try:
-            dataset = preflight(cfg)
-        except BaseException:
-            executor.close(None, None)
-            raise
-        from fedsim.simulation import run
-
-        run(cfg, dataset=dataset, executor=executor)
+        start_run(cfg, executor)
     return 0
+
+
+def start_run(cfg, executor=None):
+    """What ``fedsim run`` does with a loaded config: the client actors start in the
+    background (on the Ray that ``executor`` is starting) while this process checks the data
+    and outputs and imports the rest; a failed check stops them again (``main`` closes the
+    executor). Returns the :class:`fedsim.simulation.RunResult`.
+    """
+    from actors.executor import RayExecutor
+    from fedsim.preflight import preflight
+
+    executor = executor or RayExecutor()
+    executor.launch(cfg)
+    try:
+        dataset = preflight(cfg)
+    except BaseException:
+        executor.close(None, None)
+        raise
+    from fedsim.simulation import run
+
+    return run(cfg, dataset=dataset, executor=executor)
 
 
 if __name__ == "__main__":

@@ -69,6 +69,7 @@ class RunResult:
             actors' start), ``actors`` (every actor holds its backbone), ``ready`` (server
             built: round 0 starts), ``first_round`` (round 0 evaluated), ``rounds`` (last
             round logged), ``done`` (final outputs logged, run closed).
+        phases_origin: the ``time.perf_counter()`` the phases count from (the run call).
     """
 
     run_id: str
@@ -77,6 +78,7 @@ class RunResult:
     clients: list[list[dict]] = field(default_factory=list)
     run_dir: Path | None = None
     phases: dict[str, float] = field(default_factory=dict)
+    phases_origin: float = 0.0
 
     @property
     def final(self) -> dict[str, float]:
@@ -286,7 +288,7 @@ def _simulate(
             )
             writer.write_config(to_yaml(cfg))
         result = RunResult(tracker.run_id, tracker.uri, run_dir=writer.run_dir if writer else None)
-        result.phases = clock.seconds
+        result.phases, result.phases_origin = clock.seconds, clock.start
         driver = _Driver(
             cfg, ranks, ex, pool, server, tracker, result, writer, info.client_train_sizes
         )

@@ -220,3 +220,26 @@ def test_a_failed_check_after_the_launch_stops_the_actors(ray_cluster, make_conf
             break
         time.sleep(0.1)
     assert alive == []
+
+
+def test_the_cli_starts_ray_first_and_stops_it_after_a_config_error(tmp_path):
+    """``fedsim run`` begins Ray before the config loads; a bad value still ends in one line,
+    exit 2, and the process exits (Ray's thread and processes stopped)."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "fedsim", "run", "clients.fraction=2"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("fedsim:")]
+    assert len(lines) == 1 and "clients.fraction" in lines[0]
+    assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "mlflow.db").exists()  # nothing was started in the working dir
