@@ -83,6 +83,12 @@ def test_floor_is_the_round_loop_in_process_and_matches_fedsim(tiny_overrides, m
     assert cells["eval s"] == f"{eval_s:.2f}"
     assert cells["round/floor"] == f"{round_s / floor_s:.2f}"
     assert cells["round/(floor+eval)"] == f"{round_s / (floor_s + eval_s):.2f}"
+    # the ideal: each round's own task times scheduled longest first, plus evaluation / actors
+    assert len(fed["task_s"]) == ROUNDS and all(len(ts) == 3 for ts in fed["task_s"])
+    ideal = bench.mean([bench.longest_first(ts, fed["pool"]) for ts in fed["task_s"]])
+    ideal += eval_s / fed["pool"]
+    assert cells["ideal s"] == f"{ideal:.2f}"
+    assert cells["round/ideal"] == f"{round_s / ideal:.2f}"
 
 
 def test_same_result_is_exact_and_ignores_time():
@@ -94,3 +100,15 @@ def test_same_result_is_exact_and_ignores_time():
     assert bench.same_result(fed, floor)  # NaN == NaN, time/* left out
     floor["history"][0]["global/loss"] = 1.5 + 1e-12
     assert not bench.same_result(fed, floor)
+
+
+def test_longest_first_makespan_on_hand_examples():
+    bench = load_bench()
+    assert bench.longest_first([7.4, 2.2, 5.9, 2.2], 2) == pytest.approx(9.6)  # 7.4+2.2 | 5.9+2.2
+    assert bench.longest_first([3, 3, 2, 2, 2], 2) == pytest.approx(7)  # 3+2+2 | 3+2
+    assert bench.longest_first([5, 1], 4) == 5
+    assert bench.longest_first([], 2) == 0
+    fed = {"pool": 2, "task_s": [[4.0, 1.0, 3.0], [2.0, 2.0]]}
+    floor = {"eval_s": [3.0, 1.0], "rounds": 2}
+    # rounds: max(4, 1+3) = 4 and 2 -> mean 3; evaluation 2 s a round over 2 actors -> 1
+    assert bench.ideal_round(fed, floor) == pytest.approx(4.0)
