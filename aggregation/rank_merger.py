@@ -99,7 +99,7 @@ class RankMerger:
         """Open a streaming merge: add clients one at a time, then take ``result()``.
 
         The stream's result equals ``merge`` of the same clients in the order they were
-        added, up to float rounding (the stream sums in float64).
+        added, up to float rounding (the stream adds one client at a time).
 
         Args:
             previous: The previous global adapter, if any (as for ``merge``). Ignored when
