@@ -57,9 +57,9 @@ def thousand(ray_cluster, make_config, mlflow_store) -> Recorded:
     recorded = Recorded(cfg=cfg)
     train = ClientPool.train
 
-    def recording_train(pool, tasks, broadcast_ref, states):
+    def recording_train(pool, tasks, broadcast_ref, states, on_done=None):
         recorded.batches.append([t.client_id for t in tasks])
-        return train(pool, tasks, broadcast_ref, states)
+        return train(pool, tasks, broadcast_ref, states, on_done)
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(ClientPool, "train", recording_train)
