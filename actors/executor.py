@@ -145,19 +145,17 @@ class RayExecutor:
             pool.shutdown()
         if server is not None and not isinstance(server, ServerState):
             ray.kill(server)
-        if self._start is not None:
-            start, self._start = self._start, None
+        start, self._start = self._start, None
+        if start is not None:
             try:
                 self.started = start.result() or self.started
             except BaseException:  # noqa: BLE001 - Ray did not start: nothing to stop
                 pass
-            if self.started:
-                ray.shutdown()
-                self.started = False
-            start.close()
-        elif self.started:
+        if self.started:
             ray.shutdown()
             self.started = False
+        if start is not None:  # after ray.shutdown: the thread that called ray.init
+            start.close()
 
 
 class LocalPool:

@@ -296,10 +296,9 @@ class ClientPool:
                     pending.append(key)
                 continue
             if on_done is not None:
-                # the actor is handed its next task first (top of the loop) when one waits:
-                # the callback (a merge) then overlaps training
-                if pending:
-                    self._refill(jobs, pending, idle, inflight, attempts, tried_on)
+                # the freed actor gets its next task first, so the callback (a merge) overlaps
+                # training
+                self._refill(jobs, pending, idle, inflight, attempts, tried_on)
                 on_done(key, out.values[key], ClientRefs(*refs[1:]))
         return out
 

@@ -383,7 +383,7 @@ def _log_skipped_rows(tracker: Tracker, dataset) -> None:
         tracker.log_table(rows, "data/skipped_rows.json")
 
 
-class _Stream:
+class _RoundStream:
     """One round's streaming merge: updates go to the server as the clients finish, in
     client-id order (:class:`aggregation.InOrder` holds an early arrival until every smaller
     sampled id has reported or failed for good)."""
@@ -499,7 +499,8 @@ class _Driver:
         tasks = [ClientTask(c, self.ranks[c], t, evaluate=evaluate, cohort=cohort) for c in order]
         # Without a deadline every reporting client is merged, so a linear merge can take
         # each update as it arrives (in client-id order: the same bits in any arrival order).
-        stream = _Stream(self, t, sampled) if self.streaming and cfg.round.deadline_s <= 0 else None
+        streams = self.streaming and cfg.round.deadline_s <= 0
+        stream = _RoundStream(self, t, sampled) if streams else None
         outcome = self.pool.train(tasks, broadcast, self.states, stream and stream.on_done)
         train_s = time.perf_counter() - start
         finished = {c: outcome.values[c] for c in sorted(outcome.values)}
