@@ -92,6 +92,12 @@ class RayExecutor:
     def make_server(self, *args) -> Any:
         return start_server(*args) if self.server_actor else ServerState(*args)
 
+    def actor_nodes(self, pool: ClientPool) -> set[str]:
+        """The Ray node ids that hold the pool's actors (for their system metrics)."""
+        import ray
+
+        return set(ray.get([a.node_id.remote() for a in pool.actors]))
+
     def call(self, server, method: str, *args) -> Any:
         """Start a server call: a ref (server actor), or its value (server in the driver).
 
@@ -257,6 +263,10 @@ class LocalExecutor:
 
     def make_server(self, *args) -> ServerState:
         return ServerState(*args)
+
+    def actor_nodes(self, pool: LocalPool) -> set[str]:
+        """No Ray node: everything runs on this machine."""
+        return set()
 
     def call(self, server, method: str, *args) -> Any:
         return getattr(server, method)(*args)

@@ -37,6 +37,10 @@ class ClientActor:
     def ping(self) -> str:
         return self.worker.ping()
 
+    def node_id(self) -> str:
+        """The Ray node this actor runs on."""
+        return ray.get_runtime_context().get_node_id()
+
     def describe(self):
         return self.worker.describe()
 

@@ -65,21 +65,33 @@ def print_table(cfg: FedSimConfig, data: FederatedData, rows: list[dict]) -> Non
     console.print(f"classes: {classes}")
 
 
-def save_heatmap(data: FederatedData, rows: list[dict], path: str | Path) -> Path:
-    """A PNG heat map of the label split: clients x classes, sample counts."""
+def heatmap_figure(data: FederatedData, rows: list[dict]):
+    """A heat map of the label split: clients x classes, sample counts (a matplotlib figure;
+    its height stops growing at 60 clients, the rows then thin out)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     counts = np.array([r["labels"] for r in rows])  # (clients, classes)
-    fig, ax = plt.subplots(figsize=(1 + 0.6 * counts.shape[1], 1 + 0.35 * counts.shape[0]))
-    im = ax.imshow(counts, aspect="auto", cmap="viridis")
+    height = 1 + 0.35 * min(counts.shape[0], 60)
+    fig, ax = plt.subplots(figsize=(1 + 0.6 * counts.shape[1], height))
+    im = ax.imshow(counts, aspect="auto", cmap="viridis", interpolation="nearest")
     ax.set_xticks(range(counts.shape[1]), data.dataset.classes, rotation=45, ha="right")
+    ax.yaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_ylabel("client")
     ax.set_title("label split (samples per client and class)")
     fig.colorbar(im, ax=ax)
     fig.tight_layout()
+    return fig
+
+
+def save_heatmap(data: FederatedData, rows: list[dict], path: str | Path) -> Path:
+    """Write :func:`heatmap_figure` as a PNG to ``path``."""
+    import matplotlib.pyplot as plt
+
+    fig = heatmap_figure(data, rows)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)

@@ -49,6 +49,7 @@ from fedsim.methods import build_merger, enabled_methods
 from fedsim.preflight import preflight, store_path
 from fedsim.progress import RoundProgress
 from fedsim.round_report import client_rows, global_metrics, round_metrics
+from fedsim.run_inputs import log_run_inputs
 from fedsim.run_outputs import log_client_adapters, log_final_outputs
 from fedsim.tracking import Tracker
 from fedsim.training import expected_samples
@@ -242,10 +243,14 @@ def _simulate(
     # The MLflow store (schema migrations take seconds on a fresh SQLite file) is set up in a
     # thread while the actors load.
     tracking = ThreadPoolExecutor(1, thread_name_prefix="fedsim-tracking")
+    inputs = None
     if ckpt:
         opened = tracking.submit(Tracker.reopen, cfg, ckpt.meta["mlflow_run_id"], ckpt.round)
     else:
         opened = tracking.submit(Tracker, cfg)
+        # the datasets, client table and heat map: logged in the same thread once the run
+        # exists, while the rounds start (the run waits for them before it finishes)
+        inputs = tracking.submit(lambda: log_run_inputs(opened.result(), cfg, dataset))
     tracking.shutdown(wait=False)
     try:
         ex.start()
@@ -267,9 +272,12 @@ def _simulate(
             pool = ex.make_pool(cfg, per_round, wait=False)
         finally:
             tracker = opened.result()  # the store's own error, if any, comes first
+        tracker.start_system_metrics()
         clock.mark("store")
         pool.wait_ready()
         clock.mark("actors")
+        if tracker.system_metrics is not None:
+            tracker.system_metrics.add_ray_nodes(ex.actor_nodes(pool))
         info = pool.call_first("describe")
         _check_ranks(resolve_ranks(cfg.clients, cfg.seed), info.max_rank)
         initial = pool.call_first("initial_global")
@@ -306,6 +314,8 @@ def _simulate(
                 f"{cfg.rounds}: every sampled client failed, was late or was rejected); see the "
                 "round lines above and the clients/ tables in MLflow"
             )
+        if inputs is not None:
+            inputs.result()
         log_final_outputs(cfg, info, ex, pool, server, tracker, result.history, result.clients)
         if cfg.tracking.save_client_adapters:
             log_client_adapters(cfg, info, driver, tracker)

@@ -25,6 +25,88 @@ def quiet_mlflow() -> None:
         logging.getLogger(name).setLevel(logging.WARNING)
 
 
+# MLflow 3's UI opens an experiment by its kind; without this tag it guesses, and a fedsim
+# experiment (no traces) lands on the GenAI overview with its runs listed as "evaluation runs".
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+TRAINING_KIND = "custom_model_development"
+
+
+def _ranks_label(cfg: FedSimConfig) -> str:
+    from fedsim.config import resolve_ranks
+
+    ranks = resolve_ranks(cfg.clients, cfg.seed)
+    if len(set(ranks)) == 1:
+        return f"rank {ranks[0]}"
+    spec = str(cfg.clients.ranks)
+    if len(spec) <= 24 and not spec.replace(",", "").isdigit():
+        return f"ranks {spec}"  # a named spec: fedilora, choice:4,8,16
+    return f"ranks {min(ranks)}-{max(ranks)}"
+
+
+def method_label(cfg: FedSimConfig) -> str:
+    """What trained, in one token: the merge plus every method switched on over the plain
+    FedAvg client (e.g. ``fedilora+editing``, ``zeropad+fedprox+fedadam``)."""
+    from fedsim.methods import enabled_methods
+
+    parts = [cfg.aggregation.method]
+    if cfg.objective.method != "plain":
+        parts.append(cfg.objective.method)
+    if cfg.server.optimizer != "fedavg":
+        parts.append(cfg.server.optimizer)
+    if cfg.sharing.policy != "all":
+        parts.append(f"share-{cfg.sharing.policy}")
+    skip = {"sharing", "objective", "server", cfg.objective.method, cfg.server.optimizer}
+    parts += [m.name for m in enabled_methods(cfg) if m.name not in skip and m.name not in parts]
+    return "+".join(parts)
+
+
+def default_run_name(cfg: FedSimConfig) -> str:
+    """A run name that says what ran: method, ranks, scenario, seed."""
+    return f"{method_label(cfg)}, {_ranks_label(cfg)}, {cfg.data.scenario}, seed {cfg.seed}"
+
+
+def run_tags(cfg: FedSimConfig) -> dict[str, str]:
+    """Tags to filter and group runs by in the UI (``tags.fedsim.method = 'fedilora'``)."""
+    backbone = cfg.model.backbone
+    hub = getattr(cfg.model, "name_or_path", None)
+    return {
+        "fedsim.method": method_label(cfg),
+        "fedsim.merge": cfg.aggregation.method,
+        "fedsim.objective": cfg.objective.method,
+        "fedsim.server_optimizer": cfg.server.optimizer,
+        "fedsim.sharing": cfg.sharing.policy,
+        "fedsim.scenario": cfg.data.scenario,
+        "fedsim.dataset": cfg.data.dataset,
+        "fedsim.backbone": f"{backbone} ({hub})" if hub else backbone,
+        "fedsim.ranks": _ranks_label(cfg).split(" ", 1)[1],
+        "fedsim.clients": str(cfg.clients.num),
+        "fedsim.seed": str(cfg.seed),
+    }
+
+
+def run_description(cfg: FedSimConfig) -> str:
+    """The run's note (the UI's Description), markdown."""
+    d = cfg.data
+    return (
+        f"fedsim: **{method_label(cfg)}** on `{d.dataset}` with `{cfg.model.backbone}`; "
+        f"{cfg.clients.num} clients ({_ranks_label(cfg)}), {cfg.clients.fraction:g} sampled per "
+        f"round, {cfg.rounds} rounds; Dirichlet alpha {d.alpha:g}, scenario `{d.scenario}`; "
+        f"seed {cfg.seed}. The resolved config is the artifact `config.yaml`; the data split "
+        "is under `data/`."
+    )
+
+
+def training_experiment(client: MlflowClient, name: str) -> str:
+    """The id of experiment ``name``, created if missing, tagged as a training experiment
+    (an existing experiment's own kind, if it has one, is kept)."""
+    exp = client.get_experiment_by_name(name)
+    if exp is None:
+        return client.create_experiment(name, tags={EXPERIMENT_KIND_TAG: TRAINING_KIND})
+    if EXPERIMENT_KIND_TAG not in exp.tags:
+        client.set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND_TAG, TRAINING_KIND)
+    return exp.experiment_id
+
+
 class Tracker:
     """An MLflow run for one simulation.
 
@@ -39,18 +121,20 @@ class Tracker:
         self.cfg = cfg
         self.uri = cfg.tracking.uri
         self.client = MlflowClient(tracking_uri=self.uri)
-        exp = self.client.get_experiment_by_name(cfg.tracking.experiment)
-        exp_id = (
-            exp.experiment_id if exp else self.client.create_experiment(cfg.tracking.experiment)
-        )
+        exp_id = training_experiment(self.client, cfg.tracking.experiment)
         tags = (
             {"mlflow.parentRunId": cfg.tracking.parent_run_id} if cfg.tracking.parent_run_id else {}
         )
-        run = self.client.create_run(exp_id, run_name=run_name or cfg.tracking.run_name, tags=tags)
+        if log_config:  # a parent run of a study is no simulation: its children carry these
+            tags.update(run_tags(cfg))
+            tags["mlflow.note.content"] = run_description(cfg)
+        name = run_name or cfg.tracking.run_name or (default_run_name(cfg) if log_config else None)
+        run = self.client.create_run(exp_id, run_name=name, tags=tags)
         self.run_id = run.info.run_id
         self.reopened = False
         self.experiment_id = exp_id
-        if not log_config:  # a parent run of a study: its children carry the configs
+        self.system_metrics = None
+        if not log_config:
             return
         params = {k: str(v)[:6000] for k, v in flatten(cfg).items()}
         items = list(params.items())
@@ -87,6 +171,7 @@ class Tracker:
             ) from None
         self.run_id = run_id
         self.reopened = True
+        self.system_metrics = None
         self.experiment_id = run.info.experiment_id
         self.client.update_run(run_id, status="RUNNING")
         self.client.set_tag(run_id, "fedsim.resumed_from_round", str(resumed_round))
@@ -122,14 +207,32 @@ class Tracker:
     def log_figure(self, figure, path: str) -> None:
         self.client.log_figure(self.run_id, figure, path)
 
+    def start_system_metrics(self) -> None:
+        """Sample the driver's machine into the run every ``tracking.system_metrics_interval_s``
+        (a resumed run continues the steps); see :mod:`fedsim.system_metrics`."""
+        if not self.cfg.tracking.system_metrics or self.system_metrics is not None:
+            return
+        from fedsim.system_metrics import SystemMetrics, driver_label
+
+        first = SystemMetrics.next_step(self.client, self.run_id) if self.reopened else 0
+        self.system_metrics = SystemMetrics(
+            self.client,
+            self.run_id,
+            self.cfg.tracking.system_metrics_interval_s,
+            first,
+            label=driver_label(),
+        )
+
     def finish(self, status: str = "FINISHED") -> None:
+        if self.system_metrics is not None:
+            self.system_metrics.stop()
         self.client.set_terminated(self.run_id, status=status)
 
     def discard(self) -> None:
         """Delete the run (MLflow's soft delete): a run that a config error stopped before
         round 0 was never a run. The run is created while the actors start, so an error they
         find (ranks above the backbone's) comes after it."""
-        self.client.set_terminated(self.run_id, status="FAILED")
+        self.finish("FAILED")
         self.client.delete_run(self.run_id)
 
     def artifact_uri(self) -> str:
@@ -149,6 +252,7 @@ def plot_history(history: list[dict[str, float]]):
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     rounds = [h["round"] for h in history]
@@ -175,5 +279,7 @@ def plot_history(history: list[dict[str, float]]):
     axes[1].set_xlabel("round")
     axes[1].set_ylabel("train loss (mean over sampled clients)")
     axes[1].grid(alpha=0.3)
+    for ax in axes:  # rounds are whole numbers
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     fig.tight_layout()
     return fig

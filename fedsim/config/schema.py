@@ -558,6 +558,23 @@ class TrackingConfig:
         ),
     )
     plots: bool = field(default=True, metadata=_help("Log PNG plots of the curves."))
+    system_metrics: bool = field(
+        default=True,
+        metadata=_help(
+            "Log system metrics (CPU, memory, disk, network, GPU where present) of the driver's "
+            "machine and of every Ray node the run's actors use (the UI's System metrics tab)."
+        ),
+    )
+    system_metrics_interval_s: float = field(
+        default=5.0, metadata=_help("Seconds between two system-metrics samples.")
+    )
+    register_model: str | None = field(
+        default=None,
+        metadata=_help(
+            "Register the final global adapter in the MLflow Model Registry under this name "
+            "(a new version per run; needs tracking.save_adapter)."
+        ),
+    )
 
 
 @dataclass

@@ -853,6 +853,7 @@ def test_fedsim_job_on_two_nodes_logs_to_the_mlflow_server(cluster, tiny_overrid
         "clients.fraction=1.0",
         "rounds=1",
         "tracking.plots=false",
+        "tracking.system_metrics_interval_s=1",
         f"tracking.uri={cluster.mlflow}",
         f"tracking.experiment={EXPERIMENT}",
     ]
@@ -883,6 +884,11 @@ def test_fedsim_job_on_two_nodes_logs_to_the_mlflow_server(cluster, tiny_overrid
     assert all(r["status"] == "ok" for r in rows)
     used = {r["node_id"] for r in rows}
     assert used == cluster.node_ids, f"clients trained on {used}, the nodes are {cluster.node_ids}"
+    # system metrics of both nodes, each under its own label (the driver's node included)
+    run = client.get_run(run.info.run_id)
+    cpu = [k for k in run.data.metrics if k.endswith("/cpu_utilization_percentage")]
+    labels = {k.split("/")[1] for k in cpu}
+    assert len(labels) == 2 and all(k.count("/") == 2 for k in cpu), cpu
 
 
 def test_relative_outputs_under_a_job_with_a_working_dir_are_named():

@@ -74,6 +74,22 @@ def test_run_is_finished_in_the_sqlite_store(simulation, mlflow_client):
     assert run.data.params["model.backbone"] == "tiny"
 
 
+def test_ui_sees_a_training_run_with_its_data_and_system_metrics(simulation, mlflow_client):
+    """The experiment is a training experiment, the run carries its tags and datasets, and
+    the driver sampled this machine; the actors' node is the driver's, so the names carry no
+    node label (two nodes: tests/cluster/test_cluster.py)."""
+    _, result = simulation
+    run = mlflow_client.get_run(result.run_id)
+    experiment = mlflow_client.get_experiment(run.info.experiment_id)
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
+    assert run.data.tags["fedsim.merge"] == "fedilora"
+    contexts = {i.dataset.name: i.tags[0].value for i in run.inputs.dataset_inputs}
+    assert contexts == {"emoji-train": "train", "emoji-test": "test"}
+    system = [k for k in run.data.metrics if k.startswith("system/")]
+    assert "system/cpu_utilization_percentage" in system
+    assert all(k.count("/") == 1 for k in system), system
+
+
 def test_history_has_rounds_0_to_final(simulation):
     _, result = simulation
     assert [h["round"] for h in result.history] == list(range(ROUNDS + 1))
