@@ -12,6 +12,7 @@ from fedsim.config import resolve_ranks
 from fedsim.messages import ExportedAdapter
 from fedsim.methods import enabled_methods
 from fedsim.models.scaling import client_scaling
+from fedsim.registry import register_global_adapter
 from fedsim.tracking import plot_history
 
 
@@ -30,7 +31,8 @@ def log_final_outputs(cfg, info, ex, pool, server, tracker, history, clients) ->
 
     Base-weight updates that a method folded in and a LoRA adapter cannot hold (FedEx-LoRA's
     residuals) go beside it as ``base_delta.safetensors`` (module prefix to ``dW``, to add to
-    the pretrained weights before loading the adapter).
+    the pretrained weights before loading the adapter). With ``tracking.register_model`` the
+    logged adapter becomes a new version of that registered model (:mod:`fedsim.registry`).
     """
     if cfg.tracking.save_adapter:
         exported: ExportedAdapter = ex.get(ex.call(server, "export"))
@@ -44,6 +46,8 @@ def log_final_outputs(cfg, info, ex, pool, server, tracker, history, clients) ->
                 base = {k: v.contiguous() for k, v in exported.base.items()}
                 save_file(base, str(Path(tmp) / "base_delta.safetensors"))
             tracker.log_dir(tmp, "global_adapter")
+        if cfg.tracking.register_model is not None:
+            register_global_adapter(cfg, tracker, rank, exported.base is not None)
     if cfg.tracking.plots:
         import matplotlib.pyplot as plt
 

@@ -165,6 +165,8 @@ class SystemMetrics:
     def add_ray_nodes(self, node_ids: set[str]) -> None:
         """Sample the Ray nodes ``node_ids`` too (the nodes that hold the run's client actors;
         the driver's own node is sampled already)."""
+        if not node_ids:  # in-process: no Ray (asking Ray for its context would start it)
+            return
         import ray
 
         here = ray.get_runtime_context().get_node_id()

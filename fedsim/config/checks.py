@@ -18,6 +18,7 @@ from fedsim.data.registry import DATASETS
 from fedsim.errors import ConfigError
 from fedsim.methods import OBJECTIVES, check_methods
 from fedsim.models.registry import BACKBONES as BACKBONE_SPECS
+from fedsim.registry import model_name_problem
 
 
 def _check(cond: bool, key: str, message: str) -> None:
@@ -175,6 +176,20 @@ def validate(cfg: FedSimConfig) -> None:
         "tracking.run_name",
         "MLflow takes at most 250 characters",
     )
+    _check(
+        cfg.tracking.system_metrics_interval_s >= 0.1,
+        "tracking.system_metrics_interval_s",
+        f"must be at least 0.1 seconds, got {cfg.tracking.system_metrics_interval_s}",
+    )
+    if cfg.tracking.register_model is not None:
+        _check(
+            cfg.tracking.save_adapter,
+            "tracking.register_model",
+            "registers the final global adapter, which tracking.save_adapter=false does not "
+            "log; set tracking.save_adapter=true or drop tracking.register_model",
+        )
+        problem = model_name_problem(cfg.tracking.register_model)
+        _check(problem is None, "tracking.register_model", f"not a model name: {problem}")
     _check_combinations(cfg)
     for cid in cfg.faults.nan_update_clients:
         _check(

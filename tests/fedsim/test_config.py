@@ -101,6 +101,11 @@ def test_default_experiment_has_the_documented_keys():
             "client id 4",
         ),
         (["data.subset=5"], "data.subset", "2 * clients.num"),
+        (
+            ["tracking.system_metrics_interval_s=0"],
+            "tracking.system_metrics_interval_s",
+            "at least 0.1",
+        ),
     ],
 )
 def test_bad_values_raise_config_error_naming_the_key(overrides, key, fragment):

@@ -149,6 +149,13 @@ def test_sigkilled_driver_resumes_into_the_same_mlflow_run(
         assert steps == (list(range(4)) if key == "global/loss" else [1, 2, 3]), key
         want = {h["round"]: h[key] for h in straight.history if key in h}
         assert {m.step: m.value for m in logged} == pytest.approx(want, rel=0, abs=0), key
+    # system metrics go on after the resume at the next step (one series, no step twice);
+    # the datasets were logged once, when the run began
+    cpu = [
+        m.step for m in client.get_metric_history(run_dir.name, "system/cpu_utilization_percentage")
+    ]
+    assert sorted(cpu) == list(range(len(cpu))) and len(cpu) >= 2
+    assert len(run.inputs.dataset_inputs) == 2
     _same_tensors(load_checkpoint(run_dir).server, load_checkpoint(straight.run_dir).server)
 
 

@@ -302,7 +302,11 @@ def test_a_run_records_its_data_name_tags_and_system_metrics(make_config, tmp_pa
         "tracking.system_metrics_interval_s=0.3",
         "rounds=1",
     )
+    import ray
+
+    ray_before = ray.is_initialized()
     result = fedsim.run(cfg, executor=LocalExecutor())
+    assert ray_before or not ray.is_initialized()  # in-process: the system metrics start no Ray
     client = MlflowClient(store)
     run = client.get_run(result.run_id)
     assert run.info.status == "FINISHED"
