@@ -70,4 +70,4 @@ class RoundProgress:
             table.add_row(*[fmt.format(h[k]) if k in h else "-" for k, _, fmt in columns])
         console = Console()
         console.print(table)
-        console.print(f"MLflow run {run_id}. Browse it with:  {ui_command}")
+        console.print(f"MLflow run {run_id}. Browse it with:  {ui_command}", soft_wrap=True)

@@ -55,19 +55,24 @@ class NodeSampler:
             if gpu is not None:
                 monitors.append(gpu)
         self.monitors = monitors
-        self._reading()  # psutil's CPU percentage counts from its previous call: prime it
-        for m in self.monitors:
-            m.clear_metrics()
+        self._primed: int | None = None
 
-    def _reading(self) -> None:
+    def prime(self) -> None:
+        """Take a reading and drop it: psutil's CPU percentage counts from the previous call
+        in the same thread (the very first returns a meaningless 0)."""
         for m in self.monitors:
             m.collect_metrics()
+            m.clear_metrics()
+        self._primed = threading.get_ident()
 
     def sample(self) -> dict[str, float]:
-        """One reading (CPU utilisation: the mean since the previous call)."""
-        self._reading()
+        """One reading (CPU utilisation: the mean since the previous call in this thread)."""
+        if self._primed != threading.get_ident():
+            self.prime()
+            time.sleep(0.1)
         out: dict[str, float] = {}
         for m in self.monitors:
+            m.collect_metrics()
             out.update(m.aggregate_metrics())
             m.clear_metrics()
         return out
@@ -208,11 +213,18 @@ class SystemMetrics:
         self.step += 1
 
     def _loop(self) -> None:
-        while not self._stop.wait(self.interval_s):
+        # every local reading is taken in this thread (psutil counts CPU time per thread)
+        for sampler in self.nodes.values():
+            if isinstance(sampler, NodeSampler):
+                sampler.prime()
+        while True:
+            stopping = self._stop.wait(self.interval_s)
             try:
-                self._log_once()
+                self._log_once()  # on stop: the interval's tail
             except Exception as exc:  # the store went away: stop sampling, keep the run
                 _log.warning("system metrics stopped: %s", exc)
+                return
+            if stopping:
                 return
 
     def stop(self) -> None:
@@ -221,10 +233,6 @@ class SystemMetrics:
             return
         self._stop.set()
         self._thread.join()
-        try:
-            self._log_once()
-        except Exception as exc:
-            _log.warning("last system metrics sample: %s", exc)
         for sampler in self.nodes.values():
             if isinstance(sampler, _RemoteNode):
                 try:

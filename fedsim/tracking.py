@@ -25,8 +25,8 @@ def quiet_mlflow() -> None:
         logging.getLogger(name).setLevel(logging.WARNING)
 
 
-# MLflow 3's UI opens an experiment by its kind; without this tag it guesses, and a fedsim
-# experiment (no traces) lands on the GenAI overview with its runs listed as "evaluation runs".
+# MLflow 3 marks what an experiment is for with this tag (the API, and UIs that read it; 3.17's
+# UI picks its GenAI or training view from the address instead: see Tracker.ui_url).
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
 TRAINING_KIND = "custom_model_development"
 
@@ -238,11 +238,25 @@ class Tracker:
     def artifact_uri(self) -> str:
         return self.client.get_run(self.run_id).info.artifact_uri
 
-    def ui_command(self) -> str:
-        """The command that opens this store in the MLflow UI."""
+    def ui_url(self, base: str = "http://127.0.0.1:5000") -> str:
+        """The run's page in the MLflow UI, in its model-training view.
+
+        MLflow 3.17's UI opens the GenAI view unless the address asks for the training one
+        (``workflowType=machine_learning``; it then remembers the choice), whatever the
+        experiment's ``mlflow.experimentKind`` tag says.
+        """
         if self.uri.startswith(("http://", "https://")):
-            return f"open {self.uri}"
-        return f"mlflow ui --backend-store-uri {self.uri}"
+            base = self.uri.rstrip("/")
+        return (
+            f"{base}/#/experiments/{self.experiment_id}/runs/{self.run_id}"
+            "?workflowType=machine_learning"
+        )
+
+    def ui_command(self) -> str:
+        """How to open this run in the MLflow UI."""
+        if self.uri.startswith(("http://", "https://")):
+            return f"open {self.ui_url()}"
+        return f"mlflow ui --backend-store-uri {self.uri}  then open {self.ui_url()}"
 
 
 def plot_history(history: list[dict[str, float]]):

@@ -103,6 +103,12 @@ def test_tags_and_note_of_a_run_and_a_users_name_wins(make_config, store):
     assert run.info.run_name == default_run_name(cfg)
     assert {k: run.data.tags[k] for k in tags} == tags
     assert "fedilora+editing" in run.data.tags["mlflow.note.content"]
+    # the summary's link opens the run in the UI's training view (3.17 picks it by address)
+    assert tracker.ui_url() == (
+        f"http://127.0.0.1:5000/#/experiments/{tracker.experiment_id}/runs/{tracker.run_id}"
+        "?workflowType=machine_learning"
+    )
+    assert tracker.ui_command().startswith(f"mlflow ui --backend-store-uri {store}  then open ")
     tracker.finish()
     named = Tracker(
         make_config(f"tracking.uri={store}", "tracking.experiment=e", "tracking.run_name=mine")
@@ -329,6 +335,8 @@ def test_a_run_records_its_data_name_tags_and_system_metrics(make_config, tmp_pa
     assert [r["train"] for r in rows] == [len(c.train) for c in data.clients]
     cpu = client.get_metric_history(result.run_id, "system/cpu_utilization_percentage")
     assert len(cpu) >= 2 and all(0 <= m.value <= 100 for m in cpu)
+    # a run keeps the CPU busy: no sample reads the meaningless 0 of an unprimed psutil
+    assert all(m.value > 0 for m in cpu), [m.value for m in cpu]
 
     off = fedsim.run(
         make_config(
