@@ -39,7 +39,9 @@ CASES: dict[str, list[str]] = {
         "train.lr=0.05",
         "editing.enabled=false",
     ],
-    "fednova": ["objective.method=fednova", "aggregation.method=zeropad"],
+    # editing.enabled=true: zeropad with editing, as before editing.enabled=auto (the default,
+    # off for zeropad), so the case computes the same numbers
+    "fednova": ["objective.method=fednova", "aggregation.method=zeropad", "editing.enabled=true"],
     "fedadam+B": ["server.optimizer=fedadam", "sharing.policy=B", "editing.key=lora_B"],
     "A+fedavgm": ["sharing.policy=A", "server.optimizer=fedavgm", "editing.key=lora_A"],
     "local-only": ["sharing.policy=none", "editing.enabled=false"],

@@ -3,6 +3,12 @@
 From round 2 on, a client compares each of its shared tensors with the global one it received
 and pulls the least similar ``editing.count`` of them (cosine below ``editing.threshold``)
 toward the global value. The math is :func:`aggregation.edit_layerwise`.
+
+``editing.enabled`` is ``auto`` (the default), ``true`` or ``false``. ``auto`` turns editing on
+only with ``aggregation.method=fedilora`` and only where it can apply (there is a global
+adapter, and ``editing.key`` names tensors the clients share), so every other merge method runs
+as itself; ``true`` asks for editing with any merge method and is an error where it cannot
+apply. :func:`editing_on` is the one answer to "does this run edit?".
 """
 
 from __future__ import annotations
@@ -24,8 +30,15 @@ if TYPE_CHECKING:
 
 @dataclass
 class EditingConfig:
-    enabled: bool = field(
-        default=True, metadata={"help": "FediLoRA layer-wise model editing (clients, round >= 2)."}
+    # Literal, not bool | str: OmegaConf 2.4 checks a Literal by type and value, so it takes
+    # true, false (YAML booleans) and the string auto, and rejects 1, 0 or maybe at load.
+    enabled: Literal["auto", True, False] = field(
+        default="auto",
+        metadata={
+            "help": "FediLoRA layer-wise model editing (clients, round >= 2): auto (on only "
+            "with aggregation.method=fedilora, where a global adapter to compare with exists), "
+            "true (any merge method; an error where it cannot apply) or false."
+        },
     )
     key: Literal["lora_A", "lora_B", "all"] = field(
         default="lora_A", metadata={"help": "Which LoRA tensors are candidates for editing."}
@@ -46,15 +59,74 @@ class EditReport:
     similarities: dict[str, float]
 
 
+# editing.enabled: the values it takes (auto: see editing_on)
+ENABLED_VALUES: tuple[str | bool, ...] = ("auto", True, False)
+
+
+def _enabled_value(cfg: FedSimConfig) -> str | bool:
+    """``editing.enabled``, checked: ``auto``, ``True`` or ``False`` (never ``1`` or ``"yes"``,
+    which a config built in Python could hold)."""
+    value = cfg.editing.enabled
+    if isinstance(value, bool) or (isinstance(value, str) and value == "auto"):
+        return value
+    allowed = ", ".join(str(v).lower() for v in ENABLED_VALUES)
+    raise ConfigError("editing.enabled", f"must be one of {allowed}; got {value!r}")
+
+
+def _cannot_apply(cfg: FedSimConfig) -> ConfigError | None:
+    """Why editing cannot apply under ``cfg`` (the error ``editing.enabled=true`` raises), or
+    None where it can."""
+    merger = MERGERS.get(cfg.aggregation.method)
+    policy = cfg.sharing.policy
+    fresh = merger is not None and merger.fresh_adapter_each_round
+    if fresh or policy == "none":
+        without = f"aggregation.method={cfg.aggregation.method}" if fresh else "sharing.policy=none"
+        return ConfigError(
+            "editing.enabled",
+            "layer-wise editing compares a client's adapter with the global one it "
+            f"received, which does not exist with {without}; set editing.enabled=auto or false",
+        )
+    private = {"B": "lora_A", "A": "lora_B"}.get(policy)
+    if cfg.editing.key == private:
+        return ConfigError(
+            "editing.key",
+            f"editing.key={cfg.editing.key} edits tensors that sharing.policy={policy} "
+            "keeps private (there is no global version to compare with); use the shared "
+            "part or all",
+        )
+    return None
+
+
+def editing_on(cfg: FedSimConfig) -> bool:
+    """Whether FediLoRA's layer-wise editing runs under ``cfg`` (the effective value of
+    ``editing.enabled``).
+
+    ``true`` and ``false`` mean what they say (``true`` where editing cannot apply is a
+    :class:`ConfigError` at load, from :meth:`Editing.check`). ``auto`` is on only with
+    ``aggregation.method=fedilora`` and where editing can apply: a global adapter exists
+    (``sharing.policy`` is not ``none``) and ``editing.key`` is not a tensor the sharing policy
+    keeps private; otherwise off, without error.
+
+    Raises:
+        ConfigError: ``editing.enabled`` holds another value.
+    """
+    value = _enabled_value(cfg)
+    if value != "auto":
+        return value
+    return cfg.aggregation.method == "fedilora" and _cannot_apply(cfg) is None
+
+
 class Editing(Method):
-    """``editing.enabled=true``."""
+    """FediLoRA's layer-wise editing: on where :func:`editing_on` says so."""
 
     name: ClassVar[str] = "editing"
-    summary: ClassVar[str] = "editing.enabled: FediLoRA's layer-wise model editing"
+    summary: ClassVar[str] = (
+        "editing.enabled: FediLoRA's layer-wise model editing (auto: with fedilora only)"
+    )
 
     @classmethod
     def enabled(cls, cfg: FedSimConfig) -> bool:
-        return cfg.editing.enabled
+        return editing_on(cfg)
 
     @classmethod
     def check(cls, cfg: FedSimConfig) -> None:
@@ -63,28 +135,11 @@ class Editing(Method):
             raise ConfigError("editing.count", f"must be >= 1, got {e.count}")
         if not 0 <= e.threshold <= 1.0 + 1e-9:
             raise ConfigError("editing.threshold", "must be in [0, 1]")
-        if not cfg.editing.enabled:
+        if _enabled_value(cfg) is not True:  # false; auto is off wherever it cannot apply
             return
-        merger = MERGERS.get(cfg.aggregation.method)
-        policy = cfg.sharing.policy
-        fresh = merger is not None and merger.fresh_adapter_each_round
-        if fresh or policy == "none":
-            without = (
-                f"aggregation.method={cfg.aggregation.method}" if fresh else "sharing.policy=none"
-            )
-            raise ConfigError(
-                "editing.enabled",
-                "layer-wise editing compares a client's adapter with the global one it "
-                f"received, which does not exist with {without}; set editing.enabled=false",
-            )
-        private = {"B": "lora_A", "A": "lora_B"}.get(policy)
-        if cfg.editing.key == private:
-            raise ConfigError(
-                "editing.key",
-                f"editing.key={cfg.editing.key} edits tensors that sharing.policy={policy} "
-                "keeps private (there is no global version to compare with); use the shared "
-                "part or all",
-            )
+        error = _cannot_apply(cfg)
+        if error is not None:
+            raise error
 
     def after_training(self, step: ClientStep) -> None:
         if step.task.round_idx < 2:
