@@ -315,7 +315,7 @@ def _simulate(
                 "round lines above and the clients/ tables in MLflow"
             )
         if inputs is not None:
-            inputs.result()
+            _wait_for_inputs(inputs)
         log_final_outputs(cfg, info, ex, pool, server, tracker, result.history, result.clients)
         if cfg.tracking.save_client_adapters:
             log_client_adapters(cfg, info, driver, tracker)
@@ -382,6 +382,21 @@ def _load_server_state(ex, server, ckpt: Checkpoint) -> None:
         raise ConfigError(
             "--resume", f"{ckpt.path / 'server.safetensors'} does not fit this run: {reason}"
         ) from None
+
+
+def _wait_for_inputs(inputs) -> None:
+    """Wait for the run's data record; one that could not be logged is a warning, not a failed
+    run (the metrics, checkpoints and adapters are all there)."""
+    try:
+        inputs.result()
+    except Exception as exc:
+        reason = " ".join(str(exc).split())[:300] or type(exc).__name__
+        print(
+            f"fedsim: warning: the run's data record (MLflow datasets, data/) was not logged: "
+            f"{reason}",
+            file=sys.stderr,
+            flush=True,
+        )
 
 
 def _log_skipped_rows(tracker: Tracker, dataset) -> None:

@@ -348,3 +348,20 @@ def test_a_run_records_its_data_name_tags_and_system_metrics(make_config, tmp_pa
         executor=LocalExecutor(),
     )
     assert not [k for k in client.get_run(off.run_id).data.metrics if k.startswith("system/")]
+
+
+def test_a_data_record_that_fails_is_a_warning_not_a_failed_run(capsys):
+    from concurrent.futures import Future
+
+    from fedsim.simulation import _wait_for_inputs
+
+    failed: Future = Future()
+    failed.set_exception(OSError("disk full"))
+    _wait_for_inputs(failed)
+    assert (
+        "data record (MLflow datasets, data/) was not logged: disk full" in capsys.readouterr().err
+    )
+    done: Future = Future()
+    done.set_result(None)
+    _wait_for_inputs(done)
+    assert capsys.readouterr().err == ""
