@@ -66,7 +66,7 @@ def default_run_name(cfg: FedSimConfig) -> str:
 
 
 def run_tags(cfg: FedSimConfig) -> dict[str, str]:
-    """Tags to filter and group runs by in the UI (``tags.fedsim.method = 'fedilora'``)."""
+    """Tags to filter and group runs by in the UI (``tags."fedsim.merge" = 'zeropad'``)."""
     backbone = cfg.model.backbone
     hub = getattr(cfg.model, "name_or_path", None)
     return {
