@@ -73,6 +73,21 @@ def test_two_rounds_log_generation_metrics(family_runs, family):
     assert result.history[-1]["global/loss"] < result.history[0]["global/loss"]
 
 
+def test_a_generative_run_records_its_data_with_the_targets(family_runs, mlflow_store):
+    """The datasets of a caption run: the schema has the reference captions (``target``) and
+    the digest covers them; the client table and heat map are there."""
+    import json
+
+    client = MlflowClient(tracking_uri=mlflow_store(EXPERIMENT))
+    run = client.get_run(family_runs["llava"].run_id)
+    inputs = {i.dataset.name: i.dataset for i in run.inputs.dataset_inputs}
+    assert set(inputs) == {"emoji-train", "emoji-test"}
+    columns = [c["name"] for c in json.loads(inputs["emoji-test"].schema)["mlflow_colspec"]]
+    assert columns == ["image", "text", "label", "target"]
+    files = {a.path for a in client.list_artifacts(run.info.run_id, "data")}
+    assert {"data/clients.json", "data/partition.png"} <= files
+
+
 def test_example_generations_are_logged_every_evaluated_round(family_runs, mlflow_store):
     client = MlflowClient(tracking_uri=mlflow_store(EXPERIMENT))
     run_id = family_runs["llava"].run_id
