@@ -206,7 +206,10 @@ def run_study(path: str | Path, extra: list[str] = ()) -> str:
     parent.log_text(table, "summary.md")
     parent.finish()
     print(table)
-    print(f"written to {out}; MLflow parent run {parent.run_id}")
+    print(
+        f"written to {out}; MLflow parent run {parent.run_id}; browse the runs with: "
+        f"{parent.ui_command(whole_experiment=True)}"
+    )
     return table
 
 

@@ -238,8 +238,8 @@ class Tracker:
     def artifact_uri(self) -> str:
         return self.client.get_run(self.run_id).info.artifact_uri
 
-    def ui_url(self, base: str = "http://127.0.0.1:5000") -> str:
-        """The run's page in the MLflow UI, in its model-training view.
+    def ui_url(self, base: str = "http://127.0.0.1:5000", whole_experiment: bool = False) -> str:
+        """The run's page (or its experiment's runs table) in the MLflow UI's training view.
 
         MLflow 3.17's UI opens the GenAI view unless the address asks for the training one
         (``workflowType=machine_learning``; it then remembers the choice), whatever the
@@ -247,16 +247,17 @@ class Tracker:
         """
         if self.uri.startswith(("http://", "https://")):
             base = self.uri.rstrip("/")
-        return (
-            f"{base}/#/experiments/{self.experiment_id}/runs/{self.run_id}"
-            "?workflowType=machine_learning"
-        )
+        page = f"{base}/#/experiments/{self.experiment_id}"
+        if not whole_experiment:
+            page += f"/runs/{self.run_id}"
+        return f"{page}?workflowType=machine_learning"
 
-    def ui_command(self) -> str:
-        """How to open this run in the MLflow UI."""
+    def ui_command(self, whole_experiment: bool = False) -> str:
+        """How to open this run (or its experiment) in the MLflow UI."""
+        url = self.ui_url(whole_experiment=whole_experiment)
         if self.uri.startswith(("http://", "https://")):
-            return f"open {self.ui_url()}"
-        return f"mlflow ui --backend-store-uri {self.uri}  then open {self.ui_url()}"
+            return f"open {url}"
+        return f"mlflow ui --backend-store-uri {self.uri}  then open {url}"
 
 
 def plot_history(history: list[dict[str, float]]):

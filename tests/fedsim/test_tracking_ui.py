@@ -109,6 +109,9 @@ def test_tags_and_note_of_a_run_and_a_users_name_wins(make_config, store):
         "?workflowType=machine_learning"
     )
     assert tracker.ui_command().startswith(f"mlflow ui --backend-store-uri {store}  then open ")
+    assert tracker.ui_command(whole_experiment=True).endswith(
+        f"/#/experiments/{tracker.experiment_id}?workflowType=machine_learning"
+    )
     tracker.finish()
     named = Tracker(
         make_config(f"tracking.uri={store}", "tracking.experiment=e", "tracking.run_name=mine")
