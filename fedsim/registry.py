@@ -1,13 +1,13 @@
 """The MLflow Model Registry: a run's final global adapter as a registered model version, and
 a registered version back as a local peft adapter directory.
 
-``tracking.register_model=NAME`` registers the run's ``global_adapter`` artifact (peft's
+``tracking.register_model=NAME`` registers the run's final global adapter (peft's
 ``adapter_config.json`` + ``adapter_model.safetensors``, and ``base_delta.safetensors`` when a
 method folded updates into the base weights) as a new version of the registered model NAME in
 the run's store (``tracking.uri``), linked to the run and tagged with the run's method, ranks
-and backbone. The version's source is the run's artifact location of ``global_adapter`` (what
-``mlflow.register_model`` records for a ``runs:/`` URI): the files are not copied, so they live
-as long as the run's artifacts.
+and backbone. The version's source is the run's artifact location of a copy logged beside
+``global_adapter``, ``registered_adapter/round_NNNN`` (:func:`registered_path`), which no later
+resume rewrites; the files live as long as the run's artifacts.
 
 :func:`load_registered_adapter` downloads a version's files to a local directory, which
 ``peft.PeftModel.from_pretrained(base_model, path)`` loads; :func:`load_registered_peft_model`
@@ -29,6 +29,16 @@ if TYPE_CHECKING:
     from fedsim.tracking import Tracker
 
 ADAPTER_PATH = "global_adapter"
+
+
+def registered_path(rounds: int) -> str:
+    """Where a run logs the copy of its final global adapter that a registered version points
+    at: one directory per final round, never rewritten (``global_adapter`` is rewritten when a
+    finished run is extended with ``--resume``; the version registered before must keep its
+    files)."""
+    return f"registered_adapter/round_{rounds:04d}"
+
+
 BASE_DELTA_FILE = "base_delta.safetensors"
 # The registered_models.name column of MLflow's SQL stores; the version's source column
 MAX_NAME_LENGTH = 256
@@ -103,8 +113,10 @@ def register_run(
     *,
     tags: dict[str, str] | None = None,
     description: str | None = None,
+    path: str = ADAPTER_PATH,
 ):
-    """Register run ``run_id``'s ``global_adapter`` artifact as a new version of ``name``.
+    """Register run ``run_id``'s adapter artifact ``path`` (by default ``global_adapter``) as a
+    new version of ``name``.
 
     The registered model is created when missing. The store is ``tracking_uri`` (None:
     MLflow's current tracking URI) for the run and the registry alike.
@@ -136,7 +148,7 @@ def register_run(
     # The run's artifact location itself (what mlflow.register_model records for a runs:/ URI
     # holding an MLmodel), so the version resolves without going through the run; a location
     # too long for the SQL stores' source column is kept run-relative instead.
-    runs_uri = f"runs:/{run_id}/{ADAPTER_PATH}"
+    runs_uri = f"runs:/{run_id}/{path}"
     source = RunsArtifactRepository.get_underlying_uri(runs_uri, uri)
     if len(source) > MAX_SOURCE_LENGTH:
         source = runs_uri
@@ -154,8 +166,9 @@ def register_run(
 def register_global_adapter(
     cfg: FedSimConfig, tracker: Tracker, global_rank: int, base_delta: bool
 ):
-    """Register the run's logged ``global_adapter`` as ``tracking.register_model`` (the engine
-    calls this after logging it).
+    """Register the run's final global adapter as a new version of ``tracking.register_model``
+    (the engine calls this after logging the adapter to ``global_adapter`` and to its lasting
+    copy :func:`registered_path`, which the version points at).
 
     A registration the store refuses does not fail the run: its metrics and artifacts stay,
     the run is tagged ``fedsim.registry_error`` and a warning names the call that registers it
@@ -186,15 +199,17 @@ def register_global_adapter(
             tracker.uri,
             tags=version_tags(cfg, global_rank, bool(base_delta)),
             description=description,
+            path=registered_path(cfg.rounds),
         )
     except (MlflowException, RegistryError, OSError) as exc:
         reason = getattr(exc, "message", None) or str(exc)
         tracker.client.set_tag(tracker.run_id, "fedsim.registry_error", _tag(reason))
         print(
             f"fedsim: warning: registering the global adapter as tracking.register_model="
-            f"{name} failed: {reason}. The run {tracker.run_id} and its {ADAPTER_PATH} "
-            "artifact are kept; register it later with fedsim.registry.register_run("
-            f"{tracker.run_id!r}, NAME, {tracker.uri!r})",
+            f"{name} failed: {reason}. The run {tracker.run_id} and its "
+            f"{registered_path(cfg.rounds)} artifact are kept; register it later with "
+            f"fedsim.registry.register_run({tracker.run_id!r}, NAME, {tracker.uri!r}, "
+            f"path={registered_path(cfg.rounds)!r})",
             file=sys.stderr,
             flush=True,
         )

@@ -12,7 +12,7 @@ from fedsim.config import resolve_ranks
 from fedsim.messages import ExportedAdapter
 from fedsim.methods import enabled_methods
 from fedsim.models.scaling import client_scaling
-from fedsim.registry import register_global_adapter
+from fedsim.registry import register_global_adapter, registered_path
 from fedsim.tracking import plot_history
 
 
@@ -46,6 +46,8 @@ def log_final_outputs(cfg, info, ex, pool, server, tracker, history, clients) ->
                 base = {k: v.contiguous() for k, v in exported.base.items()}
                 save_file(base, str(Path(tmp) / "base_delta.safetensors"))
             tracker.log_dir(tmp, "global_adapter")
+            if cfg.tracking.register_model is not None:  # the files the version points at
+                tracker.log_dir(tmp, registered_path(cfg.rounds))
         if cfg.tracking.register_model is not None:
             register_global_adapter(cfg, tracker, rank, exported.base is not None)
     if cfg.tracking.plots:

@@ -75,7 +75,7 @@ def test_each_run_registers_a_new_version_linked_to_it(runs, client):
         version = client.get_model_version(NAME, str(number))
         assert version.status == "READY"
         assert version.run_id == result.run_id
-        assert version.source.endswith("/global_adapter")
+        assert version.source.endswith(f"/registered_adapter/round_{cfg.rounds:04d}")
         assert result.run_id in version.source
         assert result.run_id in version.description
         assert version.tags["fedsim.merge"] == cfg.aggregation.method
@@ -184,6 +184,40 @@ def test_a_refused_registration_keeps_the_run(build, capsys):
     err = capsys.readouterr().err
     assert "tracking.register_model=fedsim-prompt failed" in err
     assert f"register_run({result.run_id!r}" in err
+
+
+def test_extending_a_registered_run_keeps_the_earlier_versions_files(build, tmp_path):
+    """A finished run extended with --resume rewrites global_adapter and registers a new
+    version; the version registered first still loads the adapter of its own final round."""
+    cfg = build(
+        "tracking.register_model=fedsim-extended",
+        "tracking.plots=false",
+        "rounds=1",
+        f"checkpoint.dir={tmp_path / 'runs'}",
+    )
+    first = _run(cfg)
+    client = MlflowClient(tracking_uri=cfg.tracking.uri, registry_uri=cfg.tracking.uri)
+    before = _run_adapter(client, first.run_id, tmp_path / "before")
+    from actors.executor import LocalExecutor
+
+    fedsim.resume(first.run_dir, ["rounds=2"], executor=LocalExecutor())
+    after = _run_adapter(client, first.run_id, tmp_path / "after")
+    assert any(not torch.equal(before[k], after[k]) for k in before)  # round 2 trained on
+    v1 = load_file(
+        str(
+            load_registered_adapter("fedsim-extended", 1, cfg.tracking.uri)
+            / "adapter_model.safetensors"
+        )
+    )
+    v2 = load_file(
+        str(
+            load_registered_adapter("fedsim-extended", 2, cfg.tracking.uri)
+            / "adapter_model.safetensors"
+        )
+    )
+    assert v1.keys() == before.keys() and all(torch.equal(v1[k], before[k]) for k in before)
+    assert all(torch.equal(v2[k], after[k]) for k in after)
+    assert client.get_model_version("fedsim-extended", "2").run_id == first.run_id
 
 
 def test_a_missing_model_version_alias_or_store_is_named(runs, tmp_path):
