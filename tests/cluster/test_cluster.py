@@ -262,15 +262,18 @@ def _labels(template: dict) -> dict:
 def _run_with_stub_ray(command: str) -> list[tuple[str | None, list[str]]]:
     """Run a start command of the launcher config in bash with `ray` (and `ulimit`) replaced by
     stubs; return, for every `ray start` it runs, the RAY_AUTH_MODE it sees and its arguments."""
+    # `mlflow` and `nohup` are stubbed too: the head's commands start an MLflow server, which
+    # must not really start (it would outlive the test, listening on port 5000)
     stub = (
         'ray() { if [ "$1" = start ]; then printf "%s\\0" "start" "${RAY_AUTH_MODE-<unset>}" '
-        '"$@"; printf "\\n"; fi; }; ulimit() { :; }; '
+        '"$@"; printf "\\n"; fi; }; ulimit() { :; }; mlflow() { :; }; nohup() { "$@"; }; '
     )
     env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "RAY_HEAD_IP": "10.0.0.1"}
-    env["HOME"] = tempfile.gettempdir()
-    out = subprocess.run(
-        ["bash", "-c", stub + command], env=env, capture_output=True, text=True, check=True
-    ).stdout
+    with tempfile.TemporaryDirectory(prefix="fedsim-stub-home-") as home:
+        env["HOME"] = home
+        out = subprocess.run(
+            ["bash", "-c", stub + command], env=env, capture_output=True, text=True, check=True
+        ).stdout
     calls = []
     for line in out.splitlines():
         fields = line.split("\0")[:-1]
