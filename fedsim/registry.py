@@ -222,10 +222,12 @@ def register_global_adapter(
 
 def _store_exists(uri: str) -> bool:
     """False for a SQLite store whose file is missing (opening it would create an empty one)."""
+    from fedsim.preflight import store_path  # the one parser of store URIs
+
     if not uri.startswith("sqlite:///"):
         return True
-    path = uri.removeprefix("sqlite:///").partition("?")[0]
-    return path == ":memory:" or Path(path).is_file()
+    path = store_path(uri)
+    return path in (None, ":memory:") or Path(path).is_file()
 
 
 def _resolve_version(client, name: str, version: int | str | None, uri: str):
