@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 import torch
 
 from aggregation import RankMerger, StreamingMerge, UpdateRejected, check_update, lora_rank
+from aggregation.diagnostics import dimension_sq_norms, merge_diagnostics
 from fedsim.messages import (
     AggregateReport,
     Broadcast,
@@ -41,6 +42,9 @@ class ServerState:
         optimizer: a server optimiser from :mod:`aggregation` (``step``, ``state_dict``).
         methods: the enabled methods (:func:`fedsim.methods.enabled_methods`), in hook order.
         num_clients: the number of clients ``N`` of the federation.
+        streaming: merge linear rules one update at a time where the methods allow it.
+        diagnostics: compute each round's merge diagnostics (ALGORITHMS 1.9) into the report:
+            ``(R,)`` numbers per client as its update arrives, combined after the merge.
     """
 
     def __init__(
@@ -51,8 +55,10 @@ class ServerState:
         methods: list[Method],
         num_clients: int,
         streaming: bool = False,
+        diagnostics: bool = False,
     ):
         self.merger = merger
+        self.diagnostics = diagnostics
         self.optimizer = optimizer
         self.methods = list(methods)
         self.template = {k: v.clone() for k, v in initial.items()}
@@ -202,6 +208,8 @@ class ServerState:
         else:
             stream.merge.add(upload.update, meta.rank, meta.num_samples)
             stream.clients.append(meta)
+            if self.diagnostics:
+                stream.diag.append(self._client_diagnostics(meta, upload.update, stream.current))
         stream.report.aggregate_s += time.perf_counter() - start
 
     def stream_close(self, apply: bool = True) -> AggregateReport:
@@ -216,7 +224,7 @@ class ServerState:
             batch = MergeBatch(
                 clients=stream.clients, updates=[], uploads=[], current=stream.current
             )
-            report.nonfinite = self._apply(batch, stream.merge.result(), report)
+            report.nonfinite = self._apply(batch, stream.merge.result(), report, stream.diag)
             if not report.nonfinite:
                 report.global_delta_norm = self._last_delta_norm
                 report.accepted = [m.client_id for m in stream.clients]
@@ -247,6 +255,12 @@ class ServerState:
         for m in self.methods:
             m.before_merge(batch)
         report.metrics, report.columns = batch.metrics, batch.columns
+        diag = []
+        if self.diagnostics:  # what the merge receives, after the before_merge hooks
+            diag = [
+                self._client_diagnostics(meta, update, current)
+                for meta, update in zip(batch.clients, batch.updates)
+            ]
         merged = self.merger.merge(
             batch.updates,
             batch.ranks,
@@ -254,10 +268,36 @@ class ServerState:
             previous=current,
             global_rank=self.global_rank,
         )
-        return self._apply(batch, merged, report)
+        return self._apply(batch, merged, report, diag)
 
-    def _apply(self, batch: MergeBatch, merged: State, report: AggregateReport) -> list[str]:
-        """The after-merge hooks, the server optimiser and, when finite, the new global."""
+    def _client_diagnostics(self, meta: ClientMeta, update: State, current: State) -> tuple:
+        """What the round's diagnostics keep of one update: ``(R,)`` squared norms of its
+        change per dimension and the merge's weight of the client (one pass over the update)."""
+        sq = dimension_sq_norms(update, self.global_rank, current)
+        return meta, sq, self.merger.client_weight(update, meta.num_samples)
+
+    def _diagnose(self, diag: list, current: State, new: State, report: AggregateReport) -> None:
+        """The round's merge diagnostics: per-dimension vectors into ``report.diagnostics``,
+        per-client columns into ``report.columns``."""
+        metas = [d[0] for d in diag]
+        ranks = [m.rank for m in metas]
+        counts = [m.num_samples for m in metas]
+        weights = self.merger.dimension_weights(
+            ranks, counts, [d[2] for d in diag], self.global_rank
+        )
+        update = dimension_sq_norms(new, self.global_rank, current).sqrt()
+        result = merge_diagnostics(
+            torch.stack([d[1] for d in diag]), ranks, counts, weights, update
+        )
+        report.diagnostics = result.dimensions()
+        for cid, columns in result.client_columns([m.client_id for m in metas]).items():
+            report.columns.setdefault(cid, {}).update(columns)
+
+    def _apply(
+        self, batch: MergeBatch, merged: State, report: AggregateReport, diag: list | None = None
+    ) -> list[str]:
+        """The after-merge hooks, the server optimiser and, when finite, the new global (and
+        the round's diagnostics when ``diag`` holds the clients' parts)."""
         current = batch.current
         for m in self.methods:
             merged = m.after_merge(batch, merged)
@@ -271,6 +311,8 @@ class ServerState:
         if nonfinite:
             return nonfinite
         self._last_delta_norm = math.sqrt(delta)
+        if diag:
+            self._diagnose(diag, current, new, report)
         self.global_state = {**self.global_state, **new}
         for m in self.methods:
             m.after_apply(batch)
@@ -286,6 +328,7 @@ class _Stream:
     current: State  # the global adapter's shared tensors before this merge
     reference: State  # what uploads are validated against (the initial global's keys, shapes)
     clients: list[ClientMeta] = field(default_factory=list)
+    diag: list = field(default_factory=list)  # per accepted client, for the diagnostics
 
 
 def _nonfinite_keys(state: State) -> list[str]:

@@ -1,22 +1,29 @@
-"""Merge diagnostics of one heterogeneous-rank round (issue 16, first part: the math).
+"""Merge diagnostics of one heterogeneous-rank round (ALGORITHMS 1.9).
 
-For the global rank ``R`` and the sampled clients ``i`` (rank ``r_i``, weight ``n_i``):
+For the global rank ``R``, the sampled clients ``i`` (rank ``r_i``, sample count ``n_i``) and
+the merge's weight ``w_ij`` of client ``i`` on dimension ``j`` (0-based; 0 where ``r_i <= j``),
+given by the merger (:meth:`aggregation.RankMerger.dimension_weights`):
 
-- coverage of dimension ``j`` (0-based): ``c_j = #{i : r_i > j}`` and its weight
+- coverage of dimension ``j``: ``c_j = #{i : r_i > j}`` and its weight
   ``W_j = sum_{i : r_i > j} n_i``;
-- the merge's weight of client ``i`` on dimension ``j``: FediLoRA's dimension-wise
-  ``w_ij = n_i / W_j`` (``r_i > j``), zero-padding's ``w_ij = n_i / sum_l n_l`` (``r_i > j``);
-- client ``i``'s contribution to the merged adapter: ``w_ij A_i[j]`` and ``w_ij B_i[:, j]`` for
-  every LoRA module; its norm ``||c_i||`` over all modules and dimensions, and the part in the
-  dimensions that only ``i`` and higher-rank clients cover, ``[m_i, r_i)`` with
+- client ``i``'s contribution to the merged update: ``w_ij (A_i[j] - A_prev[j])`` and
+  ``w_ij (B_i[:, j] - B_prev[:, j])`` for every LoRA module (``prev`` = the global adapter the
+  round started from); its norm ``||c_i||`` over all modules and dimensions, and the part in
+  the dimensions only ``i`` and higher-rank clients cover, ``[m_i, r_i)`` with
   ``m_i = max{r_l : r_l < r_i}`` (0 if none): where a high-rank client's update is averaged
   only with clients at least as high;
-- the global update per dimension: ``||A_g[j] - A_prev[j]||^2 + ||B_g[:, j] - B_prev[:, j]||^2``
-  summed over modules, square-rooted.
+- its share ``||c_i||^2 / sum_l ||c_l||^2``;
+- the global update per dimension: ``||A_new[j] - A_prev[j]||^2 + ||B_new[:, j] - B_prev[:, j]||^2``
+  summed over modules, square-rooted (after the server optimiser: what the round changed).
 
-Every quantity is computed with tensor operations over all clients and dimensions at once
-(one pass over each module's factors); tests/aggregation/test_diagnostics.py checks them
-against explicit loops.
+Where the weights of a dimension sum to 1 (FediLoRA), the contributions add up exactly to the
+merged update; where they sum to less (zero-padding's dilution) the rest of the update is the
+shrinkage ``-(1 - sum_i w_ij) prev[j]``, no client's.
+
+The server keeps only ``(R,)`` numbers per client: :func:`dimension_sq_norms` is one pass over
+an update as it arrives (streaming or batch), :func:`merge_diagnostics` combines them with
+tensor operations over all clients and dimensions at once; tests/aggregation/test_diagnostics.py
+checks them against explicit loops.
 """
 
 from __future__ import annotations
@@ -29,8 +36,6 @@ from torch import Tensor
 
 from aggregation.lora_keys import rank_axis
 
-WEIGHTINGS = ("fedilora", "zeropad")
-
 
 @dataclass
 class MergeDiagnostics:
@@ -38,57 +43,79 @@ class MergeDiagnostics:
 
     Attributes:
         coverage: ``(R,)`` how many sampled clients cover each dimension.
-        weight: ``(R,)`` their total weight ``W_j``.
-        contribution: ``(S,)`` the norm of each client's contribution to the merged adapter.
+        weight: ``(R,)`` their total sample count ``W_j``.
+        merge_weight: ``(R,)`` the merge's total weight ``sum_i w_ij`` on each dimension (1 for
+            a dimension-wise average, the covered share for zero-padding).
+        contribution: ``(S,)`` the norm of each client's contribution to the merged update.
         contribution_top: ``(S,)`` its part in the client's top band ``[m_i, r_i)``.
         share: ``(S,)`` each client's share of the summed squared contributions.
         top_band: ``(S, 2)`` each client's band ``[m_i, r_i)``.
-        update_norm: ``(R,)`` the norm of the global update per dimension (None without a
-            merged and a previous adapter).
+        update_norm: ``(R,)`` the norm of the global update per dimension, or None.
     """
 
     coverage: Tensor
     weight: Tensor
+    merge_weight: Tensor
     contribution: Tensor
     contribution_top: Tensor
     share: Tensor
     top_band: Tensor
     update_norm: Tensor | None = None
 
+    def client_columns(self, client_ids: Sequence[int]) -> dict[int, dict[str, float | str]]:
+        """Per client id: ``contribution``, ``contribution_top``, ``share`` and ``top_band``
+        (``"m-r"``), the columns of the round's client table."""
+        return {
+            cid: {
+                "contribution": float(self.contribution[i]),
+                "contribution_top": float(self.contribution_top[i]),
+                "share": float(self.share[i]),
+                "top_band": f"{int(self.top_band[i, 0])}-{int(self.top_band[i, 1])}",
+            }
+            for i, cid in enumerate(client_ids)
+        }
+
+    def dimensions(self) -> dict[str, list[float]]:
+        """The per-dimension vectors as lists (JSON): coverage, weight, merge_weight and, when
+        known, update_norm."""
+        out = {
+            "coverage": [int(v) for v in self.coverage],
+            "weight": self.weight.tolist(),
+            "merge_weight": self.merge_weight.tolist(),
+        }
+        if self.update_norm is not None:
+            out["update_norm"] = self.update_norm.tolist()
+        return out
+
 
 def _rank_rows(key: str, tensor: Tensor) -> Tensor | None:
-    """The tensor as ``(rank, -1)`` rows (one row per rank dimension), or None for a tensor
-    that has no rank axis (dense weights, biases)."""
+    """The tensor as ``(rank, -1)`` float64 rows (one row per rank dimension), or None for a
+    tensor that has no rank axis (dense weights, biases)."""
     axis = rank_axis(key)
     if axis is None:
         return None
     return tensor.detach().to(torch.float64).movedim(axis, 0).reshape(tensor.shape[axis], -1)
 
 
-def dimension_sq_norms(state: Mapping[str, Tensor], rank: int) -> Tensor:
-    """``(rank,)``: the squared norm of every rank dimension of ``state``, over all modules
-    (``||A[j]||^2 + ||B[:, j]||^2`` summed over the LoRA pairs)."""
+def dimension_sq_norms(
+    state: Mapping[str, Tensor], rank: int, previous: Mapping[str, Tensor] | None = None
+) -> Tensor:
+    """``(rank,)``: the squared norm of every rank dimension of ``state - previous``, over all
+    LoRA modules (``||A[j] - A_prev[j]||^2 + ||B[:, j] - B_prev[:, j]||^2`` summed over the
+    factors). ``previous`` is zero-padded or truncated to the state's rank; a key it lacks
+    counts as zero; None means zero. Dimensions past a tensor's rank are 0."""
     out = torch.zeros(rank, dtype=torch.float64)
     for key, tensor in state.items():
         rows = _rank_rows(key, tensor)
-        if rows is not None:
-            out[: rows.shape[0]] += rows.square().sum(dim=1)[:rank]
+        if rows is None:
+            continue
+        rows = rows[:rank]
+        if previous is not None and key in previous:
+            prev = _rank_rows(key, previous[key])[: rows.shape[0]]
+            rows = rows.clone()
+            rows[: prev.shape[0]] -= prev
+        out[: rows.shape[0]] += rows.square().sum(dim=1)
     return out
-
-
-def merge_weights(
-    ranks: Sequence[int], num_samples: Sequence[float], global_rank: int, weighting: str
-) -> Tensor:
-    """``(S, R)``: the merge's weight of each client on each dimension (see module doc)."""
-    if weighting not in WEIGHTINGS:
-        raise ValueError(f"weighting must be one of {WEIGHTINGS}, got {weighting!r}")
-    n = torch.as_tensor(num_samples, dtype=torch.float64)
-    covers = torch.arange(global_rank)[None, :] < torch.as_tensor(ranks)[:, None]
-    mass = n[:, None] * covers
-    if weighting == "zeropad":
-        return mass / n.sum()
-    totals = mass.sum(dim=0)
-    return mass / torch.where(totals > 0, totals, torch.ones_like(totals))
 
 
 def top_bands(ranks: Sequence[int]) -> Tensor:
@@ -100,57 +127,86 @@ def top_bands(ranks: Sequence[int]) -> Tensor:
 
 
 def merge_diagnostics(
-    states: Sequence[Mapping[str, Tensor]],
+    sq_norms: Tensor,
     ranks: Sequence[int],
     num_samples: Sequence[float],
-    global_rank: int,
-    weighting: str = "fedilora",
-    merged: Mapping[str, Tensor] | None = None,
-    previous: Mapping[str, Tensor] | None = None,
+    weights: Tensor,
+    update_norm: Tensor | None = None,
 ) -> MergeDiagnostics:
     """The diagnostics of one round (see the module doc).
 
     Args:
-        states: the clients' uploaded LoRA states (client ``i`` at rank ``ranks[i]``).
-        ranks, num_samples: each client's rank and merge weight ``n_i``.
-        global_rank: ``R``.
-        weighting: ``fedilora`` (dimension-wise) or ``zeropad``.
-        merged, previous: the round's merged and previous global adapters (rank ``R``, or
-            less: missing dimensions count as zero), for the update norm per dimension.
+        sq_norms: ``(S, R)``: each client's :func:`dimension_sq_norms` of its update against
+            the global adapter the round started from.
+        ranks, num_samples: each client's rank ``r_i`` and sample count ``n_i``.
+        weights: ``(S, R)``: the merge's ``w_ij`` (0 where ``r_i <= j``).
+        update_norm: ``(R,)``: the global update's norm per dimension, if known.
+
+    Raises:
+        ValueError: the shapes disagree.
     """
-    weights = merge_weights(ranks, num_samples, global_rank, weighting)  # (S, R)
-    covers = weights > 0
+    s, r = weights.shape
+    if sq_norms.shape != (s, r) or len(ranks) != s or len(num_samples) != s:
+        raise ValueError(
+            f"diagnostics inputs disagree: weights {tuple(weights.shape)}, norms "
+            f"{tuple(sq_norms.shape)}, {len(ranks)} ranks, {len(num_samples)} sample counts"
+        )
+    dims = torch.arange(r)[None, :]
+    covers = dims < torch.as_tensor(ranks)[:, None]  # (S, R)
     n = torch.as_tensor(num_samples, dtype=torch.float64)
-    coverage = covers.sum(dim=0).to(torch.float64)
-    weight = (n[:, None] * covers).sum(dim=0)
-    sq = torch.stack(
-        [dimension_sq_norms(s, global_rank) for s in states]
-    )  # (S, R): ||x_ij||^2 over modules
-    contrib_sq = weights.square() * sq  # (S, R)
+    contrib_sq = weights.to(torch.float64).square() * sq_norms  # (S, R)
     bands = top_bands(ranks)
-    dims = torch.arange(global_rank)[None, :]
     in_top = (dims >= bands[:, :1]) & (dims < bands[:, 1:])
     total = contrib_sq.sum(dim=1)
     grand = total.sum()
-    update = None
-    if merged is not None and previous is not None:
-        update = torch.zeros(global_rank, dtype=torch.float64)
-        for key, tensor in merged.items():
-            rows = _rank_rows(key, tensor)
-            if rows is None:
-                continue
-            before = torch.zeros_like(rows)
-            if key in previous:
-                prev = _rank_rows(key, previous[key])
-                before[: prev.shape[0]] = prev
-            update[: rows.shape[0]] += (rows - before).square().sum(dim=1)[:global_rank]
-        update = update.sqrt()
     return MergeDiagnostics(
-        coverage=coverage,
-        weight=weight,
+        coverage=covers.sum(dim=0).to(torch.float64),
+        weight=(n[:, None] * covers).sum(dim=0),
+        merge_weight=weights.to(torch.float64).sum(dim=0),
         contribution=total.sqrt(),
         contribution_top=(contrib_sq * in_top).sum(dim=1).sqrt(),
         share=total / grand if grand > 0 else torch.zeros_like(total),
         top_band=bands,
-        update_norm=update,
+        update_norm=update_norm,
     )
+
+
+def diagnose(
+    merger,
+    states: Sequence[Mapping[str, Tensor]],
+    ranks: Sequence[int],
+    num_samples: Sequence[float],
+    global_rank: int,
+    previous: Mapping[str, Tensor] | None = None,
+    new: Mapping[str, Tensor] | None = None,
+) -> MergeDiagnostics:
+    """:func:`merge_diagnostics` of a batch of client states under ``merger``'s weights;
+    with ``new`` (the merged global adapter), the update norm per dimension too."""
+    sq = torch.stack([dimension_sq_norms(s, global_rank, previous) for s in states])
+    client_weights = [merger.client_weight(s, n) for s, n in zip(states, num_samples)]
+    weights = merger.dimension_weights(ranks, num_samples, client_weights, global_rank)
+    update = None
+    if new is not None:
+        update = dimension_sq_norms(new, global_rank, previous).sqrt()
+    return merge_diagnostics(sq, ranks, num_samples, weights, update)
+
+
+def band_metrics(dims: Mapping[str, list[float]], levels: Sequence[int]) -> dict[str, float]:
+    """MLflow metrics of one round per dimension band ``[l_k, l_{k+1})`` between consecutive
+    rank levels (the federation's distinct ranks, 0 first): ``merge/band_LO-HI/coverage``,
+    ``/weight`` (constant inside a band, since every client covers a prefix of dimensions),
+    ``/merge_weight`` (mean over the band) and ``/update_norm`` (the band's norm)."""
+    edges = sorted({0, *(int(v) for v in levels)})
+    out: dict[str, float] = {}
+    width = len(dims["coverage"])
+    for lo, hi in zip(edges, edges[1:]):
+        if lo >= width:
+            break
+        hi = min(hi, width)
+        name = f"merge/band_{lo:02d}-{hi:02d}"
+        out[f"{name}/coverage"] = float(dims["coverage"][lo])
+        out[f"{name}/weight"] = float(dims["weight"][lo])
+        out[f"{name}/merge_weight"] = sum(dims["merge_weight"][lo:hi]) / (hi - lo)
+        if "update_norm" in dims:
+            out[f"{name}/update_norm"] = sum(v * v for v in dims["update_norm"][lo:hi]) ** 0.5
+    return out

@@ -157,3 +157,13 @@ class FediLoRAMerger(RankMerger):
     ) -> StreamingMerge:
         fill = previous if self.empty_dim == "keep" else None
         return DimensionStream(template, global_rank, fill=fill)
+
+    def dimension_weights(
+        self,
+        ranks: Sequence[int],
+        num_samples: Sequence[float],
+        client_weights: Sequence[float],
+        global_rank: int,
+    ) -> Tensor:
+        """FediLoRA's ``w_ij = n_i / W_j`` (see :func:`dimension_weights`)."""
+        return dimension_weights(ranks, num_samples, global_rank)[0]

@@ -197,3 +197,7 @@ class HetLoRAMerger(RankMerger):
         # The norm is the client's own, so its weight is known on arrival; when every norm
         # is 0 the stream falls back to n_i, as hetlora_weights does.
         return PaddedStream(template, global_rank, weight=_norm_weight)
+
+    def client_weight(self, state: Mapping[str, Tensor], num_samples: float) -> float:
+        """HetLoRA's ``n_i * sum_modules ||B_i A_i||_F``."""
+        return _norm_weight(state, num_samples)

@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import ClassVar
 
+import torch
 from torch import Tensor
 
 from aggregation.lora_keys import default_global_rank, lora_rank, truncate
@@ -150,6 +151,32 @@ class RankMerger:
         global_rank: int,
     ) -> dict[str, Tensor]:
         raise NotImplementedError(f"{type(self).__name__} must implement _combine")
+
+    def client_weight(self, state: Mapping[str, Tensor], num_samples: float) -> float:
+        """The weight the merge gives one client before normalising: ``n_i`` by default
+        (HetLoRA: ``n_i * ||B_i A_i||``). Read by the merge diagnostics."""
+        return float(num_samples)
+
+    def dimension_weights(
+        self,
+        ranks: Sequence[int],
+        num_samples: Sequence[float],
+        client_weights: Sequence[float],
+        global_rank: int,
+    ) -> Tensor:
+        """``(S, R)`` float64: the merge's weight ``w_ij`` of client ``i`` on dimension ``j``
+        (0 where ``r_i <= j``), for the merge diagnostics (ALGORITHMS 1.9).
+
+        By default zero-padding's: ``w_i / sum_l w_l`` on the dimensions the client covers,
+        ``w`` the :meth:`client_weight` values (``n_i`` if all are 0, as HetLoRA falls back).
+        FlexLoRA and FLoRA average the products ``B_i A_i`` with ``p_i``; for them this is the
+        factor-space view of that average. FediLoRA overrides it.
+        """
+        w = torch.as_tensor(client_weights, dtype=torch.float64)
+        if not bool((w > 0).any()):
+            w = torch.as_tensor(num_samples, dtype=torch.float64)
+        covers = torch.arange(global_rank)[None, :] < torch.as_tensor(ranks)[:, None]
+        return (w / w.sum())[:, None] * covers
 
     def redistribute(self, global_state: Mapping[str, Tensor], rank: int) -> dict[str, Tensor]:
         """Hand the global adapter to a rank-``rank`` client; by default truncate it.

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from aggregation.damped import DampedMerger
 from aggregation.fedilora import FediLoRAMerger
 from aggregation.flexlora import FlexLoRAMerger
 from aggregation.flora import FLoRAMerger
@@ -18,6 +19,7 @@ from aggregation.zeropad import ZeroPadMerger
 
 __all__ = [
     "MERGERS",
+    "DampedMerger",
     "FLoRAMerger",
     "FediLoRAMerger",
     "FlexLoRAMerger",
@@ -30,7 +32,14 @@ __all__ = [
 
 MERGERS: dict[str, type[RankMerger]] = {
     merger.name: merger
-    for merger in (ZeroPadMerger, FediLoRAMerger, HetLoRAMerger, FlexLoRAMerger, FLoRAMerger)
+    for merger in (
+        ZeroPadMerger,
+        FediLoRAMerger,
+        DampedMerger,
+        HetLoRAMerger,
+        FlexLoRAMerger,
+        FLoRAMerger,
+    )
 }
 
 

@@ -68,6 +68,20 @@ def main(argv: list[str] | None = None) -> int:
     )
     sweep_p.add_argument("study", metavar="STUDY.yaml")
     sweep_p.add_argument("args", nargs="*", metavar="key=value")
+    insp_p = sub.add_parser(
+        "inspect",
+        help="print one round's merge diagnostics of a run (clients, ranks, labels, shares)",
+        description="Print round T of a run: each merged client's rank, sample count, top "
+        "band, the labels it holds and its contribution to the merged update, then the merge "
+        "per dimension band. Without --round: the round whose global score dropped most.",
+    )
+    insp_p.add_argument("run_id", metavar="RUN_ID")
+    insp_p.add_argument("--round", type=int, dest="round_idx", metavar="T")
+    insp_p.add_argument(
+        "--tracking-uri",
+        metavar="URI",
+        help="the MLflow store (default: MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)",
+    )
     ns = parser.parse_args(argv)
     executor = None
     if ns.command == "run":
@@ -105,6 +119,11 @@ def _dispatch(ns: argparse.Namespace, executor=None) -> int:
     Args:
         executor: for ``run``, the :class:`actors.executor.RayExecutor` whose Ray is starting.
     """
+    if ns.command == "inspect":
+        from fedsim.merge_report import inspect_run
+
+        print(inspect_run(ns.run_id, ns.round_idx, ns.tracking_uri), end="")
+        return 0
     if ns.command in ("compare", "sweep"):
         from fedsim.study import run_study
 

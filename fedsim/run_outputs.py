@@ -9,6 +9,7 @@ from pathlib import Path
 
 from aggregation import unfold_scaling
 from fedsim.config import resolve_ranks
+from fedsim.merge_report import merge_figure
 from fedsim.messages import ExportedAdapter
 from fedsim.methods import enabled_methods
 from fedsim.models.scaling import client_scaling
@@ -26,8 +27,9 @@ def _write_adapter(pool, directory: str, state, cfg, info, rank: int, global_ran
         (Path(directory) / name).write_bytes(content)
 
 
-def log_final_outputs(cfg, info, ex, pool, server, tracker, history, clients) -> None:
-    """Log the final global adapter (peft format) and the plots.
+def log_final_outputs(cfg, info, ex, pool, server, tracker, result) -> None:
+    """Log the final global adapter (peft format) and the plots (``result``: the run's
+    :class:`fedsim.simulation.RunResult`).
 
     Base-weight updates that a method folded in and a LoRA adapter cannot hold (FedEx-LoRA's
     residuals) go beside it as ``base_delta.safetensors`` (module prefix to ``dW``, to add to
@@ -53,9 +55,11 @@ def log_final_outputs(cfg, info, ex, pool, server, tracker, history, clients) ->
     if cfg.tracking.plots:
         import matplotlib.pyplot as plt
 
-        figures = {"plots/curves.png": plot_history(history)}
+        figures = {"plots/curves.png": plot_history(result.history)}
+        if result.merge:
+            figures["plots/merge.png"] = merge_figure(result.history, result.merge)
         for method in enabled_methods(cfg):
-            figures.update(method.figures(clients))
+            figures.update(method.figures(result.clients))
         for name, fig in figures.items():
             tracker.log_figure(fig, name)
             plt.close(fig)

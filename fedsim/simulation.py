@@ -21,6 +21,7 @@ import ray
 
 from actors.executor import LocalExecutor, RayExecutor
 from aggregation import SERVER_OPTIMIZERS, InOrder
+from aggregation.diagnostics import band_metrics
 from fedsim.checkpoint import (
     Checkpoint,
     CheckpointWriter,
@@ -39,6 +40,7 @@ from fedsim.config import (
 from fedsim.data.partition import sample_clients
 from fedsim.devices import assign_profiles, close_round, straggler_delay, task_seconds
 from fedsim.errors import RunFailed
+from fedsim.merge_report import merge_artifact
 from fedsim.messages import (
     AggregateReport,
     ClientMeta,
@@ -64,6 +66,9 @@ class RunResult:
         tracking_uri: the MLflow store it was logged to.
         history: one dict of metrics per round, round 0 (before training) first.
         clients: per round, one row per sampled client (report, status).
+        merge: per round that merged (with ``tracking.merge_diagnostics``), the merge
+            diagnostics per rank dimension: ``{"round": t, "coverage": [...], "weight",
+            "merge_weight", "update_norm"}`` (:mod:`aggregation.diagnostics`).
         run_dir: the run's checkpoint directory (``fedsim run --resume`` takes it).
         phases: seconds from the start of the run call to the end of each start-up and
             tear-down phase: ``ray`` (Ray up), ``store`` (MLflow run created, overlapping the
@@ -76,6 +81,7 @@ class RunResult:
     run_id: str
     tracking_uri: str
     history: list[dict[str, float]] = field(default_factory=list)
+    merge: list[dict] = field(default_factory=list)
     clients: list[list[dict]] = field(default_factory=list)
     run_dir: Path | None = None
     phases: dict[str, float] = field(default_factory=dict)
@@ -130,6 +136,7 @@ def server_args(cfg: FedSimConfig, initial: dict) -> tuple:
         enabled_methods(cfg),
         cfg.clients.num,
         cfg.aggregation.streaming,
+        cfg.tracking.merge_diagnostics,
     )
 
 
@@ -316,7 +323,7 @@ def _simulate(
             )
         if inputs is not None:
             _wait_for_inputs(inputs)
-        log_final_outputs(cfg, info, ex, pool, server, tracker, result.history, result.clients)
+        log_final_outputs(cfg, info, ex, pool, server, tracker, result)
         if cfg.tracking.save_client_adapters:
             log_client_adapters(cfg, info, driver, tracker)
         tracker.finish()
@@ -444,6 +451,8 @@ class _Driver:
             for n in train_sizes
         ]
         self.ranks = list(ranks)  # current ranks: self-pruning may lower them
+        # the band edges of the merge diagnostics' metrics: the federation's configured ranks
+        self.rank_levels = sorted(set(resolve_ranks(cfg.clients, cfg.seed)))
         self.ex = ex  # the executor: Ray's get/put and server calls, or in-process ones
         self.pool, self.server, self.tracker = pool, server, tracker
         self.result = result
@@ -476,13 +485,16 @@ class _Driver:
         self.totals = _Totals(**meta["totals"])
         self.result.history = meta["history"]
         self.result.clients = meta["clients"]
+        self.result.merge = meta.get("merge", [])
         self.next_round = ckpt.round + 1
         self.first_round = self.next_round
         # The checkpoint is written before a round is logged: log any round the kill cut off.
         logged = self.tracker.last_step("time/round_s")  # logged every round (eval.every)
+        dims = {d["round"]: d for d in self.result.merge}
         for h, rows in zip(self.result.history, self.result.clients):
             if h["round"] > logged:
-                self._log(h["round"], {k: v for k, v in h.items() if k != "round"}, rows)
+                metrics = {k: v for k, v in h.items() if k != "round"}
+                self._log(h["round"], metrics, rows, dims.get(h["round"]))
 
     def loop(self, progress, clock: _Phases | None = None) -> None:
         """Round 0 evaluates the initial adapter; rounds 1..T train."""
@@ -584,6 +596,12 @@ class _Driver:
             self.methods, reports, list(finished.values()), agg.rejected, outcome.failed, close.late
         )
         metrics.update(agg.metrics)
+        dims = None
+        if agg.diagnostics is not None:
+            dims = {"round": t, **agg.diagnostics}
+            metrics.update(band_metrics(agg.diagnostics, self.rank_levels))
+            shares = [c["share"] for c in agg.columns.values() if "share" in c]
+            metrics["merge/max_share"] = max(shares, default=0.0)
         metrics["clients/rank_mean"] = float(np.mean(self.ranks))
         metrics["clients/actors_replaced"] = self.pool.replaced
         metrics["time/train_s"] = train_s
@@ -603,7 +621,7 @@ class _Driver:
         rows = client_rows(
             self.methods, list(finished.values()), status, sim_s, self.profiles, agg.columns
         )
-        self._end_round(t, metrics, rows, used)
+        self._end_round(t, metrics, rows, used, dims)
         return metrics
 
     def _count_empty(self, t: int, sampled: list, status: dict, merged: bool, reasons) -> None:
@@ -631,15 +649,19 @@ class _Driver:
                 f"{why}{detail}); stopped by round.max_empty_rounds={limit}"
             )
 
-    def _end_round(self, t: int, metrics: dict, rows: list[dict], used: list[int]) -> None:
+    def _end_round(
+        self, t: int, metrics: dict, rows: list[dict], used: list[int], dims: dict | None = None
+    ) -> None:
         """Record round ``t``: history, checkpoint (first), then MLflow."""
         self.result.history.append({"round": t, **metrics})
         self.result.clients.append(rows)
+        if dims is not None:
+            self.result.merge.append(dims)
         self._dirty.update(used)
         every = self.cfg.checkpoint.every
         if self.writer is not None and (t % every == 0 or t == self.cfg.rounds):
             self._checkpoint(t)
-        self._log(t, metrics, rows)
+        self._log(t, metrics, rows, dims)
 
     def _checkpoint(self, t: int) -> None:
         # Only the clients trained since the last checkpoint changed: a round's checkpoint
@@ -652,6 +674,7 @@ class _Driver:
             "ranks": self.ranks,
             "history": self.result.history,
             "clients": self.result.clients,
+            "merge": self.result.merge,
             "totals": asdict(self.totals),
             "mlflow_run_id": self.tracker.run_id,
             "tracking_uri": self.tracker.uri,
@@ -662,7 +685,9 @@ class _Driver:
         self.writer.save(t, server, changed, meta)
         self._dirty.clear()
 
-    def _log(self, t: int, metrics: dict, rows: list[dict]) -> None:
+    def _log(self, t: int, metrics: dict, rows: list[dict], dims: dict | None = None) -> None:
         self.tracker.log_metrics(metrics, step=t)
         if rows:
             self.tracker.log_table(rows, f"clients/round_{t:04d}.json")
+        if dims is not None:
+            self.tracker.log_text(json.dumps(dims), merge_artifact(t))

@@ -146,6 +146,11 @@ def validate(cfg: FedSimConfig) -> None:
         "aggregation.method",
         f"unknown method {cfg.aggregation.method!r}; allowed: {', '.join(sorted(MERGERS))}",
     )
+    _check(
+        0 <= cfg.aggregation.damping <= 1,
+        "aggregation.damping",
+        f"must be in [0, 1], got {cfg.aggregation.damping}",
+    )
     t = cfg.train
     _check(t.local_epochs >= 1, "train.local_epochs", "must be >= 1")
     _check(

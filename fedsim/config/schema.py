@@ -245,6 +245,14 @@ class AggregationConfig:
         default="keep",
         metadata=_help("FediLoRA: a rank dimension no sampled client covers keeps or zeroes."),
     )
+    damping: float = field(
+        default=1.0,
+        metadata=_help(
+            "fedilora_damped (fedsim's own variant): blend each dimension's FediLoRA average "
+            "with the previous global value by 1 - damping * (1 - covered weight share); "
+            "in [0, 1], 0 is FediLoRA."
+        ),
+    )
     svd: Literal["auto", "exact", "lowrank"] = field(
         default="auto",
         metadata=_help("FlexLoRA: exact SVD, randomised torch.svd_lowrank, or auto by size."),
@@ -567,6 +575,13 @@ class TrackingConfig:
     )
     system_metrics_interval_s: float = field(
         default=5.0, metadata=_help("Seconds between two system-metrics samples.")
+    )
+    merge_diagnostics: bool = field(
+        default=True,
+        metadata=_help(
+            "Log what each round's merge did per rank dimension and per client (coverage, "
+            "contribution shares, update norm per band; plots/merge.png; fedsim inspect)."
+        ),
     )
     register_model: str | None = field(
         default=None,

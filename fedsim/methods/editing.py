@@ -5,10 +5,11 @@ and pulls the least similar ``editing.count`` of them (cosine below ``editing.th
 toward the global value. The math is :func:`aggregation.edit_layerwise`.
 
 ``editing.enabled`` is ``auto`` (the default), ``true`` or ``false``. ``auto`` turns editing on
-only with ``aggregation.method=fedilora`` and only where it can apply (there is a global
-adapter, and ``editing.key`` names tensors the clients share), so every other merge method runs
-as itself; ``true`` asks for editing with any merge method and is an error where it cannot
-apply. :func:`editing_on` is the one answer to "does this run edit?".
+only with ``aggregation.method=fedilora`` (or ``fedilora_damped``) and only where it can
+apply (there is a global adapter, and ``editing.key`` names tensors the clients share), so
+every other merge method runs as itself; ``true`` asks for editing with any merge method
+and is an error where it cannot apply. :func:`editing_on` is the one answer to "does this
+run edit?".
 """
 
 from __future__ import annotations
@@ -36,7 +37,8 @@ class EditingConfig:
         default="auto",
         metadata={
             "help": "FediLoRA layer-wise model editing (clients, round >= 2): auto (on only "
-            "with aggregation.method=fedilora, where a global adapter to compare with exists), "
+            "with aggregation.method=fedilora or fedilora_damped, where a global adapter to "
+            "compare with exists), "
             "true (any merge method; an error where it cannot apply) or false."
         },
     )
@@ -97,13 +99,17 @@ def _cannot_apply(cfg: FedSimConfig) -> ConfigError | None:
     return None
 
 
+EDITING_MERGES = ("fedilora", "fedilora_damped")  # the merges editing=auto pairs with
+
+
 def editing_on(cfg: FedSimConfig) -> bool:
     """Whether FediLoRA's layer-wise editing runs under ``cfg`` (the effective value of
     ``editing.enabled``).
 
     ``true`` and ``false`` mean what they say (``true`` where editing cannot apply is a
     :class:`ConfigError` at load, from :meth:`Editing.check`). ``auto`` is on only with
-    ``aggregation.method=fedilora`` and where editing can apply: a global adapter exists
+    ``aggregation.method=fedilora`` (or its damped variant ``fedilora_damped``) and where
+    editing can apply: a global adapter exists
     (``sharing.policy`` is not ``none``) and ``editing.key`` is not a tensor the sharing policy
     keeps private; otherwise off, without error.
 
@@ -113,7 +119,7 @@ def editing_on(cfg: FedSimConfig) -> bool:
     value = _enabled_value(cfg)
     if value != "auto":
         return value
-    return cfg.aggregation.method == "fedilora" and _cannot_apply(cfg) is None
+    return cfg.aggregation.method in EDITING_MERGES and _cannot_apply(cfg) is None
 
 
 class Editing(Method):

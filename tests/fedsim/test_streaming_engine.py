@@ -50,7 +50,7 @@ def uploads(worker, initial):
 
 def _server(cfg, initial, streaming=True) -> ServerState:
     args = server_args(cfg, {k: v.clone() for k, v in initial.items()})
-    return ServerState(*args[:-1], streaming)
+    return ServerState(*args[:5], streaming, args[6])
 
 
 def _stream(server, uploads, arrivals, dropped=()):

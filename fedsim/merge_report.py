@@ -1,0 +1,273 @@
+"""The merge diagnostics of a run (ALGORITHMS 1.9): the per-round artifact, the run's heat map
+plot and ``fedsim inspect RUN_ID [--round T]``.
+
+What the server computes each round (:mod:`aggregation.diagnostics`) reaches MLflow three ways:
+``merge/band_LO-HI/*`` and ``merge/max_share`` metrics, the per-client columns
+``contribution``, ``contribution_top``, ``share``, ``top_band`` of ``clients/round_NNNN.json``,
+and the per-dimension vectors in ``merge/round_NNNN.json``. At the end of the run
+``plots/merge.png`` shows rounds x rank dimensions (coverage, update norm) above the global
+score. :func:`inspect_run` reads them back from any MLflow store.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from fedsim.errors import ConfigError
+
+SCORES = (("global/accuracy", "global accuracy"), ("global/rouge_l", "global ROUGE-L"))
+
+
+def merge_artifact(t: int) -> str:
+    """The artifact path of round ``t``'s per-dimension diagnostics."""
+    return f"merge/round_{t:04d}.json"
+
+
+def _score(history: list[dict]) -> tuple[str, str] | None:
+    for key, label in SCORES:
+        if any(key in h for h in history):
+            return key, label
+    return None
+
+
+def merge_figure(history: list[dict], merge: list[dict]):
+    """Rounds x rank dimensions heat maps of coverage and of the global update's norm, with
+    the global score per round below them on the same round axis (a matplotlib figure)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
+    width = max(len(m["coverage"]) for m in merge)
+    rounds = [m["round"] for m in merge]
+    first, last = min(rounds + [h["round"] for h in history]), max(rounds)
+    span = np.arange(first, last + 1)
+    coverage = np.full((width, len(span)), np.nan)
+    update = np.full((width, len(span)), np.nan)
+    for m in merge:
+        col = m["round"] - first
+        coverage[: len(m["coverage"]), col] = m["coverage"]
+        if "update_norm" in m:
+            update[: len(m["update_norm"]), col] = m["update_norm"]
+    fig, grid = plt.subplots(
+        3,
+        2,
+        figsize=(8, 8.5),
+        gridspec_kw={"height_ratios": [3, 3, 2], "width_ratios": [40, 1]},
+    )
+    axes = grid[:, 0]
+    for ax in axes[1:]:
+        ax.sharex(axes[0])
+    extent = (first - 0.5, last + 0.5, width - 0.5, -0.5)
+    for ax, bar, values, title, cmap in (
+        (axes[0], grid[0, 1], coverage, "sampled clients covering the dimension", "viridis"),
+        (axes[1], grid[1, 1], update, "norm of the global update per dimension", "magma"),
+    ):
+        image = ax.imshow(values, aspect="auto", interpolation="nearest", cmap=cmap, extent=extent)
+        ax.set_ylabel("rank dimension j")
+        ax.set_title(title, fontsize=10)
+        ax.tick_params(labelbottom=False)
+        fig.colorbar(image, cax=bar)
+    grid[0, 1].yaxis.set_major_locator(MaxNLocator(integer=True))
+    grid[2, 1].axis("off")
+    score = _score(history)
+    ax = axes[2]
+    if score is not None:
+        points = [(h["round"], h[score[0]]) for h in history if score[0] in h]
+        ax.plot([p[0] for p in points], [p[1] for p in points], marker="o")
+        ax.set_ylabel(score[1])
+    ax.set_xlabel("round")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return fig
+
+
+# -- fedsim inspect ------------------------------------------------------------------------------
+def _download(client, run_id: str, path: str, where: str):
+    """One artifact's text, or None when the run has no such file."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        local = client.download_artifacts(run_id, path, where)
+    except (MlflowException, OSError):
+        return None
+    return Path(local).read_text()
+
+
+def _table(text: str | None) -> list[dict]:
+    """Rows of an MLflow table artifact (``{"columns": [...], "data": [[...]]}``)."""
+    if not text:
+        return []
+    table = json.loads(text)
+    return [dict(zip(table["columns"], row)) for row in table["data"]]
+
+
+def _labels(histogram: str, classes: list[str], top: int = 3) -> str:
+    """A client's label mix: its ``top`` most frequent classes with their shares."""
+    counts = np.array([int(v) for v in str(histogram).split()])
+    total = counts.sum()
+    if total == 0:
+        return "-"
+    order = np.argsort(-counts, kind="stable")[:top]
+    parts = [
+        f"{classes[i] if i < len(classes) else i} {counts[i] / total:.0%}"
+        for i in order
+        if counts[i]
+    ]
+    return f"{', '.join(parts)} ({int((counts > 0).sum())} classes)"
+
+
+def inspect_run(run_id: str, round_idx: int | None = None, tracking_uri: str | None = None):
+    """The table of one round of a finished (or running) run: its clients, their ranks, the
+    labels they hold and their contributions to the merge, and the merge per dimension band.
+
+    Args:
+        run_id: the MLflow run id.
+        round_idx: the round (default: the round whose global score dropped most; the last
+            round if none dropped).
+        tracking_uri: the MLflow store (default: ``MLFLOW_TRACKING_URI`` or ``mlflow.db``).
+
+    Returns:
+        The text to print.
+
+    Raises:
+        ConfigError: the run, the round or its diagnostics cannot be found (named).
+    """
+    import os
+
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    from fedsim.preflight import store_path
+
+    uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///mlflow.db"
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    path = store_path(uri)
+    if path is not None and not Path(path).exists():
+        raise ConfigError("--tracking-uri", f"no MLflow store at {path}")
+    client = mlflow.MlflowClient(uri)
+    try:
+        run = client.get_run(run_id)
+    except MlflowException:
+        raise ConfigError("RUN_ID", f"no run {run_id!r} in the store {uri}") from None
+    history = {m.step: m.value for m in client.get_metric_history(run_id, "global/accuracy")}
+    if not history:
+        history = {m.step: m.value for m in client.get_metric_history(run_id, "global/rouge_l")}
+    if round_idx is None:
+        round_idx = _worst_round(history) or int(run.data.params.get("rounds", 0) or 0)
+    with tempfile.TemporaryDirectory(prefix="fedsim-inspect-") as where:
+        dims_text = _download(client, run_id, merge_artifact(round_idx), where)
+        rows = _table(_download(client, run_id, f"clients/round_{round_idx:04d}.json", where))
+        clients = {
+            r["client"]: r for r in _table(_download(client, run_id, "data/clients.json", where))
+        }
+        classes_text = _download(client, run_id, "data/classes.tsv", where) or ""
+    if dims_text is None or not rows:
+        merged = sorted(
+            int(a.path.split("_")[-1].split(".")[0]) for a in client.list_artifacts(run_id, "merge")
+        )
+        known = (
+            f"rounds with diagnostics: {_ranges(merged)}"
+            if merged
+            else (
+                "the run logged no merge diagnostics (tracking.merge_diagnostics=false, or a run "
+                "made before they existed)"
+            )
+        )
+        raise ConfigError(
+            "--round", f"run {run_id} has no merge diagnostics for round {round_idx}; {known}"
+        )
+    classes = [line.split("\t", 1)[1] for line in classes_text.splitlines() if "\t" in line]
+    dims = json.loads(dims_text)
+    return _render(run, round_idx, rows, clients, classes, dims, history)
+
+
+def _worst_round(history: dict[int, float]) -> int | None:
+    steps = sorted(history)
+    drops = [(history[a] - history[b], b) for a, b in zip(steps, steps[1:])]
+    drops = [d for d in drops if d[0] > 0]
+    return max(drops)[1] if drops else None
+
+
+def _ranges(values: list[int]) -> str:
+    if not values:
+        return "none"
+    return (
+        f"{values[0]}-{values[-1]}"
+        if values == list(range(values[0], values[-1] + 1))
+        else (", ".join(map(str, values)))
+    )
+
+
+def _render(run, t, rows, clients, classes, dims, history) -> str:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console(record=True, width=170)
+    title = f"run {run.info.run_name or run.info.run_id} ({run.info.run_id}), round {t}"
+    score_now, score_before = history.get(t), history.get(t - 1)
+    if score_now is not None:
+        change = (
+            "" if score_before is None else f" ({score_now - score_before:+.3f} vs round {t - 1})"
+        )
+        title += f": global score {score_now:.3f}{change}"
+    table = Table(title=title, title_justify="left")
+    for name in (
+        "client",
+        "rank",
+        "n",
+        "top band",
+        "labels it holds",
+        "contribution",
+        "on its top band",
+        "share",
+        "status",
+    ):
+        table.add_column(name, justify="left" if name in ("labels it holds", "status") else "right")
+    for r in sorted(rows, key=lambda r: -(r.get("share") or 0)):
+        cid = r["client_id"]
+        info = clients.get(cid, {})
+        share = r.get("share")
+        table.add_row(
+            str(cid),
+            str(r.get("rank", "")),
+            str(r.get("num_samples", "")),
+            str(r.get("top_band") or "-"),
+            _labels(info["labels"], classes) if "labels" in info else "-",
+            "-" if r.get("contribution") is None else f"{r['contribution']:.4f}",
+            "-" if r.get("contribution_top") is None else f"{r['contribution_top']:.4f}",
+            "-" if share is None else f"{share:.1%}",
+            str(r.get("status", "ok")),
+        )
+    console.print(table)
+    merge = run.data.tags.get("fedsim.merge", "?")
+    bands = Table(
+        title=f"merge per dimension band (aggregation.method={merge})",
+        title_justify="left",
+    )
+    for name in ("dimensions", "clients covering", "their samples", "merge weight", "update norm"):
+        bands.add_column(name, justify="right")
+    width = len(dims["coverage"])
+    edges = (
+        [0]
+        + [j for j in range(1, width) if dims["coverage"][j] != dims["coverage"][j - 1]]
+        + [width]
+    )
+    for lo, hi in zip(edges, edges[1:]):
+        update = dims.get("update_norm")
+        norm = "-" if update is None else f"{sum(v * v for v in update[lo:hi]) ** 0.5:.4f}"
+        bands.add_row(
+            f"{lo}-{hi - 1}",
+            str(dims["coverage"][lo]),
+            f"{dims['weight'][lo]:.0f}",
+            f"{sum(dims['merge_weight'][lo:hi]) / (hi - lo):.3f}",
+            norm,
+        )
+    console.print(bands)
+    return console.export_text()
