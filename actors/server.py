@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 import torch
 
 from aggregation import RankMerger, StreamingMerge, UpdateRejected, check_update, lora_rank
-from aggregation.diagnostics import dimension_sq_norms, merge_diagnostics
+from aggregation.diagnostics import DiagnosticsParts
 from fedsim.messages import (
     AggregateReport,
     Broadcast,
@@ -196,6 +196,8 @@ class ServerState:
         reference = {k: self.template[k] for k in self.shared}
         merge = self.merger.stream(current, self.global_rank, reference)
         self._stream = _Stream(AggregateReport(round_idx), merge, current, reference)
+        if self.diagnostics:
+            self._stream.diag = DiagnosticsParts(self.merger, self.global_rank, current)
 
     def stream_add(self, meta: ClientMeta, upload: Upload) -> None:
         """Validate one upload and add it to the open merge (a rejection is reported)."""
@@ -208,8 +210,8 @@ class ServerState:
         else:
             stream.merge.add(upload.update, meta.rank, meta.num_samples)
             stream.clients.append(meta)
-            if self.diagnostics:
-                stream.diag.append(self._client_diagnostics(meta, upload.update, stream.current))
+            if stream.diag is not None:
+                stream.diag.add(upload.update, meta.rank, meta.num_samples)
         stream.report.aggregate_s += time.perf_counter() - start
 
     def stream_close(self, apply: bool = True) -> AggregateReport:
@@ -255,12 +257,11 @@ class ServerState:
         for m in self.methods:
             m.before_merge(batch)
         report.metrics, report.columns = batch.metrics, batch.columns
-        diag = []
+        diag = None
         if self.diagnostics:  # what the merge receives, after the before_merge hooks
-            diag = [
-                self._client_diagnostics(meta, update, current)
-                for meta, update in zip(batch.clients, batch.updates)
-            ]
+            diag = DiagnosticsParts(self.merger, self.global_rank, current)
+            for meta, update in zip(batch.clients, batch.updates):
+                diag.add(update, meta.rank, meta.num_samples)
         merged = self.merger.merge(
             batch.updates,
             batch.ranks,
@@ -270,31 +271,23 @@ class ServerState:
         )
         return self._apply(batch, merged, report, diag)
 
-    def _client_diagnostics(self, meta: ClientMeta, update: State, current: State) -> tuple:
-        """What the round's diagnostics keep of one update: ``(R,)`` squared norms of its
-        change per dimension and the merge's weight of the client (one pass over the update)."""
-        sq = dimension_sq_norms(update, self.global_rank, current)
-        return meta, sq, self.merger.client_weight(update, meta.num_samples)
-
-    def _diagnose(self, diag: list, current: State, new: State, report: AggregateReport) -> None:
+    def _diagnose(
+        self, diag: DiagnosticsParts, clients: list[ClientMeta], new: State, report: AggregateReport
+    ) -> None:
         """The round's merge diagnostics: per-dimension vectors into ``report.diagnostics``,
         per-client columns into ``report.columns``."""
-        metas = [d[0] for d in diag]
-        ranks = [m.rank for m in metas]
-        counts = [m.num_samples for m in metas]
-        weights = self.merger.dimension_weights(
-            ranks, counts, [d[2] for d in diag], self.global_rank
-        )
-        update = dimension_sq_norms(new, self.global_rank, current).sqrt()
-        result = merge_diagnostics(
-            torch.stack([d[1] for d in diag]), ranks, counts, weights, update
-        )
+        result = diag.result(new)
         report.diagnostics = result.dimensions()
-        for cid, columns in result.client_columns([m.client_id for m in metas]).items():
+        ids = [m.client_id for m in clients]
+        for cid, columns in result.client_columns(ids).items():
             report.columns.setdefault(cid, {}).update(columns)
 
     def _apply(
-        self, batch: MergeBatch, merged: State, report: AggregateReport, diag: list | None = None
+        self,
+        batch: MergeBatch,
+        merged: State,
+        report: AggregateReport,
+        diag: DiagnosticsParts | None = None,
     ) -> list[str]:
         """The after-merge hooks, the server optimiser and, when finite, the new global (and
         the round's diagnostics when ``diag`` holds the clients' parts)."""
@@ -311,8 +304,8 @@ class ServerState:
         if nonfinite:
             return nonfinite
         self._last_delta_norm = math.sqrt(delta)
-        if diag:
-            self._diagnose(diag, current, new, report)
+        if diag is not None and len(diag):
+            self._diagnose(diag, batch.clients, new, report)
         self.global_state = {**self.global_state, **new}
         for m in self.methods:
             m.after_apply(batch)
@@ -328,7 +321,7 @@ class _Stream:
     current: State  # the global adapter's shared tensors before this merge
     reference: State  # what uploads are validated against (the initial global's keys, shapes)
     clients: list[ClientMeta] = field(default_factory=list)
-    diag: list = field(default_factory=list)  # per accepted client, for the diagnostics
+    diag: DiagnosticsParts | None = None  # the accepted updates' part of the diagnostics
 
 
 def _nonfinite_keys(state: State) -> list[str]:

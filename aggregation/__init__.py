@@ -9,6 +9,7 @@ on torch (and dp-accounting, imported when epsilon is first computed): no Ray, n
 config objects.
 """
 
+from aggregation.damped import DampedMerger, damped_merge
 from aggregation.editing import EditResult, cosine_similarity, edit_layerwise
 from aggregation.fedex import fedex_residual
 from aggregation.fedilora import FediLoRAMerger, dimension_weights, fedilora_merge
@@ -104,6 +105,8 @@ __all__ = [
     "FedAvgM",
     "FedYogi",
     "FediLoRAMerger",
+    "DampedMerger",
+    "damped_merge",
     "FlexLoRAMerger",
     "HetLoRAMerger",
     "InOrder",

@@ -59,14 +59,21 @@ def damping_factors(
     return 1.0 - damping * (1.0 - covered_share)
 
 
+def _covered(ranks: Sequence[int], global_rank: int) -> Tensor:
+    """``(R,)`` bool: the dimensions some client covers (``j < max r_i``)."""
+    return torch.arange(global_rank) < max(ranks)
+
+
 def _blend(
     merged: Mapping[str, Tensor],
     previous: Mapping[str, Tensor] | None,
     factors: Tensor,
+    covered: Tensor,
     global_rank: int,
 ) -> dict[str, Tensor]:
-    """``lambda_j * merged[j] + (1 - lambda_j) * previous[j]`` on every LoRA key, in the merge's
-    working dtype (float32, or float64 for float64 tensors); dense keys unchanged."""
+    """``lambda_j * merged[j] + (1 - lambda_j) * previous[j]`` on every covered dimension of
+    every LoRA key, in the merge's working dtype (float32, or float64 for float64 tensors);
+    uncovered dimensions and dense keys unchanged (bit for bit: FediLoRA kept them)."""
     out = dict(merged)
     for key, tensor in merged.items():
         if rank_axis(key) is None:
@@ -80,6 +87,8 @@ def _blend(
             blended = lam * current + (1 - lam) * prev
         else:
             blended = lam * current
+        mask = covered.view(-1, *([1] * (tensor.dim() - 1)))
+        blended = torch.where(mask, blended, current)
         out[key] = restore_rank_axis(key, blended).to(tensor.dtype)
     return out
 
@@ -114,7 +123,8 @@ def damped_merge(
     merged = fedilora_merge(
         states, ranks, num_samples, previous=previous, global_rank=rank, empty_dim="keep"
     )
-    return _blend(merged, previous, damping_factors(ranks, num_samples, rank, damping), rank)
+    factors = damping_factors(ranks, num_samples, rank, damping)
+    return _blend(merged, previous, factors, _covered(ranks, rank), rank)
 
 
 class _DampedStream(DimensionStream):
@@ -134,8 +144,9 @@ class _DampedStream(DimensionStream):
 
     def _lora_result(self) -> dict[str, Tensor]:
         merged = super()._lora_result()
-        factors = damping_factors(self._ranks, self._counts, self.global_rank, self._damping)
-        return _blend(merged, self._previous, factors, self.global_rank)
+        rank = self.global_rank
+        factors = damping_factors(self._ranks, self._counts, rank, self._damping)
+        return _blend(merged, self._previous, factors, _covered(self._ranks, rank), rank)
 
 
 class DampedMerger(RankMerger):

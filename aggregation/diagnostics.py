@@ -88,42 +88,52 @@ class MergeDiagnostics:
         return out
 
 
-def _rank_rows(key: str, tensor: Tensor) -> Tensor | None:
-    """The tensor as ``(rank, -1)`` float64 rows (one row per rank dimension), or None for a
-    tensor that has no rank axis (dense weights, biases)."""
-    axis = rank_axis(key)
-    if axis is None:
-        return None
-    return tensor.detach().to(torch.float64).movedim(axis, 0).reshape(tensor.shape[axis], -1)
-
-
 def dimension_sq_norms(
     state: Mapping[str, Tensor], rank: int, previous: Mapping[str, Tensor] | None = None
 ) -> Tensor:
-    """``(rank,)``: the squared norm of every rank dimension of ``state - previous``, over all
-    LoRA modules (``||A[j] - A_prev[j]||^2 + ||B[:, j] - B_prev[:, j]||^2`` summed over the
-    factors). ``previous`` is zero-padded or truncated to the state's rank; a key it lacks
-    counts as zero; None means zero. Dimensions past a tensor's rank are 0."""
+    """``(rank,)`` float64: the squared norm of every rank dimension of ``state - previous``,
+    over all LoRA modules (``||A[j] - A_prev[j]||^2 + ||B[:, j] - B_prev[:, j]||^2`` summed over
+    the factors). ``previous`` is zero-padded or truncated to the state's rank; a key it lacks
+    counts as zero; None means zero. Dimensions past a tensor's rank are 0.
+
+    One subtraction and one sum of squares per factor, in the factor's own dtype (float32 and
+    float64; half precision is computed in float32), reduced over every axis but the rank axis
+    in place, so no transposed or float64 copy of the update is made; the ``(rank,)`` results
+    are added in float64."""
     out = torch.zeros(rank, dtype=torch.float64)
+    sums: dict[int, list[Tensor]] = {}  # width -> each factor's (width,) sums of squares
     for key, tensor in state.items():
-        rows = _rank_rows(key, tensor)
-        if rows is None:
+        axis = rank_axis(key)
+        if axis is None:
             continue
-        rows = rows[:rank]
+        width = min(tensor.shape[axis], rank)
+        x = tensor.detach().narrow(axis, 0, width)
+        if x.dtype not in (torch.float32, torch.float64):
+            x = x.float()
         if previous is not None and key in previous:
-            prev = _rank_rows(key, previous[key])[: rows.shape[0]]
-            rows = rows.clone()
-            rows[: prev.shape[0]] -= prev
-        out[: rows.shape[0]] += rows.square().sum(dim=1)
+            prev = previous[key].detach()
+            shared = min(width, prev.shape[axis])
+            prev = prev.narrow(axis, 0, shared).to(x.dtype)
+            if shared == width:
+                x = x - prev
+            else:  # dimensions past previous's rank count from zero
+                x = x.clone()
+                x.narrow(axis, 0, shared).sub_(prev)
+        other = [d for d in range(x.dim()) if d != axis]
+        sums.setdefault(width, []).append(x.square().sum(dim=other) if other else x.square())
+    for width, parts in sums.items():  # one float64 sum per width, not one per factor
+        out[:width] += torch.stack([p.to(torch.float64) for p in parts]).sum(dim=0)
     return out
 
 
 def top_bands(ranks: Sequence[int]) -> Tensor:
     """``(S, 2)``: each client's ``[m_i, r_i)``, the dimensions only it and higher-rank
-    clients of the round cover."""
+    clients of the round cover (``m_i`` from the sorted distinct ranks: no ``S x S``
+    comparison, so a round of thousands of clients stays small)."""
     r = torch.as_tensor(ranks, dtype=torch.long)
-    lower = torch.where(r[None, :] < r[:, None], r[None, :], torch.zeros_like(r)[None, :])
-    return torch.stack([lower.max(dim=1).values, r], dim=1)
+    levels = torch.cat([torch.zeros(1, dtype=torch.long), torch.unique(r)])  # sorted
+    lower = levels[torch.searchsorted(levels, r) - 1]
+    return torch.stack([lower, r], dim=1)
 
 
 def merge_diagnostics(
@@ -182,13 +192,59 @@ def diagnose(
 ) -> MergeDiagnostics:
     """:func:`merge_diagnostics` of a batch of client states under ``merger``'s weights;
     with ``new`` (the merged global adapter), the update norm per dimension too."""
-    sq = torch.stack([dimension_sq_norms(s, global_rank, previous) for s in states])
-    client_weights = [merger.client_weight(s, n) for s, n in zip(states, num_samples)]
-    weights = merger.dimension_weights(ranks, num_samples, client_weights, global_rank)
-    update = None
-    if new is not None:
-        update = dimension_sq_norms(new, global_rank, previous).sqrt()
-    return merge_diagnostics(sq, ranks, num_samples, weights, update)
+    parts = DiagnosticsParts(merger, global_rank, previous)
+    for state, rank, n in zip(states, ranks, num_samples, strict=True):
+        parts.add(state, rank, n)
+    return parts.result(new)
+
+
+class DiagnosticsParts:
+    """What the server keeps of a round's updates for the diagnostics, as they arrive: each
+    client's rank, sample count, merge weight and ``(R,)`` squared change per dimension (one
+    pass over the update, :func:`dimension_sq_norms`), in one float64 buffer that doubles
+    when full, so many small tensors never interleave with the updates' memory.
+
+    Args:
+        merger: the round's merger (its ``client_weight`` and ``dimension_weights``).
+        global_rank: ``R``.
+        previous: the global adapter the round started from (the updates' reference).
+    """
+
+    def __init__(self, merger, global_rank: int, previous: Mapping[str, Tensor] | None):
+        self.merger = merger
+        self.global_rank = global_rank
+        self.previous = previous
+        self.ranks: list[int] = []
+        self.counts: list[float] = []
+        self.client_weights: list[float] = []
+        self._sq = torch.zeros(16, global_rank, dtype=torch.float64)
+
+    def __len__(self) -> int:
+        return len(self.ranks)
+
+    def add(self, state: Mapping[str, Tensor], rank: int, num_samples: float) -> None:
+        """Take one accepted update (the tensors are not kept)."""
+        i = len(self.ranks)
+        if i == self._sq.shape[0]:
+            grown = torch.zeros(2 * i, self.global_rank, dtype=torch.float64)
+            grown[:i] = self._sq
+            self._sq = grown
+        self._sq[i] = dimension_sq_norms(state, self.global_rank, self.previous)
+        self.client_weights.append(float(self.merger.client_weight(state, num_samples)))
+        self.ranks.append(int(rank))
+        self.counts.append(float(num_samples))
+
+    def result(self, new: Mapping[str, Tensor] | None = None) -> MergeDiagnostics:
+        """The round's diagnostics; with ``new`` (the new global adapter) the update norm per
+        dimension too."""
+        weights = self.merger.dimension_weights(
+            self.ranks, self.counts, self.client_weights, self.global_rank
+        )
+        update = None
+        if new is not None:
+            update = dimension_sq_norms(new, self.global_rank, self.previous).sqrt()
+        sq = self._sq[: len(self.ranks)]
+        return merge_diagnostics(sq, self.ranks, self.counts, weights, update)
 
 
 def band_metrics(dims: Mapping[str, list[float]], levels: Sequence[int]) -> dict[str, float]:

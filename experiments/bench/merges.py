@@ -5,8 +5,13 @@ float32 client states shaped like the default backbone's LoRA adapter (truncated
 client's rank), then times ``get_merger(name).merge(...)`` for every method in ``MERGERS`` and,
 as the practical floor, one pass that reads every input element once (a sum per tensor). For
 every method that streams (``streams=True``) it also times the streaming merge: ``add`` of
-every client one by one, then ``result()``. It prints one row per (clients, method, path):
-merge ms, floor ms, their ratio, the server's peak memory and the input size.
+every client one by one, then ``result()``. The ``+diag`` path is the engine's default path
+(streaming where the method streams, else batch) with the merge diagnostics the server computes
+every round (ALGORITHMS 1.9: each update's ``(R,)`` squared change per dimension as it
+arrives, its merge weight, then the per-dimension and per-client summary and the update norm).
+It prints one row per (clients, method, path): merge ms, floor ms, their ratio, the server's
+peak memory and the input size; compare a ``+diag`` row with the plain row above it for the
+diagnostics' cost.
 
 Server peak memory is measured per case in a fresh Python process: the growth of its resident
 set (peak minus the level before the first client arrives, Linux ``VmHWM`` after resetting it
@@ -40,6 +45,7 @@ import torch
 from torch import Tensor
 
 from aggregation import MERGERS, RankMerger, get_merger, rank_axis, truncate
+from aggregation.diagnostics import DiagnosticsParts, diagnose
 
 RANK_CHOICES = (4, 8, 16, 32, 64)
 GLOBAL_RANK = 64
@@ -173,17 +179,49 @@ def stream_merge(
     merger: RankMerger,
     clients: Iterable[tuple[Mapping[str, Tensor], int, float]],
     global_state: Mapping[str, Tensor],
+    diagnostics: bool = False,
 ) -> dict[str, Tensor]:
     """Merge ``(state, rank, num_samples)`` triples one at a time with ``merger.stream``.
 
     Each state is dropped after its ``add``, so when ``clients`` makes them lazily the server
-    never holds more than one.
+    never holds more than one. With ``diagnostics``, also what the server computes for the
+    merge diagnostics (as ``actors.server.ServerState`` does): per client on arrival its
+    squared change per dimension and its merge weight, at the end the summary.
     """
     stream = merger.stream(global_state, GLOBAL_RANK, global_state)
+    parts = DiagnosticsParts(merger, GLOBAL_RANK, global_state) if diagnostics else None
     for state, rank, count in clients:
         stream.add(state, rank, count)
+        if parts is not None:
+            parts.add(state, rank, count)
         del state
-    return stream.result()
+    merged = stream.result()
+    if parts is not None:
+        parts.result(merged)
+    return merged
+
+
+def batch_merge(
+    merger: RankMerger,
+    states: Sequence[Mapping[str, Tensor]],
+    ranks: Sequence[int],
+    num_samples: Sequence[float],
+    global_state: Mapping[str, Tensor],
+    diagnostics: bool = False,
+) -> dict[str, Tensor]:
+    """``merger.merge`` of every client at once; with ``diagnostics``, then the merge
+    diagnostics of the same clients (:func:`aggregation.diagnostics.diagnose`)."""
+    merged = merger.merge(
+        states, ranks, num_samples, previous=global_state, global_rank=GLOBAL_RANK
+    )
+    if diagnostics:
+        diagnose(merger, states, ranks, num_samples, GLOBAL_RANK, global_state, new=merged)
+    return merged
+
+
+def paths_of(merger: RankMerger) -> list[str]:
+    """The rows of one method: batch, stream (if it streams) and the engine's path + diag."""
+    return ["batch"] + (["stream", "stream+diag"] if merger.streams else ["batch+diag"])
 
 
 def _status_kb(field: str) -> int:
@@ -233,23 +271,23 @@ def peak_case(
     warm_ranks = [RANK_CHOICES[0], RANK_CHOICES[-1]]
     warm = [(random_state(client_shapes(tiny, r), g), r, 10.0) for r in warm_ranks]
     merger.merge([s for s, _, _ in warm], warm_ranks, [10.0, 10.0], previous=tiny)
+    diagnose(merger, [s for s, _, _ in warm], warm_ranks, [10.0, 10.0], GLOBAL_RANK, tiny)
     if merger.streams:
-        stream_merge(merger, warm, tiny)
+        stream_merge(merger, warm, tiny, diagnostics=True)
     del warm, tiny
     exact = _reset_peak()
     baseline = _status_kb("VmRSS")
-    if path == "batch":
+    diagnostics = path.endswith("+diag")
+    if path.startswith("batch"):
         states, ranks, num_samples, _, _ = make_clients(global_state, num_clients, seed, max_bytes)
-        merged = merger.merge(
-            states, ranks, num_samples, previous=global_state, global_rank=GLOBAL_RANK
-        )
+        merged = batch_merge(merger, states, ranks, num_samples, global_state, diagnostics)
     else:
         ranks, num_samples = draw_clients(num_clients, seed)
         by_rank = {r: client_shapes(global_state, r) for r in RANK_CHOICES}
         lazy = (
             (random_state(by_rank[r], g), r, n) for r, n in zip(ranks, num_samples, strict=True)
         )
-        merged = stream_merge(merger, lazy, global_state)
+        merged = stream_merge(merger, lazy, global_state, diagnostics)
     peak = _status_kb("VmHWM") if exact else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     del merged
     return {"peak_bytes": 1024 * (peak - baseline), "exact": exact}
@@ -423,14 +461,20 @@ def run_cases(
         for name in args.methods:
             merger = get_merger(name)
 
-            def merge(m=merger, s=states, r=ranks, w=num_samples):
-                return m.merge(s, r, w, previous=global_state, global_rank=GLOBAL_RANK)
+            def merge(m=merger, s=states, r=ranks, w=num_samples, diag=False):
+                return batch_merge(m, s, r, w, global_state, diag)
 
-            def stream(m=merger, s=states, r=ranks, w=num_samples):
-                return stream_merge(m, zip(s, r, w), global_state)
+            def stream(m=merger, s=states, r=ranks, w=num_samples, diag=False):
+                return stream_merge(m, zip(s, r, w), global_state, diag)
 
-            paths = [("batch", merge)] + ([("stream", stream)] if merger.streams else [])
-            for path, fn in paths:
+            fns = {
+                "batch": merge,
+                "stream": stream,
+                "batch+diag": lambda f=merge: f(diag=True),
+                "stream+diag": lambda f=stream: f(diag=True),
+            }
+            for path in paths_of(merger):
+                fn = fns[path]
                 merge_ms, reps = time_ms(fn, args.repeats, args.case_budget)
                 peak = "-"
                 if args.memory:

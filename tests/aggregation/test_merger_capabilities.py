@@ -49,7 +49,14 @@ def test_base_class_flags_are_conservative() -> None:
 
 
 def test_every_registered_merger_is_covered_by_the_flag_table() -> None:
-    assert set(MERGERS) == {"zeropad", "fedilora", "hetlora", "flexlora", "flora"}
+    assert set(MERGERS) == {
+        "zeropad",
+        "fedilora",
+        "fedilora_damped",
+        "hetlora",
+        "flexlora",
+        "flora",
+    }
 
 
 def test_same_product_pair_really_has_equal_products() -> None:

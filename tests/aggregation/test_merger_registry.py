@@ -8,6 +8,7 @@ from lora_builders import NUM_SAMPLES, RANKS, assert_states_equal, build_state, 
 
 from aggregation import (
     MERGERS,
+    DampedMerger,
     FediLoRAMerger,
     FlexLoRAMerger,
     FLoRAMerger,
@@ -25,6 +26,7 @@ def test_registry_maps_names_to_classes() -> None:
     assert MERGERS == {
         "zeropad": ZeroPadMerger,
         "fedilora": FediLoRAMerger,
+        "fedilora_damped": DampedMerger,
         "hetlora": HetLoRAMerger,
         "flexlora": FlexLoRAMerger,
         "flora": FLoRAMerger,
@@ -36,7 +38,7 @@ def test_registry_maps_names_to_classes() -> None:
 
 
 def test_unknown_name_lists_valid_names() -> None:
-    valid = "valid methods: fedilora, flexlora, flora, hetlora, zeropad"
+    valid = "valid methods: fedilora, fedilora_damped, flexlora, flora, hetlora, zeropad"
     with pytest.raises(ValueError, match=re.escape(valid)):
         get_merger("fedavg")
 

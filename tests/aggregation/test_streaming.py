@@ -54,7 +54,7 @@ from aggregation import (
     rank_axis,
 )
 
-STREAMING = ("zeropad", "fedilora", "hetlora", "flora")
+STREAMING = ("zeropad", "fedilora", "fedilora_damped", "hetlora", "flora")
 
 
 def run_stream(

@@ -1,7 +1,8 @@
 """Smoke test of experiments/bench/merges.py on tiny shapes: it runs and prints every method.
 
 No timing is asserted: the point is that the benchmark still runs against the merger API, with
-a batch row for every method and a streaming row for every method that streams.
+a batch row for every method, a streaming row for every method that streams, and a row of
+the engine's path with the merge diagnostics (``stream+diag`` or ``batch+diag``).
 """
 
 from __future__ import annotations
@@ -28,7 +29,9 @@ def expected_cases(methods) -> list[tuple[str, str]]:
     for name in methods:
         cases.append((name, "batch"))
         if MERGERS[name].streams:
-            cases.append((name, "stream"))
+            cases += [(name, "stream"), (name, "stream+diag")]
+        else:
+            cases.append((name, "batch+diag"))
     return cases
 
 
@@ -67,9 +70,18 @@ def test_tiny_benchmark_measures_server_peak_memory_per_path(capsys):
     bench = load_bench()
     rows = bench.main(["--tiny", "--clients", "400", "--repeats", "1", "--methods", "zeropad"])
     out = capsys.readouterr().out
-    assert [(row[1], row[2]) for row in rows] == [("zeropad", "batch"), ("zeropad", "stream")]
-    (batch, stream) = (float(cells[7]) for cells in table_lines(out, 400))
+    assert [(row[1], row[2]) for row in rows] == [
+        ("zeropad", "batch"),
+        ("zeropad", "stream"),
+        ("zeropad", "stream+diag"),
+    ]
+    (batch, stream, diag) = (float(cells[7]) for cells in table_lines(out, 400))
     input_mb = float(rows[0][8])
     assert input_mb > 2
     if "could not be reset" not in out:
         assert batch >= input_mb and stream < 1.0, (batch, stream, input_mb)
+        # the diagnostics keep (R,) numbers per client and combine them in a few (S, R)
+        # float64 matrices at the end (S = 400 clients, R = 64: 0.2 MB each), never the
+        # clients' updates (which grow with the adapter's size, not with R)
+        matrix_mb = 400 * bench.GLOBAL_RANK * 8 / 1e6
+        assert diag < 10 * matrix_mb, (diag, matrix_mb)

@@ -86,6 +86,9 @@ def test_stopped_and_resumed_run_equals_an_uninterrupted_one(ray_cluster, config
     resumed = resume(first.run_dir, ["rounds=3"])
     assert resumed.run_id == first.run_id
     assert _numbers(resumed.history) == _numbers(straight.history)
+    # the merge diagnostics of the rounds before the stop came back from the checkpoint
+    assert [m["round"] for m in resumed.merge] == [1, 2, 3]
+    assert resumed.merge == straight.merge
     a, b = load_checkpoint(straight.run_dir), load_checkpoint(resumed.run_dir)
     assert a.round == b.round == 3
     _same_tensors(a.server, b.server)
