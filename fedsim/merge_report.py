@@ -11,6 +11,7 @@ score. :func:`inspect_run` reads them back from any MLflow store.
 
 from __future__ import annotations
 
+import io
 import json
 import tempfile
 from pathlib import Path
@@ -209,7 +210,7 @@ def _render(run, t, rows, clients, classes, dims, history) -> str:
     from rich.console import Console
     from rich.table import Table
 
-    console = Console(record=True, width=170)
+    console = Console(record=True, width=170, file=io.StringIO())  # only the export prints
     title = f"run {run.info.run_name or run.info.run_id} ({run.info.run_id}), round {t}"
     score_now, score_before = history.get(t), history.get(t - 1)
     if score_now is not None:
