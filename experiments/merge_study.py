@@ -171,7 +171,11 @@ def render(runs: list[dict], threshold: float) -> str:
             stats[run["method"]][f"share_{key}"].append(share)
             stats[run["method"]][f"lone_{key}"].append(lone)
             if t - 1 in h and t in h:
-                stats[run["method"]]["pairs"].append((share, lone, h[t] - h[t - 1]))
+                change = h[t] - h[t - 1]
+                stats[run["method"]]["pairs"].append((share, lone, change))
+                if t >= 2:  # round 1's jump from the untrained adapter says nothing here
+                    alone = any(c == 1 for c in info["dims"]["coverage"])
+                    stats[run["method"]]["alone" if alone else "shared"].append(change)
         stats[run["method"]]["drops"].append(len(found))
         for t, before, after in found:
             e = explain(run, t)
@@ -212,6 +216,24 @@ def render(runs: list[dict], threshold: float) -> str:
             f"{mean(s['share_other'])} | {mean(s['lone_drop'])} / {mean(s['lone_other'])} | "
             f"{corr(0)} | {corr(1)} |"
         )
+    lines += [
+        "",
+        "Per method, from round 2 on: the rounds in which some rank dimension was covered by "
+        "one merged client alone (a high-rank client sampled without a peer of its rank) "
+        "against the others: how many, the mean and standard deviation of the change in "
+        "global accuracy, and how many fell by more than the threshold.",
+        "",
+        "| method | rounds with a lone coverer | change: mean ± std | drops | other rounds | "
+        "change: mean ± std | drops |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for method, s in stats.items():
+        cells = []
+        for key in ("alone", "shared"):
+            v = s[key]
+            mean = f"{np.mean(v) * 100:+.1f} ± {np.std(v) * 100:.1f} pts" if v else "-"
+            cells += [str(len(v)), mean, str(sum(c < -threshold for c in v))]
+        lines.append(f"| {method} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 

@@ -45,10 +45,13 @@ def test_drops_are_found_and_explained(make_config, tmp_path):
         assert cells[4] == ", ".join(f"{r['client_id']}(r{r['rank']})" for r in merged)
         assert cells[5].startswith(f"{top['client_id']}, r{top['rank']}, {top['share']:.0%}")
         assert "classes" in cells[5]  # the labels it holds
-    summary = [
-        line for line in text.splitlines() if line.startswith(f"| {runs[0]['method']} | 1 |")
-    ]
-    assert len(summary) == 1 and summary[0].split("|")[3].strip() == "3"
+    tables = text.split("\n\n")
+    summary = [t for t in tables if t.startswith("| method | runs | drops |")][0].splitlines()[2]
+    assert summary.split("|")[2].strip() == "1" and summary.split("|")[3].strip() == "3"
+    lone = [t for t in tables if t.startswith("| method | rounds with a lone coverer")][0]
+    cells = [c.strip() for c in lone.splitlines()[2].strip("|").split("|")]
+    # rounds 2 and 3, split by whether a dimension had one coverer
+    assert int(cells[1]) + int(cells[4]) == 2
     # a real threshold: only the rounds whose accuracy fell by more than it
     accs = [h["global/accuracy"] for h in run.history]
     found = study.drops(runs[0], 0.0)
