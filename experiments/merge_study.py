@@ -123,7 +123,11 @@ def explain(run: dict, t: int) -> dict:
     # the dimensions a single merged client covers, and their part of the global update
     lone = [j for j in range(width) if dims["coverage"][j] == 1]
     total = float(np.sum(np.square(dims["update_norm"])))
-    lone_share = float(np.sum(np.square([dims["update_norm"][j] for j in lone]))) / total
+    # FLoRA's global adapter restarts every round (the merge goes into the base weights):
+    # no update on the adapter's dimensions to split
+    lone_share = None
+    if total > 0:
+        lone_share = float(np.sum(np.square([dims["update_norm"][j] for j in lone]))) / total
     return {
         "clients": ", ".join(
             f"{r['client_id']}(r{r['rank']})" for r in sorted(rows, key=lambda r: r["client_id"])
@@ -132,7 +136,7 @@ def explain(run: dict, t: int) -> dict:
         "own": own,
         "labels": _labels(holder["labels"], run["classes"]) if "labels" in holder else "-",
         "lone": f"{lone[0]}-{lone[-1]}" if lone else "-",
-        "lone_share": lone_share if lone else 0.0,
+        "lone_share": (lone_share if lone else 0.0) if lone_share is not None else None,
     }
 
 
@@ -169,10 +173,11 @@ def render(runs: list[dict], threshold: float) -> str:
             share = max(r["share"] for r in rows)
             lone = explain(run, t)["lone_share"]
             stats[run["method"]][f"share_{key}"].append(share)
-            stats[run["method"]][f"lone_{key}"].append(lone)
+            if lone is not None:
+                stats[run["method"]][f"lone_{key}"].append(lone)
             if t - 1 in h and t in h:
                 change = h[t] - h[t - 1]
-                stats[run["method"]]["pairs"].append((share, lone, change))
+                stats[run["method"]]["pairs"].append((share, lone or 0.0, change))
                 if t >= 2:  # round 1's jump from the untrained adapter says nothing here
                     alone = any(c == 1 for c in info["dims"]["coverage"])
                     stats[run["method"]]["alone" if alone else "shared"].append(change)
@@ -183,7 +188,9 @@ def render(runs: list[dict], threshold: float) -> str:
             lines.append(
                 f"| {run['method']} | {run['seed']} | {t} | {before:.3f} -> {after:.3f} | "
                 f"{e['clients']} | {top['client_id']}, r{top['rank']}, {top['share']:.0%}, "
-                f"{e['own']:.0%}, {e['labels']} | {e['lone']}: {e['lone_share']:.0%} |"
+                f"{e['own']:.0%}, {e['labels']} | {e['lone']}: "
+                + ("-" if e["lone_share"] is None else f"{e['lone_share']:.0%}")
+                + " |"
             )
     if len(lines) == 4:
         lines.append("| (none) | | | | | | |")
