@@ -128,25 +128,18 @@ def damped_merge(
 
 
 class _DampedStream(DimensionStream):
-    """FediLoRA's stream, then the blend with the previous global adapter."""
+    """FediLoRA's stream, then the blend with the previous global adapter; ``lambda_j`` comes
+    from the stream's own sums (``W_j`` = the covered mass, ``W`` = all samples)."""
 
     def __init__(self, template, global_rank, previous, damping):
         super().__init__(template, global_rank, fill=previous)
         self._previous = previous
         self._damping = damping
-        self._ranks: list[int] = []
-        self._counts: list[float] = []
-
-    def _add_lora(self, state, rank, num_samples, weight) -> None:
-        super()._add_lora(state, rank, num_samples, weight)
-        self._ranks.append(rank)
-        self._counts.append(num_samples)
 
     def _lora_result(self) -> dict[str, Tensor]:
         merged = super()._lora_result()
-        rank = self.global_rank
-        factors = damping_factors(self._ranks, self._counts, rank, self._damping)
-        return _blend(merged, self._previous, factors, _covered(self._ranks, rank), rank)
+        factors = 1.0 - self._damping * (1.0 - self._mass / self._samples)
+        return _blend(merged, self._previous, factors, self._mass > 0, self.global_rank)
 
 
 class DampedMerger(RankMerger):

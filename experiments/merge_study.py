@@ -29,21 +29,9 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from fedsim.merge_report import read_table  # noqa: E402
+
 SCORE = "global/accuracy"
-
-
-def _table(path: Path) -> list[dict]:
-    table = json.loads(path.read_text())
-    return [dict(zip(table["columns"], row)) for row in table["data"]]
-
-
-def _bands(ranks: list[int], width: int) -> list[tuple[int, int]]:
-    edges = sorted({0, *[r for r in ranks if r <= width], width})
-    return list(zip(edges, edges[1:]))
-
-
-def _band_norm(dims: dict, lo: int, hi: int) -> float:
-    return float(np.sqrt(np.sum(np.square(dims["update_norm"][lo:hi]))))
 
 
 def _labels(histogram: str, classes: list[str]) -> str:
@@ -87,11 +75,15 @@ def collect(store: str, experiment: str) -> list[dict]:
                         client.download_artifacts(rid, f"merge/round_{t:04d}.json", str(where))
                     ).read_text()
                 )
-                rows = _table(
-                    Path(client.download_artifacts(rid, f"clients/round_{t:04d}.json", str(where)))
+                rows = read_table(
+                    Path(
+                        client.download_artifacts(rid, f"clients/round_{t:04d}.json", str(where))
+                    ).read_text()
                 )
                 rounds[t] = {"dims": dims, "rows": rows}
-            data = _table(Path(client.download_artifacts(rid, "data/clients.json", str(where))))
+            data = read_table(
+                Path(client.download_artifacts(rid, "data/clients.json", str(where))).read_text()
+            )
             classes_file = client.download_artifacts(rid, "data/classes.tsv", str(where))
             classes = [
                 line.split("\t", 1)[1] for line in Path(classes_file).read_text().splitlines()
@@ -167,11 +159,12 @@ def render(runs: list[dict], threshold: float) -> str:
         found = drops(run, threshold)
         dropped = {t for t, _, _ in found}
         h = run["history"]
+        explained = {t: explain(run, t) for t in run["rounds"]}  # once per round
         for t, info in run["rounds"].items():
             rows = [r for r in info["rows"] if r.get("status") == "ok"]
             key = "drop" if t in dropped else "other"
             share = max(r["share"] for r in rows)
-            lone = explain(run, t)["lone_share"]
+            lone = explained[t]["lone_share"]
             stats[run["method"]][f"share_{key}"].append(share)
             if lone is not None:
                 stats[run["method"]][f"lone_{key}"].append(lone)
@@ -183,7 +176,7 @@ def render(runs: list[dict], threshold: float) -> str:
                     stats[run["method"]]["alone" if alone else "shared"].append(change)
         stats[run["method"]]["drops"].append(len(found))
         for t, before, after in found:
-            e = explain(run, t)
+            e = explained[t]
             top = e["top"]
             lines.append(
                 f"| {run['method']} | {run['seed']} | {t} | {before:.3f} -> {after:.3f} | "

@@ -101,7 +101,7 @@ def _download(client, run_id: str, path: str, where: str):
     return Path(local).read_text()
 
 
-def _table(text: str | None) -> list[dict]:
+def read_table(text: str | None) -> list[dict]:
     """Rows of an MLflow table artifact (``{"columns": [...], "data": [[...]]}``)."""
     if not text:
         return []
@@ -164,9 +164,10 @@ def inspect_run(run_id: str, round_idx: int | None = None, tracking_uri: str | N
         round_idx = _worst_round(history) or int(run.data.params.get("rounds", 0) or 0)
     with tempfile.TemporaryDirectory(prefix="fedsim-inspect-") as where:
         dims_text = _download(client, run_id, merge_artifact(round_idx), where)
-        rows = _table(_download(client, run_id, f"clients/round_{round_idx:04d}.json", where))
+        rows = read_table(_download(client, run_id, f"clients/round_{round_idx:04d}.json", where))
         clients = {
-            r["client"]: r for r in _table(_download(client, run_id, "data/clients.json", where))
+            r["client"]: r
+            for r in read_table(_download(client, run_id, "data/clients.json", where))
         }
         classes_text = _download(client, run_id, "data/classes.tsv", where) or ""
     if dims_text is None or not rows:

@@ -30,7 +30,11 @@ def store(tmp_path_factory) -> str:
 
 @pytest.fixture(scope="module")
 def run(make_config, store):
-    cfg = make_config(f"tracking.uri={store}", "tracking.experiment=diag", "rounds=3")
+    return _tiny_run(make_config, store)
+
+
+def _tiny_run(make_config, store, *overrides):
+    cfg = make_config(f"tracking.uri={store}", "tracking.experiment=diag", "rounds=3", *overrides)
     return fedsim.run(cfg, executor=LocalExecutor())
 
 
@@ -67,15 +71,7 @@ def test_every_merged_round_logs_its_diagnostics(run, store, tmp_path):
 
 
 def test_diagnostics_change_no_number_and_can_be_turned_off(make_config, store, run):
-    off = fedsim.run(
-        make_config(
-            f"tracking.uri={store}",
-            "tracking.experiment=diag",
-            "rounds=3",
-            "tracking.merge_diagnostics=false",
-        ),
-        executor=LocalExecutor(),
-    )
+    off = _tiny_run(make_config, store, "tracking.merge_diagnostics=false")
     assert off.merge == []
     on = [{k: v for k, v in h.items() if not k.startswith("merge/")} for h in run.history]
     assert _timeless(off.history) == _timeless(on)
@@ -88,15 +84,7 @@ def test_diagnostics_change_no_number_and_can_be_turned_off(make_config, store, 
 
 
 def test_streaming_and_batch_merges_give_the_same_diagnostics(make_config, store, run):
-    batch = fedsim.run(
-        make_config(
-            f"tracking.uri={store}",
-            "tracking.experiment=diag",
-            "rounds=3",
-            "aggregation.streaming=false",
-        ),
-        executor=LocalExecutor(),
-    )
+    batch = _tiny_run(make_config, store, "aggregation.streaming=false")
     for a, b in zip(batch.merge, run.merge):
         assert a["coverage"] == b["coverage"] and a["weight"] == b["weight"]
         assert a["update_norm"] == pytest.approx(b["update_norm"], rel=1e-4)
