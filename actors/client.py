@@ -17,6 +17,7 @@ import transformers
 
 from aggregation import fold_scaling, truncate, unfold_scaling
 from fedsim.config import FedSimConfig, resolve_ranks
+from fedsim.config.registry import build_merger, enabled_methods
 from fedsim.data.federated import FederatedData, load_dataset
 from fedsim.data.partition import rng_for
 from fedsim.devices import InjectedFault, injected_failure, straggler_delay
@@ -31,12 +32,12 @@ from fedsim.messages import (
     WorkerInfo,
     nbytes,
 )
-from fedsim.methods import ClientStep, Objective, build_merger, enabled_methods
+from fedsim.methods.base import ClientStep, Objective
 from fedsim.models.backbone import build_backbone
+from fedsim.models.layers import tower_depths
 from fedsim.models.lora import AdapterHost, client_scaling
-from fedsim.objectives import tower_depths
 from fedsim.tasks import EvalPart, build_task
-from fedsim.training import train_local
+from fedsim.tasks.training import train_local
 
 # random streams of (seed, stream, round, client); 203 is FLoRA's fresh adapter
 _SHUFFLE, _TORCH, _EVAL_CAP = 201, 202, 204
@@ -238,7 +239,7 @@ class ClientWorker:
         self, state: State, target_modules: str, rank: int, global_rank: int, dense
     ) -> dict[str, bytes]:
         """``state`` as a peft adapter's files (name to bytes), for the driver to log."""
-        from fedsim.adapter_io import peft_adapter_files
+        from fedsim.models.adapter_io import peft_adapter_files
 
         return peft_adapter_files(state, self.cfg, target_modules, rank, global_rank, dense)
 

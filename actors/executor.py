@@ -1,6 +1,6 @@
 """Where the round loop's work runs: Ray actors (the default) or this process.
 
-The round loop (:class:`fedsim.simulation` ``_Driver``) talks to its client pool and its server
+The round loop (:mod:`fedsim.simulation.rounds`) talks to its client pool and its server
 through an executor, so the same loop runs on a Ray cluster and, for debugging and for the
 scale benchmark's floor, in one process with no Ray at all:
 

@@ -30,7 +30,7 @@ from fedsim.messages import (
     State,
     Upload,
 )
-from fedsim.methods import BaseFolding, MergeBatch, Method, ServerContext
+from fedsim.methods.base import BaseFolding, MergeBatch, Method, ServerContext
 
 
 class ServerState:

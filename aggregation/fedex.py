@@ -17,7 +17,7 @@ from collections.abc import Mapping, Sequence
 from torch import Tensor
 
 from aggregation.lora_keys import lora_rank
-from aggregation.lora_pairs import delta_shape, factor_product, lora_pairs, stack_factors
+from aggregation.pairs import delta_shape, factor_product, lora_pairs, stack_factors
 from aggregation.stacking import accumulation_dtype, sample_weights
 from aggregation.validate import check_merge_inputs
 

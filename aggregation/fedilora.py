@@ -126,6 +126,7 @@ class FediLoRAMerger(RankMerger):
     options: ClassVar[tuple[str, ...]] = ("empty_dim",)
     linear_in_factors: ClassVar[bool] = True
     streams: ClassVar[bool] = True
+    dp_weights: ClassVar[str | None] = "coverers"
 
     def __init__(self, empty_dim: EmptyDim = "keep") -> None:
         if empty_dim not in EMPTY_DIM_CHOICES:

@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 from aggregation.lora_keys import rank_axis
-from aggregation.lora_pairs import lora_pairs, stack_factors
+from aggregation.pairs import lora_pairs, stack_factors
 from aggregation.rank_merger import RankMerger
 from aggregation.stacking import accumulation_dtype, sample_weights, weighted_average
 from aggregation.validate import check_merge_inputs
@@ -189,6 +189,11 @@ class FlexLoRAMerger(RankMerger):
     options: ClassVar[tuple[str, ...]] = ("svd",)
     needs_pairs: ClassVar[bool] = True
     linear_in_factors: ClassVar[bool] = False
+    dp_refusal: ClassVar[str] = (
+        "FlexLoRA hands out the SVD factors of the averaged products B_i A_i; clipping bounds "
+        "the change of a client's factors, not of the products or of their SVD, so the "
+        "sensitivity of the factors it releases is not bounded by privacy.clip_norm"
+    )
 
     def __init__(self, svd: SvdMethod = "auto") -> None:
         if svd not in SVD_CHOICES:

@@ -15,7 +15,7 @@ from typing import ClassVar
 from torch import Tensor
 
 from aggregation.lora_keys import is_lora, rank_axis
-from aggregation.lora_pairs import factor_product, lora_pairs, stack_factors
+from aggregation.pairs import factor_product, lora_pairs, stack_factors
 from aggregation.rank_merger import RankMerger
 from aggregation.stacking import accumulation_dtype, sample_weights, weighted_average
 from aggregation.streaming import StackedStream, StreamingMerge
@@ -96,6 +96,11 @@ class FLoRAMerger(RankMerger):
     fixed_rank: ClassVar[bool] = False
     fresh_adapter_each_round: ClassVar[bool] = True
     streams: ClassVar[bool] = True
+    dp_refusal: ClassVar[str] = (
+        "FLoRA stacks the clients' factors side by side and folds their product into the base "
+        "weights: there is no average of clipped factors to noise, and every client's factors "
+        "are released as they are"
+    )
 
     def _combine(
         self,

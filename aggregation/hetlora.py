@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from aggregation.lora_keys import rank_axis
-from aggregation.lora_pairs import a_matrix, b_matrix, lora_pairs
+from aggregation.pairs import a_matrix, b_matrix, lora_pairs
 from aggregation.rank_merger import RankMerger
 from aggregation.stacking import (
     accumulation_dtype,
@@ -176,6 +176,10 @@ class HetLoRAMerger(RankMerger):
     needs_pairs: ClassVar[bool] = True
     linear_in_factors: ClassVar[bool] = True
     streams: ClassVar[bool] = True
+    dp_refusal: ClassVar[str] = (
+        "HetLoRA weights each client by the norm of its update, so one client moves every "
+        "client's weight and the merge's sensitivity is not bounded by privacy.clip_norm"
+    )
 
     def _combine(
         self,

@@ -44,6 +44,14 @@ class RankMerger:
         streams: True when ``stream`` can merge clients one at a time with the result of
             ``merge`` (up to float rounding), holding one adapter instead of all of them.
             False for methods that need every client at once (FlexLoRA's SVD).
+        dp_weights: How DP-FedAvg bounds the merge's sensitivity: ``"samples"`` when the merged
+            factors are an average of the clients' factors with weights fixed by the sample
+            counts (zero-padding), ``"coverers"`` when each rank dimension is averaged over
+            the clients that cover it (FediLoRA), None when the merge is no such average, so
+            differential privacy refuses it (the base class says None: a new method must
+            opt in).
+        dp_refusal: Why differential privacy refuses the merge (when ``dp_weights`` is None),
+            for the config error.
     """
 
     name: ClassVar[str] = ""
@@ -53,6 +61,10 @@ class RankMerger:
     fixed_rank: ClassVar[bool] = True
     fresh_adapter_each_round: ClassVar[bool] = False
     streams: ClassVar[bool] = False
+    dp_weights: ClassVar[str | None] = None
+    dp_refusal: ClassVar[str] = (
+        "its merged factors are not an average of the clients' factors with fixed weights"
+    )
 
     def merge(
         self,

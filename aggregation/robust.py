@@ -222,7 +222,7 @@ def product_distances(
         ``(distances, modules)``: the float64 ``(n, n)`` sum, and the modules it covers.
     """
     from aggregation.lora_keys import rank_axis
-    from aggregation.lora_pairs import a_matrix, b_matrix, lora_pairs
+    from aggregation.pairs import a_matrix, b_matrix, lora_pairs
 
     n = len(updates)
     if n != len(origins) or n < 1:

@@ -295,38 +295,3 @@ class FedYogi(FedAdam):
     def _second_moment(self, v: Tensor, delta: Tensor) -> Tensor:
         squared = delta.square()
         return v - (1 - self.beta2) * squared * torch.sign(v - squared)
-
-
-SERVER_OPTIMIZERS: dict[str, type[ServerOptimizer]] = {
-    cls.name: cls for cls in (FedAvg, FedAvgM, FedAdagrad, FedAdam, FedYogi)
-}
-
-
-def get_server_optimizer(name: str, **options: float) -> ServerOptimizer:
-    """Build the server optimiser registered under ``name``.
-
-    Args:
-        name: A key of ``SERVER_OPTIMIZERS``.
-        **options: Constructor options of that optimiser (see its ``options``).
-
-    Returns:
-        A new optimiser with fresh moments.
-
-    Raises:
-        ValueError: If ``name`` is unknown (the valid names are listed), an option is not
-            accepted (the valid options are listed), or an option value is out of range.
-    """
-    try:
-        cls = SERVER_OPTIMIZERS[name]
-    except KeyError:
-        raise ValueError(
-            f"unknown server optimizer {name!r}; valid optimizers: "
-            f"{', '.join(sorted(SERVER_OPTIMIZERS))}"
-        ) from None
-    unknown = sorted(set(options) - set(cls.options))
-    if unknown:
-        raise ValueError(
-            f"server optimizer {name!r} does not accept options {unknown}; "
-            f"valid options: {list(cls.options)}"
-        )
-    return cls(**options)

@@ -14,14 +14,14 @@ FedAvg, while the local-only baseline by definition keeps everything on the clie
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
-from typing import Literal, get_args
+from typing import Literal
 
 from torch import Tensor
 
 from aggregation.lora_keys import is_lora, is_lora_a, is_lora_b
+from aggregation.registry import SHARING_POLICIES
 
-SharePolicy = Literal["all", "B", "A", "none"]
-SHARING_POLICIES: tuple[str, ...] = get_args(SharePolicy)
+SharePolicy = Literal["all", "B", "A", "none"]  # = SHARING_POLICIES
 
 _SHARED: dict[str, Callable[[str], bool]] = {
     "all": lambda key: True,

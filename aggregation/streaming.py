@@ -28,7 +28,7 @@ import torch
 from torch import Tensor
 
 from aggregation.lora_keys import lora_rank, rank_axis
-from aggregation.lora_pairs import lora_pairs
+from aggregation.pairs import lora_pairs
 from aggregation.validate import MERGE_DTYPES, UpdateRejected
 
 # Elements per piece when a large tensor is added: a sum of another dtype (half inputs into

@@ -73,6 +73,7 @@ class ZeroPadMerger(RankMerger):
     name: ClassVar[str] = "zeropad"
     linear_in_factors: ClassVar[bool] = True
     streams: ClassVar[bool] = True
+    dp_weights: ClassVar[str | None] = "samples"
 
     def _combine(
         self,

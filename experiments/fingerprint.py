@@ -109,7 +109,7 @@ def digest(value) -> object:
 
 
 def fingerprint(result) -> dict:
-    from fedsim.checkpoint import load_checkpoint
+    from fedsim.checkpoint.store import load_checkpoint
 
     history = [
         {k: v for k, v in h.items() if not k.startswith("time/") or k.startswith("time/simulated")}
@@ -148,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import fedsim  # noqa: F401  (before the simulation stack)
     from fedsim.data.emoji import load_emoji
-    from fedsim.simulation import resume, run
+    from fedsim.simulation.driver import resume, run
 
     work = Path(tempfile.mkdtemp(prefix="fedsim-fingerprint-"))
     cache, runs = work / "cache", work / "runs"

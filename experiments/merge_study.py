@@ -29,7 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from fedsim.merge_report import read_table  # noqa: E402
+from fedsim.tracking.merge_report import read_table  # noqa: E402
 
 SCORE = "global/accuracy"
 

@@ -5,21 +5,22 @@ vision-language models under heterogeneous ranks, data and modalities.
 """
 
 from fedsim.errors import ConfigError
+from fedsim.version import __version__ as __version__
 
 __all__ = ["ConfigError", "FedSimConfig", "load_config", "resume", "run"]
-__version__ = "0.1.0"
 
 
 def run(config=None, **options):
-    """Run one simulation; see :func:`fedsim.simulation.run` (``dataset``, ``executor``)."""
-    from fedsim.simulation import run as _run
+    """Run one simulation; see :func:`fedsim.simulation.driver.run` (``dataset``, ``executor``)."""
+    from fedsim.simulation.driver import run as _run
 
     return _run(config, **options)
 
 
 def resume(run_dir, overrides=(), **options):
-    """Continue a stopped run from its latest checkpoint; see :func:`fedsim.simulation.resume`."""
-    from fedsim.simulation import resume as _resume
+    """Continue a stopped run from its latest checkpoint; see
+    :func:`fedsim.simulation.driver.resume`."""
+    from fedsim.simulation.driver import resume as _resume
 
     return _resume(run_dir, overrides, **options)
 

@@ -120,17 +120,17 @@ def _dispatch(ns: argparse.Namespace, executor=None) -> int:
         executor: for ``run``, the :class:`actors.executor.RayExecutor` whose Ray is starting.
     """
     if ns.command == "inspect":
-        from fedsim.merge_report import inspect_run
+        from fedsim.tracking.merge_report import inspect_run
 
         print(inspect_run(ns.run_id, ns.round_idx, ns.tracking_uri), end="")
         return 0
     if ns.command in ("compare", "sweep"):
-        from fedsim.study import run_study
+        from fedsim.simulation.study import run_study
 
         run_study(ns.study, ns.args)
         return 0
     if ns.command == "run" and ns.resume:
-        from fedsim.simulation import resume
+        from fedsim.simulation.driver import resume
 
         if ns.args and "=" not in ns.args[0]:
             raise ConfigError("--resume", f"a resumed run uses its own config; drop {ns.args[0]!r}")
@@ -141,7 +141,7 @@ def _dispatch(ns: argparse.Namespace, executor=None) -> int:
     path, overrides = _split_args(ns.args)
     cfg = load_config(path or _default_config(), overrides)
     if ns.command == "partition":
-        from fedsim.partition_report import partition_report
+        from fedsim.tracking.partition_report import partition_report
 
         partition_report(cfg, ns.heatmap)
     elif ns.command == "config":
@@ -157,10 +157,10 @@ def start_run(cfg, executor=None):
     """What ``fedsim run`` does with a loaded config: the client actors start in the
     background (on the Ray that ``executor`` is starting) while this process checks the data
     and outputs and imports the rest; a failed check stops them again (``main`` closes the
-    executor). Returns the :class:`fedsim.simulation.RunResult`.
+    executor). Returns the :class:`fedsim.simulation.driver.RunResult`.
     """
     from actors.executor import RayExecutor
-    from fedsim.preflight import preflight
+    from fedsim.simulation.preflight import preflight
 
     executor = executor or RayExecutor()
     executor.launch(cfg)
@@ -169,7 +169,7 @@ def start_run(cfg, executor=None):
     except BaseException:
         executor.close(None, None)
         raise
-    from fedsim.simulation import run
+    from fedsim.simulation.driver import run
 
     return run(cfg, dataset=dataset, executor=executor)
 

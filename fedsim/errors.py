@@ -17,3 +17,10 @@ class RunFailed(RuntimeError):
     The message says why and, when a checkpoint exists, the command that continues the run
     from the last good one. The MLflow run is marked FAILED.
     """
+
+
+def one_line(exc: BaseException, limit: int = 300) -> str:
+    """An exception's message on one line (YAML, MLflow and OS errors span several), cut to
+    ``limit`` characters; the exception's type name when it has no message."""
+    text = " ".join(str(exc).split())
+    return (text[:limit] + "...") if len(text) > limit else text or type(exc).__name__

@@ -18,7 +18,7 @@ image-text-to-text model (``--backbone hf-vlm --name-or-path DIR``) on the demo 
   (``worker.evaluate_global``), at the niceness Ray gives its workers (15), so that on a busy
   machine both cases compete for the CPU on the same terms. Then, on the same warm worker,
   the model alone: the median time of ``--steps`` training steps
-  (``fedsim.training.train_local`` with the worker's host and task, batch
+  (``fedsim.tasks.training.train_local`` with the worker's host and task, batch
   ``train.batch_size``) and the greedy generation time per sample (the task's own
   generation, ``eval.max_new_tokens``, batch ``train.eval_batch_size``).
 
@@ -281,10 +281,10 @@ def run_engine(args: argparse.Namespace, workdir: Path) -> dict:
 def step_times(worker, steps: int) -> tuple[list[float], int, int]:
     """Wall time of ``steps`` training steps, on the worker's own code (warm from the rounds).
 
-    ``fedsim.training.train_local`` runs the worker's task (``train_batches``, ``loss``) on its
-    host's adapter of the client with the most training rows. A step is timed from the request
-    of its batch (encoding included, as in the engine) to the request of the next one; steps on
-    a short last batch are dropped.
+    ``fedsim.tasks.training.train_local`` runs the worker's task (``train_batches``,
+    ``loss``) on its host's adapter of the client with the most training rows. A step is
+    timed from the request of its batch (encoding included, as in the engine) to the request
+    of the next one; steps on a short last batch are dropped.
 
     Returns:
         ``(seconds per full-batch step, client id, its rank)``.
@@ -292,7 +292,7 @@ def step_times(worker, steps: int) -> tuple[list[float], int, int]:
     import numpy as np
     import torch
 
-    from fedsim.training import train_local
+    from fedsim.tasks.training import train_local
 
     cfg = worker.cfg
     clients = worker.data.clients
@@ -382,7 +382,7 @@ def run_floor(args: argparse.Namespace, workdir: Path) -> dict:
     from fedsim.config import load_config, resolve_ranks
     from fedsim.data.partition import sample_clients
     from fedsim.messages import ClientMeta, ClientState, ClientTask
-    from fedsim.simulation import server_args
+    from fedsim.simulation.driver import server_args
     from fedsim.tasks import combine_parts
 
     cfg = load_config(args.config, config_items(args, workdir))

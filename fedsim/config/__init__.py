@@ -11,6 +11,13 @@ Every rule raises :class:`ConfigError` naming the key and what is allowed.
 
 from fedsim.config.checks import MAX_CLIENTS, MAX_ROUNDS, MAX_SEED, is_generative, validate
 from fedsim.config.loading import as_config, flatten, load_config, to_yaml
+from fedsim.config.methods import (
+    EditingConfig,
+    FedExConfig,
+    PrivacyConfig,
+    PruningConfig,
+    RobustConfig,
+)
 from fedsim.config.ranks import FEDILORA_RANKS, rank_spec, resolve_ranks
 from fedsim.config.schema import (
     BACKBONES,
@@ -36,13 +43,6 @@ from fedsim.config.schema import (
     TrainConfig,
 )
 from fedsim.errors import ConfigError
-from fedsim.methods import (
-    EditingConfig,
-    FedExConfig,
-    PrivacyConfig,
-    PruningConfig,
-    RobustConfig,
-)
 
 __all__ = [
     "BACKBONES",

@@ -7,18 +7,73 @@ called from here; this module holds the rules of the engine's own sections.
 from __future__ import annotations
 
 import math
+import posixpath
 import re
 from dataclasses import fields, is_dataclass
 from typing import Any
 
-from aggregation import MERGERS, SERVER_OPTIMIZERS
 from fedsim.config.ranks import resolve_ranks
+from fedsim.config.registry import BACKBONES as BACKBONE_SPECS
+from fedsim.config.registry import (
+    DATASETS,
+    MERGERS,
+    OBJECTIVES,
+    SERVER_OPTIMIZERS,
+    merger_class,
+    method_classes,
+)
 from fedsim.config.schema import BACKBONES, GENERATIVE_BACKBONES, FedSimConfig
-from fedsim.data.registry import DATASETS
 from fedsim.errors import ConfigError
-from fedsim.methods import OBJECTIVES, check_methods
-from fedsim.models.registry import BACKBONES as BACKBONE_SPECS
-from fedsim.registry import model_name_problem
+
+# the registered_models.name column of MLflow's SQL stores
+MAX_NAME_LENGTH = 256
+
+
+def model_name_problem(name: str | None) -> str | None:
+    """Why MLflow would reject ``name`` as a registered model name (None: it would not).
+
+    MLflow's own rules (no ``/`` or ``:``, not empty, a name that stays the same as a path)
+    plus the length of the SQL stores' name column; checked at config load, before training.
+    """
+    if name is None or not name.strip():
+        return "must not be empty"
+    if "/" in name or ":" in name:
+        return f"{name!r} contains '/' or ':', which MLflow does not allow in a model name"
+    norm = posixpath.normpath(name)
+    if norm != name or norm == "." or norm.startswith(".."):
+        return f"{name!r} would resolve to {norm!r} as a path, which MLflow does not allow"
+    if len(name) > MAX_NAME_LENGTH:
+        return f"is {len(name)} characters; MLflow's stores take at most {MAX_NAME_LENGTH}"
+    return None
+
+
+def parse_ratio(ratio: str | int) -> float:
+    """``"3:7"`` -> 0.3, the share of the first part; a number in [0, 1] is taken as the share.
+
+    YAML 1.1 (and so an unquoted ``data.cross_ratio=3:7`` on the command line) reads ``3:7`` as
+    the base-60 integer 187; such an integer is read back as the ratio it was written as.
+
+    Raises:
+        ValueError: not two non-negative numbers with a positive sum.
+    """
+    text = str(ratio).strip()
+    if text.isdigit() and int(text) >= 60:  # sexagesimal a:b == a * 60 + b
+        a, b = divmod(int(text), 60)
+        text = f"{a}:{b}"
+    try:
+        if ":" not in text:
+            share = float(text)
+            if not 0 <= share <= 1:
+                raise ValueError
+            return share
+        a, b = (float(x) for x in text.split(":"))
+    except ValueError:
+        raise ValueError(
+            f"expected 'a:b' such as '3:7' or a share in [0, 1], got {ratio!r}"
+        ) from None
+    if a < 0 or b < 0 or a + b <= 0:
+        raise ValueError(f"expected two non-negative numbers with a positive sum, got {ratio!r}")
+    return a / (a + b)
 
 
 def _check(cond: bool, key: str, message: str) -> None:
@@ -88,8 +143,6 @@ def validate(cfg: FedSimConfig) -> None:
     )
     _check(0 <= d.hybrid_p <= 1, "data.hybrid_p", f"must be in [0, 1], got {d.hybrid_p}")
     try:
-        from fedsim.data.partition import parse_ratio
-
         parse_ratio(d.cross_ratio)
     except ValueError as exc:
         raise ConfigError("data.cross_ratio", str(exc)) from None
@@ -297,7 +350,7 @@ def _validate_faults_rounds_devices(cfg: FedSimConfig) -> None:
 
 def _check_combinations(cfg: FedSimConfig) -> None:
     """Names from the registries, then every method's own rules (:mod:`fedsim.methods`)."""
-    merger = MERGERS[cfg.aggregation.method]
+    merger = merger_class(cfg.aggregation.method)
     method = f"aggregation.method={cfg.aggregation.method}"
     opt = cfg.server.optimizer
     _check(
@@ -323,7 +376,8 @@ def _check_combinations(cfg: FedSimConfig) -> None:
         )
         + "; use server.optimizer=fedavg",
     )
-    check_methods(cfg)
+    for method in method_classes():  # each method's own rules, in hook order
+        method.check(cfg)
     _check(
         cfg.data.partition != "centralized" or cfg.clients.num == 1,
         "clients.num",

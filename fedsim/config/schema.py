@@ -10,18 +10,24 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from aggregation import MERGERS, SERVER_OPTIMIZERS, SHARING_POLICIES
-from fedsim.config.ranks import FEDILORA_RANKS, rank_spec
-from fedsim.data.registry import DATASETS
-from fedsim.methods import (
-    OBJECTIVES,
+from fedsim.config.methods import (
     EditingConfig,
     FedExConfig,
     PrivacyConfig,
     PruningConfig,
     RobustConfig,
 )
-from fedsim.models.registry import BACKBONES as BACKBONE_SPECS
+from fedsim.config.ranks import FEDILORA_RANKS, rank_spec
+from fedsim.config.registry import (
+    BACKBONES as BACKBONE_SPECS,
+)
+from fedsim.config.registry import (
+    DATASETS,
+    MERGERS,
+    OBJECTIVES,
+    SERVER_OPTIMIZERS,
+    SHARING_POLICIES,
+)
 
 BACKBONES = tuple(BACKBONE_SPECS)
 # Backbones that generate text (the generation task); the others are classifiers.

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from fedsim.config import FedSimConfig
+from fedsim.config.registry import DATASETS
 from fedsim.data.emoji import MultimodalDataset, load_emoji, load_emoji_captions
 from fedsim.data.partition import (
     ModalityMask,
@@ -22,7 +23,6 @@ from fedsim.data.partition import (
     subset_indices,
     train_test_split,
 )
-from fedsim.data.registry import DATASETS
 from fedsim.data.scenarios import client_modalities
 
 if TYPE_CHECKING:

@@ -155,35 +155,6 @@ def hybrid_modalities(p: float, seed: int, client: int) -> tuple[bool, bool]:
     return keep_image, keep_text
 
 
-def parse_ratio(ratio: str | int) -> float:
-    """``"3:7"`` -> 0.3, the share of the first part; a number in [0, 1] is taken as the share.
-
-    YAML 1.1 (and so an unquoted ``data.cross_ratio=3:7`` on the command line) reads ``3:7`` as
-    the base-60 integer 187; such an integer is read back as the ratio it was written as.
-
-    Raises:
-        ValueError: not two non-negative numbers with a positive sum.
-    """
-    text = str(ratio).strip()
-    if text.isdigit() and int(text) >= 60:  # sexagesimal a:b == a * 60 + b
-        a, b = divmod(int(text), 60)
-        text = f"{a}:{b}"
-    try:
-        if ":" not in text:
-            share = float(text)
-            if not 0 <= share <= 1:
-                raise ValueError
-            return share
-        a, b = (float(x) for x in text.split(":"))
-    except ValueError:
-        raise ValueError(
-            f"expected 'a:b' such as '3:7' or a share in [0, 1], got {ratio!r}"
-        ) from None
-    if a < 0 or b < 0 or a + b <= 0:
-        raise ValueError(f"expected two non-negative numbers with a positive sum, got {ratio!r}")
-    return a / (a + b)
-
-
 def sample_clients(num_clients: int, fraction: float, seed: int, round_idx: int) -> list[int]:
     """Clients sampled in round ``round_idx``: ``max(1, round(fraction * N))`` of them, sorted."""
     m = max(1, int(round(fraction * num_clients)))

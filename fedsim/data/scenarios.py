@@ -11,13 +11,13 @@ from collections.abc import Callable
 import numpy as np
 
 from fedsim.config import FedSimConfig
+from fedsim.config.checks import parse_ratio
 from fedsim.data.partition import (
     ModalityMask,
     cross_image_clients,
     fedilora_missing,
     hybrid_modalities,
     missing_per_sample,
-    parse_ratio,
 )
 
 

@@ -110,7 +110,7 @@ class Attack(Method):
     """``faults.attack`` (with ``faults.malicious``)."""
 
     name: ClassVar[str] = "attack"
-    summary: ClassVar[str] = "faults.attack: malicious clients forge uploads or poison labels"
+    order: ClassVar[int] = 90
 
     def __init__(self, cfg: FedSimConfig):
         from fedsim.config.ranks import resolve_ranks

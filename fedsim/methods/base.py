@@ -3,10 +3,12 @@
 A method (SCAFFOLD, FedProx, FediLoRA's editing, FLoRA's base folding, ...) is one subclass of
 :class:`Method` in one module of :mod:`fedsim.methods`. It declares when the config turns it on
 (:meth:`Method.enabled`), the rules its settings must follow (:meth:`Method.check`), and
-overrides only the hooks it needs; every hook of the base class does nothing. The client worker
-(:mod:`actors.client`), the server (:mod:`actors.server`) and the round loop
-(:mod:`fedsim.simulation`) call the hooks of every enabled method, in registry order, and never
-ask which method is on.
+overrides only the hooks it needs; every hook of the base class does nothing. The hooks come in
+three sets, named for the process that calls them: :class:`ClientHooks` (the client worker,
+:mod:`actors.client`), :class:`ServerHooks` (the server, :mod:`actors.server`) and
+:class:`RunHooks` (the run in the driver, :mod:`fedsim.simulation`). Each calls the hooks of
+every enabled method in ascending :attr:`Method.order`, and
+never asks which method is on.
 
 Client hooks see and change a :class:`ClientStep`; server hooks a :class:`MergeBatch`. A
 method's payloads travel in the messages' ``parts`` (see :mod:`fedsim.messages`) under its
@@ -217,54 +219,19 @@ class BaseFolding:
         self.round_bytes = int(state.get("round_bytes", 0))
 
 
-class Method:
-    """Base class of federated methods: a name, a switch, rules and optional hooks.
+class ClientHooks:
+    """The hooks the client worker calls (:class:`actors.client.ClientWorker`, in the client
+    actor's process, or in the driver's process under ``LocalExecutor``).
 
-    Attributes:
-        name: the registry name (also the key of the method's payloads in messages).
-        summary: one line for the README's table of methods.
-        objective: whether ``objective.method`` names it (a client objective).
+    Per client task, in this order, each hook of every enabled method in ``order``:
+    :meth:`filter_shared` (which keys leave the client), :meth:`receive` (the starting adapter),
+    :meth:`before_training`, local training, :meth:`after_training`, :meth:`before_upload`.
+    They see and change a :class:`ClientStep`; ``self.server`` is None in this process.
     """
 
-    name: ClassVar[str] = ""
-    summary: ClassVar[str] = ""
-    objective: ClassVar[bool] = False
-    # True when ``after_merge`` reads only ``merged`` and ``batch.clients`` (FLoRA), so it
-    # also runs after a streaming merge, whose batch holds no updates.
-    after_merge_streams: ClassVar[bool] = False
-
-    def __init__(self, cfg: FedSimConfig):
-        self.cfg = cfg
-
-    @classmethod
-    def needs_all_updates(cls) -> bool:
-        """Whether the server hooks read the round's updates together (``before_merge``,
-        ``after_apply``, or an ``after_merge`` that reads ``batch.updates``); then the round
-        is merged as one batch instead of streamed as updates arrive."""
-
-        def own(hook: str) -> bool:
-            return getattr(cls, hook) is not getattr(Method, hook)
-
-        return (
-            own("before_merge")
-            or own("after_apply")
-            or (own("after_merge") and not cls.after_merge_streams)
-        )
-
-    # -- config ---------------------------------------------------------------------------
-    @classmethod
-    def enabled(cls, cfg: FedSimConfig) -> bool:
-        """Whether ``cfg`` turns this method on."""
-        return False
-
-    @classmethod
-    def check(cls, cfg: FedSimConfig) -> None:
-        """Raise :class:`fedsim.errors.ConfigError` when ``cfg`` breaks one of this method's
-        rules (its own settings' ranges always; its compatibility when it is enabled)."""
-
-    # -- client ---------------------------------------------------------------------------
     def filter_shared(self, keys: list[str]) -> list[str]:
-        """The keys that go to the server, of ``keys`` (client and server alike)."""
+        """The keys that go to the server, of ``keys`` (the server calls it too, to know which
+        keys a client sends)."""
         return keys
 
     def receive(self, task: ClientTask, broadcast: Broadcast, view: State) -> State | None:
@@ -292,7 +259,21 @@ class Method:
         client's own adapter (``step.local``) is not changed."""
         return update
 
-    # -- server ---------------------------------------------------------------------------
+
+class ServerHooks:
+    """The hooks the server calls (:class:`actors.server.Server`, in the server actor or the
+    driver's process).
+
+    Once at start: :meth:`bind_server` (sets ``self.server``; only the server's copy of a
+    method has it). Per round, each hook of every enabled method in ``order``:
+    :meth:`broadcast_part` (what the round's broadcast carries), then, when the updates are in,
+    :meth:`before_merge`, the merge rule, :meth:`after_merge`, the server optimiser,
+    :meth:`after_apply`. At the end: :meth:`export`. :meth:`state_dict` /
+    :meth:`load_state_dict` go into every checkpoint.
+    """
+
+    server: ServerContext | None = None
+
     def bind_server(self, server: ServerContext) -> None:
         """Called once when the server starts: keep what the server hooks need."""
         self.server = server
@@ -303,7 +284,7 @@ class Method:
 
     def before_merge(self, batch: MergeBatch) -> None:
         """Before the merge rule runs: may replace ``batch.updates`` (a method with this hook
-        makes its rounds merge as one batch; see :meth:`needs_all_updates`)."""
+        makes its rounds merge as one batch; see :meth:`Method.needs_all_updates`)."""
 
     def after_merge(self, batch: MergeBatch, merged: State) -> State:
         """After the merge rule, before the server optimiser: the merged shared tensors."""
@@ -323,7 +304,16 @@ class Method:
     def load_state_dict(self, state: dict) -> None:
         """Restore what :meth:`state_dict` returned."""
 
-    # -- driver ---------------------------------------------------------------------------
+
+class RunHooks:
+    """The hooks the run calls in the driver's process (:mod:`fedsim.simulation`), where the
+    round's metrics, the client table and the run's plots are built
+    (:mod:`fedsim.tracking.round_report`, :mod:`fedsim.tracking.outputs`).
+
+    Per round, after the merge: :meth:`round_metrics`, then :meth:`client_columns` per merged
+    client; at the end of the run: :meth:`figures`.
+    """
+
     def round_metrics(self, reports: Sequence[ClientReport]) -> dict[str, float]:
         """Metrics of a round from the reports of the clients merged in it."""
         return {}
@@ -338,6 +328,72 @@ class Method:
         return {}
 
 
+class Method(ClientHooks, ServerHooks, RunHooks):
+    """Base class of federated methods: a name, a switch, rules, and the hooks it overrides.
+
+    One class holds a method's client, server and run hooks so that the two halves of a
+    protocol (what a client sends under the method's name, what the server does with it) read
+    side by side in one module; the three base classes keep them apart and say which process
+    calls each. A process builds its own instances from the config
+    (:func:`fedsim.config.registry.enabled_methods`) and calls only its own hooks.
+
+    Attributes:
+        name: the registry name (also the key of the method's payloads in messages).
+        order: where the method's hooks run among the enabled methods', ascending (a tie
+            keeps the registry's order). The bands: 10 sharing (which keys leave the client,
+            before anything reads them); 20-29 the client objectives; 30-39 the robust rules,
+            then differential privacy, on the uploads; 40-49 server-side rescaling and
+            folding (FedNova, FLoRA, FedEx-LoRA); 50 FediLoRA's editing of the client adapter;
+            60 HetLoRA's rank self-pruning; 90 the attacker, last, so that it forges what
+            finally leaves the client.
+        objective: whether ``objective.method`` names it (a client objective).
+        after_merge_streams: True when ``after_merge`` reads only ``merged`` and
+            ``batch.clients`` (FLoRA), so it also runs after a streaming merge, whose batch
+            holds no updates.
+    """
+
+    name: ClassVar[str] = ""
+    order: ClassVar[int] = 0
+    objective: ClassVar[bool] = False
+    after_merge_streams: ClassVar[bool] = False
+
+    def __init__(self, cfg: FedSimConfig):
+        self.cfg = cfg
+
+    @classmethod
+    def needs_all_updates(cls) -> bool:
+        """Whether the server hooks read the round's updates together (``before_merge``,
+        ``after_apply``, or an ``after_merge`` that reads ``batch.updates``); then the round
+        is merged as one batch instead of streamed as updates arrive."""
+
+        def own(hook: str) -> bool:
+            return getattr(cls, hook) is not getattr(Method, hook)
+
+        return (
+            own("before_merge")
+            or own("after_apply")
+            or (own("after_merge") and not cls.after_merge_streams)
+        )
+
+    # -- config (read in any process) -----------------------------------------------------
+    @classmethod
+    def enabled(cls, cfg: FedSimConfig) -> bool:
+        """Whether ``cfg`` turns this method on."""
+        return False
+
+    @classmethod
+    def check(cls, cfg: FedSimConfig) -> None:
+        """Raise :class:`fedsim.errors.ConfigError` when ``cfg`` breaks one of this method's
+        rules (its own settings' ranges always; its compatibility when it is enabled)."""
+
+    @classmethod
+    def dp_conflict(cls, cfg: FedSimConfig) -> str | None:
+        """Why differential privacy's guarantee would not cover this method as ``cfg`` sets it
+        (the config error says it); None when the two compose. Read only when the method is
+        enabled."""
+        return None
+
+
 class ObjectiveMethod(Method):
     """A client objective: on when ``objective.method`` names it."""
 
@@ -348,12 +404,19 @@ class ObjectiveMethod(Method):
         return cfg.objective.method == cls.name
 
 
+def configured_merger(cfg: FedSimConfig) -> type[RankMerger] | None:
+    """The class of the merge rule ``cfg`` names (its capability flags are what methods check),
+    or None when the name is unknown (the config check reports that)."""
+    from aggregation.registry import MERGERS, merger_class
+
+    return merger_class(cfg.aggregation.method) if cfg.aggregation.method in MERGERS else None
+
+
 def check_weighted_sum_merge(cfg: FedSimConfig, key: str, name: str) -> None:
     """A method that needs a merge that is a weighted sum of factors at a fixed rank."""
-    from aggregation import MERGERS
     from fedsim.errors import ConfigError
 
-    merger = MERGERS.get(cfg.aggregation.method)
+    merger = configured_merger(cfg)
     if merger is not None and not (merger.linear_in_factors and merger.fixed_rank):
         raise ConfigError(
             key,

@@ -15,42 +15,18 @@ run edit?".
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, ClassVar, Literal
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 
-from aggregation import MERGERS, edit_layerwise
+from aggregation import edit_layerwise
 from fedsim.errors import ConfigError
 from fedsim.messages import ClientReport
-from fedsim.methods.base import ClientStep, Method
+from fedsim.methods.base import ClientStep, Method, configured_merger
 
 if TYPE_CHECKING:
     from fedsim.config import FedSimConfig
-
-
-@dataclass
-class EditingConfig:
-    # Literal, not bool | str: OmegaConf 2.4 checks a Literal by type and value, so it takes
-    # true, false (YAML booleans) and the string auto, and rejects 1, 0 or maybe at load.
-    enabled: Literal["auto", True, False] = field(
-        default="auto",
-        metadata={
-            "help": "FediLoRA layer-wise model editing (clients, round >= 2): auto (on only "
-            "with aggregation.method=fedilora or fedilora_damped, where a global adapter to "
-            "compare with exists), "
-            "true (any merge method; an error where it cannot apply) or false."
-        },
-    )
-    key: Literal["lora_A", "lora_B", "all"] = field(
-        default="lora_A", metadata={"help": "Which LoRA tensors are candidates for editing."}
-    )
-    count: int = field(default=1, metadata={"help": "How many lowest-similarity tensors to edit."})
-    threshold: float = field(default=0.95, metadata={"help": "Edit only if cosine < threshold."})
-    mode: Literal["weighted", "replace", "half"] = field(
-        default="weighted",
-        metadata={"help": "weighted: mix by clamped cosine; replace; half."},
-    )
 
 
 @dataclass
@@ -78,7 +54,7 @@ def _enabled_value(cfg: FedSimConfig) -> str | bool:
 def _cannot_apply(cfg: FedSimConfig) -> ConfigError | None:
     """Why editing cannot apply under ``cfg`` (the error ``editing.enabled=true`` raises), or
     None where it can."""
-    merger = MERGERS.get(cfg.aggregation.method)
+    merger = configured_merger(cfg)
     policy = cfg.sharing.policy
     fresh = merger is not None and merger.fresh_adapter_each_round
     if fresh or policy == "none":
@@ -126,9 +102,7 @@ class Editing(Method):
     """FediLoRA's layer-wise editing: on where :func:`editing_on` says so."""
 
     name: ClassVar[str] = "editing"
-    summary: ClassVar[str] = (
-        "editing.enabled: FediLoRA's layer-wise model editing (auto: with fedilora only)"
-    )
+    order: ClassVar[int] = 50
 
     @classmethod
     def enabled(cls, cfg: FedSimConfig) -> bool:

@@ -12,45 +12,39 @@ left out). The price: every round's clients download a dense ``d x k`` residual 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, ClassVar
 
-from aggregation import MERGERS, fedex_residual
+from aggregation import fedex_residual
 from fedsim.errors import ConfigError
 from fedsim.messages import ExportedAdapter, State, nbytes
-from fedsim.methods.base import MergeBatch, Method
+from fedsim.methods.base import MergeBatch, Method, configured_merger
 
 if TYPE_CHECKING:
     from fedsim.config import FedSimConfig
-
-
-@dataclass
-class FedExConfig:
-    enabled: bool = field(
-        default=False,
-        metadata={
-            "help": "FedEx-LoRA: fold the residual sum_i p_i B_i A_i - B_g A_g of the merge "
-            "into every client's frozen base weights, so the global model is the exact "
-            "average of the clients' models (aggregation.method zeropad is the paper's)."
-        },
-    )
 
 
 class FedEx(Method):
     """``fedex.enabled=true``."""
 
     name: ClassVar[str] = "fedex"
-    summary: ClassVar[str] = "fedex.enabled: FedEx-LoRA's exact aggregation (residual in base)"
+    order: ClassVar[int] = 42
 
     @classmethod
     def enabled(cls, cfg: FedSimConfig) -> bool:
         return cfg.fedex.enabled
 
     @classmethod
+    def dp_conflict(cls, cfg: FedSimConfig) -> str | None:
+        return (
+            "fedex.enabled folds the residual sum_i p_i B_i A_i - B_g A_g into the base "
+            "weights; that residual carries the clients' factors unclipped and unnoised"
+        )
+
+    @classmethod
     def check(cls, cfg: FedSimConfig) -> None:
         if not cfg.fedex.enabled:
             return
-        merger = MERGERS.get(cfg.aggregation.method)
+        merger = configured_merger(cfg)
         if merger is not None and not merger.fixed_rank:
             raise ConfigError(
                 "fedex.enabled",

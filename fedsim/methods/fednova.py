@@ -19,7 +19,14 @@ class FedNova(ObjectiveMethod):
     """``objective.method=fednova``."""
 
     name: ClassVar[str] = "fednova"
-    summary: ClassVar[str] = "objective.method=fednova: updates rescaled by local step counts"
+    order: ClassVar[int] = 40
+
+    @classmethod
+    def dp_conflict(cls, cfg: FedSimConfig) -> str | None:
+        return (
+            "objective.method=fednova rescales each clipped update by its local step count, "
+            "which breaks the privacy.clip_norm bound (and the step count is private)"
+        )
 
     @classmethod
     def check(cls, cfg: FedSimConfig) -> None:

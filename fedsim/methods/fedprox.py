@@ -14,7 +14,7 @@ import torch
 
 from fedsim.errors import ConfigError
 from fedsim.methods.base import ClientStep, ObjectiveMethod, Params
-from fedsim.objectives import middle_layer_weights
+from fedsim.models.layers import middle_layer_weights
 
 if TYPE_CHECKING:
     from fedsim.config import FedSimConfig
@@ -47,7 +47,7 @@ class FedProx(ObjectiveMethod):
     """``objective.method=fedprox``: the proximal term on every shared tensor."""
 
     name: ClassVar[str] = "fedprox"
-    summary: ClassVar[str] = "objective.method=fedprox: mu/2 ||theta - theta_g||^2"
+    order: ClassVar[int] = 20
 
     @classmethod
     def check(cls, cfg: FedSimConfig) -> None:
@@ -66,7 +66,7 @@ class FedMLLM(FedProx):
     """``objective.method=fedmllm``: the term weighted on each tower's middle layers only."""
 
     name: ClassVar[str] = "fedmllm"
-    summary: ClassVar[str] = "objective.method=fedmllm: the FedProx term on middle layers only"
+    order: ClassVar[int] = 21
 
     @classmethod
     def check(cls, cfg: FedSimConfig) -> None:

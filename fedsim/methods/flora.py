@@ -14,9 +14,9 @@ from typing import TYPE_CHECKING, ClassVar
 import numpy as np
 import torch
 
-from aggregation import MERGERS, flora_delta, lora_rank, truncate
+from aggregation import flora_delta, lora_rank, truncate
 from fedsim.messages import Broadcast, ClientTask, ExportedAdapter, State, nbytes
-from fedsim.methods.base import MergeBatch, Method
+from fedsim.methods.base import MergeBatch, Method, configured_merger
 
 if TYPE_CHECKING:
     from fedsim.config import FedSimConfig
@@ -29,11 +29,11 @@ class FLoRAFolding(Method):
     """On with ``aggregation.method=flora`` (a merge that hands out a fresh adapter)."""
 
     name: ClassVar[str] = "flora"
-    summary: ClassVar[str] = "aggregation.method=flora: fold the stacked product into the base"
+    order: ClassVar[int] = 41
 
     @classmethod
     def enabled(cls, cfg: FedSimConfig) -> bool:
-        merger = MERGERS.get(cfg.aggregation.method)
+        merger = configured_merger(cfg)
         return merger is not None and merger.fresh_adapter_each_round
 
     def receive(self, task: ClientTask, broadcast: Broadcast, view: State) -> State:

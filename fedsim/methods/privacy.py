@@ -64,21 +64,12 @@ from __future__ import annotations
 
 import functools
 import math
-from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING, Any, ClassVar, Literal
+from dataclasses import replace
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 import torch
 
-from aggregation import (
-    MERGERS,
-    FediLoRAMerger,
-    FlexLoRAMerger,
-    FLoRAMerger,
-    HetLoRAMerger,
-    RankMerger,
-    ZeroPadMerger,
-)
 from aggregation.privacy import (
     adaptive_clip_update,
     client_noise_std,
@@ -92,101 +83,21 @@ from aggregation.privacy import (
 from fedsim.data.partition import sample_clients
 from fedsim.errors import ConfigError
 from fedsim.messages import ClientReport, State
-from fedsim.methods.base import ClientStep, MergeBatch, Method, ServerContext
-from fedsim.methods.fedex import FedEx
-from fedsim.methods.fednova import FedNova
-from fedsim.methods.pruning import Pruning
-from fedsim.methods.scaffold import Scaffold
+from fedsim.methods.base import ClientStep, MergeBatch, Method, ServerContext, configured_merger
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
 
+    from aggregation.rank_merger import RankMerger
     from fedsim.config import FedSimConfig
 
 # random streams of (seed, stream, counter, id); see actors.client for 201-204
 CLIENT_NOISE_STREAM, SERVER_NOISE_STREAM = 211, 212
 _UPDATE, _COUNT = 0, 1  # the server's two draws of a merge
 
-# The merges DP-FedAvg composes with: whether each averages a dimension over its coverers.
-_DIMENSIONWISE: dict[type[RankMerger], bool] = {ZeroPadMerger: False, FediLoRAMerger: True}
-_WHY_NOT: dict[type[RankMerger], str] = {
-    HetLoRAMerger: "HetLoRA weights each client by the norm of its update, so one client "
-    "moves every client's weight and the merge's sensitivity is not bounded by "
-    "privacy.clip_norm",
-    FlexLoRAMerger: "FlexLoRA hands out the SVD factors of the averaged products B_i A_i; "
-    "clipping bounds the change of a client's factors, not of the products or of their SVD, so "
-    "the sensitivity of the factors it releases is not bounded by privacy.clip_norm",
-    FLoRAMerger: "FLoRA stacks the clients' factors side by side and folds their product into "
-    "the base weights: there is no average of clipped factors to noise, and every client's "
-    "factors are released as they are",
-}
-
 
 def _help(text: str) -> dict:
     return {"help": text}
-
-
-@dataclass
-class PrivacyConfig:
-    enabled: bool = field(
-        default=False,
-        metadata=_help(
-            "Client-level differential privacy (DP-FedAvg): clip every client's update to "
-            "privacy.clip_norm, weight the clients equally and add Gaussian noise."
-        ),
-    )
-    noise: Literal["server", "client"] = field(
-        default="server",
-        metadata=_help(
-            "Where clipping and noise happen: on the server (a trusted server sees the clipped "
-            "updates) or on the clients (each adds its share of the noise before upload; the "
-            "guarantee then needs secure aggregation)."
-        ),
-    )
-    clipping: Literal["fixed", "adaptive"] = field(
-        default="fixed",
-        metadata=_help(
-            "fixed: clip to privacy.clip_norm every round; adaptive: track the "
-            "privacy.target_quantile of the update norms (Andrew et al., 2021)."
-        ),
-    )
-    clip_norm: float = field(
-        default=1.0, metadata=_help("Clip norm C of a client's update (adaptive: the initial C).")
-    )
-    noise_multiplier: float = field(
-        default=1.0,
-        metadata=_help(
-            "Noise multiplier z (noise std z C on the sum of updates); derived instead when "
-            "privacy.target_epsilon > 0."
-        ),
-    )
-    target_epsilon: float = field(
-        default=0.0,
-        metadata=_help(
-            "Derive the noise multiplier so that the whole run (rounds) is "
-            "(target_epsilon, delta)-DP (0: use privacy.noise_multiplier)."
-        ),
-    )
-    delta: float = field(default=1e-5, metadata=_help("The delta of (epsilon, delta)-DP."))
-    target_quantile: float = field(
-        default=0.5, metadata=_help("Adaptive clipping: the quantile of update norms to track.")
-    )
-    clip_lr: float = field(
-        default=0.2, metadata=_help("Adaptive clipping: the geometric step size of C.")
-    )
-    count_noise: float = field(
-        default=0.0,
-        metadata=_help(
-            "Adaptive clipping: std of the noise on the count of clipped updates (0: the "
-            "sampled clients per round / 20, Andrew et al.'s choice)."
-        ),
-    )
-    accountant: Literal["rdp", "pld"] = field(
-        default="rdp",
-        metadata=_help(
-            "Privacy accountant of dp-accounting: Renyi DP or privacy loss distributions."
-        ),
-    )
 
 
 def per_round(cfg: FedSimConfig) -> int:
@@ -228,7 +139,7 @@ class Privacy(Method):
     """``privacy.enabled=true``."""
 
     name: ClassVar[str] = "privacy"
-    summary: ClassVar[str] = "privacy.enabled: DP-FedAvg, client-level differential privacy"
+    order: ClassVar[int] = 35
 
     @classmethod
     def enabled(cls, cfg: FedSimConfig) -> bool:
@@ -419,56 +330,35 @@ def _reported_bit(part: Any) -> float:
 
 
 def _dimensionwise(merger: type[RankMerger]) -> bool:
-    for cls, dimensionwise in _DIMENSIONWISE.items():
-        if issubclass(merger, cls):
-            return dimensionwise
-    raise ValueError(f"{merger.__name__} is not a merge DP-FedAvg composes with")
+    """Whether the merge averages each rank dimension over its coverers (its ``dp_weights``)."""
+    if merger.dp_weights is None:
+        raise ValueError(f"{merger.__name__} is not a merge DP-FedAvg composes with")
+    return merger.dp_weights == "coverers"
 
 
 def _check_compatible(cfg: FedSimConfig) -> None:
-    """The combinations whose releases the clipped, noised average does not cover."""
-    merger = MERGERS.get(cfg.aggregation.method)
-    if merger is not None and not any(issubclass(merger, c) for c in _DIMENSIONWISE):
-        why = next(
-            (text for cls, text in _WHY_NOT.items() if issubclass(merger, cls)),
-            "its merged factors are not an average of the clients' factors with fixed weights",
-        )
+    """The combinations whose releases the clipped, noised average does not cover: read from
+    the merge's capability flags (``dp_weights``, ``dp_refusal``) and from each enabled
+    method's :meth:`~fedsim.methods.base.Method.dp_conflict`."""
+    from aggregation.registry import MERGERS, merger_class
+    from fedsim.config.registry import method_classes
+
+    merger = configured_merger(cfg)
+    if merger is not None and merger.dp_weights is None:
+        private = [name for name in MERGERS if merger_class(name).dp_weights is not None]
         _reject(
-            f"aggregation.method={cfg.aggregation.method} cannot be made private: {why}; "
-            "use aggregation.method=zeropad or fedilora"
+            f"aggregation.method={cfg.aggregation.method} cannot be made private: "
+            f"{merger.dp_refusal}; use aggregation.method={' or '.join(private)}"
         )
     if cfg.sharing.policy == "none":
         _reject(
             "sharing.policy=none sends nothing to the server, so nothing is released and "
             "there is nothing to protect; turn privacy off"
         )
-    if FedEx.enabled(cfg):
-        _reject(
-            "fedex.enabled folds the residual sum_i p_i B_i A_i - B_g A_g into the base "
-            "weights; that residual carries the clients' factors unclipped and unnoised"
-        )
-    if Scaffold.enabled(cfg):
-        _reject(
-            "objective.method=scaffold uploads the control variates c_i+ - c_i beside the "
-            "update; they leave the client unclipped and unnoised"
-        )
-    if FedNova.enabled(cfg):
-        _reject(
-            "objective.method=fednova rescales each clipped update by its local step count, "
-            "which breaks the privacy.clip_norm bound (and the step count is private)"
-        )
-    if Pruning.enabled(cfg):
-        _reject(
-            "pruning.gamma > 0 lowers a client's rank from its private tail norm, and the "
-            "rank is public (it sets the cohort's noise shares and the merge's denominators)"
-        )
-    if cfg.robust.rule != "none":
-        _reject(
-            f"robust.rule={cfg.robust.rule} selects or combines the updates by looking at "
-            "all of them, so one client can change more than its own clipped contribution "
-            "and the noise does not cover it; use robust.rule=none (robust.clip_norm "
-            "composes)"
-        )
+    for method in method_classes():
+        conflict = method.dp_conflict(cfg) if method.enabled(cfg) else None
+        if conflict:
+            _reject(conflict)
 
 
 def _reject(reason: str) -> None:

@@ -7,45 +7,32 @@ training, a tail whose norm is below ``pruning.threshold`` is dropped from the n
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, ClassVar
 
-from aggregation import MERGERS, hetlora_tail_norm, is_lora
+from aggregation import hetlora_tail_norm, is_lora
 from fedsim.errors import ConfigError
-from fedsim.methods.base import ClientStep, Method, Params
+from fedsim.methods.base import ClientStep, Method, Params, configured_merger
 
 if TYPE_CHECKING:
     from fedsim.config import FedSimConfig
-
-
-@dataclass
-class PruningConfig:
-    gamma: float = field(
-        default=0.0,
-        metadata={
-            "help": "HetLoRA's rank self-pruning: weight of gamma * ||B[:, r-delta:] "
-            "A[r-delta:]||_F in the local loss; 0 turns pruning off."
-        },
-    )
-    delta: int = field(
-        default=1, metadata={"help": "Tail dimensions penalised and dropped at once."}
-    )
-    threshold: float = field(
-        default=1e-3,
-        metadata={"help": "Drop the tail when its norm after training is below this."},
-    )
-    min_rank: int = field(default=1, metadata={"help": "A client's rank never drops below this."})
 
 
 class Pruning(Method):
     """``pruning.gamma > 0``."""
 
     name: ClassVar[str] = "pruning"
-    summary: ClassVar[str] = "pruning.gamma > 0: HetLoRA's rank self-pruning"
+    order: ClassVar[int] = 60
 
     @classmethod
     def enabled(cls, cfg: FedSimConfig) -> bool:
         return cfg.pruning.gamma > 0
+
+    @classmethod
+    def dp_conflict(cls, cfg: FedSimConfig) -> str | None:
+        return (
+            "pruning.gamma > 0 lowers a client's rank from its private tail norm, and the "
+            "rank is public (it sets the cohort's noise shares and the merge's denominators)"
+        )
 
     @classmethod
     def check(cls, cfg: FedSimConfig) -> None:
@@ -58,7 +45,7 @@ class Pruning(Method):
         ):
             if not ok:
                 raise ConfigError(f"pruning.{key}", f"must be {want}")
-        merger = MERGERS.get(cfg.aggregation.method)
+        merger = configured_merger(cfg)
         if (
             p.gamma > 0
             and merger is not None

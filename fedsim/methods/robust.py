@@ -29,13 +29,11 @@ Logged per round: ``robust/rejected`` and ``robust/clipped``; per client in the 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, ClassVar, Literal
+from typing import TYPE_CHECKING, ClassVar
 
 import torch
 
 from aggregation import (
-    MERGERS,
     coordinate_median,
     covered_statistic,
     krum_scores,
@@ -46,7 +44,7 @@ from aggregation import (
 )
 from fedsim.errors import ConfigError
 from fedsim.messages import State
-from fedsim.methods.base import MergeBatch, Method
+from fedsim.methods.base import MergeBatch, Method, configured_merger
 
 if TYPE_CHECKING:
     from fedsim.config import FedSimConfig
@@ -58,55 +56,26 @@ def _help(text: str) -> dict:
     return {"help": text}
 
 
-@dataclass
-class RobustConfig:
-    rule: Literal["none", "median", "trimmed_mean", "krum", "multi_krum", "product"] = field(
-        default="none",
-        metadata=_help(
-            "Robust rule in front of the merge: median or trimmed_mean (per coordinate over "
-            "the clients covering it), krum or multi_krum (on zero-padded factors), product "
-            "(fedsim's rank-aware outlier rule on the low-rank products B_i A_i)."
-        ),
-    )
-    clip_norm: float = field(
-        default=0.0,
-        metadata=_help(
-            "Norm bounding: clip every client's update (its factors minus what it started "
-            "from) to this L2 norm before the rule (0: off)."
-        ),
-    )
-    trim: float = field(
-        default=0.1,
-        metadata=_help(
-            "trimmed_mean: the share beta of values dropped at each end, per coordinate "
-            "(floor(beta * n) of the n clients covering it)."
-        ),
-    )
-    num_faulty: int = field(
-        default=1, metadata=_help("krum, multi_krum: the number f of faulty clients assumed.")
-    )
-    num_selected: int = field(
-        default=0,
-        metadata=_help("multi_krum: how many best-scored clients are merged (0: n - f)."),
-    )
-    threshold: float = field(
-        default=3.0,
-        metadata=_help(
-            "product: leave out clients whose score is above this many times the median "
-            "score (> 1)."
-        ),
-    )
-
-
 class Robust(Method):
     """``robust.rule`` other than none, or ``robust.clip_norm > 0``."""
 
     name: ClassVar[str] = "robust"
-    summary: ClassVar[str] = "robust.*: norm bounding, median, trimmed mean, (Multi-)Krum, product"
+    order: ClassVar[int] = 30
 
     @classmethod
     def enabled(cls, cfg: FedSimConfig) -> bool:
         return cfg.robust.rule != "none" or cfg.robust.clip_norm > 0
+
+    @classmethod
+    def dp_conflict(cls, cfg: FedSimConfig) -> str | None:
+        if cfg.robust.rule == "none":
+            return None  # norm bounding alone (robust.clip_norm) composes
+        return (
+            f"robust.rule={cfg.robust.rule} selects or combines the updates by looking at "
+            "all of them, so one client can change more than its own clipped contribution "
+            "and the noise does not cover it; use robust.rule=none (robust.clip_norm "
+            "composes)"
+        )
 
     @classmethod
     def check(cls, cfg: FedSimConfig) -> None:
@@ -125,7 +94,7 @@ class Robust(Method):
             raise ConfigError("robust.threshold", f"must be a number above 1, got {r.threshold}")
         if not cls.enabled(cfg):
             return
-        merger = MERGERS.get(cfg.aggregation.method)
+        merger = configured_merger(cfg)
         fresh = merger is not None and merger.fresh_adapter_each_round
         if fresh and (r.rule != "product" or r.clip_norm > 0):
             raise ConfigError(

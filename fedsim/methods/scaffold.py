@@ -32,7 +32,14 @@ class Scaffold(ObjectiveMethod):
     """``objective.method=scaffold``."""
 
     name: ClassVar[str] = "scaffold"
-    summary: ClassVar[str] = "objective.method=scaffold: control variates (needs SGD)"
+    order: ClassVar[int] = 22
+
+    @classmethod
+    def dp_conflict(cls, cfg: FedSimConfig) -> str | None:
+        return (
+            "objective.method=scaffold uploads the control variates c_i+ - c_i beside the "
+            "update; they leave the client unclipped and unnoised"
+        )
 
     @classmethod
     def check(cls, cfg: FedSimConfig) -> None:

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, ClassVar
 
-from aggregation import MERGERS, SHARING_POLICIES, shared_keys
+from aggregation import SHARING_POLICIES, shared_keys
 from fedsim.errors import ConfigError
-from fedsim.methods.base import Method
+from fedsim.methods.base import Method, configured_merger
 
 if TYPE_CHECKING:
     from fedsim.config import FedSimConfig
@@ -21,7 +21,7 @@ class Sharing(Method):
     """The configured ``sharing.policy`` (always on; ``all`` filters nothing)."""
 
     name: ClassVar[str] = "sharing"
-    summary: ClassVar[str] = "sharing.policy: all, B (pLoRA), A (FedSA-LoRA), none (local-only)"
+    order: ClassVar[int] = 10
 
     @classmethod
     def enabled(cls, cfg: FedSimConfig) -> bool:
@@ -35,7 +35,7 @@ class Sharing(Method):
                 "sharing.policy",
                 f"unknown policy {policy!r}; allowed: {', '.join(SHARING_POLICIES)}",
             )
-        merger = MERGERS.get(cfg.aggregation.method)
+        merger = configured_merger(cfg)
         if merger is not None and merger.needs_pairs and policy in ("A", "B"):
             raise ConfigError(
                 "sharing.policy",

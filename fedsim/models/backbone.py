@@ -281,7 +281,7 @@ def build_backbone(
     Raises:
         ConfigError: unknown backbone name, or weights that cannot be loaded.
     """
-    from fedsim.models.registry import backbone_spec
+    from fedsim.config.registry import backbone_spec
 
     try:
         builder = backbone_spec(cfg.backbone).load_builder()

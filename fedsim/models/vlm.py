@@ -380,7 +380,7 @@ def check_model_source(cfg: ModelConfig) -> None:
 
         smollm2_gguf()
     elif cfg.backbone == "hf-vlm":
-        from fedsim.preflight import check_hf_config
+        from fedsim.models.hub import check_hf_config
 
         check_hf_config(cfg.name_or_path, "model.name_or_path")
 

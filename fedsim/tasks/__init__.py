@@ -63,30 +63,16 @@ def combine_parts(parts: list[Any]) -> tuple[dict[str, float], list[dict]]:
     return type(parts[0]).combine(parts)
 
 
-# The one registry of tasks: a backbone declares its task by name (``Backbone.task``); the
-# class is imported when a worker builds it. A new task is a module with such a class plus a
-# line here.
-TASKS: dict[str, str] = {
-    "classification": "fedsim.tasks.classification:ClassificationTask",
-    "generation": "fedsim.tasks.generation:GenerationTask",
-}
-
-
 def build_task(cfg, backbone, dataset, device: torch.device) -> Task:
-    """The task the backbone declares, over ``dataset`` (plain config objects in).
+    """The task the backbone declares (``Backbone.task``, a key of
+    :data:`fedsim.config.registry.TASKS`), over ``dataset`` (plain config objects in).
 
     Raises:
         ValueError: a backbone declares a task that is not registered.
     """
-    import importlib
+    from fedsim.config.registry import task_class
 
-    try:
-        module, _, name = TASKS[backbone.task].partition(":")
-    except KeyError:
-        raise ValueError(
-            f"the backbone declares task {backbone.task!r}; registered: {', '.join(TASKS)}"
-        ) from None
-    return getattr(importlib.import_module(module), name)(cfg, backbone, dataset, device)
+    return task_class(backbone.task)(cfg, backbone, dataset, device)
 
 
-__all__ = ["TASKS", "EvalPart", "Task", "build_task", "combine_parts"]
+__all__ = ["EvalPart", "Task", "build_task", "combine_parts"]

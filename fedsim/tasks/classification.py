@@ -9,8 +9,8 @@ import torch
 import torch.nn.functional as F
 
 from fedsim.data.federated import Batcher, Split
-from fedsim.evaluation import classification_metrics, predict
-from fedsim.training import autocast
+from fedsim.tasks.evaluation import classification_metrics, predict
+from fedsim.tasks.training import autocast
 
 
 @dataclass

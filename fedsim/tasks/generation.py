@@ -5,7 +5,7 @@ Each row becomes a conversation: the user turn holds the image (or a zero image,
 prompt; a missing text follows ``data.text_fill``); the assistant turn is the reference answer.
 Training takes the language-modelling loss on the assistant's tokens only. Evaluation decodes
 greedily (deterministic) and scores the outputs with BLEU-4, ROUGE-L, CIDEr and exact match
-(:mod:`fedsim.text_metrics`). A classification dataset is posed as instruction following: the
+(:mod:`fedsim.tasks.text_metrics`). A classification dataset is posed as instruction following: the
 prompt names the classes, the answer is the class name; accuracy and macro-F1 score the
 generated answer and AUC scores the answers' likelihoods.
 """
@@ -20,8 +20,8 @@ import torch.nn.functional as F
 
 from fedsim.data.federated import Split
 from fedsim.models.vlm import IGNORE, Sample
-from fedsim.text_metrics import generation_metrics, normalize_answer, sample_metrics
-from fedsim.training import autocast
+from fedsim.tasks.text_metrics import generation_metrics, normalize_answer, sample_metrics
+from fedsim.tasks.training import autocast
 
 # Per dataset: the instruction and the name of the row's text in the prompt. A None instruction
 # means the row's text is the instruction itself (LLaVA conversations).

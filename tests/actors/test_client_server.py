@@ -14,8 +14,8 @@ from actors.server import ServerState
 from aggregation import check_update, is_lora_a, is_lora_b
 from fedsim.config import resolve_ranks
 from fedsim.messages import Broadcast, ClientMeta, ClientTask, Upload, nbytes
-from fedsim.round_report import global_metrics
-from fedsim.simulation import server_args
+from fedsim.simulation.driver import server_args
+from fedsim.tracking.round_report import global_metrics
 
 
 def _bc(adapter):

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from aggregation import MERGERS
+from aggregation import MERGERS, merger_class
 
 BENCH = Path(__file__).resolve().parents[2] / "experiments" / "bench" / "merges.py"
 
@@ -28,7 +28,7 @@ def expected_cases(methods) -> list[tuple[str, str]]:
     cases = []
     for name in methods:
         cases.append((name, "batch"))
-        if MERGERS[name].streams:
+        if merger_class(name).streams:
             cases += [(name, "stream"), (name, "stream+diag")]
         else:
             cases.append((name, "batch+diag"))

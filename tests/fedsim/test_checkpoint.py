@@ -15,7 +15,7 @@ from safetensors.torch import load_file, save_file
 
 from actors.server import ServerState
 from aggregation import FedAdam, get_merger
-from fedsim.checkpoint import (
+from fedsim.checkpoint.store import (
     CheckpointWriter,
     check_resume_config,
     is_resumable,
@@ -678,7 +678,7 @@ def test_the_first_differing_key_in_sorted_order_is_named(tmp_path):
 
 
 def test_resume_refuses_an_edited_config_yaml_before_starting_anything(tmp_path):
-    from fedsim.simulation import resume
+    from fedsim.simulation.driver import resume
 
     run_dir = _run(tmp_path)
     text = (run_dir / "config.yaml").read_text()

@@ -14,7 +14,7 @@ import torch
 from mlflow.tracking import MlflowClient
 
 import fedsim
-from fedsim.checkpoint import load_checkpoint
+from fedsim.checkpoint.store import load_checkpoint
 from fedsim.cli import main
 from fedsim.errors import RunFailed
 

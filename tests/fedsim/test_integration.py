@@ -22,8 +22,8 @@ import fedsim
 from fedsim.config import ConfigError, load_config
 from fedsim.data.federated import Batcher, FederatedData, load_dataset
 from fedsim.data.partition import sample_clients
-from fedsim.evaluation import classification_metrics, predict
 from fedsim.models.backbone import build_backbone
+from fedsim.tasks.evaluation import classification_metrics, predict
 
 EXPERIMENT = "fedsim-integration"
 ROUNDS = 2

@@ -17,7 +17,7 @@ from mlflow.tracking import MlflowClient
 import fedsim
 from actors.executor import LocalExecutor
 from fedsim.cli import main
-from fedsim.merge_report import inspect_run
+from fedsim.tracking.merge_report import inspect_run
 
 pytestmark = pytest.mark.usefixtures("restore_threads")
 RANKS = [8, 8, 4, 4, 2, 2]

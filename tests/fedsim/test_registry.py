@@ -18,13 +18,13 @@ from safetensors.torch import load_file
 import fedsim
 from fedsim.config import ConfigError
 from fedsim.models.backbone import build_backbone
-from fedsim.registry import (
+from fedsim.tracking.model_registry import (
     MODEL_DESCRIPTION,
     RegistryError,
     load_registered_adapter,
     load_registered_peft_model,
 )
-from fedsim.tracking import run_tags
+from fedsim.tracking.tracker import run_tags
 
 pytestmark = pytest.mark.usefixtures("restore_threads")
 

@@ -21,9 +21,9 @@ import torch
 from mlflow.tracking import MlflowClient
 
 import fedsim
-from fedsim.checkpoint import load_checkpoint
+from fedsim.checkpoint.store import load_checkpoint
 from fedsim.cli import main
-from fedsim.simulation import resume
+from fedsim.simulation.driver import resume
 
 EXPERIMENT = "fedsim-resume"
 VARIANTS = {
@@ -191,7 +191,7 @@ def test_progress_bar_counts_trained_rounds_from_zero_and_from_the_checkpoint(
 
 
 def test_progress_refuses_a_start_outside_the_rounds():
-    from fedsim.progress import RoundProgress
+    from fedsim.tracking.progress import RoundProgress
 
     for initial in (-1, 4):
         with pytest.raises(ValueError, match=f"initial={initial}"):

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import pytest
 
 from actors.pool import ClientPool
-from fedsim.checkpoint import load_checkpoint
+from fedsim.checkpoint.store import load_checkpoint
 from fedsim.data.partition import sample_clients
 
 NUM_CLIENTS = 1000
@@ -36,7 +36,7 @@ class Recorded:
 @pytest.fixture(scope="module")
 def thousand(ray_cluster, make_config, mlflow_store) -> Recorded:
     """Run 1,000 clients once, recording each ``ClientPool.train`` call's client ids."""
-    from fedsim.simulation import run
+    from fedsim.simulation.driver import run
 
     cfg = make_config(
         f"clients.num={NUM_CLIENTS}",

@@ -7,7 +7,7 @@ import yaml
 from mlflow.tracking import MlflowClient
 
 from fedsim.config import ConfigError
-from fedsim.study import format_grid, format_table, grid_cells, load_study, run_study
+from fedsim.simulation.study import format_grid, format_table, grid_cells, load_study, run_study
 
 
 def _write_study(tmp_path, tiny_overrides, uri, **extra):

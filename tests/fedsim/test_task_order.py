@@ -6,7 +6,7 @@ import itertools
 
 import pytest
 
-from fedsim.training import expected_samples
+from fedsim.tasks.training import expected_samples
 
 
 def _samples_seen(n: int, batch: int, epochs: int, max_steps: int | None) -> int:

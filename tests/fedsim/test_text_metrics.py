@@ -6,8 +6,8 @@ import math
 
 import pytest
 
-from fedsim import text_metrics
-from fedsim.text_metrics import (
+from fedsim.tasks import text_metrics
+from fedsim.tasks.text_metrics import (
     cider_tokenize,
     generation_metrics,
     normalize_answer,

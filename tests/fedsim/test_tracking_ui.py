@@ -20,10 +20,10 @@ from mlflow.tracking import MlflowClient
 import fedsim
 from actors.executor import LocalExecutor
 from fedsim.data.federated import FederatedData, load_dataset
-from fedsim.partition_report import client_rows, heatmap_figure
-from fedsim.run_inputs import dataset_inputs, rows_digest
-from fedsim.system_metrics import NodeSampler, SystemMetrics, _node_labels
-from fedsim.tracking import (
+from fedsim.tracking.inputs import dataset_inputs, rows_digest
+from fedsim.tracking.partition_report import client_rows, heatmap_figure
+from fedsim.tracking.system_metrics import NodeSampler, SystemMetrics, _node_labels
+from fedsim.tracking.tracker import (
     EXPERIMENT_KIND_TAG,
     TRAINING_KIND,
     Tracker,
@@ -187,7 +187,7 @@ def test_datasets_name_source_digest_and_split_sizes(federated):
 
 
 def test_a_real_datasets_source_is_its_root(make_config, tmp_path):
-    from fedsim.run_inputs import data_source
+    from fedsim.tracking.inputs import data_source
 
     cfg = make_config()
     cfg.data.dataset, cfg.data.root = "hateful_memes", str(tmp_path)
@@ -356,7 +356,7 @@ def test_a_run_records_its_data_name_tags_and_system_metrics(make_config, tmp_pa
 def test_a_data_record_that_fails_is_a_warning_not_a_failed_run(capsys):
     from concurrent.futures import Future
 
-    from fedsim.simulation import _wait_for_inputs
+    from fedsim.simulation.driver import _wait_for_inputs
 
     failed: Future = Future()
     failed.set_exception(OSError("disk full"))

@@ -30,7 +30,7 @@ from experiments.ui_browser import (
     run_link,
     screenshot_on_failure,
 )
-from fedsim.tracking import EXPERIMENT_KIND_TAG, TRAINING_KIND
+from fedsim.tracking.tracker import EXPERIMENT_KIND_TAG, TRAINING_KIND
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
 

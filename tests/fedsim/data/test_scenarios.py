@@ -7,12 +7,12 @@ import pytest
 
 from fedsim.cli import main
 from fedsim.config import ConfigError
+from fedsim.config.checks import parse_ratio
 from fedsim.data.federated import FederatedData, load_dataset
 from fedsim.data.partition import (
     cross_image_clients,
     hybrid_modalities,
     missing_per_sample,
-    parse_ratio,
 )
 
 

@@ -13,8 +13,8 @@ import pytest
 
 import fedsim
 from fedsim.config import ConfigError, as_config, flatten, load_config, to_yaml
-from fedsim.methods import Editing, enabled_methods
-from fedsim.methods.editing import editing_on
+from fedsim.config.registry import enabled_methods
+from fedsim.methods.editing import Editing, editing_on
 
 pytestmark = pytest.mark.usefixtures("restore_threads")
 

@@ -16,9 +16,10 @@ from actors.client import ClientWorker
 from actors.server import ServerState
 from aggregation import get_merger, is_lora_a, lora_pairs
 from fedsim.config import ConfigError, FedSimConfig, load_config
+from fedsim.config.registry import enabled_methods
 from fedsim.messages import Broadcast, ClientMeta, ClientTask, Upload
-from fedsim.methods import FedEx, enabled_methods
-from fedsim.simulation import server_args
+from fedsim.methods.fedex import FedEx
+from fedsim.simulation.driver import server_args
 
 pytestmark = pytest.mark.usefixtures("restore_threads")
 

@@ -18,11 +18,12 @@ from actors.executor import LocalExecutor
 from actors.server import ServerState
 from aggregation import FedAvg, pad, truncate
 from aggregation.privacy import epsilon_after
-from fedsim.checkpoint_format import join_tensors, split_tensors
+from fedsim.checkpoint.format import join_tensors, split_tensors
 from fedsim.config import ConfigError, FedSimConfig, load_config
+from fedsim.config.registry import build_merger, enabled_methods
 from fedsim.messages import Broadcast, ClientMeta, ClientState, ClientTask, Parts, Upload
-from fedsim.methods import ClientStep, Objective, Privacy, build_merger, enabled_methods
-from fedsim.methods.privacy import noise_multiplier, sampling_rate
+from fedsim.methods.base import ClientStep, Objective
+from fedsim.methods.privacy import Privacy, noise_multiplier, sampling_rate
 
 A, B, DENSE = "m.lora_A.weight", "m.lora_B.weight", "head.weight"
 

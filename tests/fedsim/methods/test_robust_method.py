@@ -12,8 +12,9 @@ import torch
 from actors.server import ServerState
 from aggregation import FedAvg, get_merger, truncate
 from fedsim.config import ConfigError, load_config
+from fedsim.config.registry import enabled_methods
 from fedsim.messages import ClientMeta, Upload
-from fedsim.methods import Robust, enabled_methods
+from fedsim.methods.robust import Robust
 
 
 def _state(rank: int, seed: int) -> dict:

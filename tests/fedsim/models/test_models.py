@@ -14,7 +14,7 @@ from fedsim.config import ConfigError, LoraConfig, ModelConfig
 from fedsim.models.backbone import build_backbone
 from fedsim.models.efficientnet_lite import EfficientNetLite, pretrained_lite0
 from fedsim.models.lora import AdapterHost, adapter_name, client_scaling
-from fedsim.training import train_local
+from fedsim.tasks.training import train_local
 
 NUM_CLASSES = 5
 TEXTS = ["grinning face", "red apple", "flag: France"]

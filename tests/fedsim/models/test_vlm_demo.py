@@ -12,9 +12,9 @@ import pytest
 from peft import PeftModel
 
 from actors.client import ClientWorker
-from fedsim.adapter_io import save_peft_adapter
 from fedsim.config import load_config
 from fedsim.messages import Broadcast, ClientTask
+from fedsim.models.adapter_io import save_peft_adapter
 from fedsim.models.backbone import build_backbone
 
 

@@ -13,7 +13,7 @@ from fedsim.data.partition import ModalityMask
 from fedsim.models.vlm import IGNORE, DemoChatCodec, HFChatCodec, ProjectedVLM, Sample
 from fedsim.tasks import combine_parts
 from fedsim.tasks.generation import AGNOSTIC_SUFFIX, GenerationPart, PromptBuilder, label_metrics
-from fedsim.text_metrics import generation_metrics
+from fedsim.tasks.text_metrics import generation_metrics
 
 
 def _image(seed: int) -> torch.Tensor:

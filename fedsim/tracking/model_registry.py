@@ -13,20 +13,21 @@ resume rewrites; the files live as long as the run's artifacts.
 ``peft.PeftModel.from_pretrained(base_model, path)`` loads; :func:`load_registered_peft_model`
 does both (and adds ``base_delta.safetensors`` to the base weights first).
 
-Light on purpose: the config checks import :func:`model_name_problem` at load time, so MLflow,
-peft and torch are imported inside the functions that need them.
+MLflow, peft and torch are imported inside the functions that need them, so that ``fedsim
+run`` can import this module before it pays for them.
 """
 
 from __future__ import annotations
 
-import posixpath
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from fedsim.version import __version__
+
 if TYPE_CHECKING:
     from fedsim.config import FedSimConfig
-    from fedsim.tracking import Tracker
+    from fedsim.tracking.tracker import Tracker
 
 ADAPTER_PATH = "global_adapter"
 
@@ -40,15 +41,14 @@ def registered_path(rounds: int) -> str:
 
 
 BASE_DELTA_FILE = "base_delta.safetensors"
-# The registered_models.name column of MLflow's SQL stores; the version's source column
-MAX_NAME_LENGTH = 256
+# the version's source column of MLflow's SQL stores
 MAX_SOURCE_LENGTH = 500
 _TAG_VALUE_LENGTH = 5000  # far below MLflow's limit; a rank list of 1M clients is cut here
 MODEL_DESCRIPTION = (
     "fedsim global LoRA adapter: the final global adapter of fedsim federated simulations, "
     "one version per run, in peft's format (adapter_config.json + adapter_model.safetensors; "
     "base_delta.safetensors beside it when a method updated the base weights). Load a version "
-    "with fedsim.registry.load_registered_adapter(name, version) and "
+    "with fedsim.tracking.model_registry.load_registered_adapter(name, version) and "
     "peft.PeftModel.from_pretrained(base_model, path)."
 )
 
@@ -58,24 +58,6 @@ class RegistryError(LookupError):
     model, the version and the store."""
 
 
-def model_name_problem(name: str | None) -> str | None:
-    """Why MLflow would reject ``name`` as a registered model name (None: it would not).
-
-    MLflow's own rules (no ``/`` or ``:``, not empty, a name that stays the same as a path)
-    plus the length of the SQL stores' name column; checked at config load, before training.
-    """
-    if name is None or not name.strip():
-        return "must not be empty"
-    if "/" in name or ":" in name:
-        return f"{name!r} contains '/' or ':', which MLflow does not allow in a model name"
-    norm = posixpath.normpath(name)
-    if norm != name or norm == "." or norm.startswith(".."):
-        return f"{name!r} would resolve to {norm!r} as a path, which MLflow does not allow"
-    if len(name) > MAX_NAME_LENGTH:
-        return f"is {len(name)} characters; MLflow's stores take at most {MAX_NAME_LENGTH}"
-    return None
-
-
 def _tag(value: Any) -> str:
     text = str(value)
     return text if len(text) <= _TAG_VALUE_LENGTH else text[: _TAG_VALUE_LENGTH - 3] + "..."
@@ -83,14 +65,13 @@ def _tag(value: Any) -> str:
 
 def version_tags(cfg: FedSimConfig, global_rank: int, base_delta: bool) -> dict[str, str]:
     """The tags of a registered version: what trained the adapter and what it loads onto."""
-    import fedsim
-    from fedsim.methods import enabled_methods
-    from fedsim.tracking import run_tags
+    from fedsim.config.registry import enabled_methods
+    from fedsim.tracking.tracker import run_tags
 
     m = cfg.model
     tags = {
         **run_tags(cfg),  # the run's own: method, merge, objective, scenario, dataset, ...
-        "fedsim.version": fedsim.__version__,
+        "fedsim.version": __version__,
         "fedsim.methods": ",".join(method.name for method in enabled_methods(cfg)) or "none",
         "fedsim.ranks": cfg.clients.ranks,
         "fedsim.global_rank": global_rank,
@@ -208,7 +189,8 @@ def register_global_adapter(
             f"fedsim: warning: registering the global adapter as tracking.register_model="
             f"{name} failed: {reason}. The run {tracker.run_id} and its "
             f"{registered_path(cfg.rounds)} artifact are kept; register it later with "
-            f"fedsim.registry.register_run({tracker.run_id!r}, NAME, {tracker.uri!r}, "
+            "fedsim.tracking.model_registry.register_run("
+            f"{tracker.run_id!r}, NAME, {tracker.uri!r}, "
             f"path={registered_path(cfg.rounds)!r})",
             file=sys.stderr,
             flush=True,
@@ -222,7 +204,7 @@ def register_global_adapter(
 
 def _store_exists(uri: str) -> bool:
     """False for a SQLite store whose file is missing (opening it would create an empty one)."""
-    from fedsim.preflight import store_path  # the one parser of store URIs
+    from fedsim.tracking.store import store_path  # the one parser of store URIs
 
     if not uri.startswith("sqlite:///"):
         return True
@@ -288,7 +270,7 @@ def load_registered_adapter(
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
 
-    from fedsim.tracking import quiet_mlflow
+    from fedsim.tracking.tracker import quiet_mlflow
 
     quiet_mlflow()
     uri = tracking_uri or mlflow.get_tracking_uri()

@@ -71,7 +71,7 @@ def train_local(
         weight_decay: AdamW weight decay.
         device: where the model lives (default CPU).
         optimizer: ``adamw`` or ``sgd``.
-        objective: a :class:`fedsim.objectives.ClientObjective` (penalty and gradient hooks).
+        objective: a :class:`fedsim.models.layers.ClientObjective` (penalty and gradient hooks).
         named_params: the params by peft state key, handed to the objective's hooks.
 
     Returns:

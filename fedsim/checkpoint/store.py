@@ -17,7 +17,7 @@ A checkpoint directory is written under a temporary name and renamed into place,
 Old checkpoints beyond ``checkpoint.keep`` and client files no kept checkpoint names are removed.
 
 The format of ``state.json`` and the checks :func:`load_checkpoint` runs live in
-:mod:`fedsim.checkpoint_format`.
+:mod:`fedsim.checkpoint.format`.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
-from fedsim.checkpoint_format import (
+from fedsim.checkpoint.format import (
     FORMAT,
     MISSING,
     RESUMABLE,

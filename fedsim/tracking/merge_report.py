@@ -145,7 +145,7 @@ def inspect_run(run_id: str, round_idx: int | None = None, tracking_uri: str | N
     import mlflow
     from mlflow.exceptions import MlflowException
 
-    from fedsim.preflight import store_path
+    from fedsim.tracking.store import store_path
 
     uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///mlflow.db"
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")

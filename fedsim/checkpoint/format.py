@@ -15,7 +15,7 @@
     config         {"digest": sha256, "values": {key: value}}: the config keys a resumed
                    run may not change (all but :func:`is_resumable` ones), flattened
 
-:func:`fedsim.checkpoint.load_checkpoint` trusts nothing it reads: every field is checked for
+:func:`fedsim.checkpoint.store.load_checkpoint` trusts nothing it reads: every field is checked for
 its type, every path must resolve inside its directory (symlinks included), every tensor file
 must match its digest and hold finite values, and the server file must hold exactly the
 tensors the state names. A checkpoint of an older format is refused, not

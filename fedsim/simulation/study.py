@@ -152,8 +152,8 @@ def run_study(path: str | Path, extra: list[str] = ()) -> str:
             checked before the first one starts).
     """
     from actors.executor import init_ray
-    from fedsim.simulation import run
-    from fedsim.tracking import Tracker
+    from fedsim.simulation.driver import run
+    from fedsim.tracking.tracker import Tracker
 
     study, here = load_study(path)
     plan = []
@@ -223,7 +223,8 @@ def _preflight(study: StudyConfig, plan: list) -> None:
         ConfigError: naming the key and the run it belongs to.
     """
     from fedsim.config import flatten
-    from fedsim.preflight import check_inputs, check_outputs, check_writable_dir
+    from fedsim.simulation.preflight import check_inputs, check_outputs
+    from fedsim.tracking.store import check_writable_dir
 
     check_writable_dir(Path(study.output).parent, "output")
     seen: set[tuple] = set()

@@ -46,7 +46,7 @@ def _ranks_label(cfg: FedSimConfig) -> str:
 def method_label(cfg: FedSimConfig) -> str:
     """What trained, in one token: the merge plus every method switched on over the plain
     FedAvg client (e.g. ``fedilora+editing``, ``zeropad+fedprox+fedadam``)."""
-    from fedsim.methods import enabled_methods
+    from fedsim.config.registry import enabled_methods
 
     parts = [cfg.aggregation.method]
     if cfg.objective.method != "plain":
@@ -209,10 +209,10 @@ class Tracker:
 
     def start_system_metrics(self) -> None:
         """Sample the driver's machine into the run every ``tracking.system_metrics_interval_s``
-        (a resumed run continues the steps); see :mod:`fedsim.system_metrics`."""
+        (a resumed run continues the steps); see :mod:`fedsim.tracking.system_metrics`."""
         if not self.cfg.tracking.system_metrics or self.system_metrics is not None:
             return
-        from fedsim.system_metrics import SystemMetrics, driver_label
+        from fedsim.tracking.system_metrics import SystemMetrics, driver_label
 
         first = SystemMetrics.next_step(self.client, self.run_id) if self.reopened else 0
         self.system_metrics = SystemMetrics(

@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from fedsim.evaluation import summarize
 from fedsim.messages import ClientReport
-from fedsim.methods import Method
+from fedsim.methods.base import Method
 from fedsim.tasks import combine_parts
+from fedsim.tasks.evaluation import summarize
 
 
 def global_metrics(outcome) -> tuple[dict[str, float], list[dict]]:

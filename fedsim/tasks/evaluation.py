@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from sklearn.metrics import accuracy_score, f1_score, roc_auc_score
 
-from fedsim.training import autocast
+from fedsim.tasks.training import autocast
 
 
 @torch.no_grad()

@@ -106,7 +106,7 @@ def partition_report(cfg: FedSimConfig, heatmap: str | None = None) -> list[dict
         ConfigError: the split cannot be made, or the heat map's directory is not writable.
     """
     if heatmap:
-        from fedsim.preflight import check_writable_dir
+        from fedsim.tracking.store import check_writable_dir
 
         check_writable_dir(Path(heatmap).expanduser().parent, "--heatmap")
     data = FederatedData(cfg, load_dataset(cfg))

@@ -9,12 +9,12 @@ from pathlib import Path
 
 from aggregation import unfold_scaling
 from fedsim.config import resolve_ranks
-from fedsim.merge_report import merge_figure
+from fedsim.config.registry import enabled_methods
 from fedsim.messages import ExportedAdapter
-from fedsim.methods import enabled_methods
 from fedsim.models.scaling import client_scaling
-from fedsim.registry import register_global_adapter, registered_path
-from fedsim.tracking import plot_history
+from fedsim.tracking.merge_report import merge_figure
+from fedsim.tracking.model_registry import register_global_adapter, registered_path
+from fedsim.tracking.tracker import plot_history
 
 
 def _write_adapter(pool, directory: str, state, cfg, info, rank: int, global_rank: int) -> None:
@@ -29,12 +29,13 @@ def _write_adapter(pool, directory: str, state, cfg, info, rank: int, global_ran
 
 def log_final_outputs(cfg, info, ex, pool, server, tracker, result) -> None:
     """Log the final global adapter (peft format) and the plots (``result``: the run's
-    :class:`fedsim.simulation.RunResult`).
+    :class:`fedsim.simulation.driver.RunResult`).
 
     Base-weight updates that a method folded in and a LoRA adapter cannot hold (FedEx-LoRA's
     residuals) go beside it as ``base_delta.safetensors`` (module prefix to ``dW``, to add to
     the pretrained weights before loading the adapter). With ``tracking.register_model`` the
-    logged adapter becomes a new version of that registered model (:mod:`fedsim.registry`).
+    logged adapter becomes a new version of that registered model
+    (:mod:`fedsim.tracking.model_registry`).
     """
     if cfg.tracking.save_adapter:
         exported: ExportedAdapter = ex.get(ex.call(server, "export"))

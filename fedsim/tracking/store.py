@@ -1,10 +1,8 @@
-"""Checks that run before Ray starts: everything a run will write to or read from must work.
+"""Where a run's records go: the MLflow tracking store and the directories a run writes.
 
-A user mistake in a location (an unwritable checkpoint directory, a tracking URI with an unknown
-scheme, a dataset split that cannot be made) is found here in seconds, as a one-line
-:class:`~fedsim.config.ConfigError` naming the key, instead of after the actors have started.
-Nothing here leaves state behind except what the run would create anyway: the MLflow store and
-its experiment (tagged once, to prove the store takes writes).
+:func:`store_path` is the one parser of tracking URIs; :func:`check_tracking` and
+:func:`check_writable_dir` prove, before anything starts, that the store and a directory take
+writes (the pre-flight checks of :mod:`fedsim.simulation.preflight` call them).
 """
 
 from __future__ import annotations
@@ -15,7 +13,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from urllib.parse import urlparse
 
-from fedsim.config import ConfigError, FedSimConfig, is_generative
+from fedsim.config import ConfigError, FedSimConfig
+from fedsim.errors import one_line
 
 # Seconds and retries of the one request that checks a remote tracking server (MLflow's own
 # defaults retry for minutes, which is what a run wants and a pre-flight check does not).
@@ -86,11 +85,6 @@ def _quick_http():
                 os.environ[name] = value
 
 
-def _one_line(exc: BaseException) -> str:
-    text = " ".join(str(exc).split())
-    return (text[:300] + "...") if len(text) > 300 else text or type(exc).__name__
-
-
 def check_tracking(cfg: FedSimConfig, run_id: str | None = None) -> None:
     """Open the MLflow store, find or create the experiment, and write one tag to it.
 
@@ -112,7 +106,7 @@ def check_tracking(cfg: FedSimConfig, run_id: str | None = None) -> None:
         check_writable_dir(db.parent if parsed.scheme == "sqlite" else db, "tracking.uri")
         if parsed.scheme == "sqlite" and db.exists() and not os.access(db, os.W_OK):
             raise ConfigError("tracking.uri", f"the database {db} is not writable")
-    from fedsim.tracking import quiet_mlflow
+    from fedsim.tracking.tracker import quiet_mlflow
 
     quiet_mlflow()
     from mlflow.tracking import MlflowClient
@@ -141,7 +135,7 @@ def check_tracking(cfg: FedSimConfig, run_id: str | None = None) -> None:
         raise
     except Exception as exc:  # mlflow raises many types for a bad URI, server or database
         raise ConfigError(
-            "tracking.uri", f"cannot open or write the MLflow store {uri}: {_one_line(exc)}"
+            "tracking.uri", f"cannot open or write the MLflow store {uri}: {one_line(exc)}"
         ) from None
     artifacts = exp.artifact_location or ""
     art = urlparse(artifacts)
@@ -157,93 +151,3 @@ def _has_run(client, run_id: str) -> bool:
     except MlflowException:
         return False
     return True
-
-
-def check_directories(cfg: FedSimConfig, run_dir: Path | None = None) -> None:
-    """Check the directories the run writes to: checkpoints and the dataset cache.
-
-    Args:
-        cfg: the resolved config.
-        run_dir: a resumed run's directory (its checkpoints are written there).
-
-    Raises:
-        ConfigError: naming the key of the first directory that cannot be written.
-    """
-    if cfg.checkpoint.every > 0:
-        if run_dir is not None:
-            check_writable_dir(run_dir, "--resume")
-        else:
-            check_writable_dir(cfg.checkpoint.dir, "checkpoint.dir")
-    if cfg.data.cache_dir:
-        check_writable_dir(cfg.data.cache_dir, "data.cache_dir")
-
-
-def check_outputs(cfg: FedSimConfig, run_dir: Path | None = None) -> None:
-    """Check every place the run writes to: the directories, then the MLflow store."""
-    check_directories(cfg, run_dir)
-    check_tracking(cfg)
-
-
-def check_inputs(cfg: FedSimConfig):
-    """Load the dataset, make every client's split and find the model: the run's inputs.
-
-    Returns:
-        The loaded dataset (its ``skipped`` rows are logged once the MLflow run exists).
-
-    Raises:
-        ConfigError: a file that cannot be read, a split that cannot be made, a model that
-            cannot be found (each names its key).
-    """
-    from fedsim.data.federated import FederatedData, load_dataset
-
-    try:
-        dataset = load_dataset(cfg)
-    except OSError as exc:  # the dataset cache (data.cache_dir or $FEDSIM_CACHE)
-        raise ConfigError(
-            "data.cache_dir", f"cannot build the dataset cache: {_one_line(exc)}"
-        ) from None
-    FederatedData(cfg, dataset)
-    if is_generative(cfg):
-        from fedsim.models.vlm import check_model_source
-
-        check_model_source(cfg.model)
-    else:
-        from fedsim.models.registry import backbone_spec
-
-        for key in backbone_spec(cfg.model.backbone).hub_configs:
-            check_hf_config(getattr(cfg.model, key), f"model.{key}")
-    return dataset
-
-
-def check_hf_config(name_or_path: str, key: str) -> None:
-    """Read a Hugging Face model's config (not its weights): the model can be found.
-
-    Raises:
-        ConfigError: naming ``key`` and why the config cannot be read.
-    """
-    from transformers import AutoConfig
-
-    try:
-        AutoConfig.from_pretrained(name_or_path)
-    except (OSError, ValueError, KeyError) as exc:
-        raise ConfigError(
-            key, f"cannot read a model config from {name_or_path!r}: {_one_line(exc)}"
-        ) from None
-
-
-def preflight(cfg: FedSimConfig, run_dir: Path | None = None, run_id: str | None = None):
-    """Every check of this module: directories (instant), inputs, then the MLflow store
-    (which imports MLflow and may wait for a server).
-
-    Args:
-        cfg: the resolved config.
-        run_dir: a resumed run's directory (checked instead of ``checkpoint.dir``).
-        run_id: a resumed run's MLflow run id (it must be in the store).
-
-    Returns:
-        The loaded dataset (see :func:`check_inputs`).
-    """
-    check_directories(cfg, run_dir)
-    dataset = check_inputs(cfg)
-    check_tracking(cfg, run_id)
-    return dataset

@@ -1,0 +1,174 @@
+"""The config sections of the methods that take options, one dataclass each.
+
+They live in the config room, not beside their methods, so that the schema (and anything that
+only reads a config) loads no method and no torch. A section's own field rules are in its
+``__post_init__`` or in :mod:`fedsim.config.checks`; the rules that read other sections or a
+merge's capability flags are the method's ``check`` (see :mod:`fedsim.methods.base`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+
+def _help(text: str) -> dict[str, str]:
+    return {"help": text}
+
+
+@dataclass
+class EditingConfig:
+    # Literal, not bool | str: OmegaConf 2.4 checks a Literal by type and value, so it takes
+    # true, false (YAML booleans) and the string auto, and rejects 1, 0 or maybe at load.
+    enabled: Literal["auto", True, False] = field(
+        default="auto",
+        metadata={
+            "help": "FediLoRA layer-wise model editing (clients, round >= 2): auto (on only "
+            "with aggregation.method=fedilora or fedilora_damped, where a global adapter to "
+            "compare with exists), "
+            "true (any merge method; an error where it cannot apply) or false."
+        },
+    )
+    key: Literal["lora_A", "lora_B", "all"] = field(
+        default="lora_A", metadata={"help": "Which LoRA tensors are candidates for editing."}
+    )
+    count: int = field(default=1, metadata={"help": "How many lowest-similarity tensors to edit."})
+    threshold: float = field(default=0.95, metadata={"help": "Edit only if cosine < threshold."})
+    mode: Literal["weighted", "replace", "half"] = field(
+        default="weighted",
+        metadata={"help": "weighted: mix by clamped cosine; replace; half."},
+    )
+
+
+@dataclass
+class FedExConfig:
+    enabled: bool = field(
+        default=False,
+        metadata={
+            "help": "FedEx-LoRA: fold the residual sum_i p_i B_i A_i - B_g A_g of the merge "
+            "into every client's frozen base weights, so the global model is the exact "
+            "average of the clients' models (aggregation.method zeropad is the paper's)."
+        },
+    )
+
+
+@dataclass
+class PrivacyConfig:
+    enabled: bool = field(
+        default=False,
+        metadata=_help(
+            "Client-level differential privacy (DP-FedAvg): clip every client's update to "
+            "privacy.clip_norm, weight the clients equally and add Gaussian noise."
+        ),
+    )
+    noise: Literal["server", "client"] = field(
+        default="server",
+        metadata=_help(
+            "Where clipping and noise happen: on the server (a trusted server sees the clipped "
+            "updates) or on the clients (each adds its share of the noise before upload; the "
+            "guarantee then needs secure aggregation)."
+        ),
+    )
+    clipping: Literal["fixed", "adaptive"] = field(
+        default="fixed",
+        metadata=_help(
+            "fixed: clip to privacy.clip_norm every round; adaptive: track the "
+            "privacy.target_quantile of the update norms (Andrew et al., 2021)."
+        ),
+    )
+    clip_norm: float = field(
+        default=1.0, metadata=_help("Clip norm C of a client's update (adaptive: the initial C).")
+    )
+    noise_multiplier: float = field(
+        default=1.0,
+        metadata=_help(
+            "Noise multiplier z (noise std z C on the sum of updates); derived instead when "
+            "privacy.target_epsilon > 0."
+        ),
+    )
+    target_epsilon: float = field(
+        default=0.0,
+        metadata=_help(
+            "Derive the noise multiplier so that the whole run (rounds) is "
+            "(target_epsilon, delta)-DP (0: use privacy.noise_multiplier)."
+        ),
+    )
+    delta: float = field(default=1e-5, metadata=_help("The delta of (epsilon, delta)-DP."))
+    target_quantile: float = field(
+        default=0.5, metadata=_help("Adaptive clipping: the quantile of update norms to track.")
+    )
+    clip_lr: float = field(
+        default=0.2, metadata=_help("Adaptive clipping: the geometric step size of C.")
+    )
+    count_noise: float = field(
+        default=0.0,
+        metadata=_help(
+            "Adaptive clipping: std of the noise on the count of clipped updates (0: the "
+            "sampled clients per round / 20, Andrew et al.'s choice)."
+        ),
+    )
+    accountant: Literal["rdp", "pld"] = field(
+        default="rdp",
+        metadata=_help(
+            "Privacy accountant of dp-accounting: Renyi DP or privacy loss distributions."
+        ),
+    )
+
+
+@dataclass
+class PruningConfig:
+    gamma: float = field(
+        default=0.0,
+        metadata={
+            "help": "HetLoRA's rank self-pruning: weight of gamma * ||B[:, r-delta:] "
+            "A[r-delta:]||_F in the local loss; 0 turns pruning off."
+        },
+    )
+    delta: int = field(
+        default=1, metadata={"help": "Tail dimensions penalised and dropped at once."}
+    )
+    threshold: float = field(
+        default=1e-3,
+        metadata={"help": "Drop the tail when its norm after training is below this."},
+    )
+    min_rank: int = field(default=1, metadata={"help": "A client's rank never drops below this."})
+
+
+@dataclass
+class RobustConfig:
+    rule: Literal["none", "median", "trimmed_mean", "krum", "multi_krum", "product"] = field(
+        default="none",
+        metadata=_help(
+            "Robust rule in front of the merge: median or trimmed_mean (per coordinate over "
+            "the clients covering it), krum or multi_krum (on zero-padded factors), product "
+            "(fedsim's rank-aware outlier rule on the low-rank products B_i A_i)."
+        ),
+    )
+    clip_norm: float = field(
+        default=0.0,
+        metadata=_help(
+            "Norm bounding: clip every client's update (its factors minus what it started "
+            "from) to this L2 norm before the rule (0: off)."
+        ),
+    )
+    trim: float = field(
+        default=0.1,
+        metadata=_help(
+            "trimmed_mean: the share beta of values dropped at each end, per coordinate "
+            "(floor(beta * n) of the n clients covering it)."
+        ),
+    )
+    num_faulty: int = field(
+        default=1, metadata=_help("krum, multi_krum: the number f of faulty clients assumed.")
+    )
+    num_selected: int = field(
+        default=0,
+        metadata=_help("multi_krum: how many best-scored clients are merged (0: n - f)."),
+    )
+    threshold: float = field(
+        default=3.0,
+        metadata=_help(
+            "product: leave out clients whose score is above this many times the median "
+            "score (> 1)."
+        ),
+    )
