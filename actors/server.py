@@ -43,8 +43,8 @@ class ServerState:
         methods: the enabled methods (:func:`fedsim.methods.enabled_methods`), in hook order.
         num_clients: the number of clients ``N`` of the federation.
         streaming: merge linear rules one update at a time where the methods allow it.
-        diagnostics: compute each round's merge diagnostics (ALGORITHMS 1.9) into the report:
-            ``(R,)`` numbers per client as its update arrives, combined after the merge.
+        diagnostics: compute each round's merge diagnostics (docs/algorithms.md §1.9) into the
+            report: ``(R,)`` numbers per client as its update arrives, combined after the merge.
     """
 
     def __init__(

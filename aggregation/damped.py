@@ -1,4 +1,5 @@
-"""Damped dimension-wise merge: fedsim's own variant of FediLoRA's reweighting (ALGORITHMS 1.10).
+"""Damped dimension-wise merge: fedsim's own variant of FediLoRA's reweighting
+(docs/algorithms.md §1.10).
 
 Not from the FediLoRA paper. FediLoRA gives the few clients that cover a high dimension the
 full weight there (``w_ij = n_i / W_j``), so one label-skewed high-rank client can move the
@@ -143,7 +144,8 @@ class _DampedStream(DimensionStream):
 
 
 class DampedMerger(RankMerger):
-    """The damped dimension-wise merge (ALGORITHMS 1.10; fedsim's variant, not the paper's).
+    """The damped dimension-wise merge (docs/algorithms.md §1.10; fedsim's variant, not the
+    paper's).
 
     Args:
         damping: ``d`` in ``[0, 1]``; 0 is FediLoRA's merge.

@@ -1,4 +1,4 @@
-"""Merge diagnostics of one heterogeneous-rank round (ALGORITHMS 1.9).
+"""Merge diagnostics of one heterogeneous-rank round (docs/algorithms.md §1.9).
 
 For the global rank ``R``, the sampled clients ``i`` (rank ``r_i``, sample count ``n_i``) and
 the merge's weight ``w_ij`` of client ``i`` on dimension ``j`` (0-based; 0 where ``r_i <= j``),

@@ -1,4 +1,5 @@
-"""FediLoRA layer-wise model editing (ALGORITHMS 1.3): pull stray local tensors toward global.
+"""FediLoRA layer-wise model editing (docs/algorithms.md §1.3): pull stray local tensors toward
+global.
 
 After local training, each LoRA tensor's cosine similarity with the (truncated) previous global
 tensor is measured; among the candidate tensors the ``count`` least similar ones whose cosine is

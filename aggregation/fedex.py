@@ -1,4 +1,4 @@
-"""FedEx-LoRA's residual (ALGORITHMS 1.7, Singhal et al., arXiv 2410.09432).
+"""FedEx-LoRA's residual (docs/algorithms.md §1.7, Singhal et al., arXiv 2410.09432).
 
 Averaging LoRA factors loses the cross terms of the products: ``B_g @ A_g`` is not
 ``sum_i p_i B_i @ A_i``. FedEx-LoRA folds the difference into every client's frozen base weight,

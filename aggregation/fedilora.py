@@ -1,4 +1,5 @@
-"""FediLoRA dimension-wise reweighting (ALGORITHMS 1.2): each dimension averages its coverers.
+"""FediLoRA dimension-wise reweighting (docs/algorithms.md §1.2): each dimension averages its
+coverers.
 
 For dimension ``j`` let ``C_j = {i : r_i >= j}``; then ``w_ij = n_i / sum_{l in C_j} n_l`` for
 ``i in C_j`` (else 0), ``A_g[j] = sum_i w_ij A_i[j]`` and ``B_g[:, j] = sum_i w_ij B_i[:, j]``.
@@ -112,7 +113,7 @@ def fedilora_merge(
 
 
 class FediLoRAMerger(RankMerger):
-    """FediLoRA dimension-wise reweighting (ALGORITHMS 1.2).
+    """FediLoRA dimension-wise reweighting (docs/algorithms.md §1.2).
 
     Args:
         empty_dim: What an uncovered dimension becomes: ``"keep"`` its previous global value,

@@ -1,4 +1,5 @@
-"""FedNova (ALGORITHMS 3) as a client-side rescaling that a factor-linear merge turns into FedNova.
+"""FedNova (docs/algorithms.md §3.4) as a client-side rescaling that a factor-linear merge turns
+into FedNova.
 
 With ``p_i = n_i / sum n``, ``τ_i`` client ``i``'s local steps and ``τ_eff = sum_i p_i τ_i``,
 each update is rescaled to ``θ̃_i = ref_i + (τ_eff / τ_i)(θ_i - ref_i)``, where ``ref_i`` is the

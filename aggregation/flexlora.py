@@ -1,4 +1,4 @@
-"""FlexLoRA (ALGORITHMS 1.5, Bai et al. 2024): average full updates, then re-factor by SVD.
+"""FlexLoRA (docs/algorithms.md §1.5, Bai et al. 2024): average full updates, then re-factor by SVD.
 
 Per module ``dW = sum_i p_i B_i @ A_i`` (``d x k``), ``dW = U diag(S) V^T``, and the global
 factors at rank ``R`` are ``B = U[:, :R] diag(sqrt(S[:R]))``, ``A = diag(sqrt(S[:R])) V[:, :R]^T``
@@ -175,7 +175,7 @@ def flexlora_merge(
 
 
 class FlexLoRAMerger(RankMerger):
-    """FlexLoRA (ALGORITHMS 1.5): SVD of the averaged full update, truncated per client.
+    """FlexLoRA (docs/algorithms.md §1.5): SVD of the averaged full update, truncated per client.
 
     Args:
         svd: ``"exact"`` SVD, randomised ``"lowrank"``, or ``"auto"`` (lowrank when

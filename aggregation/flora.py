@@ -1,4 +1,5 @@
-"""FLoRA stacking (ALGORITHMS 1.6, Wang et al. 2024): concatenate factors, exact product sum.
+"""FLoRA stacking (docs/algorithms.md §1.6, Wang et al. 2024): concatenate factors, exact product
+sum.
 
 ``A_g = concat_rows(p_1 A_1, ..., p_n A_n)`` and ``B_g = concat_cols(B_1, ..., B_n)`` in client
 order, so ``B_g @ A_g = sum_i p_i B_i @ A_i`` with no cross terms, at global rank ``sum_i r_i``.
@@ -88,7 +89,8 @@ def flora_delta(stacked_state: Mapping[str, Tensor]) -> dict[str, Tensor]:
 
 
 class FLoRAMerger(RankMerger):
-    """FLoRA stacking (ALGORITHMS 1.6): global rank ``sum_i r_i``, a fresh LoRA every round."""
+    """FLoRA stacking (docs/algorithms.md §1.6): global rank ``sum_i r_i``, a fresh LoRA every
+    round."""
 
     name: ClassVar[str] = "flora"
     needs_pairs: ClassVar[bool] = True

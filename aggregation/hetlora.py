@@ -1,4 +1,4 @@
-"""HetLoRA (ALGORITHMS 1.4, Cho et al. 2024): zero-pad, then weight clients by update norm.
+"""HetLoRA (docs/algorithms.md §1.4, Cho et al. 2024): zero-pad, then weight clients by update norm.
 
 ``w_i ∝ n_i * sum_modules ||B_i @ A_i||_F``, normalised to sum 1 (``p_i`` if every norm is 0);
 ``A_g = sum_i w_i pad(A_i)``, ``B_g = sum_i w_i pad(B_i)``; dense keys keep ``p_i``.
@@ -170,7 +170,7 @@ def hetlora_tail_norm(state: Mapping[str, Tensor], delta: int) -> Tensor:
 
 
 class HetLoRAMerger(RankMerger):
-    """HetLoRA (ALGORITHMS 1.4): zero-padding with weights ``∝ n_i * ||B_i A_i||_F``."""
+    """HetLoRA (docs/algorithms.md §1.4): zero-padding with weights ``∝ n_i * ||B_i A_i||_F``."""
 
     name: ClassVar[str] = "hetlora"
     needs_pairs: ClassVar[bool] = True

@@ -154,7 +154,7 @@ def pad_tensor(key: str, tensor: Tensor, rank: int) -> Tensor:
 def truncate(state: Mapping[str, Tensor], rank: int) -> dict[str, Tensor]:
     """Cut a state dict down to ``rank``: ``A[:rank]``, ``B[:, :rank]``, dense tensors unchanged.
 
-    This is the default redistribution rule (ALGORITHMS 1.1, 1.2).
+    This is the default redistribution rule (docs/algorithms.md §0.3).
 
     Args:
         state: A LoRA state dict of rank at least ``rank``.

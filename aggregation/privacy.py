@@ -1,4 +1,5 @@
-"""Client-level differential privacy (ALGORITHMS 4b): DP-FedAvg's clipping, noise and budget.
+"""Client-level differential privacy (docs/algorithms.md §4b.5-§4b.7): DP-FedAvg's clipping,
+noise and budget.
 
 DP-FedAvg (McMahan et al., 2018) clips each client's update ``u_i = x_i - view_i`` to L2 norm
 ``C``, averages the clipped updates with a fixed denominator and adds Gaussian noise whose
@@ -90,7 +91,7 @@ def coverage_counts(ranks: Sequence[int], global_rank: int, dimensionwise: bool)
         ranks: The merged clients' ranks.
         global_rank: The global rank ``R``.
         dimensionwise: True for a merge that averages dimension ``j`` over the clients that
-            cover it (FediLoRA, ALGORITHMS 1.2): ``n_j = #{i : r_i > j}`` (0-based ``j``);
+            cover it (FediLoRA, docs/algorithms.md §1.2): ``n_j = #{i : r_i > j}`` (0-based ``j``);
             False for one that divides every dimension by all clients (zero-padding FedAvg):
             ``n`` where some client covers ``j``.
 

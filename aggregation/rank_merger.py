@@ -177,7 +177,7 @@ class RankMerger:
         global_rank: int,
     ) -> Tensor:
         """``(S, R)`` float64: the merge's weight ``w_ij`` of client ``i`` on dimension ``j``
-        (0 where ``r_i <= j``), for the merge diagnostics (ALGORITHMS 1.9).
+        (0 where ``r_i <= j``), for the merge diagnostics (docs/algorithms.md §1.9).
 
         By default zero-padding's: ``w_i / sum_l w_l`` on the dimensions the client covers,
         ``w`` the :meth:`client_weight` values (``n_i`` if all are 0, as HetLoRA falls back).

@@ -1,4 +1,4 @@
-"""Robust aggregation rules (ALGORITHMS 4b) on client updates in one aligned space.
+"""Robust aggregation rules (docs/algorithms.md §4b) on client updates in one aligned space.
 
 Each rule takes the sampled clients' updates ``u_i`` as state dicts with the same keys and
 shapes (for LoRA factors: zero-padded to the global rank ``R``, or any other aligned space the

@@ -1,4 +1,4 @@
-"""SCAFFOLD control variates (ALGORITHMS 3): the client and server variate updates.
+"""SCAFFOLD control variates (docs/algorithms.md §3.3): the client and server variate updates.
 
 A client corrects its local gradient to ``g - c_i + c``; after ``K`` local steps at learning
 rate ``η_l`` it sets ``c_i+ = c_i - c + (θ_g - θ_i) / (K η_l)`` and uploads ``Δc_i = c_i+ - c_i``.

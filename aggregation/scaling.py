@@ -4,6 +4,8 @@ peft applies ``dW = s * B @ A`` with ``s = alpha / r``. When clients use differe
 (``lora.scaling: rank``), equal ``B_i @ A_i`` mean different updates, so the server multiplies
 each ``B_i`` by ``s_i`` before merging (the merged adapter then means ``dW = B_g @ A_g``, the
 "s = 1" space) and divides by the receiving client's ``s_i`` when handing it back.
+
+The formulas: docs/algorithms.md §0.2.
 """
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""Server optimisers (ALGORITHMS 3, Reddi et al. 2021) on the pseudo-gradient of one round.
+"""Server optimisers (docs/algorithms.md §3.1, Reddi et al. 2021) on the pseudo-gradient of one
+round.
 
 With ``Δ = aggregate - θ_g`` per key (both in the aligned rank-``R`` space):
 - FedAvg: ``θ ← θ + Δ`` (the aggregate itself).

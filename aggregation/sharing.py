@@ -1,4 +1,4 @@
-"""Sharing policies (ALGORITHMS 2): which of a client's tensors go to the server.
+"""Sharing policies (docs/algorithms.md §2): which of a client's tensors go to the server.
 
 - ``all``: every tensor is shared (default).
 - ``B``: pLoRA, ``lora_B`` is shared and each client keeps its own ``lora_A``.

@@ -17,6 +17,8 @@ the batch merge (tests/aggregation/test_streaming.py). Float addition is not ass
 the result depends (in its last bits) on the order clients are added; ``InOrder`` releases
 clients in id order whatever order they arrive in, which makes the result bit-identical
 across arrival orders.
+
+The formulas, and which rounds stream: docs/algorithms.md §1.8.
 """
 
 from __future__ import annotations
@@ -327,7 +329,7 @@ class _RankSums(StreamingMerge):
 class PaddedStream(_RankSums):
     """Zero-padding with one weight per client: ``sum_i w_i pad(x_i) / sum_i w_i``.
 
-    Zero-padding FedAvg (ALGORITHMS 1.1) uses ``w_i = n_i``; HetLoRA (1.4) passes
+    Zero-padding FedAvg (docs/algorithms.md §1.1) uses ``w_i = n_i``; HetLoRA (§1.4) passes
     ``weight(state, n_i) = n_i * product_norm(state)``. As in ``hetlora_weights``, when every
     weight is 0 the LoRA keys fall back to ``w_i = n_i``: while no positive weight has been
     seen the sum is kept with ``n_i``, and the first positive weight restarts it (the clients
@@ -384,7 +386,7 @@ class PaddedStream(_RankSums):
 
 
 class DimensionStream(_RankSums):
-    """FediLoRA's dimension-wise average (ALGORITHMS 1.2), one client at a time.
+    """FediLoRA's dimension-wise average (docs/algorithms.md §1.2), one client at a time.
 
     ``acc[:r_i] += n_i * x_i`` and ``mass[:r_i] += n_i``; dimension ``j`` is
     ``acc[j] / mass[j]`` where ``mass[j] > 0``. An uncovered dimension (``mass[j] == 0``) takes
@@ -439,7 +441,7 @@ class DimensionStream(_RankSums):
 
 
 class StackedStream(StreamingMerge):
-    """FLoRA stacking (ALGORITHMS 1.6), one client at a time; memory is the output's size.
+    """FLoRA stacking (docs/algorithms.md §1.6), one client at a time; memory is the output's size.
 
     The stacked adapter has rank ``sum_i r_i`` and holds every client's factors, so nothing
     smaller than the output can be kept: each ``add`` copies the client's ``lora_A`` and

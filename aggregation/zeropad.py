@@ -1,4 +1,4 @@
-"""Zero-padding FedAvg (ALGORITHMS 1.1): pad every client to the global rank, then average.
+"""Zero-padding FedAvg (docs/algorithms.md §1.1): pad every client to the global rank, then average.
 
 Dimension ``j`` is divided by the weight of all clients although only clients with
 ``r_i >= j`` trained it, so high dimensions shrink by their covered weight share every round
@@ -68,7 +68,7 @@ def zeropad_merge(
 
 
 class ZeroPadMerger(RankMerger):
-    """Zero-padding FedAvg (ALGORITHMS 1.1), the baseline that dilutes high dimensions."""
+    """Zero-padding FedAvg (docs/algorithms.md §1.1), the baseline that dilutes high dimensions."""
 
     name: ClassVar[str] = "zeropad"
     linear_in_factors: ClassVar[bool] = True

@@ -7,7 +7,7 @@ as the practical floor, one pass that reads every input element once (a sum per 
 every method that streams (``streams=True``) it also times the streaming merge: ``add`` of
 every client one by one, then ``result()``. The ``+diag`` path is the engine's default path
 (streaming where the method streams, else batch) with the merge diagnostics the server computes
-every round (ALGORITHMS 1.9: each update's ``(R,)`` squared change per dimension as it
+every round (docs/algorithms.md §1.9: each update's ``(R,)`` squared change per dimension as it
 arrives, its merge weight, then the per-dimension and per-client summary and the update norm).
 It prints one row per (clients, method, path): merge ms, floor ms, their ratio, the server's
 peak memory and the input size; compare a ``+diag`` row with the plain row above it for the
@@ -19,7 +19,7 @@ through ``/proc/self/clear_refs``). The batch path holds every client's state at
 streaming path generates client ``i``'s state right before ``add`` and drops it after, as
 updates arriving one at a time would.
 
-    /work/venv/bin/python experiments/bench/merges.py [--clients 10 100 500]
+    python experiments/bench/merges.py [--clients 10 100 500]
         [--methods zeropad fedilora ...] [--repeats 3] [--threads N] [--tiny] [--no-memory]
 
 See ``experiments/bench/README.md`` for the columns and a measured table.

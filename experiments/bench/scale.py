@@ -18,7 +18,7 @@ For each client count ``N`` the benchmark runs, each in a fresh process:
 It prints one row per ``N`` (see ``experiments/bench/README.md`` for the columns) and the
 memory growth per extra client next to the bytes of state a client keeps:
 
-    /work/venv/bin/python experiments/bench/scale.py [--clients 10,100,1000]
+    python experiments/bench/scale.py [--clients 10,100,1000]
         [--backbone tiny|minilm-effnet] [--rounds 2] [--fraction 0.1] [--sharing B]
 """
 

@@ -3,6 +3,8 @@
 Every function takes an explicit seed and draws from its own ``numpy`` generator keyed by a
 tag, so any node rebuilds exactly the same partition from the config alone: partitions are
 never shipped between processes.
+
+The formulas: docs/algorithms.md §4.1 (splits, label skew, sampling) and §4.2 (modalities).
 """
 
 from __future__ import annotations

@@ -2,6 +2,8 @@
 
 Each scenario maps (config, client, number of rows) to a :class:`ModalityMask`, seeded, so every
 node derives the same masks. Names are resolved here only.
+
+The formulas: docs/algorithms.md §4.2.
 """
 
 from __future__ import annotations

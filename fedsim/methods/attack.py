@@ -16,6 +16,8 @@ every honest method's hooks, so the attacker forges the final upload) or on its 
 
 Which clients attacked is logged every round: ``faults/attackers`` and the client table's
 ``attacker`` column.
+
+The formulas: docs/algorithms.md §4b.8.
 """
 
 from __future__ import annotations

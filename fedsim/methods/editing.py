@@ -1,4 +1,5 @@
-"""FediLoRA's layer-wise model editing (ALGORITHMS 1.3), on the client after local training.
+"""FediLoRA's layer-wise model editing (docs/algorithms.md §1.3), on the client after local
+training.
 
 From round 2 on, a client compares each of its shared tensors with the global one it received
 and pulls the least similar ``editing.count`` of them (cosine below ``editing.threshold``)

@@ -1,4 +1,4 @@
-"""FedEx-LoRA (ALGORITHMS 1.7; Singhal et al., arXiv 2410.09432): exact aggregation.
+"""FedEx-LoRA (docs/algorithms.md §1.7; Singhal et al., arXiv 2410.09432): exact aggregation.
 
 Averaging LoRA factors is not averaging the clients' updates: ``mean(B) mean(A)`` misses the
 cross terms of ``mean(B_i A_i)``. FedEx-LoRA keeps the factor average as the global adapter and

@@ -1,4 +1,5 @@
-"""FedNova (ALGORITHMS 3): normalised averaging of clients that took different step counts.
+"""FedNova (docs/algorithms.md §3.4): normalised averaging of clients that took different step
+counts.
 
 Clients train plainly; before the merge the server rescales each update by its local step
 count (:func:`aggregation.fednova_rescale`), relative to the global view the client received.

@@ -1,4 +1,5 @@
-"""FedProx's proximal term, and FedMLLM's layer-restricted variant of it (ALGORITHMS 3).
+"""FedProx's proximal term, and FedMLLM's layer-restricted variant of it
+(docs/algorithms.md §3.2, §3.5).
 
 FedProx adds ``mu/2 ||theta - theta_g||^2`` over the shared tensors to the local loss; FedMLLM
 weights the same term by ``objective.layer_weight`` on the middle layers

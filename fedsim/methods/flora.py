@@ -1,4 +1,4 @@
-"""FLoRA's base folding (ALGORITHMS 1.6): the stacked product goes into the frozen weights.
+"""FLoRA's base folding (docs/algorithms.md §1.6): the stacked product goes into the frozen weights.
 
 The merge rule (:class:`aggregation.FLoRAMerger`) stacks the clients' factors so that
 ``B_g A_g = sum_i p_i B_i A_i``. This method folds that product into every client's frozen base

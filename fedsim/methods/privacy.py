@@ -1,4 +1,5 @@
-"""Client-level differential privacy: DP-FedAvg (ALGORITHMS 4b; McMahan et al., 2018).
+"""Client-level differential privacy: DP-FedAvg (docs/algorithms.md §4b.5-§4b.7; McMahan et al.,
+2018).
 
 What one round does (the math is :mod:`aggregation.privacy`):
 

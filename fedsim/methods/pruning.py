@@ -1,4 +1,4 @@
-"""HetLoRA's rank self-pruning (ALGORITHMS 1.4), on the client.
+"""HetLoRA's rank self-pruning (docs/algorithms.md §1.4), on the client.
 
 While a client's rank can still drop by ``pruning.delta`` without going below
 ``pruning.min_rank``, its local loss gets ``gamma * ||B[:, r-delta:] A[r-delta:]||_F``; after

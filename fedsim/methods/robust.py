@@ -1,4 +1,4 @@
-"""Robust aggregation (ALGORITHMS 4b) as a layer in front of any heterogeneous-rank merge.
+"""Robust aggregation (docs/algorithms.md §4b) as a layer in front of any heterogeneous-rank merge.
 
 The layer works on each accepted client's update ``u_i = x_i - x0_i``: its uploaded factors
 minus what it started from (the merge rule's rank-``r_i`` view of the global adapter, in the

@@ -1,4 +1,4 @@
-"""SCAFFOLD (ALGORITHMS 3): control variates that correct each client's drift.
+"""SCAFFOLD (docs/algorithms.md §3.3): control variates that correct each client's drift.
 
 A client corrects its local gradient to ``g - c_i + c`` and uploads ``c_i+ - c_i``; the server
 updates ``c`` after each merge. The math is :mod:`aggregation.scaffold`; this module carries

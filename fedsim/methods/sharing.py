@@ -1,4 +1,4 @@
-"""Sharing policies (ALGORITHMS 2): which of a client's tensors go to the server.
+"""Sharing policies (docs/algorithms.md §2): which of a client's tensors go to the server.
 
 ``all`` shares everything; ``B`` (pLoRA) keeps each client's ``lora_A`` private; ``A``
 (FedSA-LoRA) keeps ``lora_B`` private; ``none`` is the local-only baseline. The rule itself is

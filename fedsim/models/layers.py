@@ -2,6 +2,8 @@
 
 The client objectives themselves are methods (:mod:`fedsim.methods.fedprox`,
 :mod:`fedsim.methods.scaffold`, ...) that add terms to :class:`fedsim.methods.Objective`.
+
+The term's formula: docs/algorithms.md §3.5.
 """
 
 from __future__ import annotations

@@ -8,6 +8,8 @@ Each metric comes from its reference library so numbers can be compared with pub
 - ``cider``: pycocoevalcap's CIDEr-D (the COCO caption one: clipped tf-idf, sigma = 6, x10) on
   a pure-Python stand-in for its Java PTB tokeniser (:func:`cider_tokenize`).
 - ``exact_match``: share of predictions equal to a reference after :func:`normalize_answer`.
+
+Definitions: docs/algorithms.md §5.2.
 """
 
 from __future__ import annotations

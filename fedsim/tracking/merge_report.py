@@ -1,5 +1,5 @@
-"""The merge diagnostics of a run (ALGORITHMS 1.9): the per-round artifact, the run's heat map
-plot and ``fedsim inspect RUN_ID [--round T]``.
+"""The merge diagnostics of a run (docs/algorithms.md §1.9): the per-round artifact, the run's
+heat map plot and ``fedsim inspect RUN_ID [--round T]``.
 
 What the server computes each round (:mod:`aggregation.diagnostics`) reaches MLflow three ways:
 ``merge/band_LO-HI/*`` and ``merge/max_share`` metrics, the per-client columns

@@ -97,7 +97,7 @@ def reference_merge(
     reweight: bool,
     previous: Mapping[str, Tensor] | None = None,
 ) -> dict[str, Tensor]:
-    """Slow per-dimension loop straight from ALGORITHMS 1.1 / 1.2, in float64.
+    """Slow per-dimension loop straight from docs/algorithms.md §1.1 / §1.2, in float64.
 
     ``reweight=False`` is zero-padding FedAvg (dimension ``j`` divided by all clients' weight);
     ``reweight=True`` is FediLoRA (divided by the weight of the clients covering ``j``), and an

@@ -1,4 +1,5 @@
-"""The damped dimension-wise merge (aggregation/damped.py, ALGORITHMS 1.10) against explicit loops.
+"""The damped dimension-wise merge (aggregation/damped.py, docs/algorithms.md §1.10) against
+explicit loops.
 
 For clients ``i`` (rank ``r_i``, samples ``n_i``), ``W_j = sum_{i : r_i > j} n_i`` (0-based
 ``j``), ``W = sum_i n_i`` and ``lambda_j = 1 - d (1 - W_j / W)``:

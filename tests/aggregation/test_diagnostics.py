@@ -1,5 +1,5 @@
-"""Merge diagnostics (aggregation/diagnostics.py, ALGORITHMS 1.9) against explicit loops over
-clients, modules and dimensions, and against the merges themselves."""
+"""Merge diagnostics (aggregation/diagnostics.py, docs/algorithms.md §1.9) against explicit loops
+over clients, modules and dimensions, and against the merges themselves."""
 
 from __future__ import annotations
 
@@ -34,7 +34,8 @@ def _row(state, module: str, j: int) -> torch.Tensor:
 
 
 def _slow_weights(method, states, ranks, n):
-    """``w_ij`` written out from ALGORITHMS 1.1, 1.2, 1.4 and 1.10, one entry at a time."""
+    """``w_ij`` written out from docs/algorithms.md §1.1, §1.2, §1.4 and §1.10, one entry at a
+    time."""
     total = sum(n)
     norms = [n[i] * product_norm(states[i]) for i in range(len(states))]
     w = [[0.0] * R for _ in states]

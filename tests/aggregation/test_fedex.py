@@ -1,4 +1,5 @@
-"""FedEx-LoRA's residual (ALGORITHMS 1.7): base + global adapter is the exact client average."""
+"""FedEx-LoRA's residual (docs/algorithms.md §1.7): base + global adapter is the exact client
+average."""
 
 from collections.abc import Callable
 

@@ -1,4 +1,4 @@
-"""FediLoRA dimension-wise reweighting (ALGORITHMS 1.2) against the per-dimension loop."""
+"""FediLoRA dimension-wise reweighting (docs/algorithms.md §1.2) against the per-dimension loop."""
 
 import pytest
 import torch

@@ -1,4 +1,5 @@
-"""FediLoRA layer-wise model editing (ALGORITHMS 1.3): selection, threshold and the three mixes."""
+"""FediLoRA layer-wise model editing (docs/algorithms.md §1.3): selection, threshold and the three
+mixes."""
 
 import math
 

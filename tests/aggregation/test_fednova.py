@@ -1,4 +1,5 @@
-"""FedNova (ALGORITHMS 3): rescaled updates merged with zero-padding give the FedNova step."""
+"""FedNova (docs/algorithms.md §3.4): rescaled updates merged with zero-padding give the FedNova
+step."""
 
 import pytest
 import torch

@@ -1,4 +1,5 @@
-"""FlexLoRA (ALGORITHMS 1.5): truncated factors are the best rank-r approximation of the update."""
+"""FlexLoRA (docs/algorithms.md §1.5): truncated factors are the best rank-r approximation of the
+update."""
 
 import pytest
 import torch

@@ -1,4 +1,4 @@
-"""FLoRA stacking (ALGORITHMS 1.6): the stacked product is exactly sum_i p_i B_i A_i."""
+"""FLoRA stacking (docs/algorithms.md §1.6): the stacked product is exactly sum_i p_i B_i A_i."""
 
 import pytest
 import torch

@@ -1,4 +1,5 @@
-"""HetLoRA (ALGORITHMS 1.4): norm weights, the merge, and the self-pruning term vs loops."""
+"""HetLoRA (docs/algorithms.md §1.4): norm weights, the merge, and the self-pruning term vs
+loops."""
 
 import pytest
 import torch

@@ -1,4 +1,4 @@
-"""Robust rules (ALGORITHMS 4b) against slow, element-by-element references."""
+"""Robust rules (docs/algorithms.md §4b) against slow, element-by-element references."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""SCAFFOLD control variates (ALGORITHMS 3) against per-entry and per-client loops."""
+"""SCAFFOLD control variates (docs/algorithms.md §3.3) against per-entry and per-client loops."""
 
 import re
 

@@ -1,4 +1,4 @@
-"""Server optimisers (ALGORITHMS 3) against a per-entry loop over three rounds."""
+"""Server optimisers (docs/algorithms.md §3.1) against a per-entry loop over three rounds."""
 
 import math
 import re

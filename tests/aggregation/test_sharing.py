@@ -1,4 +1,4 @@
-"""Sharing policies (ALGORITHMS 2): which keys are uploaded, and split/join round trips."""
+"""Sharing policies (docs/algorithms.md §2): which keys are uploaded, and split/join round trips."""
 
 import re
 

@@ -1,4 +1,5 @@
-"""Zero-padding FedAvg (ALGORITHMS 1.1) against the per-dimension loop, and its dilution."""
+"""Zero-padding FedAvg (docs/algorithms.md §1.1) against the per-dimension loop, and its
+dilution."""
 
 import pytest
 import torch
