@@ -148,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import fedsim  # noqa: F401  (before the simulation stack)
     from fedsim.data.emoji import load_emoji
-    from fedsim.simulation.driver import resume, run
+    from fedsim.simulation.run import resume, run
 
     work = Path(tempfile.mkdtemp(prefix="fedsim-fingerprint-"))
     cache, runs = work / "cache", work / "runs"

@@ -11,16 +11,16 @@ __all__ = ["ConfigError", "FedSimConfig", "load_config", "resume", "run"]
 
 
 def run(config=None, **options):
-    """Run one simulation; see :func:`fedsim.simulation.driver.run` (``dataset``, ``executor``)."""
-    from fedsim.simulation.driver import run as _run
+    """Run one simulation; see :func:`fedsim.simulation.run.run` (``dataset``, ``executor``)."""
+    from fedsim.simulation.run import run as _run
 
     return _run(config, **options)
 
 
 def resume(run_dir, overrides=(), **options):
     """Continue a stopped run from its latest checkpoint; see
-    :func:`fedsim.simulation.driver.resume`."""
-    from fedsim.simulation.driver import resume as _resume
+    :func:`fedsim.simulation.run.resume`."""
+    from fedsim.simulation.run import resume as _resume
 
     return _resume(run_dir, overrides, **options)
 

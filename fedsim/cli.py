@@ -130,7 +130,7 @@ def _dispatch(ns: argparse.Namespace, executor=None) -> int:
         run_study(ns.study, ns.args)
         return 0
     if ns.command == "run" and ns.resume:
-        from fedsim.simulation.driver import resume
+        from fedsim.simulation.run import resume
 
         if ns.args and "=" not in ns.args[0]:
             raise ConfigError("--resume", f"a resumed run uses its own config; drop {ns.args[0]!r}")
@@ -157,7 +157,7 @@ def start_run(cfg, executor=None):
     """What ``fedsim run`` does with a loaded config: the client actors start in the
     background (on the Ray that ``executor`` is starting) while this process checks the data
     and outputs and imports the rest; a failed check stops them again (``main`` closes the
-    executor). Returns the :class:`fedsim.simulation.driver.RunResult`.
+    executor). Returns the :class:`fedsim.simulation.run.RunResult`.
     """
     from actors.executor import RayExecutor
     from fedsim.simulation.preflight import preflight
@@ -169,7 +169,7 @@ def start_run(cfg, executor=None):
     except BaseException:
         executor.close(None, None)
         raise
-    from fedsim.simulation.driver import run
+    from fedsim.simulation.run import run
 
     return run(cfg, dataset=dataset, executor=executor)
 

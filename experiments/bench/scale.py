@@ -2,12 +2,12 @@
 
 For each client count ``N`` the benchmark runs, each in a fresh process:
 
-* **fedsim**: ``fedsim.simulation.driver.run`` of ``--rounds`` rounds with ``clients.num=N`` and
+* **fedsim**: ``fedsim.simulation.run.run`` of ``--rounds`` rounds with ``clients.num=N`` and
   ``clients.fraction=--fraction`` on its own local Ray (so every Ray process of the run is a
   descendant of that process). A background thread samples, every ``--interval`` seconds, the
   RSS and PSS of the driver, of the Ray worker processes (the client actors, the server actor,
   idle workers) and of Ray's own daemons, and keeps the peak of each sum.
-* **floor**: ``fedsim.simulation.driver.run`` of the very same config with
+* **floor**: ``fedsim.simulation.run.run`` of the very same config with
   ``executor=actors.executor.LocalExecutor()``: the real round loop, every client task and the
   server in this one process, no Ray. Its ``LocalPool`` (one ``ClientWorker``, whose backbone
   load is not timed) trains the sampled clients of a round back to back and keeps the seconds
@@ -243,7 +243,7 @@ def run_fedsim(args: argparse.Namespace, num: int, workdir: Path) -> dict:
     """One fedsim run of ``num`` clients on a local Ray this process starts; round times and
     peak memory."""
     from fedsim.checkpoint.store import load_checkpoint
-    from fedsim.simulation.driver import run
+    from fedsim.simulation.run import run
 
     cfg = load_run_config(args, num, workdir)
     with MemorySampler(args.interval) as mem:
@@ -279,7 +279,7 @@ def run_floor(args: argparse.Namespace, num: int, workdir: Path) -> dict:
     evaluation. Neither includes the backbone load (the worker is built before the loop).
     """
     from actors.executor import LocalExecutor
-    from fedsim.simulation.driver import run
+    from fedsim.simulation.run import run
 
     cfg = load_run_config(args, num, workdir)
     executor = LocalExecutor()

@@ -5,7 +5,7 @@ Two cases, each in a fresh Python process, run one after the other in one invoca
 * **floor**: what no run can avoid: import the model stack (``actors.client``: torch,
   transformers, peft) and load the backbone once (``ClientWorker``: its data and its backbone,
   what every client actor builds). A run can overlap everything else with it.
-* **fedsim**: ``fedsim.simulation.driver.run`` of the anchor workload (by default Flower's: 4
+* **fedsim**: ``fedsim.simulation.run.run`` of the anchor workload (by default Flower's: 4
   clients, all sampled, MiniLM + EfficientNet-Lite0, LoRA rank 8, 6 steps of 16, 64 px, 2 client
   actors, 3 rounds) on its own local Ray and a fresh MLflow SQLite store. The child process
   stamps the clock before its first import; the run reports its own phases
@@ -41,7 +41,7 @@ RESULT_TAG = "STARTUP-RESULT "
 # The phases of RunResult.phases, in order, and what each one's end means.
 PHASES = (
     ("checks", "config loaded and checked (preflight: data, splits, outputs)"),
-    ("imports", "fedsim.simulation.driver imported (before issue 14 only: now within checks)"),
+    ("imports", "fedsim.simulation.run imported (before issue 14 only: now within checks)"),
     ("ray", "local Ray up (started in the background before the config loaded)"),
     ("store", "MLflow run created (overlaps the actors' start)"),
     ("actors", "every client actor holds its backbone"),
@@ -131,7 +131,7 @@ def child(args: argparse.Namespace) -> dict:
 
     dataset = preflight(cfg)
     checks = time.perf_counter() - START
-    from fedsim.simulation.driver import run
+    from fedsim.simulation.run import run
 
     imports = time.perf_counter() - START
     result = run(cfg, dataset=dataset)

@@ -382,7 +382,7 @@ def run_floor(args: argparse.Namespace, workdir: Path) -> dict:
     from fedsim.config import load_config, resolve_ranks
     from fedsim.data.partition import sample_clients
     from fedsim.messages import ClientMeta, ClientState, ClientTask
-    from fedsim.simulation.driver import server_args
+    from fedsim.simulation.run import server_args
     from fedsim.tasks import combine_parts
 
     cfg = load_config(args.config, config_items(args, workdir))

@@ -152,7 +152,7 @@ def run_study(path: str | Path, extra: list[str] = ()) -> str:
             checked before the first one starts).
     """
     from actors.executor import init_ray
-    from fedsim.simulation.driver import run
+    from fedsim.simulation.run import run
     from fedsim.tracking.tracker import Tracker
 
     study, here = load_study(path)

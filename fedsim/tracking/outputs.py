@@ -29,7 +29,7 @@ def _write_adapter(pool, directory: str, state, cfg, info, rank: int, global_ran
 
 def log_final_outputs(cfg, info, ex, pool, server, tracker, result) -> None:
     """Log the final global adapter (peft format) and the plots (``result``: the run's
-    :class:`fedsim.simulation.driver.RunResult`).
+    :class:`fedsim.simulation.run.RunResult`).
 
     Base-weight updates that a method folded in and a LoRA adapter cannot hold (FedEx-LoRA's
     residuals) go beside it as ``base_delta.safetensors`` (module prefix to ``dW``, to add to

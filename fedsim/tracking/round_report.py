@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from fedsim.messages import ClientReport
+from aggregation.diagnostics import band_metrics
+from fedsim.messages import AggregateReport, ClientReport
 from fedsim.methods.base import Method
 from fedsim.tasks import combine_parts
 from fedsim.tasks.evaluation import summarize
@@ -51,6 +52,32 @@ def round_metrics(
     for method in methods:
         m.update(method.round_metrics(used))
     return m
+
+
+def merge_metrics(agg: AggregateReport, rank_levels: list[int]) -> dict[str, float]:
+    """The server's metrics of a round's merge, plus the merge diagnostics per rank band
+    (``merge/band_LO-HI/*``) and the largest client share, when the run keeps them."""
+    m = dict(agg.metrics)
+    if agg.diagnostics is not None:
+        m.update(band_metrics(agg.diagnostics, rank_levels))
+        shares = [c["share"] for c in agg.columns.values() if "share" in c]
+        m["merge/max_share"] = max(shares, default=0.0)
+    return m
+
+
+def totals_metrics(totals, metrics: dict, simulated_s: float, aggregate_s: float) -> dict:
+    """Add the round's bytes and simulated seconds (from ``metrics`` and the round's close)
+    to the run's ``totals``; the running totals and the round's times as metrics."""
+    totals.upload_bytes += metrics["comm/upload_bytes"]
+    totals.download_bytes += metrics["comm/download_bytes"]
+    totals.simulated_s += simulated_s
+    return {
+        "comm/upload_bytes_total": totals.upload_bytes,
+        "comm/download_bytes_total": totals.download_bytes,
+        "time/simulated_round_s": simulated_s,
+        "time/simulated_total_s": totals.simulated_s,
+        "time/aggregate_s": aggregate_s,
+    }
 
 
 def client_rows(

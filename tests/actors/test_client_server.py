@@ -14,7 +14,7 @@ from actors.server import ServerState
 from aggregation import check_update, is_lora_a, is_lora_b
 from fedsim.config import resolve_ranks
 from fedsim.messages import Broadcast, ClientMeta, ClientTask, Upload, nbytes
-from fedsim.simulation.driver import server_args
+from fedsim.simulation.run import server_args
 from fedsim.tracking.round_report import global_metrics
 
 

@@ -896,7 +896,7 @@ def test_fedsim_job_on_two_nodes_logs_to_the_mlflow_server(cluster, tiny_overrid
 
 def test_relative_outputs_under_a_job_with_a_working_dir_are_named():
     from fedsim.config import load_config
-    from fedsim.simulation.driver import ephemeral_paths
+    from fedsim.simulation.run import ephemeral_paths
 
     job = {"RAY_JOB_CONFIG_JSON_ENV_VAR": json.dumps({"runtime_env": {"working_dir": "gcs://p"}})}
     default = REPO / "experiments" / "default.yaml"

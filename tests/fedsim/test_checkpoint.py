@@ -57,7 +57,7 @@ def test_split_rejects_keys_that_would_be_ambiguous():
 
 
 def _meta(t: int, cfg: FedSimConfig = CFG) -> dict:
-    """The driver's part of state.json after round ``t`` (what ``_Driver._checkpoint`` saves)."""
+    """The driver's part of state.json after round ``t`` (what ``RoundLoop._checkpoint`` saves)."""
     return {
         "ranks": [4] * cfg.clients.num,
         "history": [{"round": r, "global/loss": 1.0 / (r + 1)} for r in range(t + 1)],
@@ -678,7 +678,7 @@ def test_the_first_differing_key_in_sorted_order_is_named(tmp_path):
 
 
 def test_resume_refuses_an_edited_config_yaml_before_starting_anything(tmp_path):
-    from fedsim.simulation.driver import resume
+    from fedsim.simulation.run import resume
 
     run_dir = _run(tmp_path)
     text = (run_dir / "config.yaml").read_text()

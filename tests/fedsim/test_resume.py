@@ -23,7 +23,7 @@ from mlflow.tracking import MlflowClient
 import fedsim
 from fedsim.checkpoint.store import load_checkpoint
 from fedsim.cli import main
-from fedsim.simulation.driver import resume
+from fedsim.simulation.run import resume
 
 EXPERIMENT = "fedsim-resume"
 VARIANTS = {

@@ -36,7 +36,7 @@ class Recorded:
 @pytest.fixture(scope="module")
 def thousand(ray_cluster, make_config, mlflow_store) -> Recorded:
     """Run 1,000 clients once, recording each ``ClientPool.train`` call's client ids."""
-    from fedsim.simulation.driver import run
+    from fedsim.simulation.run import run
 
     cfg = make_config(
         f"clients.num={NUM_CLIENTS}",

@@ -20,7 +20,7 @@ from actors.server import ServerState
 from aggregation import InOrder
 from fedsim.config import ConfigError
 from fedsim.messages import Broadcast, ClientMeta, ClientTask, Upload
-from fedsim.simulation.driver import server_args
+from fedsim.simulation.run import server_args
 
 
 @pytest.fixture(scope="module")

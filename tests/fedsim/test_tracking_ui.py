@@ -356,7 +356,7 @@ def test_a_run_records_its_data_name_tags_and_system_metrics(make_config, tmp_pa
 def test_a_data_record_that_fails_is_a_warning_not_a_failed_run(capsys):
     from concurrent.futures import Future
 
-    from fedsim.simulation.driver import _wait_for_inputs
+    from fedsim.simulation.run import _wait_for_inputs
 
     failed: Future = Future()
     failed.set_exception(OSError("disk full"))

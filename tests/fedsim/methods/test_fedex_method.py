@@ -19,7 +19,7 @@ from fedsim.config import ConfigError, FedSimConfig, load_config
 from fedsim.config.registry import enabled_methods
 from fedsim.messages import Broadcast, ClientMeta, ClientTask, Upload
 from fedsim.methods.fedex import FedEx
-from fedsim.simulation.driver import server_args
+from fedsim.simulation.run import server_args
 
 pytestmark = pytest.mark.usefixtures("restore_threads")
 

@@ -13,7 +13,7 @@ from aggregation import is_lora_a, is_lora_b
 from fedsim.config import ConfigError
 from fedsim.messages import Broadcast, ClientMeta, ClientTask, Parts
 from fedsim.models.layers import middle_layer_weights, tower_depths
-from fedsim.simulation.driver import server_args
+from fedsim.simulation.run import server_args
 
 pytestmark = pytest.mark.usefixtures("restore_threads")
 

@@ -1,0 +1,450 @@
+"""A run from start-up to tear-down, and the public :func:`run` / :func:`resume` API.
+
+:class:`Run` owns what a simulation holds outside its rounds: the executor (Ray or this
+process), the pre-flight checks, the MLflow run (opened in a thread while the actors load),
+the checkpoint writer, and the mapping of an error to the MLflow run's status and to the hint
+that continues a stopped run. The rounds themselves are :class:`fedsim.simulation.rounds.RoundLoop`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import ray
+
+from actors.executor import LocalExecutor, RayExecutor
+from fedsim.checkpoint.store import (
+    Checkpoint,
+    CheckpointWriter,
+    check_resume_config,
+    is_resumable,
+    load_checkpoint,
+)
+from fedsim.config import (
+    ConfigError,
+    FedSimConfig,
+    as_config,
+    load_config,
+    resolve_ranks,
+    to_yaml,
+)
+from fedsim.config.registry import build_merger, build_server_optimizer, enabled_methods
+from fedsim.data.partition import sample_clients
+from fedsim.errors import RunFailed, one_line
+from fedsim.simulation.preflight import preflight
+from fedsim.simulation.rounds import Phases, RoundLoop
+from fedsim.tracking.inputs import log_run_inputs
+from fedsim.tracking.outputs import log_client_adapters, log_final_outputs
+from fedsim.tracking.progress import RoundProgress
+from fedsim.tracking.store import store_path
+from fedsim.tracking.tracker import Tracker
+
+
+@dataclass
+class RunResult:
+    """What a simulation produced.
+
+    Attributes:
+        run_id: the MLflow run id.
+        tracking_uri: the MLflow store it was logged to.
+        history: one dict of metrics per round, round 0 (before training) first.
+        clients: per round, one row per sampled client (report, status).
+        merge: per round that merged (with ``tracking.merge_diagnostics``), the merge
+            diagnostics per rank dimension: ``{"round": t, "coverage": [...], "weight",
+            "merge_weight", "update_norm"}`` (:mod:`aggregation.diagnostics`).
+        run_dir: the run's checkpoint directory (``fedsim run --resume`` takes it).
+        phases: seconds from the start of the run call to the end of each start-up and
+            tear-down phase: ``ray`` (Ray up), ``store`` (MLflow run created, overlapping the
+            actors' start), ``actors`` (every actor holds its backbone), ``ready`` (server
+            built: round 0 starts), ``first_round`` (round 0 evaluated), ``rounds`` (last
+            round logged), ``done`` (final outputs logged, run closed).
+        phases_origin: the ``time.perf_counter()`` the phases count from (the run call).
+    """
+
+    run_id: str
+    tracking_uri: str
+    history: list[dict[str, float]] = field(default_factory=list)
+    merge: list[dict] = field(default_factory=list)
+    clients: list[list[dict]] = field(default_factory=list)
+    run_dir: Path | None = None
+    phases: dict[str, float] = field(default_factory=dict)
+    phases_origin: float = 0.0
+
+    @property
+    def final(self) -> dict[str, float]:
+        """Metrics of the last round."""
+        return self.history[-1]
+
+
+def ephemeral_paths(cfg: FedSimConfig, environ=os.environ) -> list[str]:
+    """Config keys whose relative paths would land in a Ray job's temporary working_dir.
+
+    Under ``ray job submit`` with a ``working_dir`` the driver runs inside Ray's unpacked copy
+    of the project, which goes away with the Ray session.
+    """
+    try:
+        job = json.loads(environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR") or "{}")
+    except json.JSONDecodeError:
+        return []
+    if not (job.get("runtime_env") or {}).get("working_dir"):
+        return []
+    outputs = {
+        "checkpoint.dir": cfg.checkpoint.dir if cfg.checkpoint.every > 0 else None,
+        "tracking.uri": store_path(cfg.tracking.uri),
+    }
+    return [key for key, path in outputs.items() if path and not Path(path).is_absolute()]
+
+
+def _check_ranks(ranks: list[int], max_rank: int) -> None:
+    for cid, r in enumerate(ranks):
+        if r > max_rank:
+            raise ConfigError(
+                "clients.ranks",
+                f"client {cid} has rank {r} but the backbone's LoRA target modules admit at "
+                f"most rank {max_rank}",
+            )
+
+
+def server_args(cfg: FedSimConfig, initial: dict) -> tuple:
+    """The arguments of :class:`actors.server.ServerState` for ``cfg``'s run.
+
+    Args:
+        cfg: the run's config.
+        initial: the initial global adapter (``ClientWorker.initial_global``).
+    """
+    return (
+        build_merger(cfg),
+        initial,
+        build_server_optimizer(cfg.server),
+        enabled_methods(cfg),
+        cfg.clients.num,
+        cfg.aggregation.streaming,
+        cfg.tracking.merge_diagnostics,
+    )
+
+
+def run(
+    config: FedSimConfig | dict | str | Path | None = None,
+    *,
+    dataset=None,
+    executor: RayExecutor | LocalExecutor | None = None,
+) -> RunResult:
+    """Run one federated simulation and log it to MLflow.
+
+    Args:
+        config: a :class:`FedSimConfig`, a dict of values over the defaults, a YAML path, or
+            None for the defaults.
+        dataset: what :func:`fedsim.simulation.preflight.preflight` returned for this very
+            config, when the caller ran it already (the CLI does, before importing Ray); None:
+            run it here.
+        executor: where the work runs: a :class:`actors.executor.RayExecutor` (None: the
+            default) or a :class:`actors.executor.LocalExecutor` (everything in this process,
+            no Ray; for debugging and the scale benchmark's floor). The numbers are the same.
+
+    Returns:
+        The MLflow run id, the per-round metrics and the checkpoint directory.
+
+    Raises:
+        ConfigError: a config value is not allowed (including ranks the backbone cannot take).
+    """
+    return Run(as_config(config), None, dataset=dataset, executor=executor).execute()
+
+
+def resume(
+    run_dir: str | Path,
+    overrides: list[str] | tuple[str, ...] = (),
+    *,
+    executor: RayExecutor | LocalExecutor | None = None,
+) -> RunResult:
+    """Continue a run from the latest checkpoint in ``run_dir`` (``fedsim run --resume``).
+
+    The run continues under its own config (``run_dir/config.yaml``) and MLflow run, and
+    reaches the same numbers as if it had never stopped. ``overrides`` may change ``rounds``
+    (to extend a run), ``resources.*``, ``progress``, ``checkpoint.every``/``keep`` and the
+    tracking store's URI, nothing that changes the numbers. The checkpoint is verified (see
+    :mod:`fedsim.checkpoint.store`) and ``config.yaml`` must still hold the run's values for every
+    other key.
+
+    Raises:
+        ConfigError: no readable or valid checkpoint, an override that would change the
+            numbers, or a ``config.yaml`` edited since the run started.
+    """
+    ckpt = load_checkpoint(run_dir)
+    for item in overrides:
+        key = item.partition("=")[0]
+        if not is_resumable(key):
+            raise ConfigError(
+                key,
+                "cannot change when resuming (it would change the run's numbers or identity); "
+                "a resumed run may override rounds, progress, resources.*, checkpoint.every, "
+                "checkpoint.keep, tracking.uri, tracking.save_adapter and tracking.plots",
+            )
+    cfg = load_config(Path(run_dir) / "config.yaml", overrides)
+    check_resume_config(ckpt, cfg)
+    if cfg.rounds < ckpt.round:
+        raise ConfigError(
+            "rounds", f"the checkpoint is at round {ckpt.round}; rounds={cfg.rounds} is behind it"
+        )
+    return Run(cfg, ckpt, Path(run_dir), executor=executor).execute()
+
+
+class Run:
+    """One simulation: start-up, the rounds, the final outputs, tear-down.
+
+    Start-up overlaps what it can: Ray and the client actors come up in the background (the
+    actors import the model stack and load their backbones) while this process runs the
+    pre-flight checks and opens the MLflow run in a thread. Every error ends the MLflow run
+    with a status (:meth:`_stop`) and closes the executor.
+
+    Args:
+        cfg: the run's config (validated).
+        ckpt: the checkpoint a resumed run continues from; None for a new run.
+        run_dir: the resumed run's checkpoint directory.
+        dataset: what :func:`~fedsim.simulation.preflight.preflight` returned for ``cfg``,
+            when the caller ran it already; None: run it here.
+        executor: a :class:`~actors.executor.RayExecutor` (None: the default) or a
+            :class:`~actors.executor.LocalExecutor`.
+    """
+
+    def __init__(
+        self,
+        cfg: FedSimConfig,
+        ckpt: Checkpoint | None,
+        run_dir: Path | None = None,
+        dataset=None,
+        executor: RayExecutor | LocalExecutor | None = None,
+    ):
+        self.clock = Phases()
+        self.cfg, self.ckpt, self.run_dir, self.dataset = cfg, ckpt, run_dir, dataset
+        self.ranks = list(ckpt.meta["ranks"]) if ckpt else resolve_ranks(cfg.clients, cfg.seed)
+        self.per_round = len(sample_clients(cfg.clients.num, cfg.clients.fraction, cfg.seed, 1))
+        self.ex = executor or RayExecutor()
+        self.opened = self.inputs = None  # the tracking thread's futures
+        self.pool = self.server = self.tracker = self.writer = self.progress = None
+
+    def execute(self) -> RunResult:
+        """Run the simulation to its last round and return what it produced."""
+        self._check_inputs()
+        self._open_tracking()
+        self._start_ray()
+        try:
+            result, loop = self._start_actors()
+            self._train(loop)
+            self._finish(result, loop)
+            return result
+        except BaseException as exc:
+            replacement = self._stop(exc)
+            if replacement is not None:
+                raise replacement from None
+            raise
+        finally:
+            self.ex.close(self.pool, self.server)
+            self.clock.mark("done")
+
+    # -- start-up -------------------------------------------------------------------------
+    def _check_inputs(self) -> None:
+        """Launch the executor, then check every output location, the dataset, the clients'
+        splits and the model, once, before any work is handed out: a user mistake is a
+        one-line config error."""
+        cfg, ckpt = self.cfg, self.ckpt
+        self.ex.launch(cfg, self.per_round)
+        try:
+            if self.dataset is None:
+                resumed = (self.run_dir, ckpt.meta["mlflow_run_id"]) if ckpt else (None, None)
+                self.dataset = preflight(cfg, *resumed)
+        except BaseException:
+            self.ex.close(None, None)
+            raise
+        self.clock.mark("checks")
+
+    def _open_tracking(self) -> None:
+        """Open (or reopen) the MLflow run in a thread: schema migrations take seconds on a
+        fresh SQLite file, while the actors load. A new run's data record is logged in the
+        same thread once the run exists (the run waits for it before it finishes)."""
+        cfg, ckpt, dataset = self.cfg, self.ckpt, self.dataset
+        tracking = ThreadPoolExecutor(1, thread_name_prefix="fedsim-tracking")
+        if ckpt:
+            self.opened = tracking.submit(
+                Tracker.reopen, cfg, ckpt.meta["mlflow_run_id"], ckpt.round
+            )
+        else:
+            self.opened = opened = tracking.submit(Tracker, cfg)
+            self.inputs = tracking.submit(lambda: log_run_inputs(opened.result(), cfg, dataset))
+        tracking.shutdown(wait=False)
+
+    def _start_ray(self) -> None:
+        try:
+            self.ex.start()
+        except BaseException:
+            _close_tracker(self.opened, "FAILED")
+            self.ex.close(None, None)
+            raise
+        self.clock.mark("ray")
+        for key in ephemeral_paths(self.cfg):
+            print(
+                f"fedsim: warning: {key} is a relative path and this Ray job runs in Ray's "
+                "temporary copy of the project; what it writes there is lost with the Ray "
+                f"session. Pass an absolute path ({key}=/lasting/storage/...).",
+                file=sys.stderr,
+            )
+
+    def _start_actors(self) -> tuple[RunResult, RoundLoop]:
+        """The client pool, the MLflow run, the server and the checkpoint writer; the round
+        loop over them, restored from the checkpoint of a resumed run."""
+        cfg, ckpt, ex, clock = self.cfg, self.ckpt, self.ex, self.clock
+        try:
+            self.pool = ex.make_pool(cfg, self.per_round, wait=False)
+        finally:
+            self.tracker = tracker = self.opened.result()  # the store's own error comes first
+        tracker.start_system_metrics()
+        clock.mark("store")
+        self.pool.wait_ready()
+        clock.mark("actors")
+        if tracker.system_metrics is not None:
+            tracker.system_metrics.add_ray_nodes(ex.actor_nodes(self.pool))
+        self.info = info = self.pool.call_first("describe")
+        _check_ranks(resolve_ranks(cfg.clients, cfg.seed), info.max_rank)
+        initial = self.pool.call_first("initial_global")
+        self.server = ex.make_server(*server_args(cfg, initial))
+        if ckpt:
+            _load_server_state(ex, self.server, ckpt)
+        else:
+            self.run_dir = Path(cfg.checkpoint.dir) / tracker.run_id
+            _log_skipped_rows(tracker, self.dataset)
+        if cfg.checkpoint.every > 0:
+            self.writer = _checkpoint_writer(cfg, ckpt, self.run_dir)
+        run_dir = self.writer.run_dir if self.writer else None
+        result = RunResult(tracker.run_id, tracker.uri, run_dir=run_dir)
+        result.phases, result.phases_origin = clock.seconds, clock.start
+        loop = RoundLoop(
+            cfg,
+            self.ranks,
+            ex,
+            self.pool,
+            self.server,
+            tracker,
+            result,
+            self.writer,
+            info.client_train_sizes,
+        )
+        if ckpt:
+            loop.restore(ckpt)
+        clock.mark("ready")
+        return result, loop
+
+    # -- the rounds and the end -----------------------------------------------------------
+    def _train(self, loop: RoundLoop) -> None:
+        cfg = self.cfg
+        done = max(loop.next_round - 1, 0)  # rounds already trained (a resumed run's checkpoint)
+        self.progress = RoundProgress(cfg.rounds, enabled=cfg.progress, initial=done)
+        loop.run(self.progress, self.clock)
+        self.progress.close()
+        self.clock.mark("rounds")
+        if cfg.rounds >= loop.first_round and not loop.merged_any:
+            raise RunFailed(
+                f"no round of this run merged a client update (rounds {loop.first_round}-"
+                f"{cfg.rounds}: every sampled client failed, was late or was rejected); see the "
+                "round lines above and the clients/ tables in MLflow"
+            )
+
+    def _finish(self, result: RunResult, loop: RoundLoop) -> None:
+        """The final outputs (adapters, plots), then the MLflow run closes FINISHED."""
+        cfg, tracker = self.cfg, self.tracker
+        if self.inputs is not None:
+            _wait_for_inputs(self.inputs)
+        log_final_outputs(cfg, self.info, self.ex, self.pool, self.server, tracker, result)
+        if cfg.tracking.save_client_adapters:
+            log_client_adapters(cfg, self.info, loop, tracker)
+        tracker.finish()
+        if cfg.progress:
+            self.progress.summary(result.history, tracker.run_id, tracker.ui_command())
+
+    def _stop(self, exc: BaseException) -> BaseException | None:
+        """End the MLflow run after ``exc``: KILLED for an interrupt, FAILED otherwise, and
+        no run at all for a user mistake found before round 0 of a new run. Points at the
+        last good checkpoint; returns the error to raise instead of ``exc``, if any."""
+        if self.progress is not None:  # end the bar's line before the error is printed
+            self.progress.close()
+        status = "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED"
+        if isinstance(exc, ConfigError) and self.ckpt is None and self.progress is None:
+            status = "DISCARD"
+        if self.tracker is not None:
+            _end_tracker(self.tracker, status)
+        else:
+            _close_tracker(self.opened, status)
+        writer = self.writer
+        if writer is not None and (writer.run_dir / "latest.json").exists():
+            hint = f"fedsim run --resume {writer.run_dir}"
+            if isinstance(exc, RunFailed):  # the CLI prints it with the reason
+                return RunFailed(f"{exc}; the last good checkpoint continues with: {hint}")
+            print(f"fedsim: the run stopped; continue it with: {hint}", file=sys.stderr, flush=True)
+        return None
+
+
+def _checkpoint_writer(cfg: FedSimConfig, ckpt: Checkpoint | None, run_dir: Path):
+    """The checkpoint writer of the run, knowing a resumed run's client files and digests."""
+    files = {int(c): f for c, f in (ckpt.meta["client_files"] if ckpt else {}).items()}
+    saved = ckpt.meta["digests"] if ckpt else {}
+    digests = {k.removeprefix("clients/"): v for k, v in saved.items()}
+    writer = CheckpointWriter(
+        run_dir, cfg.checkpoint.keep, files, config=cfg, client_digests=digests
+    )
+    writer.write_config(to_yaml(cfg))
+    return writer
+
+
+def _close_tracker(opened, status: str) -> None:
+    """End the MLflow run the tracking thread opened (if it did) with ``status``."""
+    try:
+        tracker = opened.result()
+    except Exception:
+        return  # the store's own error; the run's error is the one to report
+    _end_tracker(tracker, status)
+
+
+def _end_tracker(tracker: Tracker, status: str) -> None:
+    """Mark the run ``status``; ``DISCARD``: delete a run a config error stopped at once."""
+    if status == "DISCARD" and not tracker.reopened:
+        tracker.discard()
+    else:
+        tracker.finish("FAILED" if status == "DISCARD" else status)
+
+
+def _load_server_state(ex, server, ckpt: Checkpoint) -> None:
+    """Load a checkpoint's server state; one that does not fit this run is a config error."""
+    try:
+        ex.get(ex.call(server, "load_state_dict", ckpt.server))
+    except (ray.exceptions.RayTaskError, ValueError, KeyError) as exc:
+        reason = str(exc.cause) if getattr(exc, "cause", None) else str(exc).splitlines()[-1]
+        raise ConfigError(
+            "--resume", f"{ckpt.path / 'server.safetensors'} does not fit this run: {reason}"
+        ) from None
+
+
+def _wait_for_inputs(inputs) -> None:
+    """Wait for the run's data record; one that could not be logged is a warning, not a failed
+    run (the metrics, checkpoints and adapters are all there)."""
+    try:
+        inputs.result()
+    except Exception as exc:
+        reason = one_line(exc)
+        print(
+            f"fedsim: warning: the run's data record (MLflow datasets, data/) was not logged: "
+            f"{reason}",
+            file=sys.stderr,
+            flush=True,
+        )
+
+
+def _log_skipped_rows(tracker: Tracker, dataset) -> None:
+    """``data/skipped_rows`` (a metric, 0 when none) and the table of rows left out."""
+    skipped = list(getattr(dataset, "skipped", None) or [])
+    tracker.log_metrics({"data/skipped_rows": len(skipped)}, step=0)
+    if skipped:
+        rows = [{"file": s.file, "row": s.row, "reason": s.reason} for s in skipped]
+        tracker.log_table(rows, "data/skipped_rows.json")
