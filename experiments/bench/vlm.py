@@ -36,27 +36,21 @@ summary line:
 
 from __future__ import annotations
 
+import argparse
+import importlib.util
+import json
+import math
+import os
+import platform
+import statistics
+import subprocess
 import sys
+import tempfile
+import time
+from collections.abc import Sequence
 from pathlib import Path
 
-# Run as a script, this folder is sys.path[0], and its aggregation.py (the merge benchmark)
-# would shadow the top-level ``aggregation`` package here and, through the driver's sys.path
-# that Ray hands on, in every Ray worker: drop it.
 _HERE = Path(__file__).resolve().parent
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]
-
-import argparse  # noqa: E402
-import importlib.util  # noqa: E402
-import json  # noqa: E402
-import math  # noqa: E402
-import os  # noqa: E402
-import platform  # noqa: E402
-import statistics  # noqa: E402
-import subprocess  # noqa: E402
-import tempfile  # noqa: E402
-import time  # noqa: E402
-from collections.abc import Sequence  # noqa: E402
-
 DEFAULT_CONFIG = _HERE.parents[1] / "experiments" / "vlm_emoji.yaml"
 RESULT_TAG = "VLM-BENCH-RESULT "
 MB = 1e6

@@ -1,8 +1,8 @@
 """The checkpoint format, and the checks that a checkpoint read back is one fedsim wrote.
 
-``state.json`` (format 2) is one object::
+``state.json`` (format 3) is one object::
 
-    format         2
+    format         3
     round          int >= 0, the round latest.json names
     server         the server state with each tensor replaced by {"__tensor__": key}
     client_files   {"<client id>": "c<id:06d>_r<round:05d>.safetensors"}
@@ -14,6 +14,9 @@
     digests        {"server.safetensors": sha256, "clients/<file>": sha256, ...}
     config         {"digest": sha256, "values": {key: value}}: the config keys a resumed
                    run may not change (all but :func:`is_resumable` ones), flattened
+    merge          [{"round": int, ...}, ...]: the merge diagnostics of the rounds that kept
+                   them, rounds ascending, none after ``round`` (absent from checkpoints
+                   written before the diagnostics existed: read as [])
 
 :func:`fedsim.checkpoint.store.load_checkpoint` trusts nothing it reads: every field is checked for
 its type, every path must resolve inside its directory (symlinks included), every tensor file
@@ -297,6 +300,7 @@ def check_state(state: Any, file: Path, round_idx: int) -> None:
             fail(file, f"{name} must be {want}, got {show(value)}")
     if state["round"] != round_idx:
         fail(file, f"round is {state['round']} but latest.json names round {round_idx}")
+    _check_merge(state, file, round_idx)
     if state["rng"]["next_round"] != round_idx + 1:
         fail(file, f"rng.next_round must be {round_idx + 1}, got {state['rng']['next_round']}")
     if len(state["history"]) != len(state["clients"]):
@@ -324,6 +328,19 @@ def check_state(state: Any, file: Path, round_idx: int) -> None:
         odd = sorted(wanted - have) or sorted(have - wanted)
         verb = "lacks" if wanted - have else "names a file the checkpoint does not hold:"
         fail(file, f"digests {verb} {odd[0]!r}")
+
+
+def _check_merge(state: dict, file: Path, round_idx: int) -> None:
+    """The ``merge`` field: one object per round with diagnostics, rounds ascending and none
+    after the checkpoint's round. A checkpoint from before the diagnostics has none: it is
+    set to [] here, so that readers take the field as it is."""
+    merge = state.setdefault("merge", [])
+    rows = 'a list of objects with an integer "round"'
+    if not _is_list_of(lambda d: isinstance(d, dict) and _is_count(d.get("round")))(merge):
+        fail(file, f"merge must be {rows}, got {show(merge)}")
+    rounds = [d["round"] for d in merge]
+    if rounds != sorted(set(rounds)) or any(r > round_idx for r in rounds):
+        fail(file, f"merge must hold rounds ascending, none after round {round_idx}, got {rounds}")
 
 
 def load_tensors(file: Path, root: Path, digest: str) -> dict[str, torch.Tensor]:

@@ -11,9 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-
-def _help(text: str) -> dict[str, str]:
-    return {"help": text}
+from fedsim.config.fields import doc
 
 
 @dataclass
@@ -30,13 +28,13 @@ class EditingConfig:
         },
     )
     key: Literal["lora_A", "lora_B", "all"] = field(
-        default="lora_A", metadata={"help": "Which LoRA tensors are candidates for editing."}
+        default="lora_A", metadata=doc("Which LoRA tensors are candidates for editing.")
     )
-    count: int = field(default=1, metadata={"help": "How many lowest-similarity tensors to edit."})
-    threshold: float = field(default=0.95, metadata={"help": "Edit only if cosine < threshold."})
+    count: int = field(default=1, metadata=doc("How many lowest-similarity tensors to edit."))
+    threshold: float = field(default=0.95, metadata=doc("Edit only if cosine < threshold."))
     mode: Literal["weighted", "replace", "half"] = field(
         default="weighted",
-        metadata={"help": "weighted: mix by clamped cosine; replace; half."},
+        metadata=doc("weighted: mix by clamped cosine; replace; half."),
     )
 
 
@@ -56,14 +54,14 @@ class FedExConfig:
 class PrivacyConfig:
     enabled: bool = field(
         default=False,
-        metadata=_help(
+        metadata=doc(
             "Client-level differential privacy (DP-FedAvg): clip every client's update to "
             "privacy.clip_norm, weight the clients equally and add Gaussian noise."
         ),
     )
     noise: Literal["server", "client"] = field(
         default="server",
-        metadata=_help(
+        metadata=doc(
             "Where clipping and noise happen: on the server (a trusted server sees the clipped "
             "updates) or on the clients (each adds its share of the noise before upload; the "
             "guarantee then needs secure aggregation)."
@@ -71,45 +69,45 @@ class PrivacyConfig:
     )
     clipping: Literal["fixed", "adaptive"] = field(
         default="fixed",
-        metadata=_help(
+        metadata=doc(
             "fixed: clip to privacy.clip_norm every round; adaptive: track the "
             "privacy.target_quantile of the update norms (Andrew et al., 2021)."
         ),
     )
     clip_norm: float = field(
-        default=1.0, metadata=_help("Clip norm C of a client's update (adaptive: the initial C).")
+        default=1.0, metadata=doc("Clip norm C of a client's update (adaptive: the initial C).")
     )
     noise_multiplier: float = field(
         default=1.0,
-        metadata=_help(
+        metadata=doc(
             "Noise multiplier z (noise std z C on the sum of updates); derived instead when "
             "privacy.target_epsilon > 0."
         ),
     )
     target_epsilon: float = field(
         default=0.0,
-        metadata=_help(
+        metadata=doc(
             "Derive the noise multiplier so that the whole run (rounds) is "
             "(target_epsilon, delta)-DP (0: use privacy.noise_multiplier)."
         ),
     )
-    delta: float = field(default=1e-5, metadata=_help("The delta of (epsilon, delta)-DP."))
+    delta: float = field(default=1e-5, metadata=doc("The delta of (epsilon, delta)-DP."))
     target_quantile: float = field(
-        default=0.5, metadata=_help("Adaptive clipping: the quantile of update norms to track.")
+        default=0.5, metadata=doc("Adaptive clipping: the quantile of update norms to track.")
     )
     clip_lr: float = field(
-        default=0.2, metadata=_help("Adaptive clipping: the geometric step size of C.")
+        default=0.2, metadata=doc("Adaptive clipping: the geometric step size of C.")
     )
     count_noise: float = field(
         default=0.0,
-        metadata=_help(
+        metadata=doc(
             "Adaptive clipping: std of the noise on the count of clipped updates (0: the "
             "sampled clients per round / 20, Andrew et al.'s choice)."
         ),
     )
     accountant: Literal["rdp", "pld"] = field(
         default="rdp",
-        metadata=_help(
+        metadata=doc(
             "Privacy accountant of dp-accounting: Renyi DP or privacy loss distributions."
         ),
     )
@@ -124,21 +122,19 @@ class PruningConfig:
             "A[r-delta:]||_F in the local loss; 0 turns pruning off."
         },
     )
-    delta: int = field(
-        default=1, metadata={"help": "Tail dimensions penalised and dropped at once."}
-    )
+    delta: int = field(default=1, metadata=doc("Tail dimensions penalised and dropped at once."))
     threshold: float = field(
         default=1e-3,
-        metadata={"help": "Drop the tail when its norm after training is below this."},
+        metadata=doc("Drop the tail when its norm after training is below this."),
     )
-    min_rank: int = field(default=1, metadata={"help": "A client's rank never drops below this."})
+    min_rank: int = field(default=1, metadata=doc("A client's rank never drops below this."))
 
 
 @dataclass
 class RobustConfig:
     rule: Literal["none", "median", "trimmed_mean", "krum", "multi_krum", "product"] = field(
         default="none",
-        metadata=_help(
+        metadata=doc(
             "Robust rule in front of the merge: median or trimmed_mean (per coordinate over "
             "the clients covering it), krum or multi_krum (on zero-padded factors), product "
             "(fedsim's rank-aware outlier rule on the low-rank products B_i A_i)."
@@ -146,28 +142,28 @@ class RobustConfig:
     )
     clip_norm: float = field(
         default=0.0,
-        metadata=_help(
+        metadata=doc(
             "Norm bounding: clip every client's update (its factors minus what it started "
             "from) to this L2 norm before the rule (0: off)."
         ),
     )
     trim: float = field(
         default=0.1,
-        metadata=_help(
+        metadata=doc(
             "trimmed_mean: the share beta of values dropped at each end, per coordinate "
             "(floor(beta * n) of the n clients covering it)."
         ),
     )
     num_faulty: int = field(
-        default=1, metadata=_help("krum, multi_krum: the number f of faulty clients assumed.")
+        default=1, metadata=doc("krum, multi_krum: the number f of faulty clients assumed.")
     )
     num_selected: int = field(
         default=0,
-        metadata=_help("multi_krum: how many best-scored clients are merged (0: n - f)."),
+        metadata=doc("multi_krum: how many best-scored clients are merged (0: n - f)."),
     )
     threshold: float = field(
         default=3.0,
-        metadata=_help(
+        metadata=doc(
             "product: leave out clients whose score is above this many times the median "
             "score (> 1)."
         ),

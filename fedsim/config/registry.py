@@ -136,7 +136,8 @@ class DatasetSpec:
     Attributes:
         name: the ``data.dataset`` value.
         loader: ``"module:function"`` reading one split:
-            ``(root, split, image_size, on_error) -> MultimodalDataset``; None for ``emoji``.
+            ``(root, split, image_size, on_error) -> (MultimodalDataset, LoadReport)``
+            (:mod:`fedsim.data.loaders`); None for ``emoji``.
         file_of: ``"module:function"``: ``(root, split) -> Path`` of a split's file.
         default_test: the split used as the global test set unless ``data.test_split`` says.
         generative_only: its targets are free text (a generative model is needed).

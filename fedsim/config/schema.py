@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
+from fedsim.config.fields import doc
 from fedsim.config.methods import (
     EditingConfig,
     FedExConfig,
@@ -34,19 +35,15 @@ BACKBONES = tuple(BACKBONE_SPECS)
 GENERATIVE_BACKBONES = tuple(n for n, spec in BACKBONE_SPECS.items() if spec.generative)
 
 
-def _help(text: str) -> dict[str, str]:
-    return {"help": text}
-
-
 @dataclass
 class ClientsConfig:
-    num: int = field(default=10, metadata=_help("Number of simulated clients."))
+    num: int = field(default=10, metadata=doc("Number of simulated clients."))
     fraction: float = field(
-        default=0.4, metadata=_help("Share of clients sampled per round, in (0, 1].")
+        default=0.4, metadata=doc("Share of clients sampled per round, in (0, 1].")
     )
     ranks: str = field(
         default=rank_spec(FEDILORA_RANKS),
-        metadata=_help(
+        metadata=doc(
             "LoRA rank per client: clients.num comma-separated ints (a YAML or override list "
             "[32, 32, ...] is taken too), one int for every client, or a named distribution: "
             "'fedilora' (FediLoRA's 32,32,16,16,8,8,4,4,4,4 pattern repeated), "
@@ -63,32 +60,32 @@ class ClientsConfig:
 class DataConfig:
     dataset: str = field(
         default="emoji",
-        metadata=_help(
+        metadata=doc(
             "; ".join(f"{n}: {spec.summary}" for n, spec in DATASETS.items())
             + " (real datasets read their files under data.root; llava needs a generative "
             "model)."
         ),
     )
     root: str | None = field(
-        default=None, metadata=_help("Directory holding a real dataset's files.")
+        default=None, metadata=doc("Directory holding a real dataset's files.")
     )
     test_split: str | None = field(
         default=None,
-        metadata=_help(
+        metadata=doc(
             "Real datasets: the split used as the global test set (default: dev for "
             "hateful_memes, test for crisismmd); their train split is partitioned."
         ),
     )
     on_error: Literal["raise", "skip"] = field(
         default="raise",
-        metadata=_help("A corrupt row, missing image or bad label: stop, or skip and count it."),
+        metadata=doc("A corrupt row, missing image or bad label: stop, or skip and count it."),
     )
     label: Literal["group", "subgroup"] = field(
-        default="group", metadata=_help("Target: Unicode group (9 classes) or subgroup.")
+        default="group", metadata=doc("Target: Unicode group (9 classes) or subgroup.")
     )
     target: Literal["caption", "label"] = field(
         default="caption",
-        metadata=_help(
+        metadata=doc(
             "Generative models on emoji: caption (the image, plus a hint where the client has "
             "text, to the emoji's Unicode name) or label (the class name, posed as instruction "
             "following). Hateful Memes and CrisisMMD are always label; llava always caption."
@@ -96,28 +93,28 @@ class DataConfig:
     )
     prompt_style: Literal["default", "agnostic"] = field(
         default="default",
-        metadata=_help(
+        metadata=doc(
             "Generative models: default (the instruction names the modalities a sample has) or "
             "agnostic (FedMLLM's modality-agnostic prompt: one template for every sample)."
         ),
     )
-    image_size: int = field(default=32, metadata=_help("Rendered image side in pixels."))
-    test_fraction: float = field(default=0.2, metadata=_help("Share held out as global test."))
+    image_size: int = field(default=32, metadata=doc("Rendered image side in pixels."))
+    test_fraction: float = field(default=0.2, metadata=doc("Share held out as global test."))
     holdout_fraction: float = field(
-        default=0.2, metadata=_help("Share of each client's data held out for personalised eval.")
+        default=0.2, metadata=doc("Share of each client's data held out for personalised eval.")
     )
     partition: Literal["dirichlet", "centralized"] = field(
         default="dirichlet",
-        metadata=_help(
+        metadata=doc(
             "dirichlet: label-skew split over clients; centralized: the centralised baseline, "
             "one client (clients.num=1) holding all training data."
         ),
     )
-    alpha: float = field(default=0.5, metadata=_help("Dirichlet concentration of label skew."))
-    min_per_client: int = field(default=10, metadata=_help("Minimum samples per client."))
+    alpha: float = field(default=0.5, metadata=doc("Dirichlet concentration of label skew."))
+    min_per_client: int = field(default=10, metadata=doc("Minimum samples per client."))
     scenario: Literal["aligned", "missing", "fedilora", "cross", "hybrid"] = field(
         default="fedilora",
-        metadata=_help(
+        metadata=doc(
             "Modality heterogeneity: aligned (both kept); missing (each row loses each modality "
             "with probability missing_beta); fedilora (a share missing_rate of each client's "
             "rows loses exactly one); cross (image-only : text-only clients, cross_ratio); "
@@ -126,22 +123,20 @@ class DataConfig:
     )
     missing_rate: float = field(
         default=0.4,
-        metadata=_help(
-            "FediLoRA missing rate: share of each client's samples missing one modality."
-        ),
+        metadata=doc("FediLoRA missing rate: share of each client's samples missing one modality."),
     )
     missing_beta: float = field(
-        default=0.3, metadata=_help("missing: per-row probability of losing each modality.")
+        default=0.3, metadata=doc("missing: per-row probability of losing each modality.")
     )
     cross_ratio: str = field(
-        default="3:7", metadata=_help("cross: image-only : text-only clients, e.g. 3:7.")
+        default="3:7", metadata=doc("cross: image-only : text-only clients, e.g. 3:7.")
     )
     hybrid_p: float = field(
-        default=0.8, metadata=_help("hybrid: probability that a client keeps each modality.")
+        default=0.8, metadata=doc("hybrid: probability that a client keeps each modality.")
     )
     image_fill: Literal["zeros", "learned", "mask"] = field(
         default="zeros",
-        metadata=_help(
+        metadata=doc(
             "A missing image: zeros (a zero input image, FediLoRA's choice), learned (a "
             "trained, federated embedding replaces the image features), or mask (the image "
             "features are zeroed)."
@@ -149,23 +144,23 @@ class DataConfig:
     )
     text_fill: Literal["placeholder", "mask"] = field(
         default="placeholder",
-        metadata=_help(
+        metadata=doc(
             "A missing text: placeholder (data.text_placeholder is encoded instead) or mask "
             "(the text features are zeroed)."
         ),
     )
     text_placeholder: str = field(
-        default="", metadata=_help("Text that stands in for a missing text (empty string).")
+        default="", metadata=doc("Text that stands in for a missing text (empty string).")
     )
     max_text_tokens: int = field(
         default=32,
-        metadata=_help("Token limit of the text tower (generative models: of the prompt text)."),
+        metadata=doc("Token limit of the text tower (generative models: of the prompt text)."),
     )
     subset: int | None = field(
-        default=None, metadata=_help("Keep only this many samples (seeded), for quick runs.")
+        default=None, metadata=doc("Keep only this many samples (seeded), for quick runs.")
     )
     cache_dir: str | None = field(
-        default=None, metadata=_help("Where built datasets are cached (default ~/.cache/fedsim).")
+        default=None, metadata=doc("Where built datasets are cached (default ~/.cache/fedsim).")
     )
 
 
@@ -173,44 +168,44 @@ class DataConfig:
 class ModelConfig:
     backbone: str = field(
         default="minilm-effnet",
-        metadata=_help("; ".join(f"{n}: {spec.summary}" for n, spec in BACKBONE_SPECS.items())),
+        metadata=doc("; ".join(f"{n}: {spec.summary}" for n, spec in BACKBONE_SPECS.items())),
     )
-    text_encoder: str | None = field(default=None, metadata=_help("hf: text encoder id/path."))
-    vision_encoder: str | None = field(default=None, metadata=_help("hf: vision encoder id/path."))
+    text_encoder: str | None = field(default=None, metadata=doc("hf: text encoder id/path."))
+    vision_encoder: str | None = field(default=None, metadata=doc("hf: vision encoder id/path."))
     text_targets: list[str] = field(
         default_factory=lambda: ["query", "value", "q_proj", "v_proj"],
-        metadata=_help("hf: module-name suffixes that get LoRA in the text tower."),
+        metadata=doc("hf: module-name suffixes that get LoRA in the text tower."),
     )
     vision_targets: list[str] = field(
         default_factory=lambda: ["query", "value", "q_proj", "v_proj"],
-        metadata=_help("hf: module-name suffixes that get LoRA in the vision tower."),
+        metadata=doc("hf: module-name suffixes that get LoRA in the vision tower."),
     )
-    head_hidden: int = field(default=256, metadata=_help("Hidden width of the fusion head."))
-    head_dropout: float = field(default=0.1, metadata=_help("Dropout in the fusion head."))
+    head_hidden: int = field(default=256, metadata=doc("Hidden width of the fusion head."))
+    head_dropout: float = field(default=0.1, metadata=doc("Dropout in the fusion head."))
     name_or_path: str | None = field(
         default=None,
-        metadata=_help(
+        metadata=doc(
             "hf-vlm: a Hugging Face image-text-to-text model (hub id or local directory), "
             "loaded with AutoProcessor + AutoModelForImageTextToText."
         ),
     )
     targets: list[str] = field(
         default_factory=lambda: ["q_proj", "v_proj"],
-        metadata=_help(
+        metadata=doc(
             "Generative models: module-name suffixes that get LoRA, in the vision tower and "
             "the language model alike (FediLoRA: q_proj, v_proj)."
         ),
     )
     target_regex: str | None = field(
         default=None,
-        metadata=_help(
+        metadata=doc(
             "Generative models: a full-match regex of module names that get LoRA, instead of "
             "model.targets (e.g. '.*text_model.*(q_proj|v_proj)' for the language model only)."
         ),
     )
     modules_to_save: list[str] | None = field(
         default=None,
-        metadata=_help(
+        metadata=doc(
             "Generative models: non-LoRA modules trained in full and federated like the "
             "classifier head (default: the projector for smolvlm-effnet, none for hf-vlm; "
             "e.g. [multi_modal_projector] for LLaVA)."
@@ -218,42 +213,42 @@ class ModelConfig:
     )
     dtype: Literal["float32", "bfloat16"] = field(
         default="float32",
-        metadata=_help(
+        metadata=doc(
             "Generative models: dtype of the frozen weights (bfloat16 halves memory on GPUs; "
             "LoRA tensors stay float32)."
         ),
     )
     gradient_checkpointing: bool = field(
         default=False,
-        metadata=_help("Generative models: recompute activations in backward (saves memory)."),
+        metadata=doc("Generative models: recompute activations in backward (saves memory)."),
     )
 
 
 @dataclass
 class LoraConfig:
-    alpha: float = field(default=16.0, metadata=_help("LoRA alpha."))
+    alpha: float = field(default=16.0, metadata=doc("LoRA alpha."))
     scaling: Literal["constant", "rank"] = field(
         default="constant",
-        metadata=_help(
+        metadata=doc(
             "'constant': every client uses s = alpha / R (R = largest rank), so B@A means the "
             "same on every client; 'rank': peft's per-client alpha / r_i."
         ),
     )
-    dropout: float = field(default=0.0, metadata=_help("LoRA dropout."))
+    dropout: float = field(default=0.0, metadata=doc("LoRA dropout."))
 
 
 @dataclass
 class AggregationConfig:
     method: str = field(
-        default="fedilora", metadata=_help("Heterogeneous-rank merge: " + ", ".join(MERGERS))
+        default="fedilora", metadata=doc("Heterogeneous-rank merge: " + ", ".join(MERGERS))
     )
     empty_dim: Literal["keep", "zero"] = field(
         default="keep",
-        metadata=_help("FediLoRA: a rank dimension no sampled client covers keeps or zeroes."),
+        metadata=doc("FediLoRA: a rank dimension no sampled client covers keeps or zeroes."),
     )
     damping: float = field(
         default=1.0,
-        metadata=_help(
+        metadata=doc(
             "fedilora_damped (fedsim's own variant): blend each dimension's FediLoRA average "
             "with the previous global value by 1 - damping * (1 - covered weight share); "
             "in [0, 1], 0 is FediLoRA."
@@ -261,11 +256,11 @@ class AggregationConfig:
     )
     svd: Literal["auto", "exact", "lowrank"] = field(
         default="auto",
-        metadata=_help("FlexLoRA: exact SVD, randomised torch.svd_lowrank, or auto by size."),
+        metadata=doc("FlexLoRA: exact SVD, randomised torch.svd_lowrank, or auto by size."),
     )
     streaming: bool = field(
         default=True,
-        metadata=_help(
+        metadata=doc(
             "Linear merges (zeropad, fedilora, hetlora, flora) add each update as it arrives, "
             "in client-id order, so the server holds one adapter, not one per client; false: "
             "merge the round's updates as one batch (equal up to float rounding)."
@@ -277,7 +272,7 @@ class AggregationConfig:
 class SharingConfig:
     policy: str = field(
         default="all",
-        metadata=_help(
+        metadata=doc(
             "Which LoRA parts go to the server ("
             + ", ".join(SHARING_POLICIES)
             + "): all; B (pLoRA: each client keeps its own A); A (FedSA-LoRA: each client "
@@ -290,24 +285,24 @@ class SharingConfig:
 class ServerConfig:
     optimizer: str = field(
         default="fedavg",
-        metadata=_help(
+        metadata=doc(
             "Server optimiser on the pseudo-gradient (Reddi et al. 2021): "
             + ", ".join(SERVER_OPTIMIZERS)
         ),
     )
     lr: float | None = field(
-        default=None, metadata=_help("Server learning rate (default: 1.0 FedAvgM, 1e-2 adaptive).")
+        default=None, metadata=doc("Server learning rate (default: 1.0 FedAvgM, 1e-2 adaptive).")
     )
-    beta1: float = field(default=0.9, metadata=_help("First-moment decay."))
-    beta2: float = field(default=0.99, metadata=_help("Second-moment decay."))
-    tau: float = field(default=1e-3, metadata=_help("Adaptivity (epsilon) of adaptive optimisers."))
+    beta1: float = field(default=0.9, metadata=doc("First-moment decay."))
+    beta2: float = field(default=0.99, metadata=doc("Second-moment decay."))
+    tau: float = field(default=1e-3, metadata=doc("Adaptivity (epsilon) of adaptive optimisers."))
 
 
 @dataclass
 class ObjectiveConfig:
     method: str = field(
         default="plain",
-        metadata=_help(
+        metadata=doc(
             "Client objective ("
             + ", ".join(OBJECTIVES)
             + "): plain; fedprox (mu/2 ||theta - theta_g||^2); scaffold (control variates); "
@@ -315,11 +310,11 @@ class ObjectiveConfig:
             "layers layer_skip .. L-1-layer_skip only)."
         ),
     )
-    mu: float = field(default=0.01, metadata=_help("Proximal coefficient (fedprox, fedmllm)."))
-    layer_weight: float = field(default=0.1, metadata=_help("fedmllm: weight w of the term."))
+    mu: float = field(default=0.01, metadata=doc("Proximal coefficient (fedprox, fedmllm)."))
+    layer_weight: float = field(default=0.1, metadata=doc("fedmllm: weight w of the term."))
     layer_skip: int = field(
         default=1,
-        metadata=_help(
+        metadata=doc(
             "fedmllm: layers s .. L-1-s of each tower get the term (FedMLLM uses s=4 on a "
             "32-layer LLM; the default MiniLM tower has 6 layers, hence 1)."
         ),
@@ -328,25 +323,25 @@ class ObjectiveConfig:
 
 @dataclass
 class TrainConfig:
-    local_epochs: int = field(default=1, metadata=_help("Local epochs per round."))
+    local_epochs: int = field(default=1, metadata=doc("Local epochs per round."))
     max_local_steps: int | None = field(
-        default=None, metadata=_help("Cap on local optimiser steps per round.")
+        default=None, metadata=doc("Cap on local optimiser steps per round.")
     )
-    batch_size: int = field(default=32, metadata=_help("Local training batch size."))
+    batch_size: int = field(default=32, metadata=doc("Local training batch size."))
     eval_batch_size: int = field(
         default=64,
-        metadata=_help(
+        metadata=doc(
             "Evaluation batch size. The global evaluation is sharded over the actors by "
             "batches, so small batches balance the shards (and run faster on CPUs)."
         ),
     )
     optimizer: Literal["adamw", "sgd"] = field(
-        default="adamw", metadata=_help("Local optimiser (SCAFFOLD needs sgd).")
+        default="adamw", metadata=doc("Local optimiser (SCAFFOLD needs sgd).")
     )
-    lr: float = field(default=2e-3, metadata=_help("Local learning rate."))
-    weight_decay: float = field(default=0.0, metadata=_help("AdamW weight decay."))
+    lr: float = field(default=2e-3, metadata=doc("Local learning rate."))
+    weight_decay: float = field(default=0.0, metadata=doc("AdamW weight decay."))
     precision: Literal["fp32", "bf16"] = field(
-        default="fp32", metadata=_help("Autocast precision of the forward pass.")
+        default="fp32", metadata=doc("Autocast precision of the forward pass.")
     )
 
 
@@ -354,45 +349,45 @@ class TrainConfig:
 class EvalConfig:
     every: int = field(
         default=1,
-        metadata=_help(
+        metadata=doc(
             "Evaluate (global and personalised) every this many rounds; round 0 and the last "
             "round are always evaluated."
         ),
     )
     max_samples: int | None = field(
         default=None,
-        metadata=_help(
+        metadata=doc(
             "Cap on the samples of the global test set and of each client's held-out split "
             "that are evaluated (a fixed seeded subset); None: all."
         ),
     )
     max_new_tokens: int = field(
-        default=32, metadata=_help("Generative models: greedy decoding length limit.")
+        default=32, metadata=doc("Generative models: greedy decoding length limit.")
     )
     examples: int = field(
         default=8,
-        metadata=_help("Generative models: example generations logged per evaluated round."),
+        metadata=doc("Generative models: example generations logged per evaluated round."),
     )
 
 
 @dataclass
 class ClientResources:
-    num_cpus: float = field(default=1.0, metadata=_help("CPUs per client actor."))
-    num_gpus: float = field(default=0.0, metadata=_help("GPU fraction per client actor."))
+    num_cpus: float = field(default=1.0, metadata=doc("CPUs per client actor."))
+    num_gpus: float = field(default=0.0, metadata=doc("GPU fraction per client actor."))
 
 
 @dataclass
 class ResourcesConfig:
     client: ClientResources = field(default_factory=ClientResources)
     actors: int | None = field(
-        default=None, metadata=_help("Cap on the actor pool (default: what the cluster fits).")
+        default=None, metadata=doc("Cap on the actor pool (default: what the cluster fits).")
     )
     max_retries: int = field(
-        default=1, metadata=_help("Retries of a failed client task on another actor.")
+        default=1, metadata=doc("Retries of a failed client task on another actor.")
     )
     placement: Literal["pack", "spread", "strict_spread", "none"] = field(
         default="pack",
-        metadata=_help(
+        metadata=doc(
             "Reserve the client actors in a Ray placement group: pack (fill a node, e.g. four "
             "0.25-GPU actors on one GPU, before the next), spread (one per node where it can), "
             "strict_spread (one per node, or fail), none (plain actors)."
@@ -400,14 +395,14 @@ class ResourcesConfig:
     )
     placement_timeout_s: float = field(
         default=60.0,
-        metadata=_help(
+        metadata=doc(
             "Seconds to wait for the cluster to place the actor pool before failing with the "
             "numbers (an autoscaling cluster may need minutes to add nodes)."
         ),
     )
     server: Literal["driver", "actor"] = field(
         default="driver",
-        metadata=_help(
+        metadata=doc(
             "Where the server (global adapter, merge, server optimiser) runs: in the driver "
             "process (no extra process; updates stream to it as clients finish) or in its own "
             "Ray actor (num_cpus=0), for a driver on a machine too small to hold the adapter."
@@ -419,48 +414,48 @@ class ResourcesConfig:
 class FaultsConfig:
     nan_update_clients: list[int] = field(
         default_factory=list,
-        metadata=_help(
+        metadata=doc(
             "Client ids whose uploads are poisoned with NaN, to exercise the server's update "
             "validation (such updates must be rejected and logged, never merged)."
         ),
     )
     fail_prob: float = field(
         default=0.0,
-        metadata=_help(
+        metadata=doc(
             "Probability that a client task attempt fails after training (seeded per seed, "
             "round, client and attempt); the pool retries it like any failure."
         ),
     )
     fail_mode: Literal["raise", "crash"] = field(
         default="raise",
-        metadata=_help(
+        metadata=doc(
             "How an injected failure happens: raise an exception in the task, or crash the "
             "actor's process (the pool then replaces the actor)."
         ),
     )
     delay_dist: Literal["none", "constant", "uniform", "exponential", "lognormal"] = field(
         default="none",
-        metadata=_help(
+        metadata=doc(
             "Distribution of the extra simulated seconds a straggling client task takes: "
             "constant (delay_s), uniform on [0, 2 delay_s], exponential (mean delay_s), "
             "lognormal (median delay_s, log-sd delay_sigma)."
         ),
     )
-    delay_s: float = field(default=0.0, metadata=_help("Scale of faults.delay_dist, seconds."))
-    delay_sigma: float = field(default=1.0, metadata=_help("Log-sd of the lognormal delay."))
+    delay_s: float = field(default=0.0, metadata=doc("Scale of faults.delay_dist, seconds."))
+    delay_sigma: float = field(default=1.0, metadata=doc("Log-sd of the lognormal delay."))
     delay_prob: float = field(
-        default=1.0, metadata=_help("Probability that a client task is delayed at all.")
+        default=1.0, metadata=doc("Probability that a client task is delayed at all.")
     )
     sleep_scale: float = field(
         default=0.0,
-        metadata=_help(
+        metadata=doc(
             "Real seconds a delayed task sleeps per simulated delay second (0: the delay is "
             "only on the simulated clock). Makes clients really finish out of order."
         ),
     )
     malicious: str = field(
         default="",
-        metadata=_help(
+        metadata=doc(
             'Malicious clients: their ids ("3,7" or a list), or a share of the clients '
             '("0.1", chosen by the seed, fixed for the run); they run faults.attack.'
         ),
@@ -468,7 +463,7 @@ class FaultsConfig:
     attack: Literal["none", "scale", "sign_flip", "gaussian", "label_flip", "lie_about_rank"] = (
         field(
             default="none",
-            metadata=_help(
+            metadata=doc(
                 "What the malicious clients do: scale (send their update times "
                 "faults.attack_scale), sign_flip (send minus their update), gaussian (send "
                 "Gaussian noise of norm faults.attack_norm as their update), label_flip (train "
@@ -478,14 +473,14 @@ class FaultsConfig:
         )
     )
     attack_scale: float = field(
-        default=100.0, metadata=_help("faults.attack=scale: the factor k of the update.")
+        default=100.0, metadata=doc("faults.attack=scale: the factor k of the update.")
     )
     attack_norm: float = field(
-        default=1.0, metadata=_help("faults.attack=gaussian: the norm of the noise update.")
+        default=1.0, metadata=doc("faults.attack=gaussian: the norm of the noise update.")
     )
     claimed_rank: int = field(
         default=0,
-        metadata=_help(
+        metadata=doc(
             "faults.attack=lie_about_rank: the rank claimed (0: the global rank, or half the "
             "client's rank for a client at the global rank)."
         ),
@@ -496,21 +491,21 @@ class FaultsConfig:
 class RoundConfig:
     deadline_s: float = field(
         default=0.0,
-        metadata=_help(
+        metadata=doc(
             "Close a round after this many simulated seconds; clients that would report later "
             "are late: left out of the merge and counted in clients/late (0: no deadline)."
         ),
     )
     min_clients: int = field(
         default=1,
-        metadata=_help(
+        metadata=doc(
             "A round waits past the deadline until this many clients reported; with fewer "
             "successful clients in all, the round merges nothing."
         ),
     )
     max_empty_rounds: int = field(
         default=3,
-        metadata=_help(
+        metadata=doc(
             "Stop the run with an error once this many rounds in a row merged no update "
             "(every sampled client failed, was late or was rejected); 0: never stop."
         ),
@@ -519,21 +514,21 @@ class RoundConfig:
 
 @dataclass
 class DeviceProfile:
-    share: float = field(default=1.0, metadata=_help("Share of clients with this profile."))
-    speed: float = field(default=1.0, metadata=_help("Compute speed (1: the reference device)."))
-    up_mbps: float = field(default=10.0, metadata=_help("Upload bandwidth, Mbit/s."))
-    down_mbps: float = field(default=50.0, metadata=_help("Download bandwidth, Mbit/s."))
+    share: float = field(default=1.0, metadata=doc("Share of clients with this profile."))
+    speed: float = field(default=1.0, metadata=doc("Compute speed (1: the reference device)."))
+    up_mbps: float = field(default=10.0, metadata=doc("Upload bandwidth, Mbit/s."))
+    down_mbps: float = field(default=50.0, metadata=doc("Download bandwidth, Mbit/s."))
 
 
 @dataclass
 class DevicesConfig:
     step_s: float = field(
         default=0.5,
-        metadata=_help("Simulated seconds of one local training step on a speed-1 device."),
+        metadata=doc("Simulated seconds of one local training step on a speed-1 device."),
     )
     profiles: dict[str, DeviceProfile] = field(
         default_factory=dict,
-        metadata=_help(
+        metadata=doc(
             "Named device profiles (share, speed, up_mbps, down_mbps), assigned to clients by a "
             "seeded draw with the given shares; empty: every client is the reference device "
             "(speed 1, 10 Mbit/s up, 50 Mbit/s down)."
@@ -545,53 +540,53 @@ class DevicesConfig:
 class CheckpointConfig:
     dir: str = field(
         default="runs",
-        metadata=_help(
+        metadata=doc(
             "Checkpoints go to DIR/<MLflow run id>/; resume with fedsim run --resume that path."
         ),
     )
     every: int = field(
-        default=1, metadata=_help("Write a checkpoint every this many rounds (0: never).")
+        default=1, metadata=doc("Write a checkpoint every this many rounds (0: never).")
     )
-    keep: int = field(default=2, metadata=_help("How many recent checkpoints to keep."))
+    keep: int = field(default=2, metadata=doc("How many recent checkpoints to keep."))
 
 
 @dataclass
 class TrackingConfig:
-    uri: str = field(default="sqlite:///mlflow.db", metadata=_help("MLflow tracking URI."))
-    experiment: str = field(default="fedsim", metadata=_help("MLflow experiment name."))
-    run_name: str | None = field(default=None, metadata=_help("MLflow run name."))
+    uri: str = field(default="sqlite:///mlflow.db", metadata=doc("MLflow tracking URI."))
+    experiment: str = field(default="fedsim", metadata=doc("MLflow experiment name."))
+    run_name: str | None = field(default=None, metadata=doc("MLflow run name."))
     parent_run_id: str | None = field(
-        default=None, metadata=_help("Nest the run under this MLflow run (set by sweeps).")
+        default=None, metadata=doc("Nest the run under this MLflow run (set by sweeps).")
     )
-    save_adapter: bool = field(default=True, metadata=_help("Log the final global adapter."))
+    save_adapter: bool = field(default=True, metadata=doc("Log the final global adapter."))
     save_client_adapters: bool = field(
         default=False,
-        metadata=_help(
+        metadata=doc(
             "Also log each client's last personalised adapter (clients/cNNNNNN) as a peft "
             "adapter directory."
         ),
     )
-    plots: bool = field(default=True, metadata=_help("Log PNG plots of the curves."))
+    plots: bool = field(default=True, metadata=doc("Log PNG plots of the curves."))
     system_metrics: bool = field(
         default=True,
-        metadata=_help(
+        metadata=doc(
             "Log system metrics (CPU, memory, disk, network, GPU where present) of the driver's "
             "machine and of every Ray node the run's actors use (the UI's System metrics tab)."
         ),
     )
     system_metrics_interval_s: float = field(
-        default=5.0, metadata=_help("Seconds between two system-metrics samples.")
+        default=5.0, metadata=doc("Seconds between two system-metrics samples.")
     )
     merge_diagnostics: bool = field(
         default=True,
-        metadata=_help(
+        metadata=doc(
             "Log what each round's merge did per rank dimension and per client (coverage, "
             "contribution shares, update norm per band; plots/merge.png; fedsim inspect)."
         ),
     )
     register_model: str | None = field(
         default=None,
-        metadata=_help(
+        metadata=doc(
             "Register the final global adapter in the MLflow Model Registry under this name "
             "(a new version per run; needs tracking.save_adapter)."
         ),
@@ -600,10 +595,10 @@ class TrackingConfig:
 
 @dataclass
 class FedSimConfig:
-    seed: int = field(default=0, metadata=_help("Seed of every random choice."))
+    seed: int = field(default=0, metadata=doc("Seed of every random choice."))
     rounds: int = field(
         default=10,
-        metadata=_help("Federated rounds; 0 is the zero-shot baseline (round 0 evaluation only)."),
+        metadata=doc("Federated rounds; 0 is the zero-shot baseline (round 0 evaluation only)."),
     )
     clients: ClientsConfig = field(default_factory=ClientsConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -626,4 +621,4 @@ class FedSimConfig:
     round: RoundConfig = field(default_factory=RoundConfig)
     devices: DevicesConfig = field(default_factory=DevicesConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
-    progress: bool = field(default=True, metadata=_help("Show a progress bar and summary."))
+    progress: bool = field(default=True, metadata=doc("Show a progress bar and summary."))

@@ -97,10 +97,6 @@ CLIENT_NOISE_STREAM, SERVER_NOISE_STREAM = 211, 212
 _UPDATE, _COUNT = 0, 1  # the server's two draws of a merge
 
 
-def _help(text: str) -> dict:
-    return {"help": text}
-
-
 def per_round(cfg: FedSimConfig) -> int:
     """The number ``n`` of clients sampled per round (as the round loop samples them)."""
     return len(sample_clients(cfg.clients.num, cfg.clients.fraction, cfg.seed, 1))

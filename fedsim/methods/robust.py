@@ -52,10 +52,6 @@ if TYPE_CHECKING:
 RULES = ("none", "median", "trimmed_mean", "krum", "multi_krum", "product")
 
 
-def _help(text: str) -> dict:
-    return {"help": text}
-
-
 class Robust(Method):
     """``robust.rule`` other than none, or ``robust.clip_norm > 0``."""
 

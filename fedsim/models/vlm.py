@@ -403,14 +403,3 @@ def build_generative(cfg: ModelConfig, num_classes: int, image_fill: str, text_f
         enable_checkpointing(model)
     model.eval()
     return Backbone(model, codec, targets, max_rank, task="generation", dense_modules=dense)
-
-
-def lora_targets_report(model: nn.Module, suffixes: list[str]) -> dict[str, int]:
-    """How many modules the targets match per top-level part of the model (README tables)."""
-    pattern = _suffix_regex(model, suffixes)
-    counts: dict[str, int] = {}
-    for name, module in model.named_modules():
-        if re.fullmatch(pattern, name) and isinstance(module, nn.Linear):
-            part = ".".join(name.split(".")[:2])
-            counts[part] = counts.get(part, 0) + 1
-    return counts

@@ -129,7 +129,7 @@ class RoundLoop:
         self.totals = Totals(**meta["totals"])
         self.result.history = meta["history"]
         self.result.clients = meta["clients"]
-        self.result.merge = meta.get("merge", [])
+        self.result.merge = meta["merge"]
         self.next_round = ckpt.round + 1
         self.first_round = self.next_round
         # The checkpoint is written before a round is logged: log any round the kill cut off.

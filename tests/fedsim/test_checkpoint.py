@@ -694,3 +694,29 @@ def test_ranks_that_do_not_fit_the_clients_are_refused(tmp_path):
     ckpt.meta["ranks"] = ckpt.meta["ranks"][:3]
     with pytest.raises(ConfigError, match="ranks has 3 entries"):
         check_resume_config(ckpt, _yaml_config(run_dir))
+
+
+@pytest.mark.parametrize(
+    "merge, words",
+    [
+        ({"round": 1}, "merge must be a list"),
+        ([{"coverage": [1]}], "merge must be a list"),
+        ([{"round": 2}, {"round": 1}], "rounds ascending"),
+        ([{"round": 1}, {"round": 1}], "rounds ascending"),
+        ([{"round": 3}], "none after round 2"),
+    ],
+)
+def test_state_json_with_a_bad_merge_field_is_refused(tmp_path, merge, words):
+    run_dir = _run(tmp_path)
+    _edit_json(run_dir / "round_00002" / "state.json", lambda s: s.update(merge=merge))
+    _refused(run_dir, "state.json", words)
+
+
+def test_merge_diagnostics_are_read_back_and_absent_ones_read_as_none(tmp_path):
+    run_dir = _run(tmp_path)
+    state = run_dir / "round_00002" / "state.json"
+    _edit_json(state, lambda s: s.update(merge=[{"round": 1, "coverage": [2, 1]}]))
+    assert load_checkpoint(run_dir).meta["merge"] == [{"round": 1, "coverage": [2, 1]}]
+    # a checkpoint written before the diagnostics existed has no field at all
+    _edit_json(state, lambda s: s.pop("merge"))
+    assert load_checkpoint(run_dir).meta["merge"] == []
