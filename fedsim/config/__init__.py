@@ -1,10 +1,16 @@
 """Typed experiment configuration: defaults, then a YAML file, then dotlist overrides.
 
-- :mod:`fedsim.config.schema`: the sections, one dataclass each, every field with help text;
+- :mod:`fedsim.config.schema`: the sections, one dataclass each, every field with help text
+  (:mod:`fedsim.config.methods`: the sections of the methods that take options);
 - :mod:`fedsim.config.loading`: :func:`load_config`, :func:`as_config`, :func:`to_yaml`;
 - :mod:`fedsim.config.checks`: :func:`validate`, the engine's rules (each method's own rules
-  live in its module of :mod:`fedsim.methods`);
-- :mod:`fedsim.config.ranks`: ``clients.ranks`` and :func:`resolve_ranks`.
+  live in its module of :mod:`fedsim.methods` and are found through the registry);
+- :mod:`fedsim.config.ranks`: ``clients.ranks`` and :func:`resolve_ranks`;
+- :mod:`fedsim.config.registry`: every plug-in by ``"module:Name"``, and how each is built.
+
+This package imports nothing of fedsim but :mod:`fedsim.errors` and the torch-free
+:mod:`aggregation.registry`: reading, checking names of and writing a config loads no torch and
+no method (the methods' rules are imported when :func:`validate` runs them).
 
 Every rule raises :class:`ConfigError` naming the key and what is allowed.
 """
