@@ -40,7 +40,8 @@ class ServerState:
         merger: the heterogeneous-rank merge rule.
         initial: the initial global adapter at the global rank (``s = 1`` space).
         optimizer: a server optimiser from :mod:`aggregation` (``step``, ``state_dict``).
-        methods: the enabled methods (:func:`fedsim.config.registry.enabled_methods`), in hook order.
+        methods: the enabled methods (:func:`fedsim.config.registry.enabled_methods`), in
+            hook order.
         num_clients: the number of clients ``N`` of the federation.
         streaming: merge linear rules one update at a time where the methods allow it.
         diagnostics: compute each round's merge diagnostics (docs/algorithms.md §1.9) into the

@@ -109,7 +109,7 @@ def digest(value) -> object:
 
 
 def fingerprint(result) -> dict:
-    from fedsim.checkpoint.store import load_checkpoint
+    from fedsim.checkpoint.disk import load_checkpoint
 
     history = [
         {k: v for k, v in h.items() if not k.startswith("time/") or k.startswith("time/simulated")}

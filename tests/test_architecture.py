@@ -282,3 +282,30 @@ def test_each_hook_set_names_only_hooks_the_base_defines():
             cls,
             unknown,
         )
+
+
+# Modules that share a name on purpose: a rule's math in aggregation/ and the method that plugs
+# it into a run in fedsim/methods/ (the same concept in two layers), the two plug-in registries,
+# and LoRA scaling (the math, and a client's scaling from the config).
+SAME_CONCEPT = {
+    "editing",
+    "fedex",
+    "fednova",
+    "flora",
+    "privacy",
+    "robust",
+    "scaffold",
+    "sharing",
+    "registry",
+    "scaling",
+}
+
+
+def test_no_two_modules_share_a_name_with_different_meanings():
+    seen: dict[str, list[str]] = defaultdict(list)
+    for name in MODULES:
+        stem = name.rpartition(".")[2]
+        if MODULES[name].name != "__init__.py":
+            seen[stem].append(name)
+    shared = {stem: mods for stem, mods in seen.items() if len(mods) > 1}
+    assert set(shared) <= SAME_CONCEPT, {s: m for s, m in shared.items() if s not in SAME_CONCEPT}

@@ -242,7 +242,7 @@ def untimed_history(history: list[dict]) -> list[dict]:
 def run_fedsim(args: argparse.Namespace, num: int, workdir: Path) -> dict:
     """One fedsim run of ``num`` clients on a local Ray this process starts; round times and
     peak memory."""
-    from fedsim.checkpoint.store import load_checkpoint
+    from fedsim.checkpoint.disk import load_checkpoint
     from fedsim.simulation.run import run
 
     cfg = load_run_config(args, num, workdir)

@@ -18,7 +18,7 @@
                    them, rounds ascending, none after ``round`` (absent from checkpoints
                    written before the diagnostics existed: read as [])
 
-:func:`fedsim.checkpoint.store.load_checkpoint` trusts nothing it reads: every field is checked for
+:func:`fedsim.checkpoint.disk.load_checkpoint` trusts nothing it reads: every field is checked for
 its type, every path must resolve inside its directory (symlinks included), every tensor file
 must match its digest and hold finite values, and the server file must hold exactly the
 tensors the state names. A checkpoint of an older format is refused, not

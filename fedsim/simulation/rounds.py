@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from aggregation import InOrder
-from fedsim.checkpoint.store import Checkpoint
+from fedsim.checkpoint.disk import Checkpoint
 from fedsim.config import resolve_ranks
 from fedsim.config.registry import enabled_methods
 from fedsim.data.partition import sample_clients

@@ -18,7 +18,7 @@ from pathlib import Path
 import ray
 
 from actors.executor import LocalExecutor, RayExecutor
-from fedsim.checkpoint.store import (
+from fedsim.checkpoint.disk import (
     Checkpoint,
     CheckpointWriter,
     check_resume_config,
@@ -167,7 +167,7 @@ def resume(
     reaches the same numbers as if it had never stopped. ``overrides`` may change ``rounds``
     (to extend a run), ``resources.*``, ``progress``, ``checkpoint.every``/``keep`` and the
     tracking store's URI, nothing that changes the numbers. The checkpoint is verified (see
-    :mod:`fedsim.checkpoint.store`) and ``config.yaml`` must still hold the run's values for every
+    :mod:`fedsim.checkpoint.disk`) and ``config.yaml`` must still hold the run's values for every
     other key.
 
     Raises:

@@ -7,7 +7,7 @@ import torch
 
 import fedsim
 from actors.executor import LocalExecutor
-from fedsim.checkpoint.store import load_checkpoint
+from fedsim.checkpoint.disk import load_checkpoint
 from fedsim.config import ConfigError
 from fedsim.errors import RunFailed
 

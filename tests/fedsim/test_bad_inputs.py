@@ -20,7 +20,7 @@ from PIL import Image
 
 import fedsim
 from aggregation import UpdateRejected, merge_lora_state_dicts
-from fedsim.checkpoint.store import CheckpointWriter
+from fedsim.checkpoint.disk import CheckpointWriter
 from fedsim.cli import main
 from fedsim.config import ConfigError, FedSimConfig, load_config, to_yaml
 

@@ -15,7 +15,7 @@ from safetensors.torch import load_file, save_file
 
 from actors.server import ServerState
 from aggregation import FedAdam, get_merger
-from fedsim.checkpoint.store import (
+from fedsim.checkpoint.disk import (
     CheckpointWriter,
     check_resume_config,
     is_resumable,

@@ -21,7 +21,7 @@ import torch
 from mlflow.tracking import MlflowClient
 
 import fedsim
-from fedsim.checkpoint.store import load_checkpoint
+from fedsim.checkpoint.disk import load_checkpoint
 from fedsim.cli import main
 from fedsim.simulation.run import resume
 

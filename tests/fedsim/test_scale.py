@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import pytest
 
 from actors.pool import ClientPool
-from fedsim.checkpoint.store import load_checkpoint
+from fedsim.checkpoint.disk import load_checkpoint
 from fedsim.data.partition import sample_clients
 
 NUM_CLIENTS = 1000
