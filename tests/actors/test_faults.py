@@ -1,5 +1,7 @@
 """Faults on a real local Ray: actors killed from outside, injected failures and crashes,
-stragglers against a deadline, and clients finishing in any order.
+clients finishing in any order, placement that cannot be met; and, in this process
+(``LocalExecutor``: the simulated clock is the driver's, not Ray's), stragglers against a
+deadline and device profiles.
 
 Every fault that a retry survives must leave the numbers of a run without it; the counts of
 failed, late and replaced must be the ones the seeded fault draws predict.
@@ -16,12 +18,15 @@ import psutil
 import pytest
 
 import fedsim
+from actors.executor import LocalExecutor
 from fedsim.config import ConfigError
 from fedsim.data.partition import sample_clients
 from fedsim.devices import close_round, injected_failure
 
 EXPERIMENT = "fedsim-faults"
-SLOW = ["faults.delay_dist=constant", "faults.delay_s=1", "faults.sleep_scale=1"]
+# every task is 1 s late on the simulated clock; SLEEP makes it really sleep that second too
+DELAYED = ["faults.delay_dist=constant", "faults.delay_s=1"]
+SLEEP = ["faults.sleep_scale=1"]
 
 
 def _numbers(history: list[dict]) -> list[dict]:
@@ -45,9 +50,9 @@ def config(make_config, mlflow_store):
 
 @pytest.fixture(scope="module")
 def baseline(ray_cluster, config):
-    """The run without faults (it sleeps like the runs it is compared with; sleeping never
-    changes a number)."""
-    return fedsim.run(config(*SLOW))
+    """The run without faults: delayed like the runs it is compared with, but without really
+    sleeping (sleeping never changes a number: the killed run, which sleeps, checks it)."""
+    return fedsim.run(config(*DELAYED))
 
 
 def _our_training_worker() -> psutil.Process | None:
@@ -79,7 +84,7 @@ def test_actor_killed_from_outside_is_replaced_and_changes_nothing(baseline, con
     thread = threading.Thread(target=killer, daemon=True)
     thread.start()
     try:
-        result = fedsim.run(config(*SLOW))
+        result = fedsim.run(config(*DELAYED, *SLEEP))  # asleep in train: a worker to kill
     finally:
         stop.set()
         thread.join()
@@ -103,10 +108,17 @@ def _expected_attempts(cfg, rounds: int) -> tuple[dict[int, int], int]:
     return failed, failed_attempts
 
 
+# a crash costs a new actor process (seconds each): 3 crashes (two in round 3) rather than 7
+FAIL_PROB = {"raise": 0.3, "crash": 0.1}
+
+
 @pytest.mark.parametrize("mode", ["raise", pytest.param("crash", marks=pytest.mark.slow)])
 def test_injected_failures_are_retried_to_the_same_numbers(baseline, config, mode):
     cfg = config(
-        *SLOW, "faults.fail_prob=0.3", f"faults.fail_mode={mode}", "resources.max_retries=4"
+        *DELAYED,
+        f"faults.fail_prob={FAIL_PROB[mode]}",
+        f"faults.fail_mode={mode}",
+        "resources.max_retries=4",
     )
     failed, attempts = _expected_attempts(cfg, cfg.rounds)
     assert attempts > 0 and not any(failed.values()), "pick a seed where retries succeed"
@@ -128,14 +140,14 @@ def test_clients_that_fail_every_attempt_are_counted_and_left_out(ray_cluster, c
         assert sum(r["status"].startswith("failed") for r in rows) == failed[t]
 
 
-def test_deadline_leaves_stragglers_out_of_the_round(ray_cluster, config):
+def test_deadline_leaves_stragglers_out_of_the_round(config, restore_threads):
     cfg = config(
         "faults.delay_dist=exponential",
         "faults.delay_s=4",
         "round.deadline_s=4",
         "sharing.policy=all",
     )
-    result = fedsim.run(cfg)
+    result = fedsim.run(cfg, executor=LocalExecutor())
     late_total = 0
     for t in range(1, cfg.rounds + 1):
         h, rows = result.history[t], result.clients[t]
@@ -152,9 +164,9 @@ def test_deadline_leaves_stragglers_out_of_the_round(ray_cluster, config):
     assert [h["time/simulated_total_s"] for h in result.history[1:]] == pytest.approx(totals)
 
 
-def test_min_clients_keeps_the_round_open_past_the_deadline(ray_cluster, config):
+def test_min_clients_keeps_the_round_open_past_the_deadline(config, restore_threads):
     cfg = config("round.deadline_s=0.001", "round.min_clients=2")
-    result = fedsim.run(cfg)
+    result = fedsim.run(cfg, executor=LocalExecutor())
     for t in range(1, cfg.rounds + 1):
         rows = result.clients[t]
         assert sum(r["status"] == "ok" for r in rows) == 2
@@ -177,10 +189,14 @@ def test_comm_totals_are_running_sums(baseline):
         assert totals == list(np.cumsum(per_round)) and per_round[0] > 0
 
 
-def test_device_profiles_drive_the_simulated_clock(ray_cluster, config):
-    slow = fedsim.run(config("devices.profiles={slow: {speed: 0.1, up_mbps: 1, down_mbps: 1}}"))
+def test_device_profiles_drive_the_simulated_clock(config, restore_threads):
+    slow = fedsim.run(
+        config("devices.profiles={slow: {speed: 0.1, up_mbps: 1, down_mbps: 1}}"),
+        executor=LocalExecutor(),
+    )
     fast = fedsim.run(
-        config("devices.profiles={fast: {speed: 10, up_mbps: 1000, down_mbps: 1000}}")
+        config("devices.profiles={fast: {speed: 10, up_mbps: 1000, down_mbps: 1000}}"),
+        executor=LocalExecutor(),
     )
     for s, f in zip(slow.history[1:], fast.history[1:]):
         assert s["time/simulated_round_s"] > 50 * f["time/simulated_round_s"]

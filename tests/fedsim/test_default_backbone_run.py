@@ -1,13 +1,17 @@
-"""Real runs beyond the tiny setup: the pretrained default backbone, and 100 multiplexed clients."""
+"""Real runs beyond the tiny setup: the pretrained default backbone and the zero-shot baseline
+(in this process, ``LocalExecutor``), and 100 clients multiplexed over two Ray actors."""
 
 from __future__ import annotations
 
 import numpy as np
 
 import fedsim
+from actors.executor import LocalExecutor
 
 
-def test_pretrained_default_backbone_learns_in_one_round(ray_cluster, make_config, mlflow_store):
+def test_pretrained_default_backbone_learns_in_one_round(
+    make_config, mlflow_store, restore_threads
+):
     uri = mlflow_store("fedsim-pretrained")
     cfg = make_config(
         "model.backbone=minilm-effnet",
@@ -22,7 +26,7 @@ def test_pretrained_default_backbone_learns_in_one_round(ray_cluster, make_confi
         f"tracking.uri={uri}",
         "tracking.experiment=fedsim-pretrained",
     )
-    result = fedsim.run(cfg)
+    result = fedsim.run(cfg, executor=LocalExecutor())
     before, after = result.history[0], result.history[1]
     # Pretrained features + a few steps on 4 clients: clearly above the untrained head.
     assert after["global/accuracy"] > before["global/accuracy"] + 0.1
@@ -51,9 +55,9 @@ def test_hundred_clients_are_multiplexed_over_two_actors(ray_cluster, make_confi
     assert np.isfinite([h["global/accuracy"] for h in result.history]).all()
 
 
-def test_zero_rounds_is_the_zero_shot_baseline(ray_cluster, make_config, mlflow_store):
+def test_zero_rounds_is_the_zero_shot_baseline(make_config, mlflow_store, restore_threads):
     uri = mlflow_store("fedsim-zero-shot")
     cfg = make_config("rounds=0", f"tracking.uri={uri}", "tracking.experiment=fedsim-zero-shot")
-    result = fedsim.run(cfg)
+    result = fedsim.run(cfg, executor=LocalExecutor())
     assert [h["round"] for h in result.history] == [0]
     assert 0.0 <= result.final["global/accuracy"] <= 1.0

@@ -2,7 +2,8 @@
 
 Every client task failing, every update rejected, and a global adapter that overflows in the
 server optimiser each end the run non-zero, with the reason, the MLflow run FAILED and the
-command that continues from the last good checkpoint.
+command that continues from the last good checkpoint. The runs are in-process
+(``LocalExecutor``: the driver decides that a run failed); ``fedsim run`` runs on Ray.
 """
 
 from __future__ import annotations
@@ -14,12 +15,14 @@ import torch
 from mlflow.tracking import MlflowClient
 
 import fedsim
+from actors.executor import LocalExecutor
 from fedsim.checkpoint.disk import load_checkpoint
 from fedsim.cli import main
 from fedsim.errors import RunFailed
 
 EXPERIMENT = "fedsim-fail-loudly"
 ALL_FAIL = ["faults.fail_prob=1", "resources.max_retries=0"]
+pytestmark = pytest.mark.usefixtures("restore_threads")
 
 
 @pytest.fixture(scope="module")
@@ -33,10 +36,10 @@ def _last_run(cfg):
     return client.search_runs([exp.experiment_id], order_by=["attributes.start_time DESC"])[0]
 
 
-def test_every_client_failing_stops_after_max_empty_rounds(ray_cluster, config, capsys):
+def test_every_client_failing_stops_after_max_empty_rounds(config, capsys):
     cfg = config(*ALL_FAIL, "rounds=5", "round.max_empty_rounds=2")
     with pytest.raises(RunFailed) as info:
-        fedsim.run(cfg)
+        fedsim.run(cfg, executor=LocalExecutor())
     message = str(info.value)
     assert "rounds 1-2 merged no client update" in message
     assert "3 failed" in message and "round.max_empty_rounds=2" in message
@@ -59,21 +62,21 @@ def test_a_short_run_that_merged_nothing_fails_through_the_cli(ray_cluster, conf
     assert _last_run(cfg).info.status == "FAILED"
 
 
-def test_all_updates_rejected_are_reported_and_stop_the_run(ray_cluster, config, capsys):
+def test_all_updates_rejected_are_reported_and_stop_the_run(config, capsys):
     cfg = config("faults.nan_update_clients=[0,1,2,3,4,5]", "rounds=3")
     with pytest.raises(RunFailed, match=r"rounds 1-3 merged no client update"):
-        fedsim.run(cfg)
+        fedsim.run(cfg, executor=LocalExecutor())
     err = capsys.readouterr().err
     assert "round 1: nothing merged (3 sampled: 3 rejected)" in err
     run = _last_run(cfg)
     assert run.data.metrics["clients/rejected"] == 3 and run.info.status == "FAILED"
 
 
-def test_a_non_finite_global_adapter_is_never_applied_or_checkpointed(ray_cluster, config):
+def test_a_non_finite_global_adapter_is_never_applied_or_checkpointed(config):
     # float32 overflows at 3.4e38: FedAvgM's step lr * momentum turns the global into Inf
     cfg = config("server.optimizer=fedavgm", "server.lr=1e39", "rounds=2")
     with pytest.raises(RunFailed, match=r"round 1: the merged global adapter is not finite"):
-        fedsim.run(cfg)
+        fedsim.run(cfg, executor=LocalExecutor())
     run = _last_run(cfg)
     assert run.info.status == "FAILED"
     run_dir = next(p for p in cfg_runs(cfg) if p.name == run.info.run_id)

@@ -19,6 +19,7 @@ from peft import PeftModel, get_peft_model_state_dict
 from safetensors.torch import load_file
 
 import fedsim
+from actors.executor import LocalExecutor
 from fedsim.config import ConfigError, load_config
 from fedsim.data.federated import Batcher, FederatedData, load_dataset
 from fedsim.data.partition import sample_clients
@@ -247,7 +248,8 @@ def test_one_actor_gives_the_same_numbers_as_two(simulation, run_config):
     assert np.isfinite([h["global/loss"] for h in one.history]).all()
 
 
-def test_ranks_above_the_backbone_raise_config_error(ray_cluster, make_config, mlflow_store):
+# The two config errors below are the driver's checks: in this process (no Ray needed).
+def test_ranks_above_the_backbone_raise_config_error(make_config, mlflow_store, restore_threads):
     uri = mlflow_store("fedsim-bad-ranks")
     cfg = make_config(
         "clients.ranks=[32,8,4,4,2,2]",
@@ -256,7 +258,7 @@ def test_ranks_above_the_backbone_raise_config_error(ray_cluster, make_config, m
         "tracking.experiment=fedsim-bad-ranks",
     )
     with pytest.raises(ConfigError) as info:
-        fedsim.run(cfg)
+        fedsim.run(cfg, executor=LocalExecutor())
     assert info.value.key == "clients.ranks"
     assert "32" in str(info.value)
     client = MlflowClient(tracking_uri=uri)
@@ -264,7 +266,7 @@ def test_ranks_above_the_backbone_raise_config_error(ray_cluster, make_config, m
     assert client.search_runs([experiment.experiment_id]) == []
 
 
-def test_impossible_partition_raises_config_error(ray_cluster, make_config, mlflow_store):
+def test_impossible_partition_raises_config_error(make_config, mlflow_store, restore_threads):
     uri = mlflow_store("fedsim-bad-partition")
     cfg = make_config(
         "data.subset=40",  # 32 training rows for 6 clients of at least 10
@@ -275,5 +277,5 @@ def test_impossible_partition_raises_config_error(ray_cluster, make_config, mlfl
         "tracking.experiment=fedsim-bad-partition",
     )
     with pytest.raises(ConfigError) as info:
-        fedsim.run(cfg)
+        fedsim.run(cfg, executor=LocalExecutor())
     assert info.value.key in ("data.min_per_client", "data.subset")

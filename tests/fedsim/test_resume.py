@@ -1,9 +1,11 @@
-"""Checkpoint and resume on a real local Ray and MLflow store.
+"""Checkpoint and resume with a real MLflow store, in this process and on a real local Ray.
 
 A run stopped after round 1 and resumed to round 3 must give the numbers and the global
 adapter of a run that never stopped, for the state that persists across rounds: private
 tensors and server-optimiser moments (sharing B + FedAdam), SCAFFOLD's variates with HetLoRA's
-pruned ranks and FedYogi, FLoRA's base updates. A driver killed with SIGKILL mid-run is resumed with
+pruned ranks and FedYogi, FLoRA's base updates. The runs are in-process (``LocalExecutor``:
+the same numbers as Ray's) but for the first variant's resume, which hands the private state
+back to Ray actors. A driver killed with SIGKILL mid-run (on Ray) is resumed with
 ``fedsim run --resume`` and lands in the same MLflow run.
 """
 
@@ -21,11 +23,13 @@ import torch
 from mlflow.tracking import MlflowClient
 
 import fedsim
+from actors.executor import LocalExecutor
 from fedsim.checkpoint.disk import load_checkpoint
 from fedsim.cli import main
 from fedsim.simulation.run import resume
 
 EXPERIMENT = "fedsim-resume"
+pytestmark = pytest.mark.usefixtures("restore_threads")
 VARIANTS = {
     "private-A+fedadam": [
         "sharing.policy=B",
@@ -74,16 +78,14 @@ def config(experiment_config):
     return experiment_config(EXPERIMENT)
 
 
-@pytest.mark.parametrize(
-    "variant",
-    # the quick loop (-m "not slow") keeps one variant; CI runs all three
-    [v if i == 0 else pytest.param(v, marks=pytest.mark.slow) for i, v in enumerate(VARIANTS)],
-)
+@pytest.mark.parametrize("variant", list(VARIANTS))
 def test_stopped_and_resumed_run_equals_an_uninterrupted_one(ray_cluster, config, variant):
     over = VARIANTS[variant]
-    straight = fedsim.run(config(*over, "rounds=3"))
-    first = fedsim.run(config(*over, "rounds=1"))
-    resumed = resume(first.run_dir, ["rounds=3"])
+    straight = fedsim.run(config(*over, "rounds=3"), executor=LocalExecutor())
+    first = fedsim.run(config(*over, "rounds=1"), executor=LocalExecutor())
+    # the first variant resumes on Ray: the checkpointed private A goes back to the actors
+    on_ray = variant == next(iter(VARIANTS))
+    resumed = resume(first.run_dir, ["rounds=3"], executor=None if on_ray else LocalExecutor())
     assert resumed.run_id == first.run_id
     assert _numbers(resumed.history) == _numbers(straight.history)
     # the merge diagnostics of the rounds before the stop came back from the checkpoint
@@ -141,7 +143,7 @@ def test_sigkilled_driver_resumes_into_the_same_mlflow_run(
     assert 1 <= done < 3, f"the kill came too late (checkpoint at round {done})"
     assert main(["run", "--resume", str(run_dir)]) == 0
 
-    straight = fedsim.run(cfg)
+    straight = fedsim.run(cfg, executor=LocalExecutor())  # the same numbers as on Ray
     client = MlflowClient(cfg.tracking.uri)
     run = client.get_run(run_dir.name)
     assert run.info.status == "FINISHED"
@@ -163,7 +165,8 @@ def test_sigkilled_driver_resumes_into_the_same_mlflow_run(
 
 
 def test_resume_refuses_what_would_change_the_numbers(ray_cluster, config, capsys):
-    first = fedsim.run(config("rounds=1"))
+    # ray_cluster: `fedsim run` joins it (rather than starting a Ray of its own per call)
+    first = fedsim.run(config("rounds=1"), executor=LocalExecutor())
     assert main(["run", "--resume", str(first.run_dir), "seed=3"]) == 2
     assert "seed" in capsys.readouterr().err
     assert main(["run", "--resume", str(first.run_dir), "rounds=0"]) == 2
@@ -172,20 +175,21 @@ def test_resume_refuses_what_would_change_the_numbers(ray_cluster, config, capsy
     assert "no such run directory" in capsys.readouterr().err
 
 
-def test_checkpoints_can_be_turned_off(ray_cluster, config, tmp_path):
-    result = fedsim.run(config("rounds=1", "checkpoint.every=0", f"checkpoint.dir={tmp_path}"))
+def test_checkpoints_can_be_turned_off(config, tmp_path):
+    result = fedsim.run(
+        config("rounds=1", "checkpoint.every=0", f"checkpoint.dir={tmp_path}"),
+        executor=LocalExecutor(),
+    )
     assert result.history[-1]["round"] == 1
     assert not any(tmp_path.iterdir())
 
 
-def test_progress_bar_counts_trained_rounds_from_zero_and_from_the_checkpoint(
-    ray_cluster, config, capsys
-):
-    first = fedsim.run(config("rounds=1", "progress=true"))
+def test_progress_bar_counts_trained_rounds_from_zero_and_from_the_checkpoint(config, capsys):
+    first = fedsim.run(config("rounds=1", "progress=true"), executor=LocalExecutor())
     out = capsys.readouterr()
     assert " 0/1 " in out.err and " 1/1 " in out.err and "-1/" not in out.err
     assert "fedsim run summary" in out.out
-    resume(first.run_dir, ["rounds=2", "progress=true"])
+    resume(first.run_dir, ["rounds=2", "progress=true"], executor=LocalExecutor())
     err = capsys.readouterr().err
     assert " 1/2 " in err and " 2/2 " in err and " 0/2 " not in err
 

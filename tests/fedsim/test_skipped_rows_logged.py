@@ -9,11 +9,14 @@ from mlflow.tracking import MlflowClient
 from PIL import Image
 
 import fedsim
+from actors.executor import LocalExecutor
 
 EXPERIMENT = "fedsim-skipped-rows"
 
 
-def test_skipped_rows_are_a_metric_and_a_table(ray_cluster, make_config, mlflow_store, tmp_path):
+def test_skipped_rows_are_a_metric_and_a_table(
+    make_config, mlflow_store, tmp_path, restore_threads
+):
     (tmp_path / "img").mkdir()
     Image.new("RGB", (20, 30), (200, 40, 90)).save(tmp_path / "img" / "a.png")
     rows = [{"id": i, "img": "img/a.png", "label": i % 2, "text": f"meme {i}"} for i in range(24)]
@@ -38,7 +41,7 @@ def test_skipped_rows_are_a_metric_and_a_table(ray_cluster, make_config, mlflow_
         "tracking.save_adapter=false",
         "tracking.plots=false",
     )
-    result = fedsim.run(cfg)
+    result = fedsim.run(cfg, executor=LocalExecutor())
     client = MlflowClient(uri)
     run = client.get_run(result.run_id)
     assert run.data.metrics["data/skipped_rows"] == 2

@@ -59,10 +59,26 @@ def test_a_study_with_a_bad_run_fails_before_anything_runs(tmp_path, tiny_overri
     assert info.value.key == "rounds"
 
 
-@pytest.mark.slow  # many runs: CI runs it, the quick loop does not
+@pytest.mark.slow  # four runs: CI runs it, the quick loop does not
 def test_sweep_nests_runs_under_a_parent_and_writes_the_table(
-    ray_cluster, tmp_path, tiny_overrides, mlflow_store
+    ray_cluster, tmp_path, tiny_overrides, mlflow_store, monkeypatch, restore_threads
 ):
+    # The study's own work (the plan, the parent run, the nesting, the table) is what is tested
+    # here; its runs are the real fedsim.simulation.run.run, in this process (LocalExecutor gives
+    # Ray's numbers; tests/actors/test_executor.py compares the two). ray_cluster: the study
+    # still joins Ray (init_ray) before its first run.
+    import fedsim.simulation.run as run_module
+    from actors.executor import LocalExecutor
+
+    real_run = run_module.run
+    in_process: list[str] = []
+
+    def run_in_process(cfg, **kwargs):
+        assert kwargs.get("executor") is None  # the study never picks an executor itself
+        in_process.append(cfg.tracking.run_name)
+        return real_run(cfg, **kwargs, executor=LocalExecutor())
+
+    monkeypatch.setattr(run_module, "run", run_in_process)
     uri = mlflow_store("fedsim-study")
     path = _write_study(
         tmp_path,
@@ -83,6 +99,7 @@ def test_sweep_nests_runs_under_a_parent_and_writes_the_table(
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id]
     assert len(children) == 4  # 2 cells x 2 variants x 1 seed
+    assert sorted(in_process) == sorted(c.info.run_name for c in children)
     assert {c.data.params["data.scenario"] for c in children} == {"aligned", "hybrid"}
 
 

@@ -159,10 +159,16 @@ def _base_weights(worker: ClientWorker) -> dict[str, torch.Tensor]:
 
 
 def test_a_run_logs_the_residual_beside_the_adapter(ray_cluster, experiment_config, tmp_path):
+    from actors.executor import LocalExecutor
+
     build = experiment_config("fedsim-fedex")
     cfg = build("fedex.enabled=true", "aggregation.method=zeropad", "editing.enabled=false")
+    # on Ray: every actor keeps the folded base weights it last synced (ClientWorker._sync_base)
     result = fedsim.run(cfg)
-    plain = fedsim.run(build("aggregation.method=zeropad", "editing.enabled=false"))
+    # the reference without FedEx-LoRA: in this process (the same numbers as on Ray)
+    plain = fedsim.run(
+        build("aggregation.method=zeropad", "editing.enabled=false"), executor=LocalExecutor()
+    )
     # the same training and the same sampled clients; FedEx-LoRA adds the residual download
     assert result.history[1]["train/loss_mean"] == plain.history[1]["train/loss_mean"]
     assert result.history[2]["comm/download_bytes"] > plain.history[2]["comm/download_bytes"]
