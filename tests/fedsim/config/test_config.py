@@ -21,7 +21,7 @@ from fedsim.config import (
     to_yaml,
 )
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 DEFAULT_YAML = REPO / "experiments" / "default.yaml"
 
 

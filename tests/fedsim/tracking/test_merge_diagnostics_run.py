@@ -2,7 +2,7 @@
 per-dimension artifact), the plot, ``fedsim inspect``, and that they change no number.
 
 In-process runs of the tiny config on real SQLite stores in temp dirs (the Ray path logs the
-same through the same driver: tests/fedsim/test_resume.py compares a resumed Ray run's
+same through the same driver: tests/fedsim/simulation/test_resume.py compares a resumed Ray run's
 diagnostics with an uninterrupted one's).
 """
 
