@@ -8,9 +8,11 @@ that continues a stopped run. The rounds themselves are :class:`fedsim.simulatio
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import sys
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -225,6 +227,7 @@ class Run:
         self.per_round = len(sample_clients(cfg.clients.num, cfg.clients.fraction, cfg.seed, 1))
         self.ex = executor or RayExecutor()
         self.opened = self.inputs = None  # the tracking thread's futures
+        self._ray_up, self._ray_joined = threading.Event(), False
         self.pool = self.server = self.tracker = self.writer = self.progress = None
 
     def execute(self) -> RunResult:
@@ -263,17 +266,25 @@ class Run:
         self.clock.mark("checks")
 
     def _open_tracking(self) -> None:
-        """Open (or reopen) the MLflow run in a thread: schema migrations take seconds on a
-        fresh SQLite file, while the actors load. A new run's data record is logged in the
-        same thread once the run exists (the run waits for it before it finishes)."""
+        """Open (or reopen) the MLflow run in a thread, once Ray is joined, while the actors
+        load (the pre-flight checks created the store and its experiment already). A Ray that
+        cannot be joined is a config error and leaves no run behind. A new run's data record
+        is logged in the same thread once the run exists (the run waits for it before it
+        finishes)."""
         cfg, ckpt, dataset = self.cfg, self.ckpt, self.dataset
+        ray_up = self._ray_up = threading.Event()
+
+        def once_ray_is_up(open_run):
+            ray_up.wait()
+            return open_run() if self._ray_joined else None
+
         tracking = ThreadPoolExecutor(1, thread_name_prefix="fedsim-tracking")
         if ckpt:
-            self.opened = tracking.submit(
-                Tracker.reopen, cfg, ckpt.meta["mlflow_run_id"], ckpt.round
-            )
+            run_id = ckpt.meta["mlflow_run_id"]
+            reopen = functools.partial(Tracker.reopen, cfg, run_id, ckpt.round)
+            self.opened = tracking.submit(once_ray_is_up, reopen)
         else:
-            self.opened = opened = tracking.submit(Tracker, cfg)
+            self.opened = opened = tracking.submit(once_ray_is_up, functools.partial(Tracker, cfg))
             self.inputs = tracking.submit(lambda: log_run_inputs(opened.result(), cfg, dataset))
         tracking.shutdown(wait=False)
 
@@ -281,9 +292,12 @@ class Run:
         try:
             self.ex.start()
         except BaseException:
-            _close_tracker(self.opened, "FAILED")
+            self._ray_joined = False
+            self._ray_up.set()
             self.ex.close(None, None)
             raise
+        self._ray_joined = True
+        self._ray_up.set()
         self.clock.mark("ray")
         for key in ephemeral_paths(self.cfg):
             print(
@@ -404,7 +418,8 @@ def _close_tracker(opened, status: str) -> None:
         tracker = opened.result()
     except Exception:
         return  # the store's own error; the run's error is the one to report
-    _end_tracker(tracker, status)
+    if tracker is not None:  # None: Ray was never joined, so no run was opened
+        _end_tracker(tracker, status)
 
 
 def _end_tracker(tracker: Tracker, status: str) -> None:

@@ -380,11 +380,6 @@ def test_deleted_experiment(fails, base, workdir):
     fails(["run", *base, "tracking.experiment=gone"], "tracking.experiment")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="known bug: the MLflow run opens while Ray starts, so a RAY_ADDRESS that cannot be "
-    "joined leaves a FAILED run in the store (hidden while this case skipped whenever Ray was up)",
-)
 def test_a_ray_address_that_is_no_address(base, workdir):
     # a process of its own: this one has joined the session's Ray, which fedsim would use
     import os
