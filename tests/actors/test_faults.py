@@ -1,10 +1,12 @@
-"""Faults on a real local Ray: actors killed from outside, injected failures and crashes,
-clients finishing in any order, placement that cannot be met; and, in this process
-(``LocalExecutor``: the simulated clock is the driver's, not Ray's), stragglers against a
-deadline and device profiles.
+"""Faults on a real local Ray: actors killed from outside, injected failures and crashes
+retried on actors, clients finishing in any order, placement that cannot be met.
 
 Every fault that a retry survives must leave the numbers of a run without it; the counts of
-failed, late and replaced must be the ones the seeded fault draws predict.
+failed, late and replaced must be the ones the seeded fault draws predict. The runs without a
+Ray fault are in this process (``LocalExecutor``, which gives Ray's numbers: see
+tests/actors/test_executor.py): the reference runs the Ray runs are compared with, and the
+driver's own bookkeeping of clients that fail every attempt, stragglers against a deadline
+and device profiles (the simulated clock is the driver's, not Ray's).
 """
 
 from __future__ import annotations
@@ -49,10 +51,11 @@ def config(make_config, mlflow_store):
 
 
 @pytest.fixture(scope="module")
-def baseline(ray_cluster, config):
-    """The run without faults: delayed like the runs it is compared with, but without really
-    sleeping (sleeping never changes a number: the killed run, which sleeps, checks it)."""
-    return fedsim.run(config(*DELAYED))
+def baseline(config, restore_threads):
+    """The run without faults, in this process: delayed like the runs it is compared with, but
+    without really sleeping (sleeping never changes a number: the killed run, which sleeps,
+    checks it)."""
+    return fedsim.run(config(*DELAYED), executor=LocalExecutor())
 
 
 def _our_training_worker() -> psutil.Process | None:
@@ -69,7 +72,7 @@ def _our_training_worker() -> psutil.Process | None:
     return None
 
 
-def test_actor_killed_from_outside_is_replaced_and_changes_nothing(baseline, config):
+def test_actor_killed_from_outside_is_replaced_and_changes_nothing(ray_cluster, baseline, config):
     killed: list[int] = []
     stop = threading.Event()
 
@@ -113,7 +116,7 @@ FAIL_PROB = {"raise": 0.3, "crash": 0.1}
 
 
 @pytest.mark.parametrize("mode", ["raise", pytest.param("crash", marks=pytest.mark.slow)])
-def test_injected_failures_are_retried_to_the_same_numbers(baseline, config, mode):
+def test_injected_failures_are_retried_to_the_same_numbers(ray_cluster, baseline, config, mode):
     cfg = config(
         *DELAYED,
         f"faults.fail_prob={FAIL_PROB[mode]}",
@@ -128,11 +131,13 @@ def test_injected_failures_are_retried_to_the_same_numbers(baseline, config, mod
     assert replaced == (attempts if mode == "crash" else 0)
 
 
-def test_clients_that_fail_every_attempt_are_counted_and_left_out(ray_cluster, config):
+def test_clients_that_fail_every_attempt_are_counted_and_left_out(config, restore_threads):
+    # in this process: the driver's count; a task failing on a Ray actor: the retry test above
+    # and tests/fedsim/test_fail_loudly.py (every task fails, through `fedsim run`)
     cfg = config("faults.fail_prob=0.6", "resources.max_retries=0")
     failed, _ = _expected_attempts(cfg, cfg.rounds)
     assert any(failed.values())
-    result = fedsim.run(cfg)
+    result = fedsim.run(cfg, executor=LocalExecutor())
     for t in range(1, cfg.rounds + 1):
         h = result.history[t]
         assert h["clients/failed"] == failed[t]
@@ -175,10 +180,11 @@ def test_min_clients_keeps_the_round_open_past_the_deadline(config, restore_thre
 
 
 def test_finish_order_and_pool_size_do_not_change_the_numbers(ray_cluster, config):
-    """Random real sleeps shuffle the order clients finish in; two actors vs one."""
+    """Random real sleeps shuffle the order clients finish on two actors; the reference runs
+    every task in turn on one worker, in this process."""
     delays = ["faults.delay_dist=exponential", "faults.delay_s=1"]
     shuffled = fedsim.run(config(*delays, "faults.sleep_scale=0.5", "resources.actors=2"))
-    ordered = fedsim.run(config(*delays, "resources.actors=1"))
+    ordered = fedsim.run(config(*delays), executor=LocalExecutor())
     assert _numbers(shuffled.history) == _numbers(ordered.history)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
@@ -200,12 +201,16 @@ def _fedsim_command() -> list[str]:
     return [found] if found else [sys.executable, "-m", "fedsim.cli"]
 
 
-def test_console_script_bad_key_exits_2_with_one_line(tmp_path):
+def test_console_script_bad_key_exits_2_with_one_line(ray_cluster, tmp_path):
+    # `fedsim run` starts Ray before it reads the config: it joins the session's cluster rather
+    # than starting one of its own (tests/fedsim/test_streaming_engine.py starts its own)
+    env = {**os.environ, "RAY_ADDRESS": ray_cluster.get_runtime_context().gcs_address}
     proc = subprocess.run(
         [*_fedsim_command(), "run", "clients.nmu=3"],
         capture_output=True,
         text=True,
         cwd=tmp_path,
+        env=env,
         timeout=120,
     )
     assert proc.returncode == 2, proc.stderr

@@ -1,9 +1,12 @@
-"""Generative VLMs end to end on a real local Ray and a real SQLite MLflow store.
+"""Generative VLMs end to end with a real SQLite MLflow store, on a real local Ray and in-process.
 
 Tiny random-initialised LLaVA, Idefics3 and PaliGemma (built in the test, with their
 processors, by ``tests/vlm_builders.py``) fine-tuned with heterogeneous LoRA ranks for two
 rounds on the emoji captioning task; then the engine's other capabilities (every merge,
 sharing, server optimisers, client objectives, pruning, faults, resume) on the tiny LLaVA.
+
+The LLaVA run is on Ray (two actors, and its one-actor twin); the other families and the
+capability runs are in this process (``LocalExecutor``: the same numbers as Ray's).
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from mlflow.tracking import MlflowClient
 from vlm_builders import FAMILIES, build_tiny_vlm
 
 import fedsim
+from actors.executor import LocalExecutor
 from fedsim.config import ConfigError, load_config
 
 EXPERIMENT = "fedsim-vlm"
@@ -48,10 +52,16 @@ def vlm_config(make_config, mlflow_store, tiny_vlms):
     return build
 
 
+ON_RAY = "llava"  # the family that runs on Ray actors; the others run in this process
+
+
 @pytest.fixture(scope="module")
-def family_runs(ray_cluster, vlm_config):
+def family_runs(ray_cluster, vlm_config, restore_threads):
     return {
-        f: fedsim.run(vlm_config(f, f"tracking.run_name={f}", "tracking.save_client_adapters=true"))
+        f: fedsim.run(
+            vlm_config(f, f"tracking.run_name={f}", "tracking.save_client_adapters=true"),
+            executor=None if f == ON_RAY else LocalExecutor(),
+        )
         for f in FAMILIES
     }
 
@@ -210,8 +220,8 @@ def _numbers(h: dict) -> dict:
     ],
     ids=lambda o: o[0].split("=")[1] if "=" in o[0] else o[0],
 )
-def test_every_capability_runs_on_a_vlm(ray_cluster, vlm_config, overrides):
-    result = fedsim.run(vlm_config("llava", "rounds=2", *overrides))
+def test_every_capability_runs_on_a_vlm(vlm_config, overrides, restore_threads):
+    result = fedsim.run(vlm_config("llava", "rounds=2", *overrides), executor=LocalExecutor())
     final = result.history[-1]
     assert final["clients/failed"] == 0 and final["clients/rejected"] == 0
     assert 0.0 <= final["global/rouge_l"] <= 1.0
@@ -225,11 +235,14 @@ def test_every_capability_runs_on_a_vlm(ray_cluster, vlm_config, overrides):
 
 @pytest.mark.slow
 def test_a_resumed_vlm_run_reaches_the_uninterrupted_numbers(
-    ray_cluster, vlm_config, family_runs, tmp_path
+    vlm_config, family_runs, tmp_path, restore_threads
 ):
-    straight = family_runs["llava"]  # the same config, 2 rounds uninterrupted
-    first = fedsim.run(vlm_config("llava", "rounds=1", f"checkpoint.dir={tmp_path / 'b'}"))
-    resumed = fedsim.resume(first.run_dir, ["rounds=2"])
+    straight = family_runs["llava"]  # the same config, 2 rounds uninterrupted (on Ray)
+    first = fedsim.run(
+        vlm_config("llava", "rounds=1", f"checkpoint.dir={tmp_path / 'b'}"),
+        executor=LocalExecutor(),
+    )
+    resumed = fedsim.resume(first.run_dir, ["rounds=2"], executor=LocalExecutor())
     assert [_numbers(h) for h in resumed.history] == [_numbers(h) for h in straight.history]
 
 
