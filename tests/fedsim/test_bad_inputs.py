@@ -380,6 +380,7 @@ def test_deleted_experiment(fails, base, workdir):
     fails(["run", *base, "tracking.experiment=gone"], "tracking.experiment")
 
 
+@pytest.mark.slow  # a fresh Python process
 @pytest.mark.xfail(
     strict=True,
     reason="known bug: the MLflow run opens while Ray starts, so a RAY_ADDRESS that cannot be "
