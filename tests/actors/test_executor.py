@@ -11,6 +11,9 @@ from fedsim.checkpoint.disk import load_checkpoint
 from fedsim.config import ConfigError
 from fedsim.errors import RunFailed
 
+# Ray against in-process, run by run: CI runs them, the quick loop does not
+pytestmark = pytest.mark.slow
+
 
 def _numbers(result) -> list[dict]:
     return [{k: v for k, v in h.items() if not k.startswith("time/")} for h in result.history]

@@ -25,6 +25,9 @@ from fedsim.config import ConfigError
 from fedsim.data.partition import sample_clients
 from fedsim.devices import close_round, injected_failure
 
+# every test here runs the engine, most on Ray actors: CI runs them, the quick loop does not
+pytestmark = pytest.mark.slow
+
 EXPERIMENT = "fedsim-faults"
 # every task is 1 s late on the simulated clock; SLEEP makes it really sleep that second too
 DELAYED = ["faults.delay_dist=constant", "faults.delay_s=1"]

@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
+import pytest
 import torch
 
 from aggregation import MERGERS, merger_class
@@ -64,6 +65,7 @@ def test_tiny_benchmark_prints_a_row_per_method_and_path(capsys):
         assert cells[7] == "-"  # no memory column with --no-memory
 
 
+@pytest.mark.slow  # 400 clients' merges
 def test_tiny_benchmark_measures_server_peak_memory_per_path(capsys):
     # 400 tiny clients are about 2.8 MB of float32 inputs, which the batch path holds at once
     # and the stream never does (each case runs in a fresh process).

@@ -22,6 +22,7 @@ def load_script():
     return module
 
 
+@pytest.mark.slow  # a whole run (or several): CI runs it, the quick loop does not
 def test_drops_are_found_and_explained(make_config, tmp_path):
     store = f"sqlite:///{tmp_path / 'mlflow.db'}"
     cfg = make_config(f"tracking.uri={store}", "tracking.experiment=ms", "rounds=3")

@@ -4,9 +4,13 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 import fedsim
 from actors.executor import LocalExecutor
+
+# runs beyond the tiny setup: CI runs them, the quick loop does not
+pytestmark = pytest.mark.slow
 
 
 def test_pretrained_default_backbone_learns_in_one_round(

@@ -66,6 +66,7 @@ def family_runs(ray_cluster, vlm_config, restore_threads):
     }
 
 
+@pytest.mark.slow  # reads the three family runs (one on Ray)
 @pytest.mark.parametrize("family", FAMILIES)
 def test_two_rounds_log_generation_metrics(family_runs, family):
     result = family_runs[family]
@@ -83,6 +84,7 @@ def test_two_rounds_log_generation_metrics(family_runs, family):
     assert result.history[-1]["global/loss"] < result.history[0]["global/loss"]
 
 
+@pytest.mark.slow  # reads the three family runs (one on Ray)
 def test_a_generative_run_records_its_data_with_the_targets(family_runs, mlflow_store):
     """The datasets of a caption run: the schema has the reference captions (``target``) and
     the digest covers them; the client table and heat map are there."""
@@ -98,6 +100,7 @@ def test_a_generative_run_records_its_data_with_the_targets(family_runs, mlflow_
     assert {"data/clients.json", "data/partition.png"} <= files
 
 
+@pytest.mark.slow  # reads the three family runs (one on Ray)
 def test_example_generations_are_logged_every_evaluated_round(family_runs, mlflow_store):
     client = MlflowClient(tracking_uri=mlflow_store(EXPERIMENT))
     run_id = family_runs["llava"].run_id
@@ -111,6 +114,7 @@ def test_example_generations_are_logged_every_evaluated_round(family_runs, mlflo
     assert image.startswith("U+") and "What is the name of this emoji?" in prompt and reference
 
 
+@pytest.mark.slow  # reads the three family runs (one on Ray)
 def test_global_adapter_loads_with_peft_and_generates(family_runs, mlflow_store, tiny_vlms):
     from peft import PeftModel, get_peft_model_state_dict
     from safetensors.torch import load_file
@@ -149,6 +153,7 @@ def test_global_adapter_loads_with_peft_and_generates(family_runs, mlflow_store,
     assert out.shape[1] > enc["input_ids"].shape[1]
 
 
+@pytest.mark.slow  # reads the three family runs (one on Ray)
 def test_client_adapters_are_logged_and_load(family_runs, mlflow_store, tiny_vlms):
     from peft import PeftModel, get_peft_model_state_dict
     from safetensors.torch import load_file
@@ -169,6 +174,7 @@ def test_client_adapters_are_logged_and_load(family_runs, mlflow_store, tiny_vlm
     assert all(torch.equal(saved[k], loaded[k]) for k in saved)
 
 
+@pytest.mark.slow  # reads the three family runs (one on Ray)
 def test_the_same_run_on_one_actor_gives_the_same_numbers(ray_cluster, vlm_config, family_runs):
     one = fedsim.run(vlm_config("llava", "resources.actors=1", "tracking.run_name=llava-one"))
     assert [_numbers(h) for h in one.history] == [_numbers(h) for h in family_runs["llava"].history]

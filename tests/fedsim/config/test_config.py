@@ -201,6 +201,7 @@ def _fedsim_command() -> list[str]:
     return [found] if found else [sys.executable, "-m", "fedsim.cli"]
 
 
+@pytest.mark.slow  # a fresh Python process
 def test_console_script_bad_key_exits_2_with_one_line(ray_cluster, tmp_path):
     # `fedsim run` starts Ray before it reads the config: it joins the session's cluster rather
     # than starting one of its own (tests/fedsim/test_streaming_engine.py starts its own)

@@ -136,6 +136,7 @@ def test_a_yaml_file_and_a_dict_take_booleans(tmp_path):
     assert as_config({"editing": {"enabled": "auto"}}).editing.enabled == "auto"
 
 
+@pytest.mark.slow  # a whole run (or several): CI runs it, the quick loop does not
 def test_a_zeropad_run_does_not_edit_and_a_fedilora_run_does(experiment_config):
     """Two rounds (editing starts in round 2) in this process: only FediLoRA's run reports
     editing metrics; zeropad's rounds carry none."""

@@ -158,6 +158,7 @@ def _base_weights(worker: ClientWorker) -> dict[str, torch.Tensor]:
     return out
 
 
+@pytest.mark.slow  # a whole run (or several): CI runs it, the quick loop does not
 def test_a_run_logs_the_residual_beside_the_adapter(ray_cluster, experiment_config, tmp_path):
     from actors.executor import LocalExecutor
 
@@ -186,6 +187,7 @@ def _numbers(result) -> list[dict]:
     return [{k: v for k, v in h.items() if not k.startswith("time/")} for h in result.history]
 
 
+@pytest.mark.slow  # a whole run (or several): CI runs it, the quick loop does not
 @pytest.mark.parametrize(
     "overrides",
     [

@@ -110,6 +110,7 @@ def test_local_only_uploads_nothing_and_keeps_everything(make_config):
     assert agg.accepted == [1] and _equal(server.get_global(), initial)
 
 
+@pytest.mark.slow  # two Ray actors
 def test_state_travels_to_another_actor(ray_cluster, make_config):
     """pLoRA's private A and SCAFFOLD's c_i, trained on actor 0, continue on actor 1."""
     cfg = make_config(

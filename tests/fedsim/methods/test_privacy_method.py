@@ -375,6 +375,7 @@ def _numbers(result) -> list[dict]:
     return [{k: v for k, v in h.items() if not k.startswith("time/")} for h in result.history]
 
 
+@pytest.mark.slow  # a whole run (or several): CI runs it, the quick loop does not
 def test_a_private_run_logs_its_budget_and_repeats_itself(experiment_config):
     build = experiment_config("fedsim-privacy")
     cfg = build("privacy.enabled=true", "privacy.clip_norm=0.3")
@@ -389,6 +390,7 @@ def test_a_private_run_logs_its_budget_and_repeats_itself(experiment_config):
     assert first.history[1]["privacy/clipped"] == clipped
 
 
+@pytest.mark.slow  # a whole run (or several): CI runs it, the quick loop does not
 def test_a_run_with_client_noise_and_adaptive_clipping(experiment_config):
     build = experiment_config("fedsim-privacy-client")
     private = (

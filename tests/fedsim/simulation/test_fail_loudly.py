@@ -36,6 +36,7 @@ def _last_run(cfg):
     return client.search_runs([exp.experiment_id], order_by=["attributes.start_time DESC"])[0]
 
 
+@pytest.mark.slow  # a whole run (or several): CI runs it, the quick loop does not
 def test_every_client_failing_stops_after_max_empty_rounds(config, capsys):
     cfg = config(*ALL_FAIL, "rounds=5", "round.max_empty_rounds=2")
     with pytest.raises(RunFailed) as info:
@@ -51,6 +52,7 @@ def test_every_client_failing_stops_after_max_empty_rounds(config, capsys):
     assert run.data.metrics["clients/failed"] == 3
 
 
+@pytest.mark.slow  # a whole run (or several): CI runs it, the quick loop does not
 def test_a_short_run_that_merged_nothing_fails_through_the_cli(ray_cluster, config, capsys):
     cfg = config(*ALL_FAIL, "rounds=1")
     code = main(["run", *_as_overrides(cfg)])

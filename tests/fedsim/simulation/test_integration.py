@@ -26,6 +26,9 @@ from fedsim.data.partition import sample_clients
 from fedsim.models.backbone import build_backbone
 from fedsim.tasks.evaluation import classification_metrics, predict
 
+# one end-to-end run on Ray actors (and its twins): CI runs them, the quick loop does not
+pytestmark = pytest.mark.slow
+
 EXPERIMENT = "fedsim-integration"
 ROUNDS = 2
 

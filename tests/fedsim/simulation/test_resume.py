@@ -78,6 +78,7 @@ def config(experiment_config):
     return experiment_config(EXPERIMENT)
 
 
+@pytest.mark.slow  # a whole run (or several): CI runs it, the quick loop does not
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_stopped_and_resumed_run_equals_an_uninterrupted_one(ray_cluster, config, variant):
     over = VARIANTS[variant]
@@ -164,6 +165,7 @@ def test_sigkilled_driver_resumes_into_the_same_mlflow_run(
     _same_tensors(load_checkpoint(run_dir).server, load_checkpoint(straight.run_dir).server)
 
 
+@pytest.mark.slow  # a whole run (or several): CI runs it, the quick loop does not
 def test_resume_refuses_what_would_change_the_numbers(ray_cluster, config, capsys):
     # ray_cluster: `fedsim run` joins it (rather than starting a Ray of its own per call)
     first = fedsim.run(config("rounds=1"), executor=LocalExecutor())
@@ -175,6 +177,7 @@ def test_resume_refuses_what_would_change_the_numbers(ray_cluster, config, capsy
     assert "no such run directory" in capsys.readouterr().err
 
 
+@pytest.mark.slow  # a whole run (or several): CI runs it, the quick loop does not
 def test_checkpoints_can_be_turned_off(config, tmp_path):
     result = fedsim.run(
         config("rounds=1", "checkpoint.every=0", f"checkpoint.dir={tmp_path}"),
@@ -184,6 +187,7 @@ def test_checkpoints_can_be_turned_off(config, tmp_path):
     assert not any(tmp_path.iterdir())
 
 
+@pytest.mark.slow  # a whole run (or several): CI runs it, the quick loop does not
 def test_progress_bar_counts_trained_rounds_from_zero_and_from_the_checkpoint(config, capsys):
     first = fedsim.run(config("rounds=1", "progress=true"), executor=LocalExecutor())
     out = capsys.readouterr()

@@ -167,6 +167,7 @@ def _numbers(result) -> list[dict]:
     return [{k: v for k, v in h.items() if not k.startswith("time/")} for h in result.history]
 
 
+@pytest.mark.slow  # a run on Ray and two in-process
 def test_the_server_in_the_driver_or_in_an_actor_gives_the_same_run(
     ray_cluster, experiment_config, restore_threads
 ):

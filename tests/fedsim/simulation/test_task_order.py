@@ -31,6 +31,7 @@ def test_expected_samples_count_what_training_reads(n, batch, epochs, max_steps)
     )
 
 
+@pytest.mark.slow  # a whole run (or several): CI runs it, the quick loop does not
 def test_tasks_go_out_longest_first_and_the_order_changes_no_number(make_config):
     """The in-process pool runs tasks in the order it is handed them: the biggest client
     first; a run whose tasks are put back in id order (the old order) gives the same numbers."""

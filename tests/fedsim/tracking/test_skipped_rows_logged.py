@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 from mlflow.tracking import MlflowClient
 from PIL import Image
 
@@ -14,6 +15,7 @@ from actors.executor import LocalExecutor
 EXPERIMENT = "fedsim-skipped-rows"
 
 
+@pytest.mark.slow  # a whole run (or several): CI runs it, the quick loop does not
 def test_skipped_rows_are_a_metric_and_a_table(
     make_config, mlflow_store, tmp_path, restore_threads
 ):
