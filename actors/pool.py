@@ -34,6 +34,19 @@ class ClientActor:
 
         self.worker = ClientWorker(cfg)
 
+    def reset(self, cfg: FedSimConfig) -> str:
+        """Serve another run: a new worker built from ``cfg``, as a new actor would build it.
+
+        Only the process stays (its imported modules): the backbone, the data, the adapters
+        and every method's state are built afresh (:class:`actors.executor.RayExecutor` with
+        ``keep_actors=True``).
+        """
+        from actors.client import ClientWorker
+
+        self.worker = None  # the old worker's memory goes before the new one is built
+        self.worker = ClientWorker(cfg)
+        return self.worker.ping()
+
     def ping(self) -> str:
         return self.worker.ping()
 
@@ -186,17 +199,43 @@ class ClientPool:
     Args:
         cfg: the resolved config (sent once to each actor).
         size: number of actors.
+        wait: wait until every actor is ready (else call :meth:`wait_ready` later).
+        reuse: a finished run's pool whose actors this pool takes over when they
+            :meth:`fits` (each builds a new worker from ``cfg``); otherwise it is shut down.
     """
 
-    def __init__(self, cfg: FedSimConfig, size: int, wait: bool = True):
+    def __init__(self, cfg: FedSimConfig, size: int, wait: bool = True, reuse=None):
         self.cfg = cfg
-        self.group = reserve(cfg, size)
-        # every actor starts at once and loads its backbone in parallel with the others
-        self.actors = [self._spawn(i) for i in range(size)]
         self.replaced = 0
-        self._pings = [a.ping.remote() for a in self.actors]
+        # kept actors this run does not use (a warm pool's, held for later runs)
+        self.spare: list = []
+        if reuse is not None and reuse.fits(cfg, size):
+            # the previous runs' actors, each given a new worker for this config
+            kept, reuse.actors, reuse.spare = reuse.actors + reuse.spare, [], []
+            self.group, reuse.group, self.reused = reuse.group, None, True
+            self.actors, self.spare = kept[:size], kept[size:]
+            self._pings = [a.reset.remote(cfg) for a in self.actors]
+        else:
+            if reuse is not None:
+                reuse.shutdown()
+            self.group, self.reused = reserve(cfg, size), False
+            # every actor starts at once and loads its backbone in parallel with the others
+            self.actors = [self._spawn(i) for i in range(size)]
+            self._pings = [a.ping.remote() for a in self.actors]
         if wait:
             self.wait_ready()
+
+    def fits(self, cfg: FedSimConfig, size: int) -> bool:
+        """Whether this pool's actors can serve a run of ``cfg`` with ``size`` actors: at least
+        as many (the others wait as spares), with the same per-actor resources and placement.
+        """
+        mine, theirs = self.cfg.resources, cfg.resources
+        return (
+            bool(self.actors)
+            and len(self.actors) + len(self.spare) >= size
+            and (mine.client.num_cpus, mine.client.num_gpus, mine.placement)
+            == (theirs.client.num_cpus, theirs.client.num_gpus, theirs.placement)
+        )
 
     def wait_ready(self) -> None:
         """Wait until every actor has built its backbone (the driver works meanwhile).
@@ -207,7 +246,15 @@ class ClientPool:
         """
         pings, self._pings = self._pings, []
         try:
-            ray.get(pings)
+            for i, ping in enumerate(pings):
+                try:
+                    ray.get(ping)
+                except RayActorError:
+                    if not self.reused:
+                        raise
+                    # a kept actor that died since its last run: a new one takes its slot
+                    self.actors[i] = self._spawn(i)
+                    ray.get(self.actors[i].ping.remote())
         except RayError as exc:
             self.shutdown()
             cause = _config_error(exc)
@@ -317,9 +364,9 @@ class ClientPool:
             inflight[refs[0]] = (key, i, refs)
 
     def shutdown(self) -> None:
-        for a in self.actors:
+        for a in self.actors + self.spare:
             ray.kill(a)
-        self.actors = []
+        self.actors, self.spare = [], []
         if self.group is not None:
             from ray.util.placement_group import remove_placement_group
 

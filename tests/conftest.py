@@ -108,8 +108,59 @@ def ray_cluster():
     ray.shutdown()
 
 
+@pytest.fixture(scope="session")
+def warm_ray(ray_cluster):
+    """A Ray executor that keeps its client actors between runs (the session's warm pool).
+
+    Runs that are not about starting actors take it: each reuses the previous run's actor
+    processes when it needs as many actors with the same resources, instead of paying an
+    actor's start-up (its imports) again. ``tests/actors/test_warm_pool.py`` checks that the
+    numbers are those of fresh actors.
+    """
+    from actors.executor import RayExecutor
+
+    with RayExecutor(keep_actors=True) as executor:
+        _WARM.append(executor)
+        yield executor
+        _WARM.clear()
+
+
+_WARM: list = []
+
+
+@pytest.fixture(autouse=True)
+def _free_warm_actors(request):
+    """A test that does not take ``warm_ray`` gets the cluster's CPUs: the kept actors go."""
+    if _WARM and "warm_ray" not in request.fixturenames:
+        _WARM[0].release()
+
+
+@pytest.fixture(scope="session")
+def new_mlflow_db(tmp_path_factory) -> Callable[[Path], str]:
+    """``new_mlflow_db(directory)``: the SQLite URI of a new, empty MLflow store there.
+
+    MLflow builds a new store's schema by running its migrations, seconds each time; the
+    session builds one store that way and each new store is a copy of its file (the same
+    bytes MLflow would write: the tests that create a store through fedsim still do).
+    """
+    from mlflow.tracking import MlflowClient
+
+    template = tmp_path_factory.mktemp("mlflow-template") / "mlflow.db"
+    MlflowClient(tracking_uri=f"sqlite:///{template}").search_experiments()
+
+    def new(directory: Path) -> str:
+        import shutil
+
+        path = Path(directory) / "mlflow.db"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(template, path)
+        return f"sqlite:///{path}"
+
+    return new
+
+
 @pytest.fixture(scope="module")
-def mlflow_store(tmp_path_factory) -> Callable[[str], str]:
+def mlflow_store(tmp_path_factory, new_mlflow_db) -> Callable[[str], str]:
     """``mlflow_store(experiment)``: a SQLite URI whose experiment keeps artifacts in tmp.
 
     The experiment is created up front with an artifact location under the temp dir, so a
@@ -118,7 +169,7 @@ def mlflow_store(tmp_path_factory) -> Callable[[str], str]:
     from mlflow.tracking import MlflowClient
 
     root = tmp_path_factory.mktemp("mlflow")
-    uri = f"sqlite:///{root / 'mlflow.db'}"
+    uri = new_mlflow_db(root)
     client = MlflowClient(tracking_uri=uri)
 
     def experiment(name: str) -> str:

@@ -23,8 +23,8 @@ def load_script():
 
 
 @pytest.mark.slow  # a whole run (or several): CI runs it, the quick loop does not
-def test_drops_are_found_and_explained(make_config, tmp_path):
-    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+def test_drops_are_found_and_explained(make_config, tmp_path, new_mlflow_db):
+    store = new_mlflow_db(tmp_path)
     cfg = make_config(f"tracking.uri={store}", "tracking.experiment=ms", "rounds=3")
     run = fedsim.run(cfg, executor=LocalExecutor())
     study = load_script()

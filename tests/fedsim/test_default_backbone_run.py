@@ -38,7 +38,7 @@ def test_pretrained_default_backbone_learns_in_one_round(
     assert after["clients/sampled"] == 4
 
 
-def test_hundred_clients_are_multiplexed_over_two_actors(ray_cluster, make_config, mlflow_store):
+def test_hundred_clients_are_multiplexed_over_two_actors(warm_ray, make_config, mlflow_store):
     uri = mlflow_store("fedsim-100")
     cfg = make_config(
         "clients.num=100",
@@ -51,7 +51,7 @@ def test_hundred_clients_are_multiplexed_over_two_actors(ray_cluster, make_confi
         f"tracking.uri={uri}",
         "tracking.experiment=fedsim-100",
     )
-    result = fedsim.run(cfg)
+    result = fedsim.run(cfg, executor=warm_ray)
     assert [h["clients/sampled"] for h in result.history[1:]] == [10, 10]
     assert all(h["clients/failed"] == 0 for h in result.history[1:])
     trained = {row["client_id"] for rows in result.clients for row in rows}

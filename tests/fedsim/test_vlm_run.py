@@ -56,11 +56,11 @@ ON_RAY = "llava"  # the family that runs on Ray actors; the others run in this p
 
 
 @pytest.fixture(scope="module")
-def family_runs(ray_cluster, vlm_config, restore_threads):
+def family_runs(warm_ray, vlm_config, restore_threads):
     return {
         f: fedsim.run(
             vlm_config(f, f"tracking.run_name={f}", "tracking.save_client_adapters=true"),
-            executor=None if f == ON_RAY else LocalExecutor(),
+            executor=warm_ray if f == ON_RAY else LocalExecutor(),
         )
         for f in FAMILIES
     }
@@ -175,8 +175,11 @@ def test_client_adapters_are_logged_and_load(family_runs, mlflow_store, tiny_vlm
 
 
 @pytest.mark.slow  # reads the three family runs (one on Ray)
-def test_the_same_run_on_one_actor_gives_the_same_numbers(ray_cluster, vlm_config, family_runs):
-    one = fedsim.run(vlm_config("llava", "resources.actors=1", "tracking.run_name=llava-one"))
+def test_the_same_run_on_one_actor_gives_the_same_numbers(warm_ray, vlm_config, family_runs):
+    one = fedsim.run(
+        vlm_config("llava", "resources.actors=1", "tracking.run_name=llava-one"),
+        executor=warm_ray,
+    )
     assert [_numbers(h) for h in one.history] == [_numbers(h) for h in family_runs["llava"].history]
 
 

@@ -174,7 +174,7 @@ def _numbers(result) -> list[dict]:
 
 
 @pytest.mark.slow  # two runs each, one on Ray: CI runs them, the quick loop does not
-def test_attacks_with_seeded_noise_repeat_on_any_number_of_actors(ray_cluster, experiment_config):
+def test_attacks_with_seeded_noise_repeat_on_any_number_of_actors(warm_ray, experiment_config):
     """A Gaussian attacker and DP noise on the clients (adaptive clipping): two actors on Ray
     and one in-process give the same numbers."""
     build = experiment_config("fedsim-attack-dp")
@@ -191,7 +191,7 @@ def test_attacks_with_seeded_noise_repeat_on_any_number_of_actors(ray_cluster, e
         "editing.enabled=false",
         "resources.actors=2",
     )
-    on_ray = fedsim.run(cfg)
+    on_ray = fedsim.run(cfg, executor=warm_ray)
     local = fedsim.run(cfg, executor=LocalExecutor())
     assert _numbers(on_ray) == _numbers(local)
     assert on_ray.history[-1]["privacy/epsilon"] > on_ray.history[1]["privacy/epsilon"] > 0
@@ -199,7 +199,7 @@ def test_attacks_with_seeded_noise_repeat_on_any_number_of_actors(ray_cluster, e
 
 @pytest.mark.slow  # two runs each, one on Ray: CI runs them, the quick loop does not
 def test_a_run_logs_its_attackers_and_defends_the_same_on_any_number_of_actors(
-    ray_cluster, experiment_config, tmp_path
+    warm_ray, experiment_config, tmp_path
 ):
     build = experiment_config("fedsim-attack")
     cfg = build(
@@ -211,7 +211,7 @@ def test_a_run_logs_its_attackers_and_defends_the_same_on_any_number_of_actors(
         "robust.clip_norm=5",
         "resources.actors=2",
     )
-    on_ray = fedsim.run(cfg)
+    on_ray = fedsim.run(cfg, executor=warm_ray)
     local = fedsim.run(cfg, executor=LocalExecutor())
     assert _numbers(on_ray) == _numbers(local)
     last = on_ray.history[-1]

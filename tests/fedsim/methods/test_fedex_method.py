@@ -159,13 +159,13 @@ def _base_weights(worker: ClientWorker) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.slow  # a whole run (or several): CI runs it, the quick loop does not
-def test_a_run_logs_the_residual_beside_the_adapter(ray_cluster, experiment_config, tmp_path):
+def test_a_run_logs_the_residual_beside_the_adapter(warm_ray, experiment_config, tmp_path):
     from actors.executor import LocalExecutor
 
     build = experiment_config("fedsim-fedex")
     cfg = build("fedex.enabled=true", "aggregation.method=zeropad", "editing.enabled=false")
     # on Ray: every actor keeps the folded base weights it last synced (ClientWorker._sync_base)
-    result = fedsim.run(cfg)
+    result = fedsim.run(cfg, executor=warm_ray)
     # the reference without FedEx-LoRA: in this process (the same numbers as on Ray)
     plain = fedsim.run(
         build("aggregation.method=zeropad", "editing.enabled=false"), executor=LocalExecutor()

@@ -55,10 +55,10 @@ def run_config(make_config, mlflow_store, nan_client):
 
 
 @pytest.fixture(scope="module")
-def simulation(ray_cluster, run_config):
+def simulation(warm_ray, run_config):
     """The run every test of this module inspects (two actors)."""
     cfg = run_config("resources.actors=2", "tracking.run_name=two-actors")
-    return cfg, fedsim.run(cfg)
+    return cfg, fedsim.run(cfg, executor=warm_ray)
 
 
 @pytest.fixture(scope="module")
@@ -240,9 +240,11 @@ def _quality(history: list[dict]) -> list[dict]:
     ]
 
 
-def test_one_actor_gives_the_same_numbers_as_two(simulation, run_config):
+def test_one_actor_gives_the_same_numbers_as_two(simulation, run_config, warm_ray):
     _, two = simulation
-    one = fedsim.run(run_config("resources.actors=1", "tracking.run_name=one-actor"))
+    one = fedsim.run(
+        run_config("resources.actors=1", "tracking.run_name=one-actor"), executor=warm_ray
+    )
     assert one.run_id != two.run_id
     assert _quality(one.history) == _quality(two.history)
     assert [h["clients/rejected"] for h in one.history[1:]] == [

@@ -80,13 +80,13 @@ def config(experiment_config):
 
 @pytest.mark.slow  # a whole run (or several): CI runs it, the quick loop does not
 @pytest.mark.parametrize("variant", list(VARIANTS))
-def test_stopped_and_resumed_run_equals_an_uninterrupted_one(ray_cluster, config, variant):
+def test_stopped_and_resumed_run_equals_an_uninterrupted_one(warm_ray, config, variant):
     over = VARIANTS[variant]
     straight = fedsim.run(config(*over, "rounds=3"), executor=LocalExecutor())
     first = fedsim.run(config(*over, "rounds=1"), executor=LocalExecutor())
     # the first variant resumes on Ray: the checkpointed private A goes back to the actors
     on_ray = variant == next(iter(VARIANTS))
-    resumed = resume(first.run_dir, ["rounds=3"], executor=None if on_ray else LocalExecutor())
+    resumed = resume(first.run_dir, ["rounds=3"], executor=warm_ray if on_ray else LocalExecutor())
     assert resumed.run_id == first.run_id
     assert _numbers(resumed.history) == _numbers(straight.history)
     # the merge diagnostics of the rounds before the stop came back from the checkpoint

@@ -34,7 +34,7 @@ class Recorded:
 
 
 @pytest.fixture(scope="module")
-def thousand(ray_cluster, make_config, mlflow_store) -> Recorded:
+def thousand(warm_ray, make_config, mlflow_store) -> Recorded:
     """Run 1,000 clients once, recording each ``ClientPool.train`` call's client ids."""
     from fedsim.simulation.run import run
 
@@ -63,7 +63,7 @@ def thousand(ray_cluster, make_config, mlflow_store) -> Recorded:
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(ClientPool, "train", recording_train)
-        recorded.result = run(cfg)
+        recorded.result = run(cfg, executor=warm_ray)
     return recorded
 
 

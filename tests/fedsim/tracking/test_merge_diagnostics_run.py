@@ -24,8 +24,8 @@ RANKS = [8, 8, 4, 4, 2, 2]
 
 
 @pytest.fixture(scope="module")
-def store(tmp_path_factory) -> str:
-    return f"sqlite:///{tmp_path_factory.mktemp('diag') / 'mlflow.db'}"
+def store(tmp_path_factory, new_mlflow_db) -> str:
+    return new_mlflow_db(tmp_path_factory.mktemp("diag"))
 
 
 @pytest.fixture(scope="module")

@@ -39,8 +39,8 @@ pytestmark = pytest.mark.usefixtures("restore_threads")
 
 
 @pytest.fixture
-def store(tmp_path) -> str:
-    return f"sqlite:///{tmp_path / 'mlflow.db'}"
+def store(tmp_path, new_mlflow_db) -> str:
+    return new_mlflow_db(tmp_path)
 
 
 # --- the experiment and the run's name --------------------------------------------------------
