@@ -63,7 +63,8 @@ class DataConfig:
         metadata=doc(
             "; ".join(f"{n}: {spec.summary}" for n, spec in DATASETS.items())
             + " (real datasets read their files under data.root; llava needs a generative "
-            "model)."
+            "model).",
+            choices=DATASETS,
         ),
     )
     root: str | None = field(
@@ -168,7 +169,10 @@ class DataConfig:
 class ModelConfig:
     backbone: str = field(
         default="minilm-effnet",
-        metadata=doc("; ".join(f"{n}: {spec.summary}" for n, spec in BACKBONE_SPECS.items())),
+        metadata=doc(
+            "; ".join(f"{n}: {spec.summary}" for n, spec in BACKBONE_SPECS.items()),
+            choices=BACKBONE_SPECS,
+        ),
     )
     text_encoder: str | None = field(default=None, metadata=doc("hf: text encoder id/path."))
     vision_encoder: str | None = field(default=None, metadata=doc("hf: vision encoder id/path."))
@@ -240,7 +244,8 @@ class LoraConfig:
 @dataclass
 class AggregationConfig:
     method: str = field(
-        default="fedilora", metadata=doc("Heterogeneous-rank merge: " + ", ".join(MERGERS))
+        default="fedilora",
+        metadata=doc("Heterogeneous-rank merge: " + ", ".join(MERGERS), choices=MERGERS),
     )
     empty_dim: Literal["keep", "zero"] = field(
         default="keep",
@@ -276,7 +281,8 @@ class SharingConfig:
             "Which LoRA parts go to the server ("
             + ", ".join(SHARING_POLICIES)
             + "): all; B (pLoRA: each client keeps its own A); A (FedSA-LoRA: each client "
-            "keeps its own B); none (local-only baseline)."
+            "keeps its own B); none (local-only baseline).",
+            choices=SHARING_POLICIES,
         ),
     )
 
@@ -287,7 +293,8 @@ class ServerConfig:
         default="fedavg",
         metadata=doc(
             "Server optimiser on the pseudo-gradient (Reddi et al. 2021): "
-            + ", ".join(SERVER_OPTIMIZERS)
+            + ", ".join(SERVER_OPTIMIZERS),
+            choices=SERVER_OPTIMIZERS,
         ),
     )
     lr: float | None = field(
@@ -307,7 +314,8 @@ class ObjectiveConfig:
             + ", ".join(OBJECTIVES)
             + "): plain; fedprox (mu/2 ||theta - theta_g||^2); scaffold (control variates); "
             "fednova (normalised averaging); fedmllm (FedProx term weighted by layer_weight on "
-            "layers layer_skip .. L-1-layer_skip only)."
+            "layers layer_skip .. L-1-layer_skip only).",
+            choices=OBJECTIVES,
         ),
     )
     mu: float = field(default=0.01, metadata=doc("Proximal coefficient (fedprox, fedmllm)."))
