@@ -38,6 +38,13 @@ KEYS_HELP = (
     "(docs/reference/config.md) has the same list."
 )
 
+CONFIG_ARGS = (
+    "an experiment YAML (default: experiments/default.yaml), then key=value overrides applied "
+    "after it"
+)
+STUDY_HELP = "the study file: its variants, seeds, grid cells, metric and output table"
+STUDY_ARGS = "overrides applied to every run of the study"
+
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``fedsim`` command's parser (the docs' CLI reference is generated from it)."""
@@ -47,12 +54,11 @@ def build_parser() -> argparse.ArgumentParser:
     run_p = sub.add_parser(
         "run",
         help="run a simulation",
+        usage="fedsim run [-h] [--resume RUN_DIR] [CONFIG.yaml] [key=value ...]",
         description="Run a simulation. With no CONFIG, experiments/default.yaml is used.",
         epilog=KEYS_HELP,
     )
-    run_p.add_argument(
-        "args", nargs="*", metavar="[CONFIG.yaml] [key=value ...]", help="experiment and overrides"
-    )
+    run_p.add_argument("args", nargs="*", metavar="[CONFIG.yaml] [key=value ...]", help=CONFIG_ARGS)
     run_p.add_argument(
         "--resume",
         metavar="RUN_DIR",
@@ -62,11 +68,14 @@ def build_parser() -> argparse.ArgumentParser:
     show_p = sub.add_parser(
         "config",
         help="print the resolved config as YAML, or list the config keys (--keys)",
+        usage="fedsim config [-h] [--keys [PREFIX]] [CONFIG.yaml] [key=value ...]",
         description="Print the resolved config as YAML (re-loadable with fedsim run), or, "
         "with --keys, every config key with its type, default, allowed values and help.",
         epilog=KEYS_HELP,
     )
-    show_p.add_argument("args", nargs="*", metavar="[CONFIG.yaml] [key=value ...]")
+    show_p.add_argument(
+        "args", nargs="*", metavar="[CONFIG.yaml] [key=value ...]", help=CONFIG_ARGS
+    )
     show_p.add_argument(
         "--keys",
         nargs="?",
@@ -77,8 +86,14 @@ def build_parser() -> argparse.ArgumentParser:
     part_p = sub.add_parser(
         "partition",
         help="print each client's data (samples, labels, modalities) under a config",
+        usage="fedsim partition [-h] [--heatmap PNG] [CONFIG.yaml] [key=value ...]",
+        description="Print, per client, its rank, train and held-out sizes, label histogram "
+        "and how many rows have both modalities, the image only, the text only or neither, "
+        "under a config; nothing is trained.",
     )
-    part_p.add_argument("args", nargs="*", metavar="[CONFIG.yaml] [key=value ...]")
+    part_p.add_argument(
+        "args", nargs="*", metavar="[CONFIG.yaml] [key=value ...]", help=CONFIG_ARGS
+    )
     part_p.add_argument("--heatmap", metavar="PNG", help="also save a heat map of the label split")
     cmp_p = sub.add_parser(
         "compare",
@@ -86,16 +101,16 @@ def build_parser() -> argparse.ArgumentParser:
         description="Run a study YAML such as experiments/compare.yaml; overrides apply to "
         "every run.",
     )
-    cmp_p.add_argument("study", metavar="STUDY.yaml")
-    cmp_p.add_argument("args", nargs="*", metavar="key=value")
+    cmp_p.add_argument("study", metavar="STUDY.yaml", help=STUDY_HELP)
+    cmp_p.add_argument("args", nargs="*", metavar="key=value", help=STUDY_ARGS)
     sweep_p = sub.add_parser(
         "sweep",
         help="run a grid study (cells x variants x seeds) under one MLflow parent run",
         description="Run a study YAML with grids, such as experiments/fedmllm_grid.yaml; "
         "overrides apply to every run.",
     )
-    sweep_p.add_argument("study", metavar="STUDY.yaml")
-    sweep_p.add_argument("args", nargs="*", metavar="key=value")
+    sweep_p.add_argument("study", metavar="STUDY.yaml", help=STUDY_HELP)
+    sweep_p.add_argument("args", nargs="*", metavar="key=value", help=STUDY_ARGS)
     insp_p = sub.add_parser(
         "inspect",
         help="print one round's merge diagnostics of a run (clients, ranks, labels, shares)",
@@ -103,8 +118,14 @@ def build_parser() -> argparse.ArgumentParser:
         "band, the labels it holds and its contribution to the merged update, then the merge "
         "per dimension band. Without --round: the round whose global score dropped most.",
     )
-    insp_p.add_argument("run_id", metavar="RUN_ID")
-    insp_p.add_argument("--round", type=int, dest="round_idx", metavar="T")
+    insp_p.add_argument("run_id", metavar="RUN_ID", help="the MLflow run id a run prints")
+    insp_p.add_argument(
+        "--round",
+        type=int,
+        dest="round_idx",
+        metavar="T",
+        help="the round to show (default: the round whose global score fell most)",
+    )
     insp_p.add_argument(
         "--tracking-uri",
         metavar="URI",
