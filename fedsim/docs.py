@@ -11,6 +11,7 @@ parser, nothing else.
 from __future__ import annotations
 
 import argparse
+import html
 import sys
 import textwrap
 from pathlib import Path
@@ -55,7 +56,12 @@ def _cell(text: str) -> str:
 
 
 def _code(text: str) -> str:
-    return f"`{_cell(text)}`"
+    """Code in a table cell; with a pipe, as HTML (a backslash would show inside backticks)."""
+    text = " ".join(text.split())
+    if "|" not in text:
+        return f"`{text}`"
+    escaped = html.escape(text, quote=False).replace("|", "&#124;")
+    return f"<code>{escaped}</code>"
 
 
 def _section(key: KeyInfo) -> str:
