@@ -272,10 +272,10 @@ def test_the_docs_have_commands_of_every_kind():
 @pytest.mark.parametrize(
     ("where", "argv"), [c for c in COMMANDS if _kind(c[1]) in ("run", "load", "study")]
 )
-def test_a_documented_command_runs_or_its_config_loads(where, argv, capsys):
+def test_a_documented_command_runs_or_its_config_loads(where, argv, capsys, monkeypatch):
     from fedsim import cli
 
-    os.chdir(ROOT)  # the pages' paths are relative to the repository root
+    monkeypatch.chdir(ROOT)  # the pages' paths are relative to the repository root
     kind = _kind(argv)
     if kind == "run":
         if argv and argv[0].startswith("--") or "--help" in argv:
@@ -323,10 +323,10 @@ def _without_ray(argv: list[str]) -> bool:
 
 
 @pytest.mark.parametrize(("where", "argv", "error"), [t for t in TRANSCRIPTS if _without_ray(t[1])])
-def test_a_documented_config_error_is_what_fedsim_prints(where, argv, error, capsys):
+def test_a_documented_config_error_is_what_fedsim_prints(where, argv, error, capsys, monkeypatch):
     from fedsim import cli
 
-    os.chdir(ROOT)
+    monkeypatch.chdir(ROOT)
     command = ["config", *argv[1:]] if argv[0] == "run" else argv  # found when it loads
     assert cli.main(command) == 2, where
     assert capsys.readouterr().err.strip() == error, where
@@ -352,9 +352,10 @@ def docs_run(ray_cluster, emoji_cache, tmp_path_factory):
         "progress=false",
     ]
     runs = sorted({tuple(argv) for _, argv in COMMANDS if _kind(argv) == "tiny-run"})
-    os.chdir(ROOT)
-    for argv in runs:
-        assert cli.main([argv[0], *outputs, *argv[1:]]) == 0, argv
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(ROOT)
+        for argv in runs:
+            assert cli.main([argv[0], *outputs, *argv[1:]]) == 0, argv
     client = MlflowClient(f"sqlite:///{tmp}/mlflow.db")
     experiments = [e.experiment_id for e in client.search_experiments()]
     run = client.search_runs(experiments, order_by=["attributes.start_time DESC"])[0]
@@ -376,10 +377,10 @@ def test_the_documented_one_round_run_and_inspect(docs_run, capsys):
 
 
 @pytest.mark.slow  # renders the 32 px emoji set and splits it
-def test_the_documented_partitions(emoji_cache, tmp_path, capsys):
+def test_the_documented_partitions(emoji_cache, tmp_path, capsys, monkeypatch):
     from fedsim import cli
 
-    os.chdir(ROOT)
+    monkeypatch.chdir(ROOT)
     for where, argv in [c for c in COMMANDS if _kind(c[1]) == "partition"]:
         args = [str(tmp_path / Path(a).name) if a.endswith(".png") else a for a in argv]
         assert cli.main([args[0], f"data.cache_dir={emoji_cache}", *args[1:]]) == 0, where
