@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 from fedsim.errors import ConfigError, RunFailed
+from fedsim.version import __version__
 
 DEFAULT_EXPERIMENT = Path("experiments") / "default.yaml"
 
@@ -26,31 +27,73 @@ def _split_args(items: list[str]) -> tuple[str | None, list[str]]:
     return None, items
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Entry point of the ``fedsim`` console script; returns the exit status."""
-    parser = argparse.ArgumentParser(prog="fedsim", description=__doc__)
+DESCRIPTION = (
+    "fedsim simulates federated LoRA fine-tuning of vision-language models on Ray: every "
+    "client has its own LoRA rank, its own data and its own missing modalities."
+)
+KEYS_HELP = (
+    "Configuration is layered: the typed defaults, then CONFIG.yaml, then key=value "
+    "overrides. List every key with its type, default, allowed values and help with "
+    "'fedsim config --keys [PREFIX]'; the docs' configuration reference "
+    "(docs/reference/config.md) has the same list."
+)
+
+CONFIG_ARGS = (
+    "an experiment YAML (default: experiments/default.yaml), then key=value overrides applied "
+    "after it"
+)
+STUDY_HELP = "the study file: its variants, seeds, grid cells, metric and output table"
+STUDY_ARGS = "overrides applied to every run of the study"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``fedsim`` command's parser (the docs' CLI reference is generated from it)."""
+    parser = argparse.ArgumentParser(prog="fedsim", description=DESCRIPTION, epilog=KEYS_HELP)
+    parser.add_argument("--version", action="version", version=f"fedsim {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     run_p = sub.add_parser(
         "run",
         help="run a simulation",
+        usage="fedsim run [-h] [--resume RUN_DIR] [CONFIG.yaml] [key=value ...]",
         description="Run a simulation. With no CONFIG, experiments/default.yaml is used.",
+        epilog=KEYS_HELP,
     )
-    run_p.add_argument(
-        "args", nargs="*", metavar="[CONFIG.yaml] [key=value ...]", help="experiment and overrides"
-    )
+    run_p.add_argument("args", nargs="*", metavar="[CONFIG.yaml] [key=value ...]", help=CONFIG_ARGS)
     run_p.add_argument(
         "--resume",
         metavar="RUN_DIR",
         help="continue a stopped run from the latest checkpoint in RUN_DIR (e.g. runs/<run id>); "
         "overrides may extend rounds or change resources, nothing that changes the numbers",
     )
-    show_p = sub.add_parser("config", help="print the resolved config as YAML")
-    show_p.add_argument("args", nargs="*", metavar="[CONFIG.yaml] [key=value ...]")
+    show_p = sub.add_parser(
+        "config",
+        help="print the resolved config as YAML, or list the config keys (--keys)",
+        usage="fedsim config [-h] [--keys [PREFIX]] [CONFIG.yaml] [key=value ...]",
+        description="Print the resolved config as YAML (re-loadable with fedsim run), or, "
+        "with --keys, every config key with its type, default, allowed values and help.",
+        epilog=KEYS_HELP,
+    )
+    show_p.add_argument(
+        "args", nargs="*", metavar="[CONFIG.yaml] [key=value ...]", help=CONFIG_ARGS
+    )
+    show_p.add_argument(
+        "--keys",
+        nargs="?",
+        const="",
+        metavar="PREFIX",
+        help="list the config keys (those that start with PREFIX, e.g. data. or privacy)",
+    )
     part_p = sub.add_parser(
         "partition",
         help="print each client's data (samples, labels, modalities) under a config",
+        usage="fedsim partition [-h] [--heatmap PNG] [CONFIG.yaml] [key=value ...]",
+        description="Print, per client, its rank, train and held-out sizes, label histogram "
+        "and how many rows have both modalities, the image only, the text only or neither, "
+        "under a config; nothing is trained.",
     )
-    part_p.add_argument("args", nargs="*", metavar="[CONFIG.yaml] [key=value ...]")
+    part_p.add_argument(
+        "args", nargs="*", metavar="[CONFIG.yaml] [key=value ...]", help=CONFIG_ARGS
+    )
     part_p.add_argument("--heatmap", metavar="PNG", help="also save a heat map of the label split")
     cmp_p = sub.add_parser(
         "compare",
@@ -58,16 +101,16 @@ def main(argv: list[str] | None = None) -> int:
         description="Run a study YAML such as experiments/compare.yaml; overrides apply to "
         "every run.",
     )
-    cmp_p.add_argument("study", metavar="STUDY.yaml")
-    cmp_p.add_argument("args", nargs="*", metavar="key=value")
+    cmp_p.add_argument("study", metavar="STUDY.yaml", help=STUDY_HELP)
+    cmp_p.add_argument("args", nargs="*", metavar="key=value", help=STUDY_ARGS)
     sweep_p = sub.add_parser(
         "sweep",
         help="run a grid study (cells x variants x seeds) under one MLflow parent run",
         description="Run a study YAML with grids, such as experiments/fedmllm_grid.yaml; "
         "overrides apply to every run.",
     )
-    sweep_p.add_argument("study", metavar="STUDY.yaml")
-    sweep_p.add_argument("args", nargs="*", metavar="key=value")
+    sweep_p.add_argument("study", metavar="STUDY.yaml", help=STUDY_HELP)
+    sweep_p.add_argument("args", nargs="*", metavar="key=value", help=STUDY_ARGS)
     insp_p = sub.add_parser(
         "inspect",
         help="print one round's merge diagnostics of a run (clients, ranks, labels, shares)",
@@ -75,13 +118,25 @@ def main(argv: list[str] | None = None) -> int:
         "band, the labels it holds and its contribution to the merged update, then the merge "
         "per dimension band. Without --round: the round whose global score dropped most.",
     )
-    insp_p.add_argument("run_id", metavar="RUN_ID")
-    insp_p.add_argument("--round", type=int, dest="round_idx", metavar="T")
+    insp_p.add_argument("run_id", metavar="RUN_ID", help="the MLflow run id a run prints")
+    insp_p.add_argument(
+        "--round",
+        type=int,
+        dest="round_idx",
+        metavar="T",
+        help="the round to show (default: the round whose global score fell most)",
+    )
     insp_p.add_argument(
         "--tracking-uri",
         metavar="URI",
         help="the MLflow store (default: MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)",
     )
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``fedsim`` console script; returns the exit status."""
+    parser = build_parser()
     ns = parser.parse_args(argv)
     executor = None
     if ns.command == "run":
@@ -136,6 +191,8 @@ def _dispatch(ns: argparse.Namespace, executor=None) -> int:
             raise ConfigError("--resume", f"a resumed run uses its own config; drop {ns.args[0]!r}")
         resume(ns.resume, ns.args, executor=executor)
         return 0
+    if ns.command == "config" and ns.keys is not None:
+        return _print_keys(ns.keys, ns.args)
     from fedsim.config import load_config
 
     path, overrides = _split_args(ns.args)
@@ -150,6 +207,24 @@ def _dispatch(ns: argparse.Namespace, executor=None) -> int:
         print(to_yaml(cfg), end="")
     else:
         start_run(cfg, executor)
+    return 0
+
+
+def _print_keys(prefix: str, args: list[str]) -> int:
+    """``fedsim config --keys [PREFIX]``: the schema's keys with their help."""
+    from fedsim.config.keys import config_keys, format_keys
+
+    if args:
+        raise ConfigError(
+            "--keys", f"lists the schema's keys and takes no config; drop {args[0]!r}"
+        )
+    keys = config_keys(prefix)
+    if not keys:
+        sections = sorted({k.key.split(".")[0] for k in config_keys()})
+        raise ConfigError(
+            "--keys", f"no config key starts with {prefix!r}; top-level keys: {', '.join(sections)}"
+        )
+    print(format_keys(keys), end="")
     return 0
 
 

@@ -190,8 +190,8 @@ def test_no_file_refers_to_a_path_outside_the_repository():
 def test_every_test_and_function_the_docs_name_exists():
     text = _read(DOC)
     assert len(TEST_REF.findall(text)) > 100 and len(CODE_REF.findall(text)) > 50
-    docs = sorted((ROOT / "docs").glob("*.md"))
-    assert ROOT / "docs" / "vlm.md" in docs
+    docs = sorted((ROOT / "docs").rglob("*.md"))
+    assert ROOT / "docs" / "vlm.md" in docs and ROOT / "docs" / "reference" / "api.md" in docs
     problems = [p for doc in docs for p in missing_names(_read(doc), doc)]
     assert not problems, "docs/ names what does not exist:\n" + "\n".join(problems)
 
