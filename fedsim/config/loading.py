@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import copy
+import hashlib
+import json
+import os
 import re
+from collections.abc import Mapping
 from dataclasses import fields, is_dataclass
 from pathlib import Path
 from typing import Any
@@ -16,6 +20,25 @@ from fedsim.config.checks import validate
 from fedsim.config.ranks import rank_spec
 from fedsim.config.schema import FedSimConfig
 from fedsim.errors import ConfigError
+from fedsim.experiments import find
+
+# Where runs are logged when neither the config nor MLFLOW_TRACKING_URI names a store.
+DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
+
+
+def tracking_uri(uri: str | None = None, environ: Mapping[str, str] | None = None) -> str:
+    """The MLflow store to use: ``uri`` when given, else ``MLFLOW_TRACKING_URI``, else
+    :data:`DEFAULT_TRACKING_URI` (``mlflow.db`` in the working directory).
+
+    The one rule for every command: ``fedsim run``, ``compare``, ``sweep`` and ``inspect`` and
+    the Python API. For a config, ``uri`` is ``tracking.uri`` after the file and the overrides,
+    so the precedence is: an override > the config file > the environment > the default.
+    An empty string counts as unset.
+    """
+    if uri:
+        return uri
+    env = os.environ if environ is None else environ
+    return env.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
 
 
 def _ranks_as_spec(node: Any) -> Any:
@@ -85,21 +108,21 @@ def load_config(
     """Build a validated config from defaults, an optional YAML file and dotlist overrides.
 
     Args:
-        path: experiment YAML; ``None`` means defaults only.
+        path: an experiment YAML, or the name of a shipped experiment (``"vlm_emoji"``, see
+            :mod:`fedsim.experiments`); ``None`` means the typed defaults only.
         overrides: ``key=value`` strings applied last.
 
     Returns:
-        The resolved, validated :class:`FedSimConfig`.
+        The resolved, validated :class:`FedSimConfig`. An unset ``tracking.uri`` is resolved
+        by :func:`tracking_uri` (``MLFLOW_TRACKING_URI``, else ``sqlite:///mlflow.db``).
 
     Raises:
-        ConfigError: unreadable file, unknown key or value not allowed.
+        ConfigError: unreadable file, unknown name or key, or a value not allowed.
     """
     merged = OmegaConf.structured(FedSimConfig)
     try:
         if path is not None:
-            path = Path(path)
-            if not path.is_file():
-                raise ConfigError("config", f"file not found: {path}")
+            path = find(path)
             try:
                 loaded = _ranks_as_spec(OmegaConf.load(path))
             except Exception as exc:  # yaml errors carry line numbers
@@ -125,15 +148,23 @@ def load_config(
         cfg = OmegaConf.to_object(merged)
     except OmegaConfBaseException as exc:
         raise _raise_from_omegaconf(exc) from None
+    return _resolved(cfg)
+
+
+def _resolved(cfg: FedSimConfig) -> FedSimConfig:
+    """``cfg`` with its unset tracking store resolved, validated."""
+    cfg.tracking.uri = tracking_uri(cfg.tracking.uri)
     validate(cfg)
     return cfg
 
 
 def as_config(config: FedSimConfig | DictConfig | dict | str | Path | None) -> FedSimConfig:
-    """Accept a config object, a plain dict of overrides, a YAML path or None (defaults)."""
+    """Accept a config object, a plain dict of overrides, a YAML path or shipped experiment's
+    name, or None (the typed defaults)."""
     if isinstance(config, FedSimConfig):
-        validate(config)
-        return config
+        if not config.tracking.uri:  # resolved on a copy: the caller's object stays as it was
+            config = copy.deepcopy(config)
+        return _resolved(config)
     if config is None or isinstance(config, (str, Path)):
         return load_config(config)
     try:
@@ -145,8 +176,7 @@ def as_config(config: FedSimConfig | DictConfig | dict | str | Path | None) -> F
         raise _raise_from_omegaconf(exc) from None
     except TypeError as exc:
         raise ConfigError("config", f"does not fit the config's shape: {exc}") from None
-    validate(cfg)
-    return cfg
+    return _resolved(cfg)
 
 
 def to_yaml(cfg: FedSimConfig) -> str:
@@ -168,3 +198,18 @@ def flatten(cfg: Any, prefix: str = "") -> dict[str, Any]:
         else:
             out[key] = value
     return out
+
+
+# Keys that change how a run is shown, where it runs or what it keeps, never its numbers: left
+# out of config_digest (everything else, rounds and seed included, is in).
+_NOT_IN_DIGEST = ("progress", "resources.", "checkpoint.", "tracking.")
+
+
+def config_digest(cfg: Any) -> str:
+    """The sha256 (hex) of the settings that decide a run's numbers: every flattened key of
+    ``cfg`` but ``progress``, ``resources.*``, ``checkpoint.*`` and ``tracking.*``, as
+    canonical JSON. Runs are tagged with it (``fedsim.config_digest``): two runs with one
+    digest and one fedsim commit ran the same experiment."""
+    values = {k: v for k, v in flatten(cfg).items() if not k.startswith(_NOT_IN_DIGEST)}
+    text = json.dumps(values, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(text.encode()).hexdigest()
