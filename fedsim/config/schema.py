@@ -91,11 +91,16 @@ class DataConfig:
             "following). Hateful Memes and CrisisMMD are always label; llava always caption."
         ),
     )
-    prompt_style: Literal["default", "agnostic"] = field(
+    prompt_style: Literal["default", "modality", "agnostic", "verbatim"] = field(
         default="default",
         metadata=doc(
-            "Generative models: default (the instruction names the modalities a sample has) or "
-            "agnostic (FedMLLM's modality-agnostic prompt: one template for every sample)."
+            "Generative models: what ends each prompt. modality: a phrase naming the "
+            "modalities the sample has ('Use the image and the text.'); agnostic: FedMLLM's "
+            "modality-agnostic suffix, one for every sample ('Answer based on the given "
+            "input.'); verbatim: nothing, the instruction as written; default: verbatim for "
+            "conversation data (llava: the user's instruction reaches the model unchanged), "
+            "modality for the datasets posed as instruction following (emoji, hateful_memes, "
+            "crisismmd), whose instruction fedsim writes."
         ),
     )
     image_size: int = field(default=32, metadata=doc("Rendered image side in pixels."))
