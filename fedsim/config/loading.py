@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import logging
 import os
 import re
 from collections.abc import Mapping
@@ -17,10 +18,13 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from fedsim.config.checks import validate
-from fedsim.config.ranks import rank_spec
+from fedsim.config.ranks import rank_spec, resolve_ranks
+from fedsim.config.registry import BACKBONES
 from fedsim.config.schema import FedSimConfig
 from fedsim.errors import ConfigError
 from fedsim.experiments import find
+
+_log = logging.getLogger(__name__)
 
 # Where runs are logged when neither the config nor MLFLOW_TRACKING_URI names a store.
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
@@ -114,7 +118,10 @@ def load_config(
 
     Returns:
         The resolved, validated :class:`FedSimConfig`. An unset ``tracking.uri`` is resolved
-        by :func:`tracking_uri` (``MLFLOW_TRACKING_URI``, else ``sqlite:///mlflow.db``).
+        by :func:`tracking_uri` (``MLFLOW_TRACKING_URI``, else ``sqlite:///mlflow.db``). When
+        the overrides set ``model.backbone`` but not ``clients.ranks``, the experiment's ranks
+        are capped at that backbone's largest rank, with a warning (``model.backbone=tiny``
+        runs the default experiment).
 
     Raises:
         ConfigError: unreadable file, unknown name or key, or a value not allowed.
@@ -148,14 +155,46 @@ def load_config(
         cfg = OmegaConf.to_object(merged)
     except OmegaConfBaseException as exc:
         raise _raise_from_omegaconf(exc) from None
-    return _resolved(cfg)
+    keys = {item.partition("=")[0].strip() for item in overrides}
+    return _resolved(cfg, "model.backbone" in keys and "clients.ranks" not in keys)
 
 
-def _resolved(cfg: FedSimConfig) -> FedSimConfig:
-    """``cfg`` with its unset tracking store resolved, validated."""
+def _resolved(cfg: FedSimConfig, only_backbone: bool = False) -> FedSimConfig:
+    """``cfg`` with its unset tracking store resolved, validated; ``only_backbone``: the
+    caller switched the backbone and left the ranks to the experiment (see
+    :func:`_fit_ranks`)."""
     cfg.tracking.uri = tracking_uri(cfg.tracking.uri)
     validate(cfg)
+    if only_backbone:
+        _fit_ranks(cfg)
     return cfg
+
+
+def _fit_ranks(cfg: FedSimConfig) -> None:
+    """The experiment's ranks, capped at the backbone's largest rank, when the user switched
+    the backbone alone (``fedsim run model.backbone=tiny``: the default experiment's ranks go
+    to 32, the tiny backbone admits 16); a warning says so. Ranks the user set are never
+    changed: one the backbone cannot take is refused when the run starts."""
+    spec = BACKBONES.get(cfg.model.backbone)
+    limit = spec.max_rank if spec is not None else None
+    if limit is None:
+        return
+    ranks = resolve_ranks(cfg.clients, cfg.seed)
+    above = sorted({r for r in ranks if r > limit})
+    if not above:
+        return
+    capped = [min(r, limit) for r in ranks]
+    _log.warning(
+        "clients.ranks: the %s backbone admits LoRA ranks up to %d, so the experiment's "
+        "ranks %s run at %d (%d of %d clients); set clients.ranks to choose the ranks",
+        cfg.model.backbone,
+        limit,
+        ", ".join(map(str, above)),
+        limit,
+        sum(r > limit for r in ranks),
+        len(ranks),
+    )
+    cfg.clients.ranks = rank_spec(capped)
 
 
 def as_config(config: FedSimConfig | DictConfig | dict | str | Path | None) -> FedSimConfig:
@@ -167,16 +206,21 @@ def as_config(config: FedSimConfig | DictConfig | dict | str | Path | None) -> F
         return _resolved(config)
     if config is None or isinstance(config, (str, Path)):
         return load_config(config)
+    only_backbone = False
     try:
         if isinstance(config, dict):
             config = _ranks_as_spec(copy.deepcopy(config))
+            model, clients = config.get("model"), config.get("clients")
+            only_backbone = (isinstance(model, dict) and "backbone" in model) and not (
+                isinstance(clients, dict) and "ranks" in clients
+            )
         merged = OmegaConf.merge(OmegaConf.structured(FedSimConfig), config)
         cfg = OmegaConf.to_object(merged)
     except OmegaConfBaseException as exc:
         raise _raise_from_omegaconf(exc) from None
     except TypeError as exc:
         raise ConfigError("config", f"does not fit the config's shape: {exc}") from None
-    return _resolved(cfg)
+    return _resolved(cfg, only_backbone)
 
 
 def to_yaml(cfg: FedSimConfig) -> str:

@@ -363,13 +363,14 @@ def test_prompt_builder_verbatim_leaves_a_posed_instruction_unchanged():
         ("default", "placeholder", "Describe it.", True, False, "Describe it."),
         ("default", "mask", "Describe it.", True, False, ""),
         # the modality phrase and FedMLLM's suffix stay options
-        ("modality", "placeholder", "", True, True, "Describe the cat. Use the image and the text."),
+        ("modality", "placeholder", "", True, True,
+         "Describe the cat. Use the image and the text."),
         ("agnostic", "placeholder", "", True, True, f"Describe the cat. {AGNOSTIC_SUFFIX}"),
         ("modality", "placeholder", "Describe it.", True, False, "Describe it. Use the image."),
         ("modality", "mask", "Describe it.", True, False, "Use the image."),
         ("agnostic", "mask", "", False, False, AGNOSTIC_SUFFIX),
     ],
-)
+)  # fmt: skip
 def test_prompt_builder_llava_text_is_the_instruction(
     style, fill, placeholder, has_image, has_text, expected
 ):
