@@ -79,7 +79,7 @@ class RayExecutor:
         if self._launched is not None:
             return
         if self._start is None:
-            self._start = RayStart()
+            self._start = RayStart(cfg.resources.log_to_driver)
         start = self._start
 
         def bring_up() -> ClientPool:

@@ -7,14 +7,21 @@ Ray comes up while the driver imports torch, loads and checks the config and the
 from __future__ import annotations
 
 import os
+import sys
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 from fedsim.errors import ConfigError
 
 
-def init_ray() -> bool:
+def init_ray(log_to_driver: bool = True) -> bool:
     """Join the Ray cluster that ``RAY_ADDRESS`` names, or start a local one.
+
+    Args:
+        log_to_driver: forward what the actors print, and Ray's reports of dead workers, to
+            this process's stdout and stderr (``resources.log_to_driver``; Ray's own
+            ``ray.init`` option). Without a terminal on stdout, the forwarded lines come
+            without colour codes.
 
     Returns:
         Whether this call started Ray (and so should shut it down).
@@ -29,8 +36,16 @@ def init_ray() -> bool:
     # No runtime_env here: under `ray job submit` the job's own runtime_env applies, and
     # the actors quieten tokenizers and transformers themselves (ClientWorker.__init__).
     address = os.environ.get("RAY_ADDRESS") or None
+    if log_to_driver and not sys.stdout.isatty():
+        # read by the driver when it prints a forwarded line: no escape codes in a log file
+        os.environ.setdefault("RAY_COLOR_PREFIX", "0")
     try:
-        ray.init(address=address, include_dashboard=False, logging_level="ERROR")
+        ray.init(
+            address=address,
+            include_dashboard=False,
+            logging_level="ERROR",
+            log_to_driver=log_to_driver,
+        )
     except (ValueError, ConnectionError, TimeoutError) as exc:
         if address is None:
             raise
@@ -42,7 +57,8 @@ def init_ray() -> bool:
 
 
 class RayStart:
-    """:func:`init_ray` in a background thread, begun at construction.
+    """:func:`init_ray` in a background thread, begun at construction (``log_to_driver``: see
+    :func:`init_ray`).
 
     The thread lives until :meth:`close`: Ray's driver connection dies with the thread that
     called ``ray.init`` (measured with Ray 2.60: 'Failed to connect to GCS within 60 s' once
@@ -50,9 +66,9 @@ class RayStart:
     same thread with :meth:`submit`.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, log_to_driver: bool = True) -> None:
         self._threads = ThreadPoolExecutor(1, thread_name_prefix="fedsim-ray")
-        self.future: Future = self._threads.submit(init_ray)
+        self.future: Future = self._threads.submit(init_ray, log_to_driver)
 
     def submit(self, fn, *args) -> Future:
         """Run ``fn(*args)`` in the thread, after Ray has started (or failed to)."""

@@ -1,4 +1,9 @@
-"""The ``fedsim`` command line: ``fedsim run [CONFIG.yaml] [key=value ...]``."""
+"""The ``fedsim`` command line: ``fedsim run [CONFIG] [key=value ...]``.
+
+CONFIG is an experiment YAML or the name of a shipped experiment (``fedsim run vlm_emoji``);
+without one, the shipped default experiment runs, from any directory and any install.
+Results go to stdout, diagnostics to stderr (:mod:`fedsim.logs`).
+"""
 
 from __future__ import annotations
 
@@ -6,19 +11,43 @@ import argparse
 import sys
 from pathlib import Path
 
+from fedsim import experiments
 from fedsim.errors import ConfigError, RunFailed
 from fedsim.version import __version__
 
-DEFAULT_EXPERIMENT = Path("experiments") / "default.yaml"
+QUIET_HELP = (
+    "print no results on stdout (no summary, run id or MLflow link) and no progress bar; "
+    "warnings and errors still go to stderr, and the exit status tells success"
+)
 
 
-def _default_config() -> Path | None:
-    """``experiments/default.yaml`` of the working directory, else the one in this checkout."""
-    here = Path(__file__).resolve().parent.parent / DEFAULT_EXPERIMENT
-    for candidate in (Path.cwd() / DEFAULT_EXPERIMENT, here):
-        if candidate.is_file():
-            return candidate
-    return None
+def _config_path(ref: str | None) -> Path:
+    """The YAML file of CONFIG: a file, a shipped experiment's name, or (none) the default."""
+    return experiments.find(ref) if ref else experiments.default_path()
+
+
+def _log_to_driver(ns: argparse.Namespace) -> bool:
+    """``resources.log_to_driver`` of the run about to start, read from its YAML file and
+    overrides alone, before Ray starts (the full config, which imports the methods, loads
+    while Ray comes up). True when it cannot be read: the full load then names the problem."""
+    try:
+        import yaml
+
+        if ns.resume:
+            path, overrides = Path(ns.resume) / "config.yaml", ns.args
+        else:
+            ref, overrides = _split_args(ns.args)
+            path = _config_path(ref)
+        loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
+        section = loaded.get("resources") if isinstance(loaded, dict) else None
+        value = section.get("log_to_driver", True) if isinstance(section, dict) else True
+        for item in overrides:
+            key, _, raw = item.partition("=")
+            if key.strip() == "resources.log_to_driver":
+                value = yaml.safe_load(raw)
+        return value if isinstance(value, bool) else True
+    except Exception:  # noqa: BLE001 - only a hint for Ray's start; the real load reports
+        return True
 
 
 def _split_args(items: list[str]) -> tuple[str | None, list[str]]:
@@ -32,17 +61,20 @@ DESCRIPTION = (
     "client has its own LoRA rank, its own data and its own missing modalities."
 )
 KEYS_HELP = (
-    "Configuration is layered: the typed defaults, then CONFIG.yaml, then key=value "
+    "Configuration is layered: the typed defaults, then the CONFIG file, then key=value "
     "overrides. List every key with its type, default, allowed values and help with "
     "'fedsim config --keys [PREFIX]'; the docs' configuration reference "
     "(docs/reference/config.md) has the same list."
 )
 
 CONFIG_ARGS = (
-    "an experiment YAML (default: experiments/default.yaml), then key=value overrides applied "
-    "after it"
+    "an experiment: a YAML file or a shipped experiment's name (default: the shipped default "
+    "experiment), then key=value overrides applied after it"
 )
-STUDY_HELP = "the study file: its variants, seeds, grid cells, metric and output table"
+STUDY_HELP = (
+    "a study YAML or a shipped study's name: its variants, seeds, grid cells, metric and "
+    "output table"
+)
 STUDY_ARGS = "overrides applied to every run of the study"
 
 
@@ -51,14 +83,17 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fedsim", description=DESCRIPTION, epilog=KEYS_HELP)
     parser.add_argument("--version", action="version", version=f"fedsim {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
+    shipped = ", ".join(experiments.names("run"))
     run_p = sub.add_parser(
         "run",
         help="run a simulation",
-        usage="fedsim run [-h] [--resume RUN_DIR] [CONFIG.yaml] [key=value ...]",
-        description="Run a simulation. With no CONFIG, experiments/default.yaml is used.",
+        usage="fedsim run [-h] [-q] [--resume RUN_DIR] [CONFIG] [key=value ...]",
+        description="Run a simulation. CONFIG is an experiment YAML or the name of a shipped "
+        f"experiment ({shipped}); with no CONFIG, the shipped default experiment runs.",
         epilog=KEYS_HELP,
     )
-    run_p.add_argument("args", nargs="*", metavar="[CONFIG.yaml] [key=value ...]", help=CONFIG_ARGS)
+    run_p.add_argument("args", nargs="*", metavar="[CONFIG] [key=value ...]", help=CONFIG_ARGS)
+    run_p.add_argument("-q", "--quiet", action="store_true", help=QUIET_HELP)
     run_p.add_argument(
         "--resume",
         metavar="RUN_DIR",
@@ -68,14 +103,12 @@ def build_parser() -> argparse.ArgumentParser:
     show_p = sub.add_parser(
         "config",
         help="print the resolved config as YAML, or list the config keys (--keys)",
-        usage="fedsim config [-h] [--keys [PREFIX]] [CONFIG.yaml] [key=value ...]",
+        usage="fedsim config [-h] [--keys [PREFIX]] [CONFIG] [key=value ...]",
         description="Print the resolved config as YAML (re-loadable with fedsim run), or, "
         "with --keys, every config key with its type, default, allowed values and help.",
         epilog=KEYS_HELP,
     )
-    show_p.add_argument(
-        "args", nargs="*", metavar="[CONFIG.yaml] [key=value ...]", help=CONFIG_ARGS
-    )
+    show_p.add_argument("args", nargs="*", metavar="[CONFIG] [key=value ...]", help=CONFIG_ARGS)
     show_p.add_argument(
         "--keys",
         nargs="?",
@@ -86,31 +119,32 @@ def build_parser() -> argparse.ArgumentParser:
     part_p = sub.add_parser(
         "partition",
         help="print each client's data (samples, labels, modalities) under a config",
-        usage="fedsim partition [-h] [--heatmap PNG] [CONFIG.yaml] [key=value ...]",
+        usage="fedsim partition [-h] [--heatmap PNG] [CONFIG] [key=value ...]",
         description="Print, per client, its rank, train and held-out sizes, label histogram "
         "and how many rows have both modalities, the image only, the text only or neither, "
         "under a config; nothing is trained.",
     )
-    part_p.add_argument(
-        "args", nargs="*", metavar="[CONFIG.yaml] [key=value ...]", help=CONFIG_ARGS
-    )
+    part_p.add_argument("args", nargs="*", metavar="[CONFIG] [key=value ...]", help=CONFIG_ARGS)
     part_p.add_argument("--heatmap", metavar="PNG", help="also save a heat map of the label split")
+    studies = ", ".join(experiments.names("study"))
     cmp_p = sub.add_parser(
         "compare",
         help="run a comparison study (variants x seeds) and write a Markdown table",
-        description="Run a study YAML such as experiments/compare.yaml; overrides apply to "
-        "every run.",
+        description="Run a study: a YAML file or the name of a shipped study "
+        f"({studies}); overrides apply to every run.",
     )
-    cmp_p.add_argument("study", metavar="STUDY.yaml", help=STUDY_HELP)
+    cmp_p.add_argument("study", metavar="STUDY", help=STUDY_HELP)
     cmp_p.add_argument("args", nargs="*", metavar="key=value", help=STUDY_ARGS)
+    cmp_p.add_argument("-q", "--quiet", action="store_true", help=QUIET_HELP)
     sweep_p = sub.add_parser(
         "sweep",
         help="run a grid study (cells x variants x seeds) under one MLflow parent run",
-        description="Run a study YAML with grids, such as experiments/fedmllm_grid.yaml; "
-        "overrides apply to every run.",
+        description="Run a study with grids: a YAML file or the name of a shipped study, such "
+        "as fedmllm_grid; overrides apply to every run.",
     )
-    sweep_p.add_argument("study", metavar="STUDY.yaml", help=STUDY_HELP)
+    sweep_p.add_argument("study", metavar="STUDY", help=STUDY_HELP)
     sweep_p.add_argument("args", nargs="*", metavar="key=value", help=STUDY_ARGS)
+    sweep_p.add_argument("-q", "--quiet", action="store_true", help=QUIET_HELP)
     insp_p = sub.add_parser(
         "inspect",
         help="print one round's merge diagnostics of a run (clients, ranks, labels, shares)",
@@ -129,7 +163,8 @@ def build_parser() -> argparse.ArgumentParser:
     insp_p.add_argument(
         "--tracking-uri",
         metavar="URI",
-        help="the MLflow store (default: MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)",
+        help="the MLflow store (default: MLFLOW_TRACKING_URI, else sqlite:///mlflow.db, as for "
+        "a run whose config sets no tracking.uri)",
     )
     return parser
 
@@ -143,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
         # Ray starts first, in the background, while the config, torch and the data load
         from actors.ray_init import RayStart
 
-        start = RayStart()
+        start = RayStart(_log_to_driver(ns))
         from actors.executor import RayExecutor
 
         executor = RayExecutor(start)
@@ -182,21 +217,21 @@ def _dispatch(ns: argparse.Namespace, executor=None) -> int:
     if ns.command in ("compare", "sweep"):
         from fedsim.simulation.study import run_study
 
-        run_study(ns.study, ns.args)
+        run_study(ns.study, ns.args, quiet=ns.quiet)
         return 0
     if ns.command == "run" and ns.resume:
         from fedsim.simulation.run import resume
 
         if ns.args and "=" not in ns.args[0]:
             raise ConfigError("--resume", f"a resumed run uses its own config; drop {ns.args[0]!r}")
-        resume(ns.resume, ns.args, executor=executor)
+        resume(ns.resume, ns.args, executor=executor, quiet=ns.quiet)
         return 0
     if ns.command == "config" and ns.keys is not None:
         return _print_keys(ns.keys, ns.args)
     from fedsim.config import load_config
 
-    path, overrides = _split_args(ns.args)
-    cfg = load_config(path or _default_config(), overrides)
+    ref, overrides = _split_args(ns.args)
+    cfg = load_config(_config_path(ref), overrides)
     if ns.command == "partition":
         from fedsim.tracking.partition_report import partition_report
 
@@ -206,7 +241,7 @@ def _dispatch(ns: argparse.Namespace, executor=None) -> int:
 
         print(to_yaml(cfg), end="")
     else:
-        start_run(cfg, executor)
+        start_run(cfg, executor, quiet=ns.quiet)
     return 0
 
 
@@ -228,11 +263,12 @@ def _print_keys(prefix: str, args: list[str]) -> int:
     return 0
 
 
-def start_run(cfg, executor=None):
+def start_run(cfg, executor=None, quiet: bool = False):
     """What ``fedsim run`` does with a loaded config: the client actors start in the
     background (on the Ray that ``executor`` is starting) while this process checks the data
     and outputs and imports the rest; a failed check stops them again (``main`` closes the
-    executor). Returns the :class:`fedsim.simulation.run.RunResult`.
+    executor). ``quiet``: see :func:`fedsim.simulation.run.run`. Returns the
+    :class:`fedsim.simulation.run.RunResult`.
     """
     from actors.executor import RayExecutor
     from fedsim.simulation.preflight import preflight
@@ -246,7 +282,7 @@ def start_run(cfg, executor=None):
         raise
     from fedsim.simulation.run import run
 
-    return run(cfg, dataset=dataset, executor=executor)
+    return run(cfg, dataset=dataset, executor=executor, quiet=quiet)
 
 
 if __name__ == "__main__":

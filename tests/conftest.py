@@ -31,6 +31,16 @@ def _offline_hub():
             os.environ[key] = value
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _no_tracking_server():
+    """Tests never log to the MLflow store of the developer's environment: a config without
+    tracking.uri resolves to ./mlflow.db, whatever MLFLOW_TRACKING_URI says outside."""
+    saved = os.environ.pop("MLFLOW_TRACKING_URI", None)
+    yield
+    if saved is not None:
+        os.environ["MLFLOW_TRACKING_URI"] = saved
+
+
 @pytest.fixture(scope="session")
 def emoji_cache(tmp_path_factory) -> Path:
     """A cache directory holding the 16 px emoji dataset, built once for the session."""

@@ -3,7 +3,12 @@
 from __future__ import annotations
 
 import copy
+import hashlib
+import json
+import logging
+import os
 import re
+from collections.abc import Mapping
 from dataclasses import fields, is_dataclass
 from pathlib import Path
 from typing import Any
@@ -13,9 +18,31 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from fedsim.config.checks import validate
-from fedsim.config.ranks import rank_spec
+from fedsim.config.ranks import rank_spec, resolve_ranks
+from fedsim.config.registry import BACKBONES
 from fedsim.config.schema import FedSimConfig
 from fedsim.errors import ConfigError
+from fedsim.experiments import find
+
+_log = logging.getLogger(__name__)
+
+# Where runs are logged when neither the config nor MLFLOW_TRACKING_URI names a store.
+DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
+
+
+def tracking_uri(uri: str | None = None, environ: Mapping[str, str] | None = None) -> str:
+    """The MLflow store to use: ``uri`` when given, else ``MLFLOW_TRACKING_URI``, else
+    :data:`DEFAULT_TRACKING_URI` (``mlflow.db`` in the working directory).
+
+    The one rule for every command: ``fedsim run``, ``compare``, ``sweep`` and ``inspect`` and
+    the Python API. For a config, ``uri`` is ``tracking.uri`` after the file and the overrides,
+    so the precedence is: an override > the config file > the environment > the default.
+    An empty string counts as unset.
+    """
+    if uri:
+        return uri
+    env = os.environ if environ is None else environ
+    return env.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
 
 
 def _ranks_as_spec(node: Any) -> Any:
@@ -85,21 +112,24 @@ def load_config(
     """Build a validated config from defaults, an optional YAML file and dotlist overrides.
 
     Args:
-        path: experiment YAML; ``None`` means defaults only.
+        path: an experiment YAML, or the name of a shipped experiment (``"vlm_emoji"``, see
+            :mod:`fedsim.experiments`); ``None`` means the typed defaults only.
         overrides: ``key=value`` strings applied last.
 
     Returns:
-        The resolved, validated :class:`FedSimConfig`.
+        The resolved, validated :class:`FedSimConfig`. An unset ``tracking.uri`` is resolved
+        by :func:`tracking_uri` (``MLFLOW_TRACKING_URI``, else ``sqlite:///mlflow.db``). When
+        the overrides set ``model.backbone`` but not ``clients.ranks``, the experiment's ranks
+        are capped at that backbone's largest rank, with a warning (``model.backbone=tiny``
+        runs the default experiment).
 
     Raises:
-        ConfigError: unreadable file, unknown key or value not allowed.
+        ConfigError: unreadable file, unknown name or key, or a value not allowed.
     """
     merged = OmegaConf.structured(FedSimConfig)
     try:
         if path is not None:
-            path = Path(path)
-            if not path.is_file():
-                raise ConfigError("config", f"file not found: {path}")
+            path = find(path)
             try:
                 loaded = _ranks_as_spec(OmegaConf.load(path))
             except Exception as exc:  # yaml errors carry line numbers
@@ -125,28 +155,72 @@ def load_config(
         cfg = OmegaConf.to_object(merged)
     except OmegaConfBaseException as exc:
         raise _raise_from_omegaconf(exc) from None
+    keys = {item.partition("=")[0].strip() for item in overrides}
+    return _resolved(cfg, "model.backbone" in keys and "clients.ranks" not in keys)
+
+
+def _resolved(cfg: FedSimConfig, only_backbone: bool = False) -> FedSimConfig:
+    """``cfg`` with its unset tracking store resolved, validated; ``only_backbone``: the
+    caller switched the backbone and left the ranks to the experiment (see
+    :func:`_fit_ranks`)."""
+    cfg.tracking.uri = tracking_uri(cfg.tracking.uri)
     validate(cfg)
+    if only_backbone:
+        _fit_ranks(cfg)
     return cfg
 
 
+def _fit_ranks(cfg: FedSimConfig) -> None:
+    """The experiment's ranks, capped at the backbone's largest rank, when the user switched
+    the backbone alone (``fedsim run model.backbone=tiny``: the default experiment's ranks go
+    to 32, the tiny backbone admits 16); a warning says so. Ranks the user set are never
+    changed: one the backbone cannot take is refused when the run starts."""
+    spec = BACKBONES.get(cfg.model.backbone)
+    limit = spec.max_rank if spec is not None else None
+    if limit is None:
+        return
+    ranks = resolve_ranks(cfg.clients, cfg.seed)
+    above = sorted({r for r in ranks if r > limit})
+    if not above:
+        return
+    capped = [min(r, limit) for r in ranks]
+    _log.warning(
+        "clients.ranks: the %s backbone admits LoRA ranks up to %d, so the experiment's "
+        "ranks %s run at %d (%d of %d clients); set clients.ranks to choose the ranks",
+        cfg.model.backbone,
+        limit,
+        ", ".join(map(str, above)),
+        limit,
+        sum(r > limit for r in ranks),
+        len(ranks),
+    )
+    cfg.clients.ranks = rank_spec(capped)
+
+
 def as_config(config: FedSimConfig | DictConfig | dict | str | Path | None) -> FedSimConfig:
-    """Accept a config object, a plain dict of overrides, a YAML path or None (defaults)."""
+    """Accept a config object, a plain dict of overrides, a YAML path or shipped experiment's
+    name, or None (the typed defaults)."""
     if isinstance(config, FedSimConfig):
-        validate(config)
-        return config
+        if not config.tracking.uri:  # resolved on a copy: the caller's object stays as it was
+            config = copy.deepcopy(config)
+        return _resolved(config)
     if config is None or isinstance(config, (str, Path)):
         return load_config(config)
+    only_backbone = False
     try:
         if isinstance(config, dict):
             config = _ranks_as_spec(copy.deepcopy(config))
+            model, clients = config.get("model"), config.get("clients")
+            only_backbone = (isinstance(model, dict) and "backbone" in model) and not (
+                isinstance(clients, dict) and "ranks" in clients
+            )
         merged = OmegaConf.merge(OmegaConf.structured(FedSimConfig), config)
         cfg = OmegaConf.to_object(merged)
     except OmegaConfBaseException as exc:
         raise _raise_from_omegaconf(exc) from None
     except TypeError as exc:
         raise ConfigError("config", f"does not fit the config's shape: {exc}") from None
-    validate(cfg)
-    return cfg
+    return _resolved(cfg, only_backbone)
 
 
 def to_yaml(cfg: FedSimConfig) -> str:
@@ -168,3 +242,18 @@ def flatten(cfg: Any, prefix: str = "") -> dict[str, Any]:
         else:
             out[key] = value
     return out
+
+
+# Keys that change how a run is shown, where it runs or what it keeps, never its numbers: left
+# out of config_digest (everything else, rounds and seed included, is in).
+_NOT_IN_DIGEST = ("progress", "resources.", "checkpoint.", "tracking.")
+
+
+def config_digest(cfg: Any) -> str:
+    """The sha256 (hex) of the settings that decide a run's numbers: every flattened key of
+    ``cfg`` but ``progress``, ``resources.*``, ``checkpoint.*`` and ``tracking.*``, as
+    canonical JSON. Runs are tagged with it (``fedsim.config_digest``): two runs with one
+    digest and one fedsim commit ran the same experiment."""
+    values = {k: v for k, v in flatten(cfg).items() if not k.startswith(_NOT_IN_DIGEST)}
+    text = json.dumps(values, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(text.encode()).hexdigest()

@@ -204,6 +204,8 @@ class BackboneSpec:
         hub_configs: ``model.*`` keys naming Hugging Face models whose configs the pre-flight
             check reads before any actor starts.
         summary: one line for the README and the errors.
+        max_rank: the largest LoRA rank its target modules admit, where it is fixed (the
+            built backbone's ``max_rank``; tested); None where it depends on the model.
     """
 
     name: str
@@ -212,6 +214,7 @@ class BackboneSpec:
     required: tuple[str, ...] = ()
     hub_configs: tuple[str, ...] = ()
     summary: str = ""
+    max_rank: int | None = None
 
     def load_builder(self) -> Callable:
         """The builder function, imported."""
@@ -226,12 +229,14 @@ BACKBONES: dict[str, BackboneSpec] = {
             "fedsim.models.backbone:build_minilm_effnet",
             False,
             summary="pretrained MiniLM + EfficientNet-Lite0 + a fusion head (default)",
+            max_rank=80,
         ),
         BackboneSpec(
             "tiny",
             "fedsim.models.backbone:build_tiny",
             False,
-            summary="random-initialised tiny towers, for tests",
+            summary="random-initialised tiny towers, for tests and quick checks",
+            max_rank=16,
         ),
         BackboneSpec(
             "hf",

@@ -101,11 +101,16 @@ class DataConfig:
             "following). Hateful Memes and CrisisMMD are always label; llava always caption."
         ),
     )
-    prompt_style: Literal["default", "agnostic"] = field(
+    prompt_style: Literal["default", "modality", "agnostic", "verbatim"] = field(
         default="default",
         metadata=doc(
-            "Generative models: default (the instruction names the modalities a sample has) or "
-            "agnostic (FedMLLM's modality-agnostic prompt: one template for every sample)."
+            "Generative models: what ends each prompt. modality: a phrase naming the "
+            "modalities the sample has ('Use the image and the text.'); agnostic: FedMLLM's "
+            "modality-agnostic suffix, one for every sample ('Answer based on the given "
+            "input.'); verbatim: nothing, the instruction as written; default: verbatim for "
+            "conversation data (llava: the user's instruction reaches the model unchanged), "
+            "modality for the datasets posed as instruction following (emoji, hateful_memes, "
+            "crisismmd), whose instruction fedsim writes."
         ),
     )
     image_size: int = field(default=32, metadata=doc("Rendered image side in pixels."))
@@ -437,6 +442,16 @@ class ResourcesConfig:
             "Ray actor (num_cpus=0), for a driver on a machine too small to hold the adapter."
         ),
     )
+    log_to_driver: bool = field(
+        default=True,
+        metadata=doc(
+            "Forward what the Ray actors print, and Ray's reports of a dead worker, to this "
+            "process's stdout and stderr (Ray's ray.init(log_to_driver=...)); false: they stay "
+            "in Ray's log files (/tmp/ray/session_latest/logs on each node). Takes effect when "
+            "fedsim starts or joins Ray; a Ray already initialised in this process keeps its "
+            "own setting."
+        ),
+    )
 
 
 @dataclass
@@ -581,7 +596,15 @@ class CheckpointConfig:
 
 @dataclass
 class TrackingConfig:
-    uri: str = field(default="sqlite:///mlflow.db", metadata=doc("MLflow tracking URI."))
+    uri: str | None = field(
+        default=None,
+        metadata=doc(
+            "MLflow tracking URI (sqlite:///PATH.db, file:///DIR, http(s)://SERVER). Unset: "
+            "the MLFLOW_TRACKING_URI environment variable, else sqlite:///mlflow.db in the "
+            "working directory. Precedence: an override > the config file > the environment > "
+            "the default; a loaded config holds the store it resolved to."
+        ),
+    )
     experiment: str = field(default="fedsim", metadata=doc("MLflow experiment name."))
     run_name: str | None = field(
         default=None,
@@ -656,4 +679,10 @@ class FedSimConfig:
     round: RoundConfig = field(default_factory=RoundConfig)
     devices: DevicesConfig = field(default_factory=DevicesConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
-    progress: bool = field(default=True, metadata=doc("Show a progress bar and summary."))
+    progress: bool = field(
+        default=True,
+        metadata=doc(
+            "Draw a progress bar (on stderr). false hides the bar only: the summary, the MLflow "
+            "run id and its link still print (fedsim run --quiet silences them)."
+        ),
+    )

@@ -5,6 +5,7 @@ Built from the config alone (seeded), so every actor on every node rebuilds the 
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +29,8 @@ from fedsim.data.scenarios import client_modalities
 if TYPE_CHECKING:
     from fedsim.data.loaders import LoadReport
 
+
+_log = logging.getLogger(__name__)
 # EfficientNet-Lite was trained on inputs scaled to [-1, 1].
 PIXEL_MEAN = 0.5
 PIXEL_STD = 0.5
@@ -159,10 +162,12 @@ def _load_real(cfg: FedSimConfig) -> MultimodalDataset:
         raise ConfigError("data.root", _no_rows(train_file, train_report))
     for name, report in (("train", train_report), ("test", test_report)):
         if report.skipped:
-            print(
-                f"{d.dataset} {name}: skipped {report.skipped} of {report.rows} rows "
-                f"(data.on_error=skip)",
-                flush=True,
+            _log.warning(
+                "%s %s: skipped %d of %d rows (data.on_error=skip)",
+                d.dataset,
+                name,
+                report.skipped,
+                report.rows,
             )
     if d.subset is not None:
         train = train.subset(subset_indices(len(train), d.subset, cfg.seed))

@@ -10,7 +10,7 @@ built in :mod:`fedsim.tracking.round_report`.
 from __future__ import annotations
 
 import json
-import sys
+import logging
 import time
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING
@@ -37,6 +37,9 @@ from fedsim.tracking.round_report import (
 
 if TYPE_CHECKING:
     from fedsim.simulation.run import RunResult
+
+
+_log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -243,10 +246,12 @@ class RoundLoop:
         status.update({c: "late" for c in timing.late})
         used = timing.on_time
         if len(used) < cfg.round.min_clients:
-            print(
-                f"round {t}: only {len(used)} client(s) reported, fewer than "
-                f"round.min_clients={cfg.round.min_clients}; the round merges nothing",
-                flush=True,
+            _log.warning(
+                "round %d: only %d client(s) reported, fewer than round.min_clients=%d; the "
+                "round merges nothing",
+                t,
+                len(used),
+                cfg.round.min_clients,
             )
             status.update({c: "unused: too few clients reported" for c in used})
             used = []
@@ -273,7 +278,7 @@ class RoundLoop:
             agg = AggregateReport(t)
         self._shared = None  # the global adapter may have changed
         for cid, reason in agg.rejected.items():
-            print(f"round {t}: update of client {cid} rejected: {reason}", flush=True)
+            _log.warning("round %d: update of client %d rejected: %s", t, cid, reason)
             closed.status[cid] = f"rejected: {reason}"
         if agg.nonfinite:
             raise RunFailed(
@@ -293,11 +298,11 @@ class RoundLoop:
         kinds = [s.split(":")[0] for s in status.values()]
         counts = {k: kinds.count(k) for k in ("failed", "late", "rejected", "unused")}
         why = ", ".join(f"{n} {k}" for k, n in counts.items() if n) or "none reported"
-        print(
-            f"round {t}: nothing merged ({len(sampled)} sampled: {why}); the global adapter "
-            "is unchanged",
-            file=sys.stderr,
-            flush=True,
+        _log.warning(
+            "round %d: nothing merged (%d sampled: %s); the global adapter is unchanged",
+            t,
+            len(sampled),
+            why,
         )
         limit = self.cfg.round.max_empty_rounds
         if limit and len(self.empty_rounds) >= limit:

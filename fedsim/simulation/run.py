@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 import os
-import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -34,6 +34,7 @@ from fedsim.config import (
     load_config,
     resolve_ranks,
     to_yaml,
+    tracking_uri,
 )
 from fedsim.config.registry import build_merger, build_server_optimizer, enabled_methods
 from fedsim.data.partition import sample_clients
@@ -45,6 +46,8 @@ from fedsim.tracking.outputs import log_client_adapters, log_final_outputs
 from fedsim.tracking.progress import RoundProgress
 from fedsim.tracking.store import store_path
 from fedsim.tracking.tracker import Tracker
+
+_log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -66,6 +69,8 @@ class RunResult:
             built: round 0 starts), ``first_round`` (round 0 evaluated), ``rounds`` (last
             round logged), ``done`` (final outputs logged, run closed).
         phases_origin: the ``time.perf_counter()`` the phases count from (the run call).
+        registered_model: ``NAME/VERSION`` of the registered model version the run's global
+            adapter became (``tracking.register_model``), else None.
     """
 
     run_id: str
@@ -76,6 +81,7 @@ class RunResult:
     run_dir: Path | None = None
     phases: dict[str, float] = field(default_factory=dict)
     phases_origin: float = 0.0
+    registered_model: str | None = None
 
     @property
     def final(self) -> dict[str, float]:
@@ -97,7 +103,7 @@ def ephemeral_paths(cfg: FedSimConfig, environ=os.environ) -> list[str]:
         return []
     outputs = {
         "checkpoint.dir": cfg.checkpoint.dir if cfg.checkpoint.every > 0 else None,
-        "tracking.uri": store_path(cfg.tracking.uri),
+        "tracking.uri": store_path(tracking_uri(cfg.tracking.uri)),
     }
     return [key for key, path in outputs.items() if path and not Path(path).is_absolute()]
 
@@ -135,18 +141,22 @@ def run(
     *,
     dataset=None,
     executor: RayExecutor | LocalExecutor | None = None,
+    quiet: bool = False,
 ) -> RunResult:
     """Run one federated simulation and log it to MLflow.
 
     Args:
-        config: a :class:`FedSimConfig`, a dict of values over the defaults, a YAML path, or
-            None for the defaults.
+        config: a :class:`FedSimConfig`, a dict of values over the defaults, a YAML path or
+            the name of a shipped experiment (``"vlm_emoji"``), or None for the defaults.
         dataset: what :func:`fedsim.simulation.preflight.preflight` returned for this very
             config, when the caller ran it already (the CLI does, before importing Ray); None:
             run it here.
         executor: where the work runs: a :class:`actors.executor.RayExecutor` (None: the
             default) or a :class:`actors.executor.LocalExecutor` (everything in this process,
             no Ray; for debugging and the scale benchmark's floor). The numbers are the same.
+        quiet: print nothing on stdout (no summary, run id or MLflow link) and draw no
+            progress bar; warnings and errors still go to stderr. ``progress=false`` hides
+            the bar only.
 
     Returns:
         The MLflow run id, the per-round metrics and the checkpoint directory.
@@ -154,7 +164,7 @@ def run(
     Raises:
         ConfigError: a config value is not allowed (including ranks the backbone cannot take).
     """
-    return Run(as_config(config), None, dataset=dataset, executor=executor).execute()
+    return Run(as_config(config), None, dataset=dataset, executor=executor, quiet=quiet).execute()
 
 
 def resume(
@@ -162,6 +172,7 @@ def resume(
     overrides: list[str] | tuple[str, ...] = (),
     *,
     executor: RayExecutor | LocalExecutor | None = None,
+    quiet: bool = False,
 ) -> RunResult:
     """Continue a run from the latest checkpoint in ``run_dir`` (``fedsim run --resume``).
 
@@ -170,7 +181,7 @@ def resume(
     (to extend a run), ``resources.*``, ``progress``, ``checkpoint.every``/``keep`` and the
     tracking store's URI, nothing that changes the numbers. The checkpoint is verified (see
     :mod:`fedsim.checkpoint.disk`) and ``config.yaml`` must still hold the run's values for every
-    other key.
+    other key. ``quiet`` is :func:`run`'s.
 
     Raises:
         ConfigError: no readable or valid checkpoint, an override that would change the
@@ -192,7 +203,7 @@ def resume(
         raise ConfigError(
             "rounds", f"the checkpoint is at round {ckpt.round}; rounds={cfg.rounds} is behind it"
         )
-    return Run(cfg, ckpt, Path(run_dir), executor=executor).execute()
+    return Run(cfg, ckpt, Path(run_dir), executor=executor, quiet=quiet).execute()
 
 
 class Run:
@@ -211,6 +222,7 @@ class Run:
             when the caller ran it already; None: run it here.
         executor: a :class:`~actors.executor.RayExecutor` (None: the default) or a
             :class:`~actors.executor.LocalExecutor`.
+        quiet: no summary, run id or link on stdout, and no progress bar.
     """
 
     def __init__(
@@ -220,8 +232,10 @@ class Run:
         run_dir: Path | None = None,
         dataset=None,
         executor: RayExecutor | LocalExecutor | None = None,
+        quiet: bool = False,
     ):
         self.clock = Phases()
+        self.quiet = quiet
         self.cfg, self.ckpt, self.run_dir, self.dataset = cfg, ckpt, run_dir, dataset
         self.ranks = list(ckpt.meta["ranks"]) if ckpt else resolve_ranks(cfg.clients, cfg.seed)
         self.per_round = len(sample_clients(cfg.clients.num, cfg.clients.fraction, cfg.seed, 1))
@@ -300,11 +314,12 @@ class Run:
         self._ray_up.set()
         self.clock.mark("ray")
         for key in ephemeral_paths(self.cfg):
-            print(
-                f"fedsim: warning: {key} is a relative path and this Ray job runs in Ray's "
-                "temporary copy of the project; what it writes there is lost with the Ray "
-                f"session. Pass an absolute path ({key}=/lasting/storage/...).",
-                file=sys.stderr,
+            _log.warning(
+                "%s is a relative path and this Ray job runs in Ray's temporary copy of the "
+                "project; what it writes there is lost with the Ray session. Pass an absolute "
+                "path (%s=/lasting/storage/...).",
+                key,
+                key,
             )
 
     def _start_actors(self) -> tuple[RunResult, RoundLoop]:
@@ -355,7 +370,8 @@ class Run:
     def _train(self, loop: RoundLoop) -> None:
         cfg = self.cfg
         done = max(loop.next_round - 1, 0)  # rounds already trained (a resumed run's checkpoint)
-        self.progress = RoundProgress(cfg.rounds, enabled=cfg.progress, initial=done)
+        bar = cfg.progress and not self.quiet
+        self.progress = RoundProgress(cfg.rounds, enabled=bar, initial=done)
         loop.run(self.progress, self.clock)
         self.progress.close()
         self.clock.mark("rounds")
@@ -375,8 +391,10 @@ class Run:
         if cfg.tracking.save_client_adapters:
             log_client_adapters(cfg, self.info, loop, tracker)
         tracker.finish()
-        if cfg.progress:
-            self.progress.summary(result.history, tracker.run_id, tracker.ui_command())
+        if not self.quiet:  # progress=false hides the bar only: the summary says where it went
+            self.progress.summary(
+                result.history, tracker.run_id, tracker.ui_command(), result.registered_model
+            )
 
     def _stop(self, exc: BaseException) -> BaseException | None:
         """End the MLflow run after ``exc``: KILLED for an interrupt, FAILED otherwise, and
@@ -396,7 +414,7 @@ class Run:
             hint = f"fedsim run --resume {writer.run_dir}"
             if isinstance(exc, RunFailed):  # the CLI prints it with the reason
                 return RunFailed(f"{exc}; the last good checkpoint continues with: {hint}")
-            print(f"fedsim: the run stopped; continue it with: {hint}", file=sys.stderr, flush=True)
+            _log.warning("the run stopped; continue it with: %s", hint)
         return None
 
 
@@ -447,12 +465,8 @@ def _wait_for_inputs(inputs) -> None:
     try:
         inputs.result()
     except Exception as exc:
-        reason = one_line(exc)
-        print(
-            f"fedsim: warning: the run's data record (MLflow datasets, data/) was not logged: "
-            f"{reason}",
-            file=sys.stderr,
-            flush=True,
+        _log.warning(
+            "the run's data record (MLflow datasets, data/) was not logged: %s", one_line(exc)
         )
 
 

@@ -5,6 +5,10 @@ list of overrides) and optionally grids (each a mapping of keys to value lists; 
 are the product of its lists, and the study's cells are the union of its grids).
 :func:`run_study` runs every (cell, variant, seed) as its own MLflow run, nested under one
 parent run, on one Ray cluster, and writes a Markdown table of mean +- std over seeds.
+
+A study is a file, or the name of a shipped study (``fedsim compare compare``: see
+:mod:`fedsim.experiments`); its ``base`` is found next to the study file, else among the
+shipped experiments by name.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from fedsim import experiments
 from fedsim.config import ConfigError, load_config
 
 
@@ -28,7 +33,8 @@ class StudyConfig:
     """What a study runs.
 
     Attributes:
-        base: the experiment YAML every run starts from (relative to the study file).
+        base: the experiment YAML every run starts from (relative to the study file), or the
+            name of a shipped experiment.
         overrides: ``key=value`` applied to every run.
         seeds: one run per seed and variant.
         variants: variant name -> its own overrides.
@@ -54,14 +60,14 @@ class StudyConfig:
 
 
 def load_study(path: str | Path) -> tuple[StudyConfig, Path]:
-    """Read and check a study YAML; returns it and the directory it lives in.
+    """Read and check a study YAML (a path, or a shipped study's name); returns it and the
+    file of its base experiment.
 
     Raises:
-        ConfigError: unreadable file, unknown key, no variants or no seeds.
+        ConfigError: unreadable file, unknown name or key, no variants or no seeds, or a base
+            experiment that is neither next to the study nor shipped.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError("study", f"file not found: {path}")
+    path = experiments.find(path, "study")
     try:
         text = path.read_bytes().decode("utf-8")
     except UnicodeDecodeError:
@@ -104,8 +110,15 @@ def load_study(path: str | Path) -> tuple[StudyConfig, Path]:
         raise ConfigError("last_rounds", "must be >= 1")
     base = path.parent / study.base
     if not base.is_file():
-        raise ConfigError("base", f"{path}: the base experiment {base} does not exist")
-    return study, path.parent
+        base = experiments.shipped(study.base)
+        if base is None:
+            raise ConfigError(
+                "base",
+                f"{path}: the base experiment {path.parent / study.base} does not exist, and "
+                f"no shipped experiment is called {study.base!r} "
+                f"(known: {', '.join(experiments.names('run'))})",
+            )
+    return study, base
 
 
 def _summary(history: list[dict], last: int, key: str) -> float:
@@ -140,12 +153,16 @@ def grid_cells(study: StudyConfig) -> list[tuple[str, list[str]]]:
     return cells
 
 
-def run_study(path: str | Path, extra: list[str] = ()) -> str:
+def run_study(path: str | Path, extra: list[str] = (), quiet: bool = False) -> str:
     """Run every cell x variant x seed and return (and write) the Markdown table.
 
+    Prints (to stdout) one line per finished run, then the table, where it was written and
+    the MLflow parent run; the runs themselves print no summary.
+
     Args:
-        path: the study YAML.
+        path: the study YAML, or a shipped study's name.
         extra: overrides applied to every run after the study's own (e.g. ``rounds=2``).
+        quiet: print nothing on stdout (warnings and errors still go to stderr).
 
     Raises:
         ConfigError: a bad study file or a run whose config is not allowed (every run is
@@ -155,7 +172,7 @@ def run_study(path: str | Path, extra: list[str] = ()) -> str:
     from fedsim.simulation.run import run
     from fedsim.tracking.tracker import Tracker
 
-    study, here = load_study(path)
+    study, base = load_study(path)
     plan = []
     for cell, cell_overrides in grid_cells(study):
         for name, overrides in study.variants.items():
@@ -164,7 +181,7 @@ def run_study(path: str | Path, extra: list[str] = ()) -> str:
                 label = " ".join(x for x in (cell, name, f"seed={seed}") if x)
                 all_overrides += [*extra, f"tracking.run_name={label}"]
                 try:
-                    cfg = load_config(here / study.base, all_overrides)
+                    cfg = load_config(base, all_overrides)
                 except ConfigError as exc:  # name the run of the study it belongs to
                     message = str(exc).removeprefix(f"config error: {exc.key}: ")
                     raise ConfigError(exc.key, f"{message} (in run '{label}')") from None
@@ -174,19 +191,20 @@ def run_study(path: str | Path, extra: list[str] = ()) -> str:
     _preflight(study, plan)
 
     parent = Tracker(plan[0][3], run_name=f"study {Path(path).stem}", log_config=False)
-    started = init_ray()
+    started = init_ray(all(cfg.resources.log_to_driver for *_, cfg in plan))
     results: dict[tuple[str, str], list] = {}
     try:
         for i, (cell, name, _seed, cfg) in enumerate(plan, 1):
             cfg.tracking.parent_run_id = parent.run_id
             start = time.perf_counter()
-            res = run(cfg)
+            res = run(cfg, quiet=True)
             results.setdefault((cell, name), []).append(res)
-            print(
-                f"[{i}/{len(plan)}] {cfg.tracking.run_name}: "
-                f"{time.perf_counter() - start:.0f} s, MLflow run {res.run_id}",
-                flush=True,
-            )
+            if not quiet:
+                print(
+                    f"[{i}/{len(plan)}] {cfg.tracking.run_name}: "
+                    f"{time.perf_counter() - start:.0f} s, MLflow run {res.run_id}",
+                    flush=True,
+                )
     except BaseException:
         parent.finish("FAILED")
         raise
@@ -205,11 +223,12 @@ def run_study(path: str | Path, extra: list[str] = ()) -> str:
     out.write_text(table)
     parent.log_text(table, "summary.md")
     parent.finish()
-    print(table)
-    print(
-        f"written to {out}; MLflow parent run {parent.run_id}; browse the runs with: "
-        f"{parent.ui_command(whole_experiment=True)}"
-    )
+    if not quiet:
+        print(table)
+        print(
+            f"written to {out}; MLflow parent run {parent.run_id}; browse the runs with: "
+            f"{parent.ui_command(whole_experiment=True)}"
+        )
     return table
 
 

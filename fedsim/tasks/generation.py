@@ -3,6 +3,9 @@
 Each row becomes a conversation: the user turn holds the image (or a zero image, or none, by
 ``data.image_fill``) and an instruction with the row's text (a hint, a meme's text, a LLaVA
 prompt; a missing text follows ``data.text_fill``); the assistant turn is the reference answer.
+A conversation dataset's instruction (LLaVA) reaches the model as its data wrote it; the
+datasets fedsim poses as instruction following end with a phrase naming the modalities a
+sample has (``data.prompt_style``).
 Training takes the language-modelling loss on the assistant's tokens only. Evaluation decodes
 greedily (deterministic) and scores the outputs with BLEU-4, ROUGE-L, CIDEr and exact match
 (:mod:`fedsim.tasks.text_metrics`). A classification dataset is posed as instruction following: the
@@ -34,6 +37,10 @@ _PROMPTS = {
 }
 # FedMLLM's modality-agnostic prompt: one neutral suffix instead of modality-specific phrases.
 AGNOSTIC_SUFFIX = "Answer based on the given input."
+# data.prompt_style: what ends a prompt (default: modality for the datasets posed as instruction
+# following, where fedsim writes the instruction; verbatim for conversation data, whose
+# instruction is the user's own words)
+PROMPT_STYLES = ("default", "modality", "agnostic", "verbatim")
 
 
 def class_answer(name: str) -> str:
@@ -56,7 +63,11 @@ class PromptBuilder:
     Attributes:
         instruction: the question (None: the row's text is the instruction).
         text_name: how the row's text is introduced (``Hint: ...``).
-        style: ``default`` (a phrase naming the modalities present) or ``agnostic``.
+        style: what ends the prompt: ``modality`` (a phrase naming the modalities present:
+            "Use the image and the text."), ``agnostic`` (FedMLLM's one neutral suffix),
+            ``verbatim`` (nothing: the instruction as written) or ``default`` (``verbatim``
+            when the row's text is the instruction, a conversation dataset's; ``modality``
+            otherwise).
         fill: ``data.text_fill``; ``placeholder`` puts ``placeholder`` in a missing text's place.
         placeholder: ``data.text_placeholder``.
         choices: a label task's answers, named in the prompt.
@@ -68,6 +79,12 @@ class PromptBuilder:
     fill: str
     placeholder: str
     choices: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if self.style not in PROMPT_STYLES:
+            raise ValueError(f"prompt style {self.style!r}; allowed: {', '.join(PROMPT_STYLES)}")
+        if self.style == "default":
+            self.style = "verbatim" if self.instruction is None else "modality"
 
     def __call__(self, text: str, has_image: bool, has_text: bool) -> str:
         if not has_text:
@@ -82,7 +99,10 @@ class PromptBuilder:
                 parts.append(f"{self.text_name}: {text.rstrip()}{end}")
         elif text:
             parts.append(text)
-        parts.append(AGNOSTIC_SUFFIX if self.style == "agnostic" else _phrase(has_image, has_text))
+        if self.style == "agnostic":
+            parts.append(AGNOSTIC_SUFFIX)
+        elif self.style == "modality":
+            parts.append(_phrase(has_image, has_text))
         return " ".join(p for p in parts if p)
 
 

@@ -145,9 +145,10 @@ def inspect_run(run_id: str, round_idx: int | None = None, tracking_uri: str | N
     import mlflow
     from mlflow.exceptions import MlflowException
 
+    from fedsim.config import tracking_uri as resolve_uri
     from fedsim.tracking.store import store_path
 
-    uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///mlflow.db"
+    uri = resolve_uri(tracking_uri)
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     path = store_path(uri)
     if path is not None and not Path(path).exists():

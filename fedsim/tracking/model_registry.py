@@ -19,7 +19,7 @@ run`` can import this module before it pays for them.
 
 from __future__ import annotations
 
-import sys
+import logging
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -28,6 +28,9 @@ from fedsim.version import __version__
 if TYPE_CHECKING:
     from fedsim.config import FedSimConfig
     from fedsim.tracking.tracker import Tracker
+
+
+_log = logging.getLogger(__name__)
 
 ADAPTER_PATH = "global_adapter"
 
@@ -100,7 +103,8 @@ def register_run(
     new version of ``name``.
 
     The registered model is created when missing. The store is ``tracking_uri`` (None:
-    MLflow's current tracking URI) for the run and the registry alike.
+    ``MLFLOW_TRACKING_URI``, else ``sqlite:///mlflow.db``: :func:`fedsim.config.tracking_uri`)
+    for the run and the registry alike.
 
     Returns:
         The new :class:`mlflow.entities.model_registry.ModelVersion` (status READY).
@@ -110,12 +114,13 @@ def register_run(
         mlflow.exceptions.MlflowException: the store refused (an invalid name, a name taken by
             a prompt, no such run).
     """
-    import mlflow
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
     from mlflow.store.artifact.runs_artifact_repo import RunsArtifactRepository
 
-    uri = tracking_uri or mlflow.get_tracking_uri()
+    from fedsim.config import tracking_uri as resolve_uri
+
+    uri = resolve_uri(tracking_uri)
     client = MlflowClient(tracking_uri=uri, registry_uri=uri)
     try:
         client.create_registered_model(name, description=MODEL_DESCRIPTION)
@@ -185,20 +190,21 @@ def register_global_adapter(
     except (MlflowException, RegistryError, OSError) as exc:
         reason = getattr(exc, "message", None) or str(exc)
         tracker.client.set_tag(tracker.run_id, "fedsim.registry_error", _tag(reason))
-        print(
-            f"fedsim: warning: registering the global adapter as tracking.register_model="
-            f"{name} failed: {reason}. The run {tracker.run_id} and its "
-            f"{registered_path(cfg.rounds)} artifact are kept; register it later with "
-            "fedsim.tracking.model_registry.register_run("
-            f"{tracker.run_id!r}, NAME, {tracker.uri!r}, "
-            f"path={registered_path(cfg.rounds)!r})",
-            file=sys.stderr,
-            flush=True,
+        path = registered_path(cfg.rounds)
+        _log.warning(
+            "registering the global adapter as tracking.register_model=%s failed: %s. The run "
+            "%s and its %s artifact are kept; register it later with "
+            "fedsim.tracking.model_registry.register_run(%r, NAME, %r, path=%r)",
+            name,
+            reason,
+            tracker.run_id,
+            path,
+            tracker.run_id,
+            tracker.uri,
+            path,
         )
         return None
     tracker.client.set_tag(tracker.run_id, "fedsim.registered_model", f"{name}/{version.version}")
-    if cfg.progress:
-        print(f"fedsim: registered the global adapter as model {name!r} version {version.version}")
     return version
 
 
@@ -255,8 +261,8 @@ def load_registered_adapter(
     Args:
         name: the registered model (``tracking.register_model`` of the runs).
         version: a version number, an alias (``champion``), or None for the latest version.
-        tracking_uri: the store (the runs' ``tracking.uri``); None: MLflow's current tracking
-            URI (``MLFLOW_TRACKING_URI``, else ``sqlite:///mlflow.db`` as fedsim's default).
+        tracking_uri: the store (the runs' ``tracking.uri``); None: ``MLFLOW_TRACKING_URI``,
+            else ``sqlite:///mlflow.db`` (:func:`fedsim.config.tracking_uri`).
         dst: the directory to download into (created if missing); None: a new temporary one.
             The files are always a copy, never the store's own.
 
@@ -270,10 +276,11 @@ def load_registered_adapter(
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
 
+    from fedsim.config import tracking_uri as resolve_uri
     from fedsim.tracking.tracker import quiet_mlflow
 
     quiet_mlflow()
-    uri = tracking_uri or mlflow.get_tracking_uri()
+    uri = resolve_uri(tracking_uri)
     if not _store_exists(uri):
         raise RegistryError(f"no MLflow store at {uri} (looking for registered model {name!r})")
     client = MlflowClient(tracking_uri=uri, registry_uri=uri)

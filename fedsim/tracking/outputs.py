@@ -35,7 +35,7 @@ def log_final_outputs(cfg, info, ex, pool, server, tracker, result) -> None:
     residuals) go beside it as ``base_delta.safetensors`` (module prefix to ``dW``, to add to
     the pretrained weights before loading the adapter). With ``tracking.register_model`` the
     logged adapter becomes a new version of that registered model
-    (:mod:`fedsim.tracking.model_registry`).
+    (:mod:`fedsim.tracking.model_registry`), named in ``result.registered_model``.
     """
     if cfg.tracking.save_adapter:
         exported: ExportedAdapter = ex.get(ex.call(server, "export"))
@@ -52,7 +52,9 @@ def log_final_outputs(cfg, info, ex, pool, server, tracker, result) -> None:
             if cfg.tracking.register_model is not None:  # the files the version points at
                 tracker.log_dir(tmp, registered_path(cfg.rounds))
         if cfg.tracking.register_model is not None:
-            register_global_adapter(cfg, tracker, rank, exported.base is not None)
+            version = register_global_adapter(cfg, tracker, rank, exported.base is not None)
+            if version is not None:
+                result.registered_model = f"{cfg.tracking.register_model}/{version.version}"
     if cfg.tracking.plots:
         import matplotlib.pyplot as plt
 

@@ -1,4 +1,5 @@
-"""Console output of a run: a progress bar with live metrics, then a summary table."""
+"""Console output of a run: a progress bar with live metrics (stderr), then a summary table
+with the MLflow run id and link (stdout); see :mod:`fedsim.logs` for the rule."""
 
 from __future__ import annotations
 
@@ -43,8 +44,14 @@ class RoundProgress:
         self.bar.close()
 
     @staticmethod
-    def summary(history: list[dict[str, float]], run_id: str, ui_command: str) -> None:
-        """Print a per-round table and how to open the run in the MLflow UI."""
+    def summary(
+        history: list[dict[str, float]],
+        run_id: str,
+        ui_command: str,
+        registered_model: str | None = None,
+    ) -> None:
+        """Print (to stdout) a per-round table, the MLflow run id and how to open the run in
+        the MLflow UI, and the registered model version (``NAME/VERSION``) if there is one."""
         from rich.console import Console
         from rich.table import Table
 
@@ -71,3 +78,6 @@ class RoundProgress:
         console = Console()
         console.print(table)
         console.print(f"MLflow run {run_id}. Browse it with:  {ui_command}", soft_wrap=True)
+        if registered_model:
+            name, _, version = registered_model.rpartition("/")
+            console.print(f"Registered the global adapter as model {name!r} version {version}.")

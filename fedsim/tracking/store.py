@@ -13,7 +13,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from urllib.parse import urlparse
 
-from fedsim.config import ConfigError, FedSimConfig
+from fedsim.config import ConfigError, FedSimConfig, tracking_uri
 from fedsim.errors import one_line
 
 # Seconds and retries of the one request that checks a remote tracking server (MLflow's own
@@ -96,7 +96,7 @@ def check_tracking(cfg: FedSimConfig, run_id: str | None = None) -> None:
         ConfigError: naming ``tracking.uri`` (an unknown scheme, a store that cannot be opened
             or written, an unwritable local artifact location) or ``tracking.experiment``.
     """
-    uri = cfg.tracking.uri
+    uri = tracking_uri(cfg.tracking.uri)
     parsed = urlparse(uri)
     local = store_path(uri)
     if parsed.scheme == "sqlite" and local in ("", ":memory:"):

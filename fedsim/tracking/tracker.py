@@ -12,7 +12,8 @@ from pathlib import Path
 import mlflow
 from mlflow.tracking import MlflowClient
 
-from fedsim.config import FedSimConfig, flatten, to_yaml
+from fedsim.config import FedSimConfig, config_digest, flatten, to_yaml, tracking_uri
+from fedsim.version import __version__, source_commit
 
 
 def quiet_mlflow() -> None:
@@ -84,6 +85,19 @@ def run_tags(cfg: FedSimConfig) -> dict[str, str]:
     }
 
 
+def provenance_tags() -> dict[str, str]:
+    """What code made a run: ``fedsim.version`` always; from a git checkout also
+    ``mlflow.source.git.commit`` (the UI shows it as the run's source version) and
+    ``fedsim.source.dirty`` (``true`` when tracked files differed from that commit)."""
+    tags = {"fedsim.version": __version__}
+    found = source_commit()
+    if found is not None:
+        commit, dirty = found
+        tags["mlflow.source.git.commit"] = commit
+        tags["fedsim.source.dirty"] = "true" if dirty else "false"
+    return tags
+
+
 def run_description(cfg: FedSimConfig) -> str:
     """The run's note (the UI's Description), markdown."""
     d = cfg.data
@@ -119,14 +133,16 @@ class Tracker:
     def __init__(self, cfg: FedSimConfig, run_name: str | None = None, log_config: bool = True):
         quiet_mlflow()
         self.cfg = cfg
-        self.uri = cfg.tracking.uri
+        self.uri = tracking_uri(cfg.tracking.uri)
         self.client = MlflowClient(tracking_uri=self.uri)
         exp_id = training_experiment(self.client, cfg.tracking.experiment)
         tags = (
             {"mlflow.parentRunId": cfg.tracking.parent_run_id} if cfg.tracking.parent_run_id else {}
         )
+        tags.update(provenance_tags())
         if log_config:  # a parent run of a study is no simulation: its children carry these
             tags.update(run_tags(cfg))
+            tags["fedsim.config_digest"] = config_digest(cfg)
             tags["mlflow.note.content"] = run_description(cfg)
         name = run_name or cfg.tracking.run_name or (default_run_name(cfg) if log_config else None)
         run = self.client.create_run(exp_id, run_name=name, tags=tags)
@@ -159,7 +175,7 @@ class Tracker:
         quiet_mlflow()
         self = cls.__new__(cls)
         self.cfg = cfg
-        self.uri = cfg.tracking.uri
+        self.uri = tracking_uri(cfg.tracking.uri)
         self.client = MlflowClient(tracking_uri=self.uri)
         try:
             run = self.client.get_run(run_id)
@@ -175,6 +191,8 @@ class Tracker:
         self.experiment_id = run.info.experiment_id
         self.client.update_run(run_id, status="RUNNING")
         self.client.set_tag(run_id, "fedsim.resumed_from_round", str(resumed_round))
+        # a resumed run may have more rounds: its digest says what it ran to the end
+        self.client.set_tag(run_id, "fedsim.config_digest", config_digest(cfg))
         return self
 
     def last_step(self, metric: str) -> int:

@@ -78,8 +78,8 @@ def _entrypoint_config(entrypoint: str):
 
     argv = shlex.split(entrypoint)
     assert argv[:4] == ["python", "-m", "fedsim", "run"], entrypoint
-    path, overrides = argv[4], argv[5:]
-    return load_config(REPO / path, overrides)
+    ref, overrides = argv[4], argv[5:]  # a path from the repository root, or a shipped name
+    return load_config(REPO / ref if (REPO / ref).exists() else ref, overrides)
 
 
 def _runtime_env_conflicts(job: dict, driver: dict) -> set[str]:

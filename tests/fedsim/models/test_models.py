@@ -11,6 +11,7 @@ from peft import PeftModel
 from peft.tuners.lora import LoraLayer
 
 from fedsim.config import ConfigError, LoraConfig, ModelConfig
+from fedsim.config.registry import BACKBONES
 from fedsim.models.backbone import build_backbone
 from fedsim.models.efficientnet_lite import EfficientNetLite, pretrained_lite0
 from fedsim.models.lora import AdapterHost, adapter_name, client_scaling
@@ -47,7 +48,7 @@ def test_tiny_forward_shape_and_frozen_parameters(tiny):
     assert logits.shape == (len(TEXTS), NUM_CLASSES)
     assert torch.isfinite(logits).all()
     assert not any(p.requires_grad for p in tiny.model.parameters())
-    assert tiny.max_rank == 16
+    assert tiny.max_rank == 16 == BACKBONES["tiny"].max_rank  # the registry's fixed limit
 
 
 def test_tiny_build_is_seeded():
@@ -188,7 +189,7 @@ def test_pretrained_minilm_effnet_builds_offline():
     from safetensors.torch import load_file
 
     backbone = build_backbone(ModelConfig(backbone="minilm-effnet"), NUM_CLASSES, seed=0)
-    assert backbone.max_rank >= 32
+    assert backbone.max_rank == 80 == BACKBONES["minilm-effnet"].max_rank  # >= 32: the default
     model = backbone.model
     assert model.text.config.hidden_size == 384
     # the text tower holds MiniLM's weights

@@ -347,16 +347,30 @@ def test_prompt_builder_caption_task_lists_no_choices():
     )
 
 
+def test_prompt_builder_verbatim_leaves_a_posed_instruction_unchanged():
+    build = PromptBuilder(*MEME, "verbatim", "placeholder", "", CHOICES)
+    assert build("love all", True, True) == f"Is this meme hateful? {LIST} Text: love all."
+    with pytest.raises(ValueError, match="allowed: default, modality, agnostic, verbatim"):
+        PromptBuilder(*MEME, "loud", "placeholder", "", CHOICES)
+
+
 @pytest.mark.parametrize(
     "style, fill, placeholder, has_image, has_text, expected",
     [
-        ("default", "placeholder", "", True, True, "Describe the cat. Use the image and the text."),
+        # by default a conversation's instruction reaches the model as the data wrote it
+        ("default", "placeholder", "", True, True, "Describe the cat."),
+        ("verbatim", "placeholder", "", True, True, "Describe the cat."),
+        ("default", "placeholder", "Describe it.", True, False, "Describe it."),
+        ("default", "mask", "Describe it.", True, False, ""),
+        # the modality phrase and FedMLLM's suffix stay options
+        ("modality", "placeholder", "", True, True,
+         "Describe the cat. Use the image and the text."),
         ("agnostic", "placeholder", "", True, True, f"Describe the cat. {AGNOSTIC_SUFFIX}"),
-        ("default", "placeholder", "Describe it.", True, False, "Describe it. Use the image."),
-        ("default", "mask", "Describe it.", True, False, "Use the image."),
+        ("modality", "placeholder", "Describe it.", True, False, "Describe it. Use the image."),
+        ("modality", "mask", "Describe it.", True, False, "Use the image."),
         ("agnostic", "mask", "", False, False, AGNOSTIC_SUFFIX),
     ],
-)
+)  # fmt: skip
 def test_prompt_builder_llava_text_is_the_instruction(
     style, fill, placeholder, has_image, has_text, expected
 ):
