@@ -17,6 +17,50 @@ from fedsim.config import FedSimConfig, load_config
 IMAGE_SIZE = 16
 
 
+# the files that take longest (whole runs, subprocesses), longest first, as measured with
+# --durations=0 on 2 idle cores: the two xdist workers start on these
+LONGEST_FILES = (
+    "tests/actors/test_faults.py",
+    "tests/actors/test_warm_pool.py",
+    "tests/fedsim/simulation/test_resume.py",
+    "tests/fedsim/test_bad_inputs.py",
+    "tests/cluster/test_cluster.py",
+    "tests/fedsim/methods/test_fedex_method.py",
+    "tests/fedsim/models/test_vlm_demo.py",
+    "tests/fedsim/test_vlm_run.py",
+    "tests/experiments/test_bench_vlm.py",
+    "tests/experiments/test_bench_scale.py",
+    "tests/actors/test_executor.py",
+    "tests/actors/test_placement.py",
+    "tests/experiments/test_bench_startup.py",
+    "tests/fedsim/simulation/test_streaming_engine.py",
+    "tests/ui/test_mlflow_ui.py",
+    "tests/fedsim/test_default_backbone_run.py",
+)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The longest files first (``LONGEST_FILES``), then the files with the most slow tests;
+    each file's tests keep their order.
+
+    The suite runs on pytest-xdist workers, a file at a time each (``--dist loadfile``, so a
+    module's fixtures are built once): handing out the long files first keeps one worker from
+    finishing a long file alone at the end. The order changes no result.
+    """
+    slow: dict[str, int] = {}
+    for item in items:
+        path = item.nodeid.split("::")[0]
+        slow[path] = slow.get(path, 0) + (item.get_closest_marker("slow") is not None)
+
+    def rank(item: pytest.Item) -> tuple[int, int]:
+        path = item.nodeid.split("::")[0]
+        if path in LONGEST_FILES:
+            return (LONGEST_FILES.index(path), 0)
+        return (len(LONGEST_FILES), -slow[path])
+
+    items.sort(key=rank)
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _offline_hub():
     """Tests never reach the Hugging Face Hub: every model they build is local."""

@@ -49,11 +49,17 @@ def _tensors(tree) -> list[tuple[str, torch.Tensor]]:
     ],
     ids=["scaffold", "flora"],
 )
-def test_in_process_run_equals_the_ray_run(ray_cluster, experiment_config, overrides):
+def test_in_process_run_equals_the_ray_run(warm_ray, experiment_config, overrides):
     build = experiment_config("fedsim-executor")
     # round 2 edits (threshold 1): the editing hooks run on both paths
     cfg = build("rounds=2", "editing.threshold=1.0", *overrides)
-    on_ray = fedsim.run(cfg)
+    # SCAFFOLD on new actors, FLoRA on the session's warm pool (which gives the numbers of new
+    # actors: tests/actors/test_warm_pool.py)
+    if "flora" in overrides[0]:
+        on_ray = fedsim.run(cfg, executor=warm_ray)
+    else:
+        warm_ray.release()  # the kept actors hold the cluster's CPUs
+        on_ray = fedsim.run(cfg)
     local = fedsim.run(cfg, executor=LocalExecutor())
     assert _numbers(local) == _numbers(on_ray)
     # the client tables too, but for the timings and the Ray node

@@ -75,7 +75,7 @@ def _our_training_worker() -> psutil.Process | None:
     return None
 
 
-def test_actor_killed_from_outside_is_replaced_and_changes_nothing(ray_cluster, baseline, config):
+def test_actor_killed_from_outside_is_replaced_and_changes_nothing(warm_ray, baseline, config):
     killed: list[int] = []
     stop = threading.Event()
 
@@ -90,7 +90,8 @@ def test_actor_killed_from_outside_is_replaced_and_changes_nothing(ray_cluster, 
     thread = threading.Thread(target=killer, daemon=True)
     thread.start()
     try:
-        result = fedsim.run(config(*DELAYED, *SLEEP))  # asleep in train: a worker to kill
+        # asleep in train: a worker to kill
+        result = fedsim.run(config(*DELAYED, *SLEEP), executor=warm_ray)
     finally:
         stop.set()
         thread.join()
@@ -119,7 +120,7 @@ FAIL_PROB = {"raise": 0.3, "crash": 0.1}
 
 
 @pytest.mark.parametrize("mode", ["raise", pytest.param("crash", marks=pytest.mark.slow)])
-def test_injected_failures_are_retried_to_the_same_numbers(ray_cluster, baseline, config, mode):
+def test_injected_failures_are_retried_to_the_same_numbers(warm_ray, baseline, config, mode):
     cfg = config(
         *DELAYED,
         f"faults.fail_prob={FAIL_PROB[mode]}",
@@ -128,7 +129,7 @@ def test_injected_failures_are_retried_to_the_same_numbers(ray_cluster, baseline
     )
     failed, attempts = _expected_attempts(cfg, cfg.rounds)
     assert attempts > 0 and not any(failed.values()), "pick a seed where retries succeed"
-    result = fedsim.run(cfg)
+    result = fedsim.run(cfg, executor=warm_ray)
     assert _numbers(result.history) == _numbers(baseline.history)
     replaced = result.history[-1]["clients/actors_replaced"]
     assert replaced == (attempts if mode == "crash" else 0)
@@ -182,11 +183,13 @@ def test_min_clients_keeps_the_round_open_past_the_deadline(config, restore_thre
         assert result.history[t]["time/simulated_round_s"] == pytest.approx(second)
 
 
-def test_finish_order_and_pool_size_do_not_change_the_numbers(ray_cluster, config):
+def test_finish_order_and_pool_size_do_not_change_the_numbers(warm_ray, config):
     """Random real sleeps shuffle the order clients finish on two actors; the reference runs
     every task in turn on one worker, in this process."""
     delays = ["faults.delay_dist=exponential", "faults.delay_s=1"]
-    shuffled = fedsim.run(config(*delays, "faults.sleep_scale=0.5", "resources.actors=2"))
+    shuffled = fedsim.run(
+        config(*delays, "faults.sleep_scale=0.5", "resources.actors=2"), executor=warm_ray
+    )
     ordered = fedsim.run(config(*delays), executor=LocalExecutor())
     assert _numbers(shuffled.history) == _numbers(ordered.history)
 

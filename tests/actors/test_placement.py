@@ -22,15 +22,14 @@ SCRIPT = textwrap.dedent(
     from ray.util import placement_group_table
     import fedsim
     from fedsim.config import load_config
-    from actors.pool import ClientPool, pool_size
+    from actors.executor import RayExecutor
 
     ray.init(num_cpus=2, num_gpus=1, include_dashboard=False, logging_level="ERROR")
     cfg = load_config(None, sys.argv[1:])
-    size = pool_size(cfg, 3)
-    pool = ClientPool(cfg, size)
-    table = placement_group_table(pool.group)
-    pool.shutdown()
-    result = fedsim.run(cfg)
+    with RayExecutor(keep_actors=True) as executor:  # keeps the run's pool to look at
+        result = fedsim.run(cfg, executor=executor)
+        size = len(executor._kept.actors)
+        table = placement_group_table(executor._kept.group)
     print("RESULT " + json.dumps({
         "size": size,
         "bundles": list(table["bundles"].values()),

@@ -376,12 +376,13 @@ def test_bad_checkpoint_dir(fails, base, workdir, where):
     fails(["run", *base, f"checkpoint.dir={where}"], "checkpoint.dir")
 
 
-def test_deleted_experiment(fails, base, workdir):
+def test_deleted_experiment(fails, base, workdir, new_mlflow_db):
     from mlflow.tracking import MlflowClient
 
-    client = MlflowClient("sqlite:///mlflow.db")
+    uri = new_mlflow_db(workdir / "store")  # its own file: MLflow keeps stores by URI
+    client = MlflowClient(uri)
     client.delete_experiment(client.create_experiment("gone", artifact_location="art"))
-    fails(["run", *base, "tracking.experiment=gone"], "tracking.experiment")
+    fails(["run", *base, f"tracking.uri={uri}", "tracking.experiment=gone"], "tracking.experiment")
 
 
 @pytest.mark.slow  # a fresh Python process

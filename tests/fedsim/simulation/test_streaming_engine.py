@@ -169,13 +169,13 @@ def _numbers(result) -> list[dict]:
 
 @pytest.mark.slow  # a run on Ray and two in-process
 def test_the_server_in_the_driver_or_in_an_actor_gives_the_same_run(
-    ray_cluster, experiment_config, restore_threads
+    warm_ray, experiment_config, restore_threads
 ):
     build = experiment_config("fedsim-streaming")
     # the server in this process (with every client task: LocalExecutor gives Ray's numbers,
     # tests/actors/test_executor.py) and the server in a Ray actor of its own
     in_driver = fedsim.run(build("rounds=2"), executor=LocalExecutor())
-    in_actor = fedsim.run(build("rounds=2", "resources.server=actor"))
+    in_actor = fedsim.run(build("rounds=2", "resources.server=actor"), executor=warm_ray)
     assert _numbers(in_driver) == _numbers(in_actor)
     # the batch merge is the server's business, not Ray's: in this process
     batch = fedsim.run(build("rounds=2", "aggregation.streaming=false"), executor=LocalExecutor())
