@@ -70,30 +70,30 @@ def test_later_runs_reuse_the_actors_and_give_fresh_numbers(warm_ray, build, ref
     again = fedsim.run(build("rounds=2", *FLORA), executor=warm)
     assert _actor_ids(warm) == first  # the same processes served the second run
     _same_run(again, reference)
-    # a run that needs fewer actors uses some and keeps the others as spares
-    fedsim.run(build("rounds=1", "resources.actors=1"), executor=warm)
-    assert _actor_ids(warm) == first[:1] and len(warm._kept.spare) == 1
-    # other per-actor resources: new actors, the kept ones are stopped
-    fedsim.run(build("rounds=1", "resources.client.num_cpus=0.5"), executor=warm)
-    assert not set(_actor_ids(warm)) & set(first)
-
-
-def test_after_a_failed_run_and_crashed_actors_the_numbers_are_fresh(warm_ray, build, reference):
-    # every task crashes its actor (replaced each time) and the run fails
+    # an actor killed between runs is replaced; the others serve on
+    ray.kill(warm._kept.actors[0])
+    again = fedsim.run(build("rounds=2", *FLORA), executor=warm)
+    replaced = _actor_ids(warm)
+    assert replaced[0] != first[0] and replaced[1:] == first[1:]
+    _same_run(again, reference)
+    # every task crashes its actor (replaced each time) and the run fails; the next is fresh
     crash = ("faults.fail_prob=1.0", "faults.fail_mode=crash", "resources.max_retries=0")
     with pytest.raises(RunFailed):
-        fedsim.run(build("rounds=1", "round.max_empty_rounds=1", *crash), executor=warm_ray)
-    again = fedsim.run(build("rounds=2", *FLORA), executor=warm_ray)
+        fedsim.run(build("rounds=1", "round.max_empty_rounds=1", *crash), executor=warm)
+    again = fedsim.run(build("rounds=2", *FLORA), executor=warm)
     _same_run(again, reference)
-
-
-def test_an_actor_killed_between_runs_is_replaced(ray_cluster, build, reference):
-    with RayExecutor(keep_actors=True) as warm:
-        fedsim.run(build("rounds=1", *SCAFFOLD), executor=warm)
-        before = _actor_ids(warm)
-        ray.kill(warm._kept.actors[0])
-        again = fedsim.run(build("rounds=2", *FLORA), executor=warm)
-        after = _actor_ids(warm)
-        assert after[0] != before[0] and after[1:] == before[1:]
-        _same_run(again, reference)
-    assert warm._kept is None and ray.is_initialized()  # the session's Ray stays up
+    # a run that needs fewer actors uses some and keeps the others as spares
+    kept = _actor_ids(warm)
+    fedsim.run(build("rounds=1", "resources.actors=1"), executor=warm)
+    assert _actor_ids(warm) == kept[:1] and len(warm._kept.spare) == 1
+    # other per-actor resources: new actors, the kept ones are stopped
+    fedsim.run(build("rounds=1", "resources.client.num_cpus=0.5"), executor=warm)
+    assert not set(_actor_ids(warm)) & set(kept)
+    # release() stops the kept actors and leaves Ray up (leaving the `with` block of a
+    # RayExecutor(keep_actors=True) stops them too, and a Ray the executor started)
+    actors = list(warm._kept.actors)
+    warm.release()
+    assert warm._kept is None and ray.is_initialized()
+    for actor in actors:
+        with pytest.raises(ray.exceptions.RayActorError):
+            ray.get(actor.ping.remote(), timeout=30)
