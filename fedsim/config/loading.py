@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import functools
 import re
 from dataclasses import fields, is_dataclass
 from pathlib import Path
@@ -94,7 +95,7 @@ def load_config(
     Raises:
         ConfigError: unreadable file, unknown key or value not allowed.
     """
-    merged = OmegaConf.structured(FedSimConfig)
+    merged = _schema()  # never changed: every merge below copies what it merges into
     try:
         if path is not None:
             path = Path(path)
@@ -106,27 +107,49 @@ def load_config(
                 reason = " ".join(str(exc).split())[:500]
                 raise ConfigError("config", f"cannot parse {path}: {reason}") from None
             merged = _merge_file(merged, loaded, path)
-        for item in overrides:
-            key, eq, _ = item.partition("=")
-            if not eq:
-                raise ConfigError(item, "an override must look like key=value")
-            try:
-                merged = OmegaConf.merge(merged, _ranks_as_spec(OmegaConf.from_dotlist([item])))
-            except TypeError as exc:
-                raise ConfigError(key, f"cannot set {item!r}: {exc}") from None
-            except yaml.YAMLError as exc:  # the value is not valid YAML
-                reason = " ".join(str(exc).split())
-                raise ConfigError(key, f"cannot parse the value of {item!r}: {reason}") from None
-            except OmegaConfBaseException as exc:
-                error = _raise_from_omegaconf(exc)
-                if key != error.key and key.startswith(f"{error.key}."):  # an unknown section
-                    raise ConfigError(key, f"unknown key ({error.key!r} is no section)") from None
-                raise error from None
+        merged = _merge_overrides(merged, overrides)
         cfg = OmegaConf.to_object(merged)
     except OmegaConfBaseException as exc:
         raise _raise_from_omegaconf(exc) from None
     validate(cfg)
     return cfg
+
+
+@functools.cache
+def _schema() -> DictConfig:
+    """The typed defaults as an OmegaConf node, built once and only ever read (merges copy
+    it; ``OmegaConf.to_object`` builds new objects)."""
+    return OmegaConf.structured(FedSimConfig)
+
+
+def _merge_overrides(merged: DictConfig, overrides) -> DictConfig:
+    """Apply ``key=value`` overrides in order: all in one merge when they fit (each merge
+    copies the whole tree), else one at a time, to name the first that does not."""
+    if not overrides:
+        return merged
+    try:
+        if all("=" in item for item in overrides):
+            parts = [_ranks_as_spec(OmegaConf.from_dotlist([item])) for item in overrides]
+            return OmegaConf.merge(merged, *parts)
+    except Exception:  # noqa: BLE001 - the loop below names the override and the reason
+        pass
+    for item in overrides:
+        key, eq, _ = item.partition("=")
+        if not eq:
+            raise ConfigError(item, "an override must look like key=value")
+        try:
+            merged = OmegaConf.merge(merged, _ranks_as_spec(OmegaConf.from_dotlist([item])))
+        except TypeError as exc:
+            raise ConfigError(key, f"cannot set {item!r}: {exc}") from None
+        except yaml.YAMLError as exc:  # the value is not valid YAML
+            reason = " ".join(str(exc).split())
+            raise ConfigError(key, f"cannot parse the value of {item!r}: {reason}") from None
+        except OmegaConfBaseException as exc:
+            error = _raise_from_omegaconf(exc)
+            if key != error.key and key.startswith(f"{error.key}."):  # an unknown section
+                raise ConfigError(key, f"unknown key ({error.key!r} is no section)") from None
+            raise error from None
+    return merged
 
 
 def as_config(config: FedSimConfig | DictConfig | dict | str | Path | None) -> FedSimConfig:
@@ -139,7 +162,7 @@ def as_config(config: FedSimConfig | DictConfig | dict | str | Path | None) -> F
     try:
         if isinstance(config, dict):
             config = _ranks_as_spec(copy.deepcopy(config))
-        merged = OmegaConf.merge(OmegaConf.structured(FedSimConfig), config)
+        merged = OmegaConf.merge(_schema(), config)
         cfg = OmegaConf.to_object(merged)
     except OmegaConfBaseException as exc:
         raise _raise_from_omegaconf(exc) from None
