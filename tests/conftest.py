@@ -97,7 +97,8 @@ def emoji_cache(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_overrides(emoji_cache, tmp_path_factory) -> list[str]:
-    """Dotlist overrides that make a config fast: tiny backbone, 16 px, 300 rows, 2 steps.
+    """Dotlist overrides that make a config fast: tiny backbone, 16 px, 300 rows, 2 steps,
+    no plots.
 
     Checkpoints go to a session temp dir, never into the working directory.
     """
@@ -117,6 +118,8 @@ def tiny_overrides(emoji_cache, tmp_path_factory) -> list[str]:
         "clients.fraction=0.5",
         "rounds=2",
         "progress=false",
+        # matplotlib's layout costs about a second a run; the tests of the plots turn them on
+        "tracking.plots=false",
     ]
 
 

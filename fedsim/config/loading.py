@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import functools
 import hashlib
 import json
 import logging
@@ -126,7 +127,7 @@ def load_config(
     Raises:
         ConfigError: unreadable file, unknown name or key, or a value not allowed.
     """
-    merged = OmegaConf.structured(FedSimConfig)
+    merged = _schema()  # never changed: every merge below copies what it merges into
     try:
         if path is not None:
             path = find(path)
@@ -136,22 +137,7 @@ def load_config(
                 reason = " ".join(str(exc).split())[:500]
                 raise ConfigError("config", f"cannot parse {path}: {reason}") from None
             merged = _merge_file(merged, loaded, path)
-        for item in overrides:
-            key, eq, _ = item.partition("=")
-            if not eq:
-                raise ConfigError(item, "an override must look like key=value")
-            try:
-                merged = OmegaConf.merge(merged, _ranks_as_spec(OmegaConf.from_dotlist([item])))
-            except TypeError as exc:
-                raise ConfigError(key, f"cannot set {item!r}: {exc}") from None
-            except yaml.YAMLError as exc:  # the value is not valid YAML
-                reason = " ".join(str(exc).split())
-                raise ConfigError(key, f"cannot parse the value of {item!r}: {reason}") from None
-            except OmegaConfBaseException as exc:
-                error = _raise_from_omegaconf(exc)
-                if key != error.key and key.startswith(f"{error.key}."):  # an unknown section
-                    raise ConfigError(key, f"unknown key ({error.key!r} is no section)") from None
-                raise error from None
+        merged = _merge_overrides(merged, overrides)
         cfg = OmegaConf.to_object(merged)
     except OmegaConfBaseException as exc:
         raise _raise_from_omegaconf(exc) from None
@@ -197,6 +183,43 @@ def _fit_ranks(cfg: FedSimConfig) -> None:
     cfg.clients.ranks = rank_spec(capped)
 
 
+@functools.cache
+def _schema() -> DictConfig:
+    """The typed defaults as an OmegaConf node, built once and only ever read (merges copy
+    it; ``OmegaConf.to_object`` builds new objects)."""
+    return OmegaConf.structured(FedSimConfig)
+
+
+def _merge_overrides(merged: DictConfig, overrides) -> DictConfig:
+    """Apply ``key=value`` overrides in order: all in one merge when they fit (each merge
+    copies the whole tree), else one at a time, to name the first that does not."""
+    if not overrides:
+        return merged
+    try:
+        if all("=" in item for item in overrides):
+            parts = [_ranks_as_spec(OmegaConf.from_dotlist([item])) for item in overrides]
+            return OmegaConf.merge(merged, *parts)
+    except Exception:  # noqa: BLE001 - the loop below names the override and the reason
+        pass
+    for item in overrides:
+        key, eq, _ = item.partition("=")
+        if not eq:
+            raise ConfigError(item, "an override must look like key=value")
+        try:
+            merged = OmegaConf.merge(merged, _ranks_as_spec(OmegaConf.from_dotlist([item])))
+        except TypeError as exc:
+            raise ConfigError(key, f"cannot set {item!r}: {exc}") from None
+        except yaml.YAMLError as exc:  # the value is not valid YAML
+            reason = " ".join(str(exc).split())
+            raise ConfigError(key, f"cannot parse the value of {item!r}: {reason}") from None
+        except OmegaConfBaseException as exc:
+            error = _raise_from_omegaconf(exc)
+            if key != error.key and key.startswith(f"{error.key}."):  # an unknown section
+                raise ConfigError(key, f"unknown key ({error.key!r} is no section)") from None
+            raise error from None
+    return merged
+
+
 def as_config(config: FedSimConfig | DictConfig | dict | str | Path | None) -> FedSimConfig:
     """Accept a config object, a plain dict of overrides, a YAML path or shipped experiment's
     name, or None (the typed defaults)."""
@@ -214,7 +237,7 @@ def as_config(config: FedSimConfig | DictConfig | dict | str | Path | None) -> F
             only_backbone = (isinstance(model, dict) and "backbone" in model) and not (
                 isinstance(clients, dict) and "ranks" in clients
             )
-        merged = OmegaConf.merge(OmegaConf.structured(FedSimConfig), config)
+        merged = OmegaConf.merge(_schema(), config)
         cfg = OmegaConf.to_object(merged)
     except OmegaConfBaseException as exc:
         raise _raise_from_omegaconf(exc) from None

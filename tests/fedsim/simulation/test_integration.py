@@ -57,7 +57,7 @@ def run_config(make_config, mlflow_store, nan_client):
 @pytest.fixture(scope="module")
 def simulation(warm_ray, run_config):
     """The run every test of this module inspects (two actors)."""
-    cfg = run_config("resources.actors=2", "tracking.run_name=two-actors")
+    cfg = run_config("resources.actors=2", "tracking.run_name=two-actors", "tracking.plots=true")
     return cfg, fedsim.run(cfg, executor=warm_ray)
 
 

@@ -30,7 +30,7 @@ def store(tmp_path_factory, new_mlflow_db) -> str:
 
 @pytest.fixture(scope="module")
 def run(make_config, store):
-    return _tiny_run(make_config, store)
+    return _tiny_run(make_config, store, "tracking.plots=true")
 
 
 def _tiny_run(make_config, store, *overrides):
