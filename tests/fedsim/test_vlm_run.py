@@ -97,7 +97,8 @@ def test_a_generative_run_records_its_data_with_the_targets(family_runs, mlflow_
     columns = [c["name"] for c in json.loads(inputs["emoji-test"].schema)["mlflow_colspec"]]
     assert columns == ["image", "text", "label", "target"]
     files = {a.path for a in client.list_artifacts(run.info.run_id, "data")}
-    assert {"data/clients.json", "data/partition.png"} <= files
+    assert "data/clients.json" in files  # and no heat map: the tiny test config draws no plots
+    assert "data/partition.png" not in files
 
 
 @pytest.mark.slow  # reads the three family runs (one on Ray)

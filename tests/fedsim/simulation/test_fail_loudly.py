@@ -59,7 +59,9 @@ def test_a_short_run_that_merged_nothing_fails_through_the_cli(ray_cluster, conf
     err = capsys.readouterr().err
     assert code == 1
     lines = [line for line in err.splitlines() if line.startswith("fedsim:")]
-    assert len(lines) == 1 and lines[0].startswith("fedsim: run failed: no round of this run")
+    errors = [line for line in lines if not line.startswith("fedsim: warning: ")]
+    assert len(errors) == 1 and errors[0].startswith("fedsim: run failed: no round of this run")
+    assert any("fewer than round.min_clients=1" in line for line in lines)  # the round's warning
     assert "Traceback" not in err
     assert _last_run(cfg).info.status == "FAILED"
 

@@ -309,6 +309,7 @@ def test_a_run_records_its_data_name_tags_and_system_metrics(make_config, tmp_pa
         f"tracking.uri={store}",
         "tracking.experiment=ui",
         "tracking.system_metrics_interval_s=0.3",
+        "tracking.plots=true",
         "rounds=1",
     )
     import ray
