@@ -42,6 +42,24 @@ def test_generated_reference_pages_are_current():
     assert not stale, f"stale generated pages {stale}: run `{gen.REGENERATE}` and commit them"
 
 
+def test_the_generator_writes_the_pages_and_its_check_names_a_stale_one(tmp_path, capsys):
+    root = ["--root", str(tmp_path)]
+    assert gen.main(["--check", *root]) == 1  # an empty tree: both pages are missing
+    err = capsys.readouterr().err
+    assert all(f"{path} is stale" in err for path in gen.pages())
+    assert gen.main(root) == 0  # writes them
+    out = capsys.readouterr().out
+    assert all(f"wrote {path}" in out for path in gen.pages())
+    for path, text in gen.pages().items():
+        assert (tmp_path / path).read_text(encoding="utf-8") == text
+    assert gen.main(["--check", *root]) == 0
+    (tmp_path / gen.CLI_PAGE).write_text("an old page", encoding="utf-8")
+    assert gen.main(["--check", *root]) == 1
+    assert capsys.readouterr().err.splitlines() == [
+        f"{gen.CLI_PAGE} is stale; regenerate it with `{gen.REGENERATE}`"
+    ]
+
+
 def reference_key_problems(text: str) -> list[str]:
     """Keys of the schema the config reference misses, and keys it names that do not exist."""
     listed = gen.config_page_keys(text)
