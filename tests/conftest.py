@@ -34,7 +34,7 @@ LONGEST_FILES = (
     "tests/fedsim/simulation/test_streaming_engine.py",
     "tests/fedsim/simulation/test_scale.py",
     "tests/experiments/test_bench_startup.py",
-    "tests/fedsim/test_bad_inputs.py",
+    "tests/fedsim/bad_inputs/test_run_inputs.py",
     "tests/actors/test_executor.py",
     "tests/test_docs_site.py",
     "tests/fedsim/methods/test_attack_method.py",

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import math
-import sqlite3
 from pathlib import Path
 
 import pytest
@@ -23,61 +22,7 @@ from PIL import Image
 import fedsim
 from aggregation import UpdateRejected, merge_lora_state_dicts
 from fedsim.checkpoint.disk import CheckpointWriter
-from fedsim.cli import main
 from fedsim.config import ConfigError, FedSimConfig, load_config, to_yaml
-
-
-@pytest.fixture
-def workdir(tmp_path, monkeypatch) -> Path:
-    """An empty working directory: relative outputs (runs/, mlflow.db) would land here."""
-    work = tmp_path / "work"
-    work.mkdir()
-    monkeypatch.chdir(work)
-    return work
-
-
-@pytest.fixture
-def base(tiny_overrides, workdir) -> list[str]:
-    """The tiny test config, writing its checkpoints and MLflow store into ``workdir``."""
-    return [*tiny_overrides, "checkpoint.dir=runs", "tracking.uri=sqlite:///mlflow.db"]
-
-
-def _mlflow_runs(db: Path) -> int:
-    if not db.exists():
-        return 0
-    with sqlite3.connect(db) as conn:
-        try:
-            return conn.execute("select count(*) from runs").fetchone()[0]
-        except sqlite3.OperationalError:  # the store was never initialised
-            return 0
-
-
-def _no_partial_state(workdir: Path) -> None:
-    runs = workdir / "runs"
-    assert not runs.exists() or not any(runs.iterdir()), f"left behind: {list(runs.iterdir())}"
-    assert _mlflow_runs(workdir / "mlflow.db") == 0, "an MLflow run was created"
-
-
-@pytest.fixture
-def fails(capsys, workdir, ray_cluster):
-    """``fails(argv, culprit)``: run the CLI, check the one-line error names ``culprit``.
-
-    ``fedsim run`` joins the session's Ray (rather than starting and stopping one per case).
-    """
-
-    def check(argv: list[str], culprit: str, code: int = 2) -> str:
-        status = main(argv)
-        err = capsys.readouterr().err
-        lines = [line for line in err.splitlines() if line.strip()]
-        assert status == code, f"exit {status}, stderr: {err}"
-        assert "Traceback" not in err, err
-        assert len(lines) == 1 and lines[0].startswith("fedsim: "), err
-        assert culprit in lines[0], f"{culprit!r} not named in: {lines[0]}"
-        _no_partial_state(workdir)
-        return lines[0]
-
-    return check
-
 
 # --- config values ------------------------------------------------------------------------
 
@@ -386,7 +331,7 @@ def test_deleted_experiment(fails, base, workdir, new_mlflow_db):
 
 
 @pytest.mark.slow  # a fresh Python process
-def test_a_ray_address_that_is_no_address(base, workdir):
+def test_a_ray_address_that_is_no_address(base, workdir, no_partial_state):
     # a process of its own: this one has joined the session's Ray, which fedsim would use
     import os
     import subprocess
@@ -405,7 +350,7 @@ def test_a_ray_address_that_is_no_address(base, workdir):
     assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
     assert len(lines) == 1 and lines[0].startswith("fedsim: "), proc.stderr[-3000:]
     assert "RAY_ADDRESS" in lines[0] and "nonsense" in lines[0]
-    _no_partial_state(workdir)
+    no_partial_state(workdir)
 
 
 # --- checkpoints --------------------------------------------------------------------------
@@ -551,17 +496,17 @@ def test_resume_override_that_would_change_the_numbers(fails, run_dir, argv, cul
     ],
     ids=["value", "unknown-key", "inf", "shape", "missing-file", "object"],
 )
-def test_api_run(workdir, config, culprit):
+def test_api_run(workdir, config, culprit, no_partial_state):
     with pytest.raises(ConfigError) as info:
         fedsim.run(config)
     assert culprit in str(info.value) and "\n" not in str(info.value)
-    _no_partial_state(workdir)
+    no_partial_state(workdir)
 
 
-def test_api_resume_of_a_missing_directory(workdir):
+def test_api_resume_of_a_missing_directory(workdir, no_partial_state):
     with pytest.raises(ConfigError, match="no such run directory"):
         fedsim.resume(workdir / "runs" / "nope")
-    _no_partial_state(workdir)
+    no_partial_state(workdir)
 
 
 def _states(bad) -> list[dict]:
