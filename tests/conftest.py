@@ -191,10 +191,33 @@ def warm_ray(ray_cluster):
 _WARM: list = []
 
 
+@pytest.fixture
+def warm_cli(warm_ray, monkeypatch):
+    """``fedsim run`` through :func:`fedsim.cli.main` runs on the session's warm pool.
+
+    The command line builds a ``RayExecutor`` of its own (new actors, stopped at the end);
+    here it is handed the warm pool instead, so a test about what the command prints or
+    records does not pay the actors' start-up. Tests about starting or stopping Ray do not
+    take it.
+    """
+    import actors.executor
+
+    monkeypatch.setattr(actors.executor, "RayExecutor", lambda *args, **kwargs: warm_ray)
+    return warm_ray
+
+
 @pytest.fixture(autouse=True)
 def _free_warm_actors(request):
-    """A test that does not take ``warm_ray`` gets the cluster's CPUs: the kept actors go."""
-    if _WARM and "warm_ray" not in request.fixturenames:
+    """A test that may start client actors of its own gets the cluster's CPUs: the kept
+    actors go.
+
+    Those are the tests that take ``ray_cluster`` and the slow ones (whole runs), unless they
+    take ``warm_ray``. A quick test starts no actor, so the pool stays warm across it: the
+    next test on the pool does not pay the actors' start-up again.
+    """
+    if not _WARM or "warm_ray" in request.fixturenames:
+        return
+    if "ray_cluster" in request.fixturenames or request.node.get_closest_marker("slow"):
         _WARM[0].release()
 
 

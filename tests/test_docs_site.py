@@ -357,11 +357,12 @@ def test_the_pages_show_config_errors():
 
 
 @pytest.fixture(scope="module")
-def docs_run(ray_cluster, emoji_cache, tmp_path_factory):
+def docs_run(warm_ray, emoji_cache, tmp_path_factory):
     """The pages' one-round run on the tiny model, with its store and checkpoints in a temp
-    dir; returns the outputs' overrides and the MLflow run id."""
+    dir, on the session's warm pool; returns the outputs' overrides and the MLflow run id."""
     from mlflow.tracking import MlflowClient
 
+    import actors.executor
     from fedsim import cli
 
     tmp = tmp_path_factory.mktemp("docs-run")
@@ -374,6 +375,7 @@ def docs_run(ray_cluster, emoji_cache, tmp_path_factory):
     runs = sorted({tuple(argv) for _, argv in COMMANDS if _kind(argv) == "tiny-run"})
     with pytest.MonkeyPatch.context() as patch:
         patch.chdir(ROOT)
+        patch.setattr(actors.executor, "RayExecutor", lambda *args, **kwargs: warm_ray)
         for argv in runs:
             assert cli.main([argv[0], *outputs, *argv[1:]]) == 0, argv
     client = MlflowClient(f"sqlite:///{tmp}/mlflow.db")

@@ -228,9 +228,9 @@ def test_the_config_digest_covers_the_numbers_only(make_config):
 # -- a whole run through the command line ----------------------------------------------------
 
 
-@pytest.mark.slow  # two runs of the tiny config on the session's Ray
+@pytest.mark.slow  # two runs of the tiny config on the session's warm pool
 def test_a_run_reports_its_id_unless_quiet_and_records_its_provenance(
-    ray_cluster, tiny_overrides, tmp_path, monkeypatch, capsys
+    warm_cli, tiny_overrides, tmp_path, monkeypatch, capsys
 ):
     store = f"sqlite:///{tmp_path / 'env-store.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", store)  # no tracking.uri anywhere: the env's

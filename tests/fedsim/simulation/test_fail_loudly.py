@@ -53,7 +53,7 @@ def test_every_client_failing_stops_after_max_empty_rounds(config, capsys):
 
 
 @pytest.mark.slow  # a whole run (or several): CI runs it, the quick loop does not
-def test_a_short_run_that_merged_nothing_fails_through_the_cli(ray_cluster, config, capsys):
+def test_a_short_run_that_merged_nothing_fails_through_the_cli(warm_cli, config, capsys):
     cfg = config(*ALL_FAIL, "rounds=1")
     code = main(["run", *_as_overrides(cfg)])
     err = capsys.readouterr().err
