@@ -1,10 +1,15 @@
 """Text-generation metrics: corpus BLEU, ROUGE-L, CIDEr-D and exact match of generations.
 
-Each metric comes from its reference library so numbers can be compared with published ones:
+Each metric comes from its reference library so numbers can be compared with published ones;
+what the libraries tokenise as ASCII-only is tokenised by :mod:`fedsim.tasks.text_tokens`, so
+every script (Arabic, Hebrew, CJK, Thai, emoji, ...) is scored, and ASCII text as before:
 
-- ``bleu``: sacrebleu's corpus BLEU-4 (13a tokeniser, ``exp`` smoothing, ``effective_order``
+- ``bleu``: sacrebleu's corpus BLEU-4 (13a tokeniser after
+  :func:`~fedsim.tasks.text_tokens.bleu_pretokenize`, ``exp`` smoothing, ``effective_order``
   off), divided by 100 so it lies in [0, 1] like the other scores.
-- ``rouge_l``: rouge-score's ROUGE-L F-measure, averaged over samples, best reference per sample.
+- ``rouge_l``: rouge-score's ROUGE-L F-measure on
+  :func:`~fedsim.tasks.text_tokens.rouge_tokens`, averaged over samples, best reference per
+  sample.
 - ``cider``: pycocoevalcap's CIDEr-D (the COCO caption one: clipped tf-idf, sigma = 6, x10) on
   a pure-Python stand-in for its Java PTB tokeniser (:func:`cider_tokenize`).
 - ``exact_match``: share of predictions equal to a reference after :func:`normalize_answer`.
@@ -15,28 +20,27 @@ Definitions: docs/algorithms.md §5.2.
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Sequence
 from functools import lru_cache
 from typing import Any
 
+import regex
 from pycocoevalcap.cider.cider import Cider
 from sacrebleu.metrics import BLEU
 
-# Punctuation tokens that pycocoevalcap's PTBTokenizer drops after tokenising; our single-char
-# splits of "...", "--", quotes and brackets all end up as one of these characters.
-_PTB_DROPPED = frozenset(".?!,:;-'`\"()[]{}")
-# A word keeps inner hyphens, apostrophes, dots, commas and slashes ("well-known", "3.5",
-# "1,000", "don't"); any other non-space, non-word character is a token of its own.
-_CIDER_TOKEN_RE = re.compile(r"\w+(?:[-'.,/]\w+)*|[^\w\s]")
-_TRAILING_PUNCT = ".!?"
+from fedsim.tasks.text_tokens import bleu_pretokenize, cider_tokens, fold_case, rouge_tokens
+
+# Sentence-final punctuation of any script: ". ! ?" in ASCII, and "。", "？", "؟", "।", "۔", ...
+_TRAILING_PUNCT_RE = regex.compile(r"\p{Sentence_Terminal}+\Z")
 
 
 def normalize_answer(s: str) -> str:
-    """Normalise a string for exact match: lower-case, collapse whitespace, drop trailing ``.!?``.
+    """Normalise a string for exact match: fold case, collapse whitespace, drop a final stop.
 
-    Only trailing sentence punctuation goes: inner punctuation can change an answer's meaning
-    ("3.5" vs "35"), a final full stop cannot.
+    Case folding is Unicode's (:func:`~fedsim.tasks.text_tokens.fold_case`: "Straße" matches
+    "STRASSE", composed and decomposed accents match). Only trailing sentence-final
+    punctuation goes (``.!?`` and their counterparts in other scripts, such as ``。？؟।``):
+    inner punctuation can change an answer's meaning ("3.5" vs "35"), a final full stop cannot.
 
     Args:
         s: A prediction or reference.
@@ -44,17 +48,19 @@ def normalize_answer(s: str) -> str:
     Returns:
         The normalised string, e.g. ``"  The  Cat sat. "`` -> ``"the cat sat"``.
     """
-    collapsed = " ".join(s.lower().split())
-    return collapsed.rstrip(_TRAILING_PUNCT).rstrip()
+    collapsed = " ".join(fold_case(s).split())
+    return _TRAILING_PUNCT_RE.sub("", collapsed).rstrip()
 
 
 def cider_tokenize(s: str) -> str:
     """Tokenise a string the way pycocoevalcap's PTBTokenizer does for simple sentences.
 
     The COCO pipeline runs Stanford's PTBTokenizer (Java) with lower-casing, then drops the
-    punctuation tokens. Here: lower-case, split punctuation off words, drop ``.?!,:;-'`"()[]{}``
-    and join with single spaces. Unlike PTB, clitics are not split ("don't" stays one token);
-    predictions and references go through the same function, so scores stay comparable.
+    punctuation tokens. Here (:func:`~fedsim.tasks.text_tokens.cider_tokens`): fold case, split
+    punctuation off words, one token per Han/kana/Thai character and per emoji, drop
+    punctuation, and join with single spaces. Unlike PTB, clitics are not split ("don't" stays
+    one token); predictions and references go through the same function, so scores stay
+    comparable.
 
     Args:
         s: A prediction or reference.
@@ -62,8 +68,7 @@ def cider_tokenize(s: str) -> str:
     Returns:
         Space-joined tokens, e.g. ``"A dog, running!"`` -> ``"a dog running"``.
     """
-    tokens = _CIDER_TOKEN_RE.findall(s.lower())
-    return " ".join(t for t in tokens if t not in _PTB_DROPPED)
+    return " ".join(cider_tokens(s))
 
 
 def generation_metrics(
@@ -77,8 +82,13 @@ def generation_metrics(
     mteval-v13a) only matters when an n-gram order has no match in the whole corpus; turning
     ``effective_order`` off keeps all four orders in the geometric mean, as corpus BLEU should.
 
-    ROUGE-L uses rouge-score's own tokeniser, which lower-cases and keeps only ``[a-z0-9]``
-    runs: accented letters, non-Latin scripts and emoji vanish, so such text scores 0.
+    Tokens (:mod:`fedsim.tasks.text_tokens`): a word of a script that spaces its words is one
+    token, each Han, kana, Thai, Lao, Khmer or Myanmar character and each emoji (ZWJ
+    sequences, flags and skin tones included) is one token. BLEU spaces those out and leaves the
+    rest to sacrebleu's 13a (case-sensitive, ASCII punctuation split off); ROUGE-L and CIDEr-D
+    fold case and drop punctuation. On ASCII text all three tokenise exactly as the libraries
+    do on their own. BLEU-4 needs 4-grams: a corpus whose outputs all have fewer than four
+    tokens scores 0 whatever the script.
 
     CIDEr-D's idf is ``log(N / df)`` over the N samples, so an n-gram found in every sample's
     references weighs 0. With a single sample that is every reference n-gram, and CIDEr is 0.0
@@ -159,8 +169,18 @@ def _bleu(predictions: Sequence[str], refs: list[list[str]]) -> float:
     # sacrebleu wants reference *streams* (k-th reference of every sample); None pads samples
     # with fewer references, which it documents as the way to vary the count per sample.
     n_streams = max(len(r) for r in refs)
-    streams = [[r[k] if k < len(r) else None for r in refs] for k in range(n_streams)]
-    return float(bleu.corpus_score(list(predictions), streams).score) / 100.0
+    streams = [
+        [bleu_pretokenize(r[k]) if k < len(r) else None for r in refs] for k in range(n_streams)
+    ]
+    hyps = [bleu_pretokenize(p) for p in predictions]
+    return float(bleu.corpus_score(hyps, streams).score) / 100.0
+
+
+class _RougeTokenizer:
+    """rouge-score's tokenizer interface (a ``tokenize`` method) over :func:`rouge_tokens`."""
+
+    def tokenize(self, text: str) -> list[str]:
+        return rouge_tokens(text)
 
 
 @lru_cache(maxsize=1)
@@ -168,8 +188,9 @@ def _rouge_scorer() -> Any:
     """A shared ROUGE-L scorer, imported on first use (rouge_score pulls nltk: ~1.7 s)."""
     from rouge_score.rouge_scorer import RougeScorer
 
-    # No stemmer: scores then depend on the strings alone, not on an nltk version.
-    return RougeScorer(["rougeL"], use_stemmer=False)
+    # No stemmer (our tokeniser has none): scores depend on the strings alone, not on an nltk
+    # version.
+    return RougeScorer(["rougeL"], tokenizer=_RougeTokenizer())
 
 
 def _rouge_l(prediction: str, refs: list[str]) -> float:
