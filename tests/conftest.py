@@ -208,16 +208,14 @@ def warm_cli(warm_ray, monkeypatch):
 
 @pytest.fixture(autouse=True)
 def _free_warm_actors(request):
-    """A test that may start client actors of its own gets the cluster's CPUs: the kept
-    actors go.
+    """A test that takes ``ray_cluster`` but not ``warm_ray`` may start client actors of its
+    own: it gets the cluster's CPUs, and the kept actors go.
 
-    Those are the tests that take ``ray_cluster`` and the slow ones (whole runs), unless they
-    take ``warm_ray``. A quick test starts no actor, so the pool stays warm across it: the
-    next test on the pool does not pay the actors' start-up again.
+    Every other test leaves the pool warm (a test that starts actors on the session's Ray
+    takes ``ray_cluster``), so the next test on the pool does not pay the actors' start-up
+    again.
     """
-    if not _WARM or "warm_ray" in request.fixturenames:
-        return
-    if "ray_cluster" in request.fixturenames or request.node.get_closest_marker("slow"):
+    if _WARM and "ray_cluster" in request.fixturenames and "warm_ray" not in request.fixturenames:
         _WARM[0].release()
 
 

@@ -76,10 +76,13 @@ def test_later_runs_reuse_the_actors_and_give_fresh_numbers(warm_ray, build, ref
     replaced = _actor_ids(warm)
     assert replaced[0] != first[0] and replaced[1:] == first[1:]
     _same_run(again, reference)
-    # every task crashes its actor (replaced each time) and the run fails; the next is fresh
+    # the one sampled client's task crashes its actor (replaced) and the run fails; the one
+    # actor it used and the spare serve the next run, which is fresh
     crash = ("faults.fail_prob=1.0", "faults.fail_mode=crash", "resources.max_retries=0")
     with pytest.raises(RunFailed):
-        fedsim.run(build("rounds=1", "round.max_empty_rounds=1", *crash), executor=warm)
+        one = ("clients.fraction=0.17", "round.max_empty_rounds=1")  # 1 of 6 clients a round
+        fedsim.run(build("rounds=1", *one, *crash), executor=warm)
+    assert len(warm._kept.actors) == 1 and len(warm._kept.spare) == 1
     again = fedsim.run(build("rounds=2", *FLORA), executor=warm)
     _same_run(again, reference)
     # a run that needs fewer actors uses some and keeps the others as spares

@@ -7,7 +7,6 @@ import ray
 import torch
 
 from actors.client import ClientWorker
-from actors.pool import ClientPool
 from actors.server import ServerState
 from aggregation import is_lora_a, is_lora_b
 from fedsim.config import ConfigError
@@ -110,8 +109,8 @@ def test_local_only_uploads_nothing_and_keeps_everything(make_config):
     assert agg.accepted == [1] and _equal(server.get_global(), initial)
 
 
-@pytest.mark.slow  # two Ray actors
-def test_state_travels_to_another_actor(ray_cluster, make_config):
+@pytest.mark.slow  # two Ray actors (the session's warm pool)
+def test_state_travels_to_another_actor(warm_ray, make_config):
     """pLoRA's private A and SCAFFOLD's c_i, trained on actor 0, continue on actor 1."""
     cfg = make_config(
         "editing.enabled=false",
@@ -128,7 +127,8 @@ def test_state_travels_to_another_actor(ray_cluster, make_config):
     _, _, state = plain.train(t1, bc)
     _, expected, _ = plain.train(t2, bc, state)
 
-    pool = ClientPool(cfg, 2)
+    pool = warm_ray.make_pool(cfg, 2)
+    assert len(pool) == 2
     try:
         bc_ref = ray.put(bc)
         first = pool.train([t1], bc_ref, {})  # client 0 on actor 0
@@ -137,7 +137,7 @@ def test_state_travels_to_another_actor(ray_cluster, make_config):
         second = pool.train([ClientTask(1, 8, 2), t2], bc_ref, {0: state_ref})
         upload = ray.get(second.refs[0].upload)
     finally:
-        pool.shutdown()
+        warm_ray.close(pool, None)  # the pool keeps the actors for the next test
     assert _equal(upload.update, expected.update)
     assert _equal(upload.parts["scaffold"], expected.parts["scaffold"])
 
