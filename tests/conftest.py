@@ -171,6 +171,16 @@ def ray_cluster():
     ray.shutdown()
 
 
+@pytest.fixture
+def ray_address(ray_cluster, monkeypatch) -> str:
+    """The session cluster's address, also in ``RAY_ADDRESS``: for a ``fedsim`` command (in
+    this process or another) that joins Ray but stops before any client actor starts, so it
+    neither starts a Ray of its own nor needs the warm pool's CPUs (the pool stays)."""
+    address = ray_cluster.get_runtime_context().gcs_address
+    monkeypatch.setenv("RAY_ADDRESS", address)
+    return address
+
+
 @pytest.fixture(scope="session")
 def warm_ray(ray_cluster):
     """A Ray executor that keeps its client actors between runs (the session's warm pool).
@@ -215,7 +225,8 @@ def _free_warm_actors(request):
     takes ``ray_cluster``), so the next test on the pool does not pay the actors' start-up
     again.
     """
-    if _WARM and "ray_cluster" in request.fixturenames and "warm_ray" not in request.fixturenames:
+    names = request.fixturenames
+    if _WARM and "ray_cluster" in names and not {"warm_ray", "ray_address"} & set(names):
         _WARM[0].release()
 
 

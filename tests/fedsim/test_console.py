@@ -159,8 +159,8 @@ ACTOR_PRINTS = textwrap.dedent(
 )
 
 
-@pytest.mark.slow  # starts Ray twice in a fresh process
-def test_ray_forwards_actor_output_unless_log_to_driver_is_off(tmp_path):
+@pytest.mark.slow  # two fresh Python processes, each joining the session's Ray
+def test_ray_forwards_actor_output_unless_log_to_driver_is_off(ray_address, tmp_path):
     script = tmp_path / "speak.py"
     script.write_text(ACTOR_PRINTS)
     outputs = {}
@@ -171,7 +171,7 @@ def test_ray_forwards_actor_output_unless_log_to_driver_is_off(tmp_path):
             capture_output=True,
             text=True,
             timeout=300,
-            env={**_env(), "PYTHONPATH": str(REPO)},
+            env={**_env(), "PYTHONPATH": str(REPO), "RAY_ADDRESS": ray_address},
         )
         assert done.returncode == 0, done.stderr
         outputs[mode] = done.stdout

@@ -90,7 +90,7 @@ def test_a_directory_is_not_an_experiment(tmp_path):
         load_config(tmp_path)
 
 
-def test_the_command_line_names_the_known_experiments(tmp_path, monkeypatch, capsys):
+def test_the_command_line_names_the_known_experiments(ray_address, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     assert main(["config", "vlm_emoji"]) == 0
     assert yaml.safe_load(capsys.readouterr().out)["tracking"]["experiment"] == "vlm-emoji"

@@ -49,7 +49,7 @@ def no_partial_state():
 
 
 @pytest.fixture
-def fails(capsys, workdir, ray_cluster):
+def fails(capsys, workdir, ray_address):
     """``fails(argv, culprit)``: run the CLI, check the one-line error names ``culprit``.
 
     ``fedsim run`` joins the session's Ray (rather than starting and stopping one per case).

@@ -5,7 +5,7 @@ empty working directory and asserts: a non-zero exit status (or an exception), e
 line on stderr that starts with ``fedsim:`` and names the key, file, row or client, no
 traceback, and no partial state: no checkpoint directory and no MLflow run of a run that
 never started. None of these cases starts a Ray of its own: ``fedsim run`` joins Ray first
-thing, in the background, and here it finds the session's (``ray_cluster``) and no client
+thing, in the background, and here it finds the session's (``ray_address``) and no client
 actor ever starts: every case is caught before that.
 """
 
@@ -128,7 +128,7 @@ def test_config_file(fails, base, workdir, kind):
 
 # --- study and sweep files ----------------------------------------------------------------
 
-DEFAULT = Path(__file__).resolve().parents[2] / "experiments" / "default.yaml"
+DEFAULT = Path(__file__).resolve().parents[3] / "experiments" / "default.yaml"
 STUDIES = {
     "list": ("- a\n- b\n", "must be a mapping"),
     "unparseable": ("variants: {a: [x=1\n", "cannot parse"),

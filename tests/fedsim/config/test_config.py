@@ -188,7 +188,7 @@ def test_named_distribution_through_load_config():
     assert resolve_ranks(cfg.clients, cfg.seed) == [8, 8, 8]
 
 
-def test_cli_bad_value_exits_2_with_one_line_naming_the_key(capsys):
+def test_cli_bad_value_exits_2_with_one_line_naming_the_key(ray_address, capsys):
     assert cli.main(["run", "clients.fraction=2"]) == 2
     captured = capsys.readouterr()
     lines = captured.err.strip().splitlines()
@@ -206,10 +206,10 @@ def _fedsim_command() -> list[str]:
 
 
 @pytest.mark.slow  # a fresh Python process
-def test_console_script_bad_key_exits_2_with_one_line(ray_cluster, tmp_path):
+def test_console_script_bad_key_exits_2_with_one_line(ray_address, tmp_path):
     # `fedsim run` starts Ray before it reads the config: it joins the session's cluster rather
     # than starting one of its own (tests/fedsim/test_streaming_engine.py starts its own)
-    env = {**os.environ, "RAY_ADDRESS": ray_cluster.get_runtime_context().gcs_address}
+    env = {**os.environ, "RAY_ADDRESS": ray_address}
     proc = subprocess.run(
         [*_fedsim_command(), "run", "clients.nmu=3"],
         capture_output=True,
