@@ -171,8 +171,8 @@ def test_sigkilled_driver_resumes_into_the_same_mlflow_run(
 
 
 @pytest.mark.slow  # a whole run (or several): CI runs it, the quick loop does not
-def test_resume_refuses_what_would_change_the_numbers(ray_cluster, config, capsys):
-    # ray_cluster: `fedsim run` joins it (rather than starting a Ray of its own per call)
+def test_resume_refuses_what_would_change_the_numbers(ray_address, config, capsys):
+    # ray_address: `fedsim run` joins the session's Ray (rather than starting one per call)
     first = fedsim.run(config("rounds=1"), executor=LocalExecutor())
     assert main(["run", "--resume", str(first.run_dir), "seed=3"]) == 2
     assert "seed" in capsys.readouterr().err

@@ -61,11 +61,11 @@ def test_a_study_with_a_bad_run_fails_before_anything_runs(tmp_path, tiny_overri
 
 @pytest.mark.slow  # four runs: CI runs it, the quick loop does not
 def test_sweep_nests_runs_under_a_parent_and_writes_the_table(
-    ray_cluster, tmp_path, tiny_overrides, mlflow_store, monkeypatch, restore_threads
+    ray_address, tmp_path, tiny_overrides, mlflow_store, monkeypatch, restore_threads
 ):
     # The study's own work (the plan, the parent run, the nesting, the table) is what is tested
     # here; its runs are the real fedsim.simulation.run.run, in this process (LocalExecutor gives
-    # Ray's numbers; tests/actors/test_executor.py compares the two). ray_cluster: the study
+    # Ray's numbers; tests/actors/test_executor.py compares the two). ray_address: the study
     # still joins Ray (init_ray) before its first run.
     import fedsim.simulation.run as run_module
     from actors.executor import LocalExecutor
