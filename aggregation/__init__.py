@@ -95,6 +95,7 @@ _EXPORTS: dict[str, str] = {
     "check_stream_inputs": "aggregation.streaming",
     "MERGE_DTYPES": "aggregation.validate",
     "UpdateRejected": "aggregation.validate",
+    "check_merge_arguments": "aggregation.validate",
     "check_merge_inputs": "aggregation.validate",
     "check_merge_states": "aggregation.validate",
     "check_state_tensors": "aggregation.validate",
@@ -127,6 +128,7 @@ __all__ = [
     "UpdateRejected",
     "ZeroPadMerger",
     "adaptive_clip_update",
+    "check_merge_arguments",
     "check_merge_inputs",
     "check_merge_states",
     "check_state_tensors",
@@ -265,6 +267,7 @@ if TYPE_CHECKING:  # what a type checker and an IDE see
     from aggregation.validate import (
         MERGE_DTYPES,
         UpdateRejected,
+        check_merge_arguments,
         check_merge_inputs,
         check_merge_states,
         check_state_tensors,

@@ -14,6 +14,7 @@ shipped experiments by name.
 from __future__ import annotations
 
 import itertools
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +27,9 @@ from omegaconf.errors import OmegaConfBaseException
 
 from fedsim import experiments
 from fedsim.config import ConfigError, load_config
+from fedsim.config.arguments import check_flag, check_overrides, check_path
+from fedsim.config.yaml_file import read_yaml_text
+from fedsim.errors import one_line
 
 
 @dataclass
@@ -59,28 +63,29 @@ class StudyConfig:
     output: str = "compare.md"
 
 
+# The most runs (cells x variants x seeds) one study may plan. Each run's config is built and
+# checked before the first starts (a second or so per 100); a grid of 100,000 cells would spend
+# that long in silence. The largest shipped study, robust, plans 231.
+MAX_RUNS = 1_000
+
+
 def load_study(path: str | Path) -> tuple[StudyConfig, Path]:
     """Read and check a study YAML (a path, or a shipped study's name); returns it and the
     file of its base experiment.
 
     Raises:
-        ConfigError: unreadable file, unknown name or key, no variants or no seeds, or a base
-            experiment that is neither next to the study nor shipped.
+        ConfigError: unreadable file, one over the limits of :mod:`fedsim.config.yaml_file`
+            (size, aliases, nesting), unknown name or key, no variants or no seeds, more than
+            :data:`MAX_RUNS` runs, or a base experiment that is neither next to the study nor
+            shipped, or is no experiment (named ``base``).
     """
+    check_path(path, "path")
     path = experiments.find(path, "study")
-    try:
-        text = path.read_bytes().decode("utf-8")
-    except UnicodeDecodeError:
-        raise ConfigError("study", f"{path} is not a UTF-8 text (YAML) file") from None
-    except OSError as exc:
-        raise ConfigError("study", f"cannot read {path}: {exc.strerror or exc}") from None
+    text = read_yaml_text(path, "study", "study keys (base, variants, seeds, ...)")
     try:
         loaded = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        reason = " ".join(str(exc).split())
-        raise ConfigError("study", f"cannot parse {path}: {reason}") from None
-    except RecursionError:
-        raise ConfigError("study", f"cannot parse {path}: nested too deeply") from None
+    except yaml.YAMLError as exc:  # e.g. an alias to no anchor
+        raise ConfigError("study", f"cannot parse {path}: {one_line(exc, 500)}") from None
     if not isinstance(loaded, dict):
         raise ConfigError(
             "study",
@@ -99,7 +104,8 @@ def load_study(path: str | Path) -> tuple[StudyConfig, Path]:
         merged = OmegaConf.merge(OmegaConf.structured(StudyConfig), OmegaConf.create(loaded))
         study = OmegaConf.to_object(merged)
     except OmegaConfBaseException as exc:
-        raise ConfigError("study", f"{path}: {str(exc).splitlines()[0]}") from None
+        key = getattr(exc, "full_key", None) or "study"
+        raise ConfigError(str(key), f"{path}: {str(exc).splitlines()[0]}") from None
     except (TypeError, ValueError) as exc:
         raise ConfigError("study", f"{path} does not fit a study's shape: {exc}") from None
     if not study.variants:
@@ -108,8 +114,15 @@ def load_study(path: str | Path) -> tuple[StudyConfig, Path]:
         raise ConfigError("seeds", f"{path} lists no seeds")
     if study.last_rounds < 1:
         raise ConfigError("last_rounds", "must be >= 1")
+    check_size(study, str(path))
+    return study, _base_file(study, path)
+
+
+def _base_file(study: StudyConfig, path: Path) -> Path:
+    """The experiment file ``base:`` names, checked to be a readable experiment (its errors
+    name ``base``, never the file's content)."""
     base = path.parent / study.base
-    if not base.is_file():
+    if not study.base or not base.is_file():
         base = experiments.shipped(study.base)
         if base is None:
             raise ConfigError(
@@ -118,7 +131,38 @@ def load_study(path: str | Path) -> tuple[StudyConfig, Path]:
                 f"no shipped experiment is called {study.base!r} "
                 f"(known: {', '.join(experiments.names('run'))})",
             )
-    return study, base
+    read_yaml_text(base, "base", "config keys (key: value lines)")
+    if experiments.is_study(base):
+        raise ConfigError("base", f"{path}: the base {base} is a study, not an experiment")
+    return base
+
+
+def study_size(study: StudyConfig) -> tuple[int, int]:
+    """The study's number of grid cells and of runs (cells x variants x seeds), counted
+    without listing them."""
+    cells = sum(math.prod(len(values) for values in grid.values()) for grid in study.grids)
+    cells = cells if study.grids else 1
+    return cells, cells * len(study.variants) * len(study.seeds)
+
+
+def check_size(study: StudyConfig, source: str = "the study") -> None:
+    """Refuse a study of more than :data:`MAX_RUNS` runs before any run's config is built.
+
+    Raises:
+        ConfigError: naming the largest factor (``grids``, ``variants`` or ``seeds``) and the
+            count.
+    """
+    cells, runs = study_size(study)
+    if runs <= MAX_RUNS:
+        return
+    factors = {"grids": cells, "variants": len(study.variants), "seeds": len(study.seeds)}
+    key = max(factors, key=factors.__getitem__)
+    raise ConfigError(
+        key,
+        f"{source}: {runs:,} runs ({cells:,} grid cells x {len(study.variants):,} variants x "
+        f"{len(study.seeds):,} seeds), more than the {MAX_RUNS:,} one study may hold; "
+        "split it into several studies",
+    )
 
 
 def _summary(history: list[dict], last: int, key: str) -> float:
@@ -142,7 +186,12 @@ GENERATION_COLUMNS = [
 
 
 def grid_cells(study: StudyConfig) -> list[tuple[str, list[str]]]:
-    """The study's cells: a label and its overrides (one unnamed cell without grids)."""
+    """The study's cells: a label and its overrides (one unnamed cell without grids).
+
+    Raises:
+        ConfigError: the study holds more than :data:`MAX_RUNS` runs (see :func:`check_size`).
+    """
+    check_size(study)
     cells: list[tuple[str, list[str]]] = []
     for grid in study.grids or [{}]:
         keys = list(grid)
@@ -161,18 +210,81 @@ def run_study(path: str | Path, extra: list[str] = (), quiet: bool = False) -> s
 
     Args:
         path: the study YAML, or a shipped study's name.
-        extra: overrides applied to every run after the study's own (e.g. ``rounds=2``).
+        extra: overrides applied to every run after the study's own (e.g. ``["rounds=2"]``).
         quiet: print nothing on stdout (warnings and errors still go to stderr).
 
     Raises:
-        ConfigError: a bad study file or a run whose config is not allowed (every run is
-            checked before the first one starts).
+        ConfigError: a bad study file, a run whose config is not allowed, or an ``output``
+            that cannot be written (all checked before the first run starts), or an argument
+            of the wrong type (named). Should the table still not be written after the runs,
+            the error names ``output`` and the table is in the MLflow parent run.
     """
     from actors.executor import init_ray
     from fedsim.simulation.run import run
     from fedsim.tracking.tracker import Tracker
 
+    check_path(path, "path")
+    extra = check_overrides(extra, "extra")
+    check_flag(quiet, "quiet")
     study, base = load_study(path)
+    plan = _plan(study, base, extra)
+    import ray
+
+    _preflight(study, plan)
+
+    parent = Tracker(plan[0][3], run_name=f"study {Path(path).stem}", log_config=False)
+    try:  # whatever fails from here on, the parent run ends FAILED, never stays RUNNING
+        started = init_ray(all(cfg.resources.log_to_driver for *_, cfg in plan))
+        results: dict[tuple[str, str], list] = {}
+        try:
+            for i, (cell, name, _seed, cfg) in enumerate(plan, 1):
+                cfg.tracking.parent_run_id = parent.run_id
+                start = time.perf_counter()
+                res = run(cfg, quiet=True)
+                results.setdefault((cell, name), []).append(res)
+                if not quiet:
+                    print(
+                        f"[{i}/{len(plan)}] {cfg.tracking.run_name}: "
+                        f"{time.perf_counter() - start:.0f} s, MLflow run {res.run_id}",
+                        flush=True,
+                    )
+        finally:
+            if started:
+                ray.shutdown()
+        table = _table(study, plan, results, extra)
+        parent.log_text(table, "summary.md")
+    except BaseException:
+        parent.finish("FAILED")
+        raise
+    parent.finish()  # every run finished and the table is in MLflow, written or not
+    if not quiet:
+        print(table)
+    out = Path(study.output)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(table)
+    except OSError as exc:  # checked before the first run: something changed since
+        shown = "printed above and " if not quiet else ""
+        raise ConfigError(
+            "output",
+            f"cannot write {out}: {exc.strerror or exc}; the table is {shown}in the MLflow "
+            f"parent run {parent.run_id} (summary.md)",
+        ) from None
+    if not quiet:
+        print(
+            f"written to {out}; MLflow parent run {parent.run_id}; browse the runs with: "
+            f"{parent.ui_command(whole_experiment=True)}"
+        )
+    return table
+
+
+def _plan(study: StudyConfig, base: Path, extra: list[str]) -> list[tuple]:
+    """Every run's (cell, variant, seed, config), each config built and checked.
+
+    Raises:
+        ConfigError: naming the run a bad config belongs to; a problem of the base file as a
+            whole names ``base``.
+    """
     plan = []
     for cell, cell_overrides in grid_cells(study):
         for name, overrides in study.variants.items():
@@ -184,52 +296,20 @@ def run_study(path: str | Path, extra: list[str] = (), quiet: bool = False) -> s
                     cfg = load_config(base, all_overrides)
                 except ConfigError as exc:  # name the run of the study it belongs to
                     message = str(exc).removeprefix(f"config error: {exc.key}: ")
-                    raise ConfigError(exc.key, f"{message} (in run '{label}')") from None
+                    key = "base" if exc.key == "config" else exc.key
+                    raise ConfigError(key, f"{message} (in run '{label}')") from None
                 plan.append((cell, name, seed, cfg))
-    import ray
+    return plan
 
-    _preflight(study, plan)
 
-    parent = Tracker(plan[0][3], run_name=f"study {Path(path).stem}", log_config=False)
-    started = init_ray(all(cfg.resources.log_to_driver for *_, cfg in plan))
-    results: dict[tuple[str, str], list] = {}
-    try:
-        for i, (cell, name, _seed, cfg) in enumerate(plan, 1):
-            cfg.tracking.parent_run_id = parent.run_id
-            start = time.perf_counter()
-            res = run(cfg, quiet=True)
-            results.setdefault((cell, name), []).append(res)
-            if not quiet:
-                print(
-                    f"[{i}/{len(plan)}] {cfg.tracking.run_name}: "
-                    f"{time.perf_counter() - start:.0f} s, MLflow run {res.run_id}",
-                    flush=True,
-                )
-    except BaseException:
-        parent.finish("FAILED")
-        raise
-    finally:
-        if started:
-            ray.shutdown()
+def _table(study: StudyConfig, plan: list[tuple], results: dict, extra: list[str]) -> str:
+    """The study's Markdown table: a grid table per metric, or one row per variant."""
     rounds = plan[0][3].rounds
     if study.grids:
         shares = {n for _, n, _, cfg in plan if cfg.sharing.policy != "none"}
         untrained = [n for n in study.variants if n not in shares]
-        table = format_grid(results, study, rounds, extra, untrained)
-    else:
-        table = format_table({n: r for (_, n), r in results.items()}, study, rounds, extra)
-    out = Path(study.output)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(table)
-    parent.log_text(table, "summary.md")
-    parent.finish()
-    if not quiet:
-        print(table)
-        print(
-            f"written to {out}; MLflow parent run {parent.run_id}; browse the runs with: "
-            f"{parent.ui_command(whole_experiment=True)}"
-        )
-    return table
+        return format_grid(results, study, rounds, extra, untrained)
+    return format_table({n: r for (_, n), r in results.items()}, study, rounds, extra)
 
 
 def _preflight(study: StudyConfig, plan: list) -> None:
@@ -243,9 +323,9 @@ def _preflight(study: StudyConfig, plan: list) -> None:
     """
     from fedsim.config import flatten
     from fedsim.simulation.preflight import check_inputs, check_outputs
-    from fedsim.tracking.store import check_writable_dir
+    from fedsim.tracking.store import check_writable_file
 
-    check_writable_dir(Path(study.output).parent, "output")
+    check_writable_file(study.output, "output")
     seen: set[tuple] = set()
     for _cell, _name, _seed, cfg in plan:
         flat = flatten(cfg)

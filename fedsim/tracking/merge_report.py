@@ -12,13 +12,15 @@ score. :func:`inspect_run` reads them back from any MLflow store.
 from __future__ import annotations
 
 import io
-import json
+import math
+import re
 import tempfile
-from pathlib import Path
 
 import numpy as np
 
+from fedsim.config.arguments import check_int, check_text
 from fedsim.errors import ConfigError
+from fedsim.tracking.reader import damaged, read_json
 
 SCORES = (("global/accuracy", "global accuracy"), ("global/rouge_l", "global ROUGE-L"))
 
@@ -90,23 +92,166 @@ def merge_figure(history: list[dict], merge: list[dict]):
 
 
 # -- fedsim inspect ------------------------------------------------------------------------------
-def _download(client, run_id: str, path: str, where: str):
-    """One artifact's text, or None when the run has no such file."""
-    from mlflow.exceptions import MlflowException
+_ROUND_FILE = re.compile(r"round_(\d+)\.json$")
+_HISTOGRAM = re.compile(r"\s*(\d+(\s+\d+)*)?\s*")
 
+
+def read_table(text: str | None, path: str = "table", run_id: str = "?") -> list[dict]:
+    """Rows of an MLflow table artifact (``{"columns": [...], "data": [[...]]}``), checked
+    (see :func:`fedsim.tracking.reader.read_table`)."""
+    from fedsim.tracking.reader import read_table as read
+
+    return read(text, path, run_id)
+
+
+def inspect_run(run_id: str, round_idx: int | None = None, tracking_uri: str | None = None):
+    """The table of one round of a finished (or running) run: its clients, their ranks, the
+    labels they hold and their contributions to the merge, and the merge per dimension band.
+
+    The store is only read: a local one is checked read-only first, a server that does not
+    answer fails after :data:`fedsim.tracking.store.REMOTE_TIMEOUT_S` seconds (see
+    :mod:`fedsim.tracking.reader`), and each artifact read is checked.
+
+    Args:
+        run_id: the MLflow run id.
+        round_idx: the round (default: the round whose global score dropped most; the last
+            round if none dropped).
+        tracking_uri: the MLflow store (default: ``MLFLOW_TRACKING_URI`` or ``mlflow.db``).
+
+    Returns:
+        The text to print.
+
+    Raises:
+        ConfigError: naming ``--tracking-uri`` (no store there, not an MLflow store, cannot
+            be reached), ``RUN_ID`` (the store holds no such run), ``--round`` (no
+            diagnostics for that round), an artifact's path (damaged), or an argument of the
+            wrong type.
+    """
+    import os
+
+    from fedsim.config import tracking_uri as resolve_uri
+    from fedsim.tracking.reader import find_run, open_store, unreachable
+    from fedsim.tracking.store import quick_http
+
+    check_text(run_id, "run_id")
+    check_int(round_idx, "round_idx", optional=True)
+    check_text(tracking_uri, "tracking_uri", optional=True)
+    uri = resolve_uri(tracking_uri)
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    client = open_store(uri)
+    with quick_http():
+        run = find_run(client, uri, run_id)
+        try:
+            history = _score_history(client, run_id)
+            if round_idx is None:
+                round_idx = _worst_round(history) or _last_round(run)
+            with tempfile.TemporaryDirectory(prefix="fedsim-inspect-") as where:
+                found = _read_round(client, run_id, round_idx, where)
+        except ConfigError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - the store went away while it was read
+            raise unreachable(uri, exc) from None
+    return _render(run, round_idx, *found, history)
+
+
+def _score_history(client, run_id: str) -> dict[int, float]:
+    for key, _ in SCORES:
+        history = {m.step: m.value for m in client.get_metric_history(run_id, key)}
+        if history:
+            return history
+    return {}
+
+
+def _last_round(run) -> int:
     try:
-        local = client.download_artifacts(run_id, path, where)
-    except (MlflowException, OSError):
-        return None
-    return Path(local).read_text()
+        return int(run.data.params.get("rounds", 0) or 0)
+    except ValueError:  # a param fedsim did not write
+        return 0
 
 
-def read_table(text: str | None) -> list[dict]:
-    """Rows of an MLflow table artifact (``{"columns": [...], "data": [[...]]}``)."""
-    if not text:
-        return []
-    table = json.loads(text)
-    return [dict(zip(table["columns"], row)) for row in table["data"]]
+def _read_round(client, run_id: str, t: int, where: str) -> tuple:
+    """Round ``t``'s client rows, the clients' data rows, the class names and the
+    per-dimension diagnostics, each artifact checked.
+
+    Raises:
+        ConfigError: naming ``--round`` when the round has no diagnostics, or the path of an
+            artifact that is damaged.
+    """
+    from fedsim.tracking.reader import read_artifact
+
+    dims_path, rows_path = merge_artifact(t), f"clients/round_{t:04d}.json"
+    dims_text = read_artifact(client, run_id, dims_path, where)
+    rows = read_table(read_artifact(client, run_id, rows_path, where), rows_path, run_id)
+    if dims_text is None or not rows:
+        merged = sorted(
+            int(match.group(1))
+            for a in client.list_artifacts(run_id, "merge")
+            if (match := _ROUND_FILE.search(a.path))
+        )
+        known = (
+            f"rounds with diagnostics: {_ranges(merged)}"
+            if merged
+            else (
+                "the run logged no merge diagnostics (tracking.merge_diagnostics=false, or a run "
+                "made before they existed)"
+            )
+        )
+        raise ConfigError(
+            "--round", f"run {run_id} has no merge diagnostics for round {t}; {known}"
+        )
+    _check_rows(rows, rows_path, run_id)
+    data_path = "data/clients.json"
+    clients = read_table(read_artifact(client, run_id, data_path, where), data_path, run_id)
+    _check_clients(clients, data_path, run_id)
+    classes_text = read_artifact(client, run_id, "data/classes.tsv", where) or ""
+    classes = [line.split("\t", 1)[1] for line in classes_text.splitlines() if "\t" in line]
+    dims = _check_dims(read_json(dims_text, dims_path, run_id), dims_path, run_id)
+    return rows, {r["client"]: r for r in clients}, classes, dims
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _check_rows(rows: list[dict], path: str, run_id: str) -> None:
+    """A round's client rows: an id each, numbers (or nothing) where numbers are shown."""
+    for i, row in enumerate(rows):
+        if not isinstance(row.get("client_id"), (int, str)):
+            raise damaged(path, run_id, f"row {i} has no client id")
+        for column in ("contribution", "contribution_top", "share"):
+            value = row.get(column)
+            if value is not None and not _is_number(value):
+                raise damaged(path, run_id, f"row {i}: {column} is {value!r}, not a number")
+
+
+def _check_clients(rows: list[dict], path: str, run_id: str) -> None:
+    """The clients' data rows: a client id each, a label histogram of counts."""
+    for i, row in enumerate(rows):
+        if not isinstance(row.get("client"), (int, str)):
+            raise damaged(path, run_id, f"row {i} has no client id")
+        labels = row.get("labels")
+        if labels is not None and not _HISTOGRAM.fullmatch(str(labels)):
+            raise damaged(path, run_id, f"row {i}: labels {labels!r} is no list of counts")
+
+
+def _check_dims(dims, path: str, run_id: str) -> dict:
+    """The per-dimension diagnostics: equally long lists of numbers, coverage of counts."""
+    if not isinstance(dims, dict):
+        raise damaged(path, run_id, f"a {type(dims).__name__}, not a mapping of vectors")
+    coverage = dims.get("coverage")
+    if not isinstance(coverage, list) or not coverage:
+        raise damaged(path, run_id, "no 'coverage' list")
+    if not all(isinstance(c, int) and not isinstance(c, bool) and c >= 0 for c in coverage):
+        raise damaged(path, run_id, "'coverage' holds values that are no client counts")
+    for name in ("weight", "merge_weight", "update_norm"):
+        values = dims.get(name)
+        if values is None and name == "update_norm":  # runs before it was logged lack it
+            continue
+        if not isinstance(values, list) or len(values) != len(coverage):
+            raise damaged(path, run_id, f"no {name!r} list as long as 'coverage'")
+        if not all(_is_number(v) for v in values):
+            raise damaged(path, run_id, f"{name!r} holds values that are no finite numbers")
+    return dims
 
 
 def _labels(histogram: str, classes: list[str], top: int = 3) -> str:
@@ -122,73 +267,6 @@ def _labels(histogram: str, classes: list[str], top: int = 3) -> str:
         if counts[i]
     ]
     return f"{', '.join(parts)} ({int((counts > 0).sum())} classes)"
-
-
-def inspect_run(run_id: str, round_idx: int | None = None, tracking_uri: str | None = None):
-    """The table of one round of a finished (or running) run: its clients, their ranks, the
-    labels they hold and their contributions to the merge, and the merge per dimension band.
-
-    Args:
-        run_id: the MLflow run id.
-        round_idx: the round (default: the round whose global score dropped most; the last
-            round if none dropped).
-        tracking_uri: the MLflow store (default: ``MLFLOW_TRACKING_URI`` or ``mlflow.db``).
-
-    Returns:
-        The text to print.
-
-    Raises:
-        ConfigError: the run, the round or its diagnostics cannot be found (named).
-    """
-    import os
-
-    import mlflow
-    from mlflow.exceptions import MlflowException
-
-    from fedsim.config import tracking_uri as resolve_uri
-    from fedsim.tracking.store import store_path
-
-    uri = resolve_uri(tracking_uri)
-    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-    path = store_path(uri)
-    if path is not None and not Path(path).exists():
-        raise ConfigError("--tracking-uri", f"no MLflow store at {path}")
-    client = mlflow.MlflowClient(uri)
-    try:
-        run = client.get_run(run_id)
-    except MlflowException:
-        raise ConfigError("RUN_ID", f"no run {run_id!r} in the store {uri}") from None
-    history = {m.step: m.value for m in client.get_metric_history(run_id, "global/accuracy")}
-    if not history:
-        history = {m.step: m.value for m in client.get_metric_history(run_id, "global/rouge_l")}
-    if round_idx is None:
-        round_idx = _worst_round(history) or int(run.data.params.get("rounds", 0) or 0)
-    with tempfile.TemporaryDirectory(prefix="fedsim-inspect-") as where:
-        dims_text = _download(client, run_id, merge_artifact(round_idx), where)
-        rows = read_table(_download(client, run_id, f"clients/round_{round_idx:04d}.json", where))
-        clients = {
-            r["client"]: r
-            for r in read_table(_download(client, run_id, "data/clients.json", where))
-        }
-        classes_text = _download(client, run_id, "data/classes.tsv", where) or ""
-    if dims_text is None or not rows:
-        merged = sorted(
-            int(a.path.split("_")[-1].split(".")[0]) for a in client.list_artifacts(run_id, "merge")
-        )
-        known = (
-            f"rounds with diagnostics: {_ranges(merged)}"
-            if merged
-            else (
-                "the run logged no merge diagnostics (tracking.merge_diagnostics=false, or a run "
-                "made before they existed)"
-            )
-        )
-        raise ConfigError(
-            "--round", f"run {run_id} has no merge diagnostics for round {round_idx}; {known}"
-        )
-    classes = [line.split("\t", 1)[1] for line in classes_text.splitlines() if "\t" in line]
-    dims = json.loads(dims_text)
-    return _render(run, round_idx, rows, clients, classes, dims, history)
 
 
 def _worst_round(history: dict[int, float]) -> int | None:
