@@ -95,6 +95,7 @@ _EXPORTS: dict[str, str] = {
     "check_stream_inputs": "aggregation.streaming",
     "MERGE_DTYPES": "aggregation.validate",
     "UpdateRejected": "aggregation.validate",
+    "check_client_arguments": "aggregation.validate",
     "check_merge_arguments": "aggregation.validate",
     "check_merge_inputs": "aggregation.validate",
     "check_merge_states": "aggregation.validate",
@@ -128,6 +129,7 @@ __all__ = [
     "UpdateRejected",
     "ZeroPadMerger",
     "adaptive_clip_update",
+    "check_client_arguments",
     "check_merge_arguments",
     "check_merge_inputs",
     "check_merge_states",
@@ -267,6 +269,7 @@ if TYPE_CHECKING:  # what a type checker and an IDE see
     from aggregation.validate import (
         MERGE_DTYPES,
         UpdateRejected,
+        check_client_arguments,
         check_merge_arguments,
         check_merge_inputs,
         check_merge_states,

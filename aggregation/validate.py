@@ -304,6 +304,23 @@ def check_merge_arguments(
         )
 
 
+def check_client_arguments(state: Mapping[str, Tensor], rank: int, num_samples: float) -> None:
+    """Check the types of one client's arguments to a streaming merge (``StreamingMerge.add``).
+
+    Raises:
+        ValueError: ``rank`` is not an int or ``num_samples`` not a number (each named).
+        UpdateRejected: ``state`` is not a mapping of string keys to dense tensors that hold
+            values (the message starts with ``"state: "`` and names the key).
+    """
+    if _as_int(rank) is None:
+        raise ValueError(f"rank: expected an int, got {type(rank).__name__} {rank!r}")
+    if not _is_count(num_samples):
+        raise ValueError(
+            f"num_samples: expected a number, got {type(num_samples).__name__} {num_samples!r}"
+        )
+    _check_state_structure(state, "state")
+
+
 def check_merge_inputs(
     states: Sequence[Mapping[str, Tensor]],
     ranks: Sequence[int],

@@ -167,7 +167,16 @@ def run(
             or an argument of the wrong type (named).
     """
     check_flag(quiet, "quiet")
+    _check_executor(executor)
     return Run(as_config(config), None, dataset=dataset, executor=executor, quiet=quiet).execute()
+
+
+def _check_executor(executor) -> None:
+    if executor is not None and not isinstance(executor, (RayExecutor, LocalExecutor)):
+        raise ConfigError(
+            "executor",
+            f"expected a RayExecutor, a LocalExecutor or None, got {type(executor).__name__}",
+        )
 
 
 def resume(
@@ -194,6 +203,7 @@ def resume(
     check_path(run_dir, "run_dir")
     overrides = check_overrides(overrides)
     check_flag(quiet, "quiet")
+    _check_executor(executor)
     ckpt = load_checkpoint(run_dir)
     for item in overrides:
         key = item.partition("=")[0]

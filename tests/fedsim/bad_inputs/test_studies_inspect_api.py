@@ -27,7 +27,7 @@ import yaml
 from mlflow.tracking import MlflowClient
 
 import fedsim
-from aggregation import UpdateRejected, merge_lora_state_dicts
+from aggregation import UpdateRejected, get_merger, merge_lora_state_dicts
 from fedsim.cli import main
 from fedsim.config import ConfigError, load_config
 from fedsim.config.yaml_file import MAX_BYTES, MAX_DEPTH
@@ -516,6 +516,7 @@ def test_inspect_of_a_round_without_diagnostics_lists_the_rounds_that_have_them(
         (lambda: fedsim.run(42), "config"),
         (lambda: fedsim.run(["rounds=3"]), "config"),
         (lambda: fedsim.run(None, quiet="yes"), "quiet"),
+        (lambda: fedsim.run(None, executor="ray"), "executor"),
         (lambda: fedsim.resume(42), "run_dir"),
         (lambda: fedsim.resume("runs/x", "rounds=3"), "overrides"),
         (lambda: run_study(3.5), "path"),
@@ -534,6 +535,7 @@ def test_inspect_of_a_round_without_diagnostics_lists_the_rounds_that_have_them(
         "run-int",
         "run-list",
         "run-quiet-string",
+        "run-executor-string",
         "resume-int",
         "resume-string-overrides",
         "run_study-float",
@@ -613,3 +615,20 @@ def test_merge_rejects_tensors_without_values_naming_the_client(method, bad, nam
     with pytest.raises(UpdateRejected) as info:
         merge_lora_state_dicts(states, [2, 2], [5, 5], method=method)
     assert "client 1" in str(info.value) and named in str(info.value), str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("args", "error", "named"),
+    [
+        ((_lora(2), "2", 5), ValueError, "rank: expected an int, got str '2'"),
+        ((_lora(2), 2, "5"), ValueError, "num_samples: expected a number, got str '5'"),
+        (({"m.lora_A.weight": torch.ones(2, 3, device="meta")}, 2, 5), UpdateRejected, "meta"),
+        (([1, 2], 2, 5), UpdateRejected, "state: expected a mapping"),
+    ],
+    ids=["rank-string", "count-string", "meta", "state-list"],
+)
+def test_a_streaming_merge_names_a_client_argument_of_the_wrong_type(args, error, named):
+    stream = get_merger("fedilora").stream(None, 2, _lora(2))
+    with pytest.raises(error, match=named):
+        stream.add(*args)
+    assert stream.count == 0
