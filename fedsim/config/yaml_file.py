@@ -119,7 +119,7 @@ def check_yaml_text(text: str, source: str, key: str, what: str) -> None:
                     raise _limit(
                         key, source, event, f"the alias *{event.anchor} repeats its own anchor"
                     )
-                size = sizes.get(event.anchor, 1)  # undefined: the loader names it below
+                size = sizes.get(event.anchor, 1)  # undefined: the loader names it later
             else:
                 size = 1
             nodes += size
