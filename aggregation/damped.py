@@ -31,7 +31,7 @@ from aggregation.lora_keys import default_global_rank, rank_axis
 from aggregation.rank_merger import RankMerger
 from aggregation.stacking import restore_rank_axis, stack_rank_first
 from aggregation.streaming import DimensionStream, StreamingMerge
-from aggregation.validate import check_merge_inputs
+from aggregation.validate import check_merge_arguments, check_merge_inputs
 
 
 def check_damping(damping: float) -> float:
@@ -119,6 +119,7 @@ def damped_merge(
             ``check_merge_inputs``).
     """
     damping = check_damping(damping)
+    check_merge_arguments(states, ranks, num_samples, global_rank)
     rank = global_rank if global_rank is not None else default_global_rank(ranks, previous)
     check_merge_inputs(states, ranks, num_samples, rank, previous)
     merged = fedilora_merge(

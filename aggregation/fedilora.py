@@ -26,7 +26,7 @@ from aggregation.stacking import (
     weighted_rank_sum,
 )
 from aggregation.streaming import DimensionStream, StreamingMerge
-from aggregation.validate import check_merge_inputs
+from aggregation.validate import check_merge_arguments, check_merge_inputs
 
 EmptyDim = Literal["keep", "zero"]
 EMPTY_DIM_CHOICES: tuple[str, ...] = get_args(EmptyDim)
@@ -88,6 +88,7 @@ def fedilora_merge(
     """
     if empty_dim not in EMPTY_DIM_CHOICES:
         raise ValueError(f"empty_dim must be one of {EMPTY_DIM_CHOICES}, got {empty_dim!r}")
+    check_merge_arguments(states, ranks, num_samples, global_rank)
     rank = global_rank if global_rank is not None else default_global_rank(ranks, previous)
     check_merge_inputs(states, ranks, num_samples, rank, previous)
     weights, covered = dimension_weights(ranks, num_samples, rank)

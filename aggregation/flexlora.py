@@ -25,7 +25,7 @@ from aggregation.lora_keys import rank_axis
 from aggregation.pairs import lora_pairs, stack_factors
 from aggregation.rank_merger import RankMerger
 from aggregation.stacking import accumulation_dtype, sample_weights, weighted_average
-from aggregation.validate import check_merge_inputs
+from aggregation.validate import check_merge_arguments, check_merge_inputs
 
 SvdMethod = Literal["exact", "lowrank", "auto"]
 SVD_CHOICES: tuple[str, ...] = get_args(SvdMethod)
@@ -156,6 +156,7 @@ def flexlora_merge(
     """
     if svd not in SVD_CHOICES:
         raise ValueError(f"svd must be one of {SVD_CHOICES}, got {svd!r}")
+    check_merge_arguments(states, ranks, num_samples, global_rank)
     rank = global_rank if global_rank is not None else max(ranks, default=0)
     check_merge_inputs(states, ranks, num_samples, rank)
     weights = sample_weights(num_samples)

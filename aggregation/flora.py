@@ -20,7 +20,7 @@ from aggregation.pairs import factor_product, lora_pairs, stack_factors
 from aggregation.rank_merger import RankMerger
 from aggregation.stacking import accumulation_dtype, sample_weights, weighted_average
 from aggregation.streaming import StackedStream, StreamingMerge
-from aggregation.validate import check_merge_inputs
+from aggregation.validate import check_merge_arguments, check_merge_inputs
 
 
 def flora_stack(
@@ -44,6 +44,7 @@ def flora_stack(
         ValueError: If a factor has no partner or the inputs are inconsistent (see
             ``check_merge_inputs``).
     """
+    check_merge_arguments(states, ranks, num_samples)
     check_merge_inputs(states, ranks, num_samples, sum(ranks))
     weights = sample_weights(num_samples)
     merged: dict[str, Tensor] = {}

@@ -26,7 +26,7 @@ from aggregation.stacking import (
     weighted_rank_sum,
 )
 from aggregation.streaming import PaddedStream, StreamingMerge
-from aggregation.validate import check_merge_inputs
+from aggregation.validate import check_merge_arguments, check_merge_inputs
 
 
 def product_norm(state: Mapping[str, Tensor]) -> float:
@@ -117,6 +117,7 @@ def hetlora_merge(
         ValueError: If the inputs are inconsistent (see ``check_merge_inputs``) or a factor
             has no partner.
     """
+    check_merge_arguments(states, ranks, num_samples, global_rank)
     rank = global_rank if global_rank is not None else max(ranks, default=0)
     check_merge_inputs(states, ranks, num_samples, rank)
     norm_weights = hetlora_weights(states, num_samples)

@@ -8,6 +8,7 @@ tensors only, floating dtypes only, finite values, one dtype per key across clie
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Mapping, Sequence
 
 import torch
@@ -15,7 +16,7 @@ from torch import Tensor
 
 from aggregation.registry import get_merger, merger_class
 from aggregation.scaling import fold_scaling
-from aggregation.validate import check_merge_states
+from aggregation.validate import check_merge_arguments, check_merge_states
 
 
 def _working_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -24,9 +25,17 @@ def _working_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def _check_scalings(scalings: Sequence[float], count: int) -> None:
+    if isinstance(scalings, (str, bytes, Mapping)) or not hasattr(scalings, "__len__"):
+        raise ValueError(
+            f"scalings: expected a list with one entry per client, got {type(scalings).__name__}"
+        )
     if len(scalings) != count:
         raise ValueError(f"got {len(scalings)} scalings for {count} states")
     for index, scaling in enumerate(scalings):
+        if not isinstance(scaling, numbers.Real) or isinstance(scaling, bool):
+            raise ValueError(
+                f"scalings[{index}]: expected a number, got {type(scaling).__name__} {scaling!r}"
+            )
         if not (math.isfinite(scaling) and scaling != 0):
             raise ValueError(
                 f"client {index}: LoRA scaling must be finite and non-zero, got {scaling}"
@@ -88,17 +97,22 @@ def merge_lora_state_dicts(
         keys; each tensor has the clients' common dtype of its key. Inputs are not mutated.
 
     Raises:
-        UpdateRejected: If a client's state (or ``previous``) holds a value that is not a
+        UpdateRejected: If a client's state (or ``previous``) is not a mapping, has a key
+            that is not a string, or holds a value that is not a tensor, a meta or sparse
             tensor, a tensor that is not float16/bfloat16/float32/float64 (integer, bool and
             complex are rejected), or a NaN or Inf; or client ``i`` sends a key in another
             dtype than client 0. The message names ``"client {i}"`` (or ``"previous"``), the
             key and the problem. ``UpdateRejected`` is a ``ValueError``.
-        ValueError: If ``method`` is unknown (valid names are listed), ``scalings`` has the
-            wrong length or holds a zero or non-finite value, ``empty_dim`` or ``svd`` is
+        ValueError: If an argument has the wrong type (``states``, ``ranks`` or
+            ``num_samples`` no list, a rank no int, a count or scaling no number, named with
+            its index: ``ranks[1]: expected an int, got str '8'``), ``method`` is unknown
+            (valid names are listed), ``scalings`` has the wrong length or holds a zero or
+            non-finite value, ``empty_dim`` or ``svd`` is
             invalid, the inputs are inconsistent (see ``RankMerger.merge``), or a merged key
             does not fit its dtype (e.g. a large ``s_i`` pushes a float16 ``lora_B`` past
             65504).
     """
+    check_merge_arguments(states, ranks, num_samples, global_rank)
     cls = merger_class(method)
     given = {"empty_dim": empty_dim, "svd": svd}
     options = {name: value for name, value in given.items() if name in cls.options}

@@ -17,7 +17,7 @@ from torch import Tensor
 
 from aggregation.lora_keys import default_global_rank, lora_rank, truncate
 from aggregation.streaming import StreamingMerge, check_stream_inputs
-from aggregation.validate import check_merge_inputs
+from aggregation.validate import check_merge_arguments, check_merge_inputs
 
 
 class RankMerger:
@@ -94,6 +94,7 @@ class RankMerger:
                 count is not positive, a rank exceeds ``R`` or does not match its state, or the
                 clients disagree on keys or shapes.
         """
+        check_merge_arguments(states, ranks, num_samples, global_rank)
         if not self.fixed_rank:
             # The merge decides its own rank; every client rank fits under their sum.
             rank = sum(ranks)

@@ -31,7 +31,7 @@ from torch import Tensor
 
 from aggregation.lora_keys import lora_rank, rank_axis
 from aggregation.pairs import lora_pairs
-from aggregation.validate import MERGE_DTYPES, UpdateRejected
+from aggregation.validate import MERGE_DTYPES, UpdateRejected, check_client_arguments
 
 # Elements per piece when a large tensor is added: a sum of another dtype (half inputs into
 # float32 sums) makes a converted copy of each piece first, and a copy this small stays in
@@ -187,14 +187,17 @@ class StreamingMerge:
         A state that raises leaves the stream unchanged.
 
         Raises:
-            ValueError: If ``num_samples`` is not positive and finite, ``rank`` is below 1 or
-                above ``global_rank``, or the client's LoRA weight (HetLoRA's
-                ``n_i * ||B_i A_i||``) is not finite.
-            UpdateRejected: (a ``ValueError``) If the keys differ from the template's (all
-                are named), or a key's value is not a tensor, has a dtype the mergers do not
-                accept, another dtype or device than the first client's, or another shape
-                than the template's at ``rank`` (the key is named).
+            ValueError: If ``rank`` is not an int or ``num_samples`` not a number (named),
+                ``num_samples`` is not positive and finite, ``rank`` is below 1 or above
+                ``global_rank``, or the client's LoRA weight (HetLoRA's ``n_i * ||B_i A_i||``)
+                is not finite.
+            UpdateRejected: (a ``ValueError``) If ``state`` is not a mapping of string keys
+                to dense tensors that hold values (a meta tensor has none), the keys differ
+                from the template's (all are named), or a key's value is not a tensor, has a
+                dtype the mergers do not accept, another dtype or device than the first
+                client's, or another shape than the template's at ``rank`` (the key is named).
         """
+        check_client_arguments(state, rank, num_samples)
         weight = float(num_samples)
         if not (math.isfinite(weight) and weight > 0):
             raise ValueError(f"num_samples must be positive and finite, got {num_samples}")

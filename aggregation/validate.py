@@ -7,12 +7,16 @@ against what no reference state can catch: values that are not tensors, dtypes o
 float16/bfloat16/float32/float64, NaN or Inf, and clients disagreeing on a key's dtype; they
 also raise ``UpdateRejected``, naming the client (or ``previous``) and the key.
 ``check_merge_inputs`` guards the merge functions against inconsistent arguments (a caller
-bug, not a client fault) and raises a plain ``ValueError``.
+bug, not a client fault) and raises a plain ``ValueError``; ``check_merge_arguments``, which it
+calls first, against arguments of the wrong type (a rank given as ``"8"``, sample counts as a
+generator), naming the argument and the client.
 """
 
 from __future__ import annotations
 
 import math
+import numbers
+import operator
 from collections.abc import Mapping, Sequence
 
 import torch
@@ -64,6 +68,30 @@ def _key_difference(actual: Mapping[str, Tensor], expected: Mapping[str, Tensor]
     return "; ".join(parts)
 
 
+def _unusable(tensor: Tensor) -> str | None:
+    """Why a tensor holds no values a merge can read (a meta or sparse tensor), or None."""
+    if tensor.is_meta:
+        return "a meta tensor holds no values (load the weights before merging)"
+    if tensor.layout != torch.strided:
+        return f"a {tensor.layout} tensor; expected a dense one"
+    return None
+
+
+def _check_state_structure(state: Mapping[str, Tensor], who: str) -> None:
+    """The checks of :func:`check_state_tensors` that read no tensor's values: a mapping, of
+    string keys, to dense tensors that hold values."""
+    if not isinstance(state, Mapping):
+        raise UpdateRejected(f"{who}: expected a mapping of tensors, got {type(state).__name__}")
+    for key, tensor in state.items():
+        if not isinstance(key, str):
+            raise UpdateRejected(f"{who}: key {key!r}: expected a str (peft's key names)")
+        if not isinstance(tensor, Tensor):
+            raise UpdateRejected(f"{who}: {key}: expected a tensor, got {type(tensor).__name__}")
+        problem = _unusable(tensor)
+        if problem is not None:
+            raise UpdateRejected(f"{who}: {key}: {problem}")
+
+
 def check_update(state: Mapping[str, Tensor], reference: Mapping[str, Tensor], rank: int) -> None:
     """Check a client's rank-``rank`` upload against the rank-``R`` global state.
 
@@ -90,6 +118,9 @@ def check_update(state: Mapping[str, Tensor], reference: Mapping[str, Tensor], r
         tensor = state[key]
         if not isinstance(tensor, Tensor):
             raise UpdateRejected(f"{key}: expected a tensor, got {type(tensor).__name__}")
+        unusable = _unusable(tensor)
+        if unusable is not None:
+            raise UpdateRejected(f"{key}: {unusable}")
         if tensor.dtype != ref.dtype:
             raise UpdateRejected(
                 f"{key}: dtype {tensor.dtype} differs from the global adapter's {ref.dtype}"
@@ -113,17 +144,15 @@ def check_state_tensors(state: Mapping[str, Tensor], who: str) -> None:
         who: How messages name the state, e.g. ``"client 1"`` or ``"previous"``.
 
     Raises:
-        UpdateRejected: If ``state`` is not a mapping; a value is not a ``torch.Tensor``; a
-            tensor's dtype is not one of ``MERGE_DTYPES`` (float16, bfloat16, float32,
-            float64: integer, bool, complex and float8 are rejected); or a tensor holds NaN
-            or Inf (both are counted). The message starts with ``"{who}: {key}: "``.
+        UpdateRejected: If ``state`` is not a mapping; a key is not a string; a value is not a
+            ``torch.Tensor``, or is a meta or sparse tensor; a tensor's dtype is not one of
+            ``MERGE_DTYPES`` (float16, bfloat16, float32, float64: integer, bool, complex and
+            float8 are rejected); or a tensor holds NaN or Inf (both are counted). The
+            message starts with ``"{who}: {key}: "``.
     """
-    if not isinstance(state, Mapping):
-        raise UpdateRejected(f"{who}: expected a mapping of tensors, got {type(state).__name__}")
+    _check_state_structure(state, who)
     names = ", ".join(str(dtype).removeprefix("torch.") for dtype in MERGE_DTYPES)
     for key, tensor in state.items():
-        if not isinstance(tensor, Tensor):
-            raise UpdateRejected(f"{who}: {key}: expected a tensor, got {type(tensor).__name__}")
         if tensor.dtype not in MERGE_DTYPES:
             raise UpdateRejected(
                 f"{who}: {key}: dtype {tensor.dtype} cannot be merged; expected one of {names}"
@@ -209,6 +238,89 @@ def _check_shapes_agree(
             )
 
 
+def _per_client(value: object, name: str) -> None:
+    """``value`` must hold one entry per client: a list, tuple, array or tensor."""
+    if (
+        isinstance(value, (str, bytes, Mapping))
+        or not hasattr(value, "__len__")
+        or not hasattr(value, "__getitem__")
+    ):
+        raise ValueError(
+            f"{name}: expected a list with one entry per client, got {type(value).__name__}"
+        )
+
+
+def _as_int(value: object) -> int | None:
+    """``value`` as an int (an int, a numpy integer, a one-element integer tensor), or None."""
+    if isinstance(value, bool) or (isinstance(value, Tensor) and value.dtype == torch.bool):
+        return None
+    try:
+        return operator.index(value)
+    except TypeError:
+        return None
+
+
+def _is_count(value: object) -> bool:
+    """Whether ``value`` is a real number (numpy and one-element tensors too), not a bool."""
+    if isinstance(value, Tensor):
+        return value.numel() == 1 and value.dtype != torch.bool and not value.is_complex()
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def check_merge_arguments(
+    states: Sequence[Mapping[str, Tensor]],
+    ranks: Sequence[int],
+    num_samples: Sequence[float],
+    global_rank: int | None = None,
+) -> None:
+    """Check the types of a merge call's arguments before anything reads them.
+
+    Args:
+        states: The clients' state dicts.
+        ranks: Each client's declared LoRA rank.
+        num_samples: Each client's number of training samples.
+        global_rank: The global rank ``R``, or None.
+
+    Raises:
+        ValueError: Naming the argument: ``states``, ``ranks`` or ``num_samples`` is not a
+            list (a generator, a dict, a string, a number); a rank is not an int
+            (``ranks[1]: expected an int, got str '8'``); a sample count is not a number; or
+            ``global_rank`` is neither None nor an int.
+    """
+    for name, value in (("states", states), ("ranks", ranks), ("num_samples", num_samples)):
+        _per_client(value, name)
+    for index, rank in enumerate(ranks):
+        if _as_int(rank) is None:
+            raise ValueError(f"ranks[{index}]: expected an int, got {type(rank).__name__} {rank!r}")
+    for index, count in enumerate(num_samples):
+        if not _is_count(count):
+            raise ValueError(
+                f"num_samples[{index}]: expected a number, got {type(count).__name__} {count!r}"
+            )
+    if global_rank is not None and _as_int(global_rank) is None:
+        raise ValueError(
+            f"global_rank: expected an int or None, got {type(global_rank).__name__} "
+            f"{global_rank!r}"
+        )
+
+
+def check_client_arguments(state: Mapping[str, Tensor], rank: int, num_samples: float) -> None:
+    """Check the types of one client's arguments to a streaming merge (``StreamingMerge.add``).
+
+    Raises:
+        ValueError: ``rank`` is not an int or ``num_samples`` not a number (each named).
+        UpdateRejected: ``state`` is not a mapping of string keys to dense tensors that hold
+            values (the message starts with ``"state: "`` and names the key).
+    """
+    if _as_int(rank) is None:
+        raise ValueError(f"rank: expected an int, got {type(rank).__name__} {rank!r}")
+    if not _is_count(num_samples):
+        raise ValueError(
+            f"num_samples: expected a number, got {type(num_samples).__name__} {num_samples!r}"
+        )
+    _check_state_structure(state, "state")
+
+
 def check_merge_inputs(
     states: Sequence[Mapping[str, Tensor]],
     ranks: Sequence[int],
@@ -226,11 +338,15 @@ def check_merge_inputs(
         previous: The previous global state, if the merge uses it.
 
     Raises:
-        ValueError: If the three sequences differ in length or are empty; a sample count is not
-            positive and finite; a rank is outside ``[1, global_rank]``; a state's tensors do
-            not have its declared rank; clients disagree on keys or non-rank shapes; or
-            ``previous`` lacks a LoRA key, has other shapes, or a rank above ``global_rank``.
+        ValueError: If an argument has the wrong type (see ``check_merge_arguments``); the
+            three sequences differ in length or are empty; a sample count is not positive and
+            finite; a rank is outside ``[1, global_rank]``; a state's tensors do not have its
+            declared rank; clients disagree on keys or non-rank shapes; or ``previous`` lacks
+            a LoRA key, has other shapes, or a rank above ``global_rank``.
+        UpdateRejected: If a state (or ``previous``) is not a mapping of string keys to dense
+            tensors that hold values (a meta tensor has none); names the client and the key.
     """
+    check_merge_arguments(states, ranks, num_samples, global_rank)
     if not len(states) == len(ranks) == len(num_samples):
         raise ValueError(
             f"got {len(states)} states, {len(ranks)} ranks and {len(num_samples)} sample "
@@ -243,6 +359,10 @@ def check_merge_inputs(
     for index, count in enumerate(num_samples):
         if not (math.isfinite(count) and count > 0):
             raise ValueError(f"client {index}: num_samples must be positive, got {count}")
+    for index, state in enumerate(states):
+        _check_state_structure(state, f"client {index}")
+    if previous is not None:
+        _check_state_structure(previous, "previous")
     for index, (state, rank) in enumerate(zip(states, ranks, strict=True)):
         if not 1 <= rank <= global_rank:
             raise ValueError(f"client {index}: rank {rank} is outside [1, {global_rank}]")

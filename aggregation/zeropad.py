@@ -23,7 +23,7 @@ from aggregation.stacking import (
     weighted_rank_sum,
 )
 from aggregation.streaming import PaddedStream, StreamingMerge
-from aggregation.validate import check_merge_inputs
+from aggregation.validate import check_merge_arguments, check_merge_inputs
 
 
 def zeropad_merge(
@@ -51,6 +51,7 @@ def zeropad_merge(
     Raises:
         ValueError: If the inputs are inconsistent (see ``check_merge_inputs``).
     """
+    check_merge_arguments(states, ranks, num_samples, global_rank)
     rank = global_rank if global_rank is not None else max(ranks, default=0)
     check_merge_inputs(states, ranks, num_samples, rank)
     client_weights = sample_weights(num_samples)

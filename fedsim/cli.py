@@ -33,12 +33,15 @@ def _log_to_driver(ns: argparse.Namespace) -> bool:
     try:
         import yaml
 
+        from fedsim.config.yaml_file import read_yaml_text
+
         if ns.resume:
             path, overrides = Path(ns.resume) / "config.yaml", ns.args
         else:
             ref, overrides = _split_args(ns.args)
             path = _config_path(ref)
-        loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
+        # within the limits of every config read (a huge file is refused here in milliseconds)
+        loaded = yaml.safe_load(read_yaml_text(path, "config", "config keys"))
         section = loaded.get("resources") if isinstance(loaded, dict) else None
         value = section.get("log_to_driver", True) if isinstance(section, dict) else True
         for item in overrides:

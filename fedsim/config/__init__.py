@@ -7,7 +7,11 @@
 - :mod:`fedsim.config.checks`: :func:`validate`, the engine's rules (each method's own rules
   live in its module of :mod:`fedsim.methods` and are found through the registry);
 - :mod:`fedsim.config.ranks`: ``clients.ranks`` and :func:`resolve_ranks`;
-- :mod:`fedsim.config.registry`: every plug-in by ``"module:Name"``, and how each is built.
+- :mod:`fedsim.config.registry`: every plug-in by ``"module:Name"``, and how each is built;
+- :mod:`fedsim.config.yaml_file`: every YAML file read for the user (configs, studies), within
+  limits of size, alias expansion and nesting;
+- :mod:`fedsim.config.arguments`: type checks of the Python API's arguments, naming the
+  argument.
 
 This package imports nothing of fedsim but :mod:`fedsim.errors`, :mod:`fedsim.experiments` (the
 shipped experiments' names) and the torch-free :mod:`aggregation.registry`: reading, checking

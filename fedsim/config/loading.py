@@ -18,10 +18,12 @@ import yaml
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from fedsim.config.arguments import check_overrides, check_path
 from fedsim.config.checks import validate
 from fedsim.config.ranks import rank_spec, resolve_ranks
 from fedsim.config.registry import BACKBONES
 from fedsim.config.schema import FedSimConfig
+from fedsim.config.yaml_file import read_yaml_text
 from fedsim.errors import ConfigError
 from fedsim.experiments import find
 
@@ -115,7 +117,7 @@ def load_config(
     Args:
         path: an experiment YAML, or the name of a shipped experiment (``"vlm_emoji"``, see
             :mod:`fedsim.experiments`); ``None`` means the typed defaults only.
-        overrides: ``key=value`` strings applied last.
+        overrides: ``key=value`` strings applied last (a list or tuple).
 
     Returns:
         The resolved, validated :class:`FedSimConfig`. An unset ``tracking.uri`` is resolved
@@ -125,14 +127,22 @@ def load_config(
         runs the default experiment).
 
     Raises:
-        ConfigError: unreadable file, unknown name or key, or a value not allowed.
+        ConfigError: unreadable file, one over the limits of
+            :mod:`fedsim.config.yaml_file` (size, aliases, nesting), unknown name or key, a
+            value not allowed, or an argument of the wrong type (``path`` no path,
+            ``overrides`` no list of strings; the error names the argument).
     """
+    check_path(path, "path", optional=True)
+    overrides = check_overrides(overrides)
     merged = _schema()  # never changed: every merge below copies what it merges into
     try:
         if path is not None:
             path = find(path)
+            text = read_yaml_text(path, "config", "config keys (key: value lines)")
             try:
-                loaded = _ranks_as_spec(OmegaConf.load(path))
+                loaded = _ranks_as_spec(OmegaConf.create(text))
+            except ConfigError:
+                raise
             except Exception as exc:  # yaml errors carry line numbers
                 reason = " ".join(str(exc).split())[:500]
                 raise ConfigError("config", f"cannot parse {path}: {reason}") from None
@@ -222,13 +232,23 @@ def _merge_overrides(merged: DictConfig, overrides) -> DictConfig:
 
 def as_config(config: FedSimConfig | DictConfig | dict | str | Path | None) -> FedSimConfig:
     """Accept a config object, a plain dict of overrides, a YAML path or shipped experiment's
-    name, or None (the typed defaults)."""
+    name, or None (the typed defaults).
+
+    Raises:
+        ConfigError: as :func:`load_config`; ``config`` of another type names ``config``.
+    """
     if isinstance(config, FedSimConfig):
         if not config.tracking.uri:  # resolved on a copy: the caller's object stays as it was
             config = copy.deepcopy(config)
         return _resolved(config)
     if config is None or isinstance(config, (str, Path)):
         return load_config(config)
+    if not isinstance(config, (dict, DictConfig)):
+        raise ConfigError(
+            "config",
+            "expected a FedSimConfig, a dict of config values, a YAML path, a shipped "
+            f"experiment's name or None; got {type(config).__name__}",
+        )
     only_backbone = False
     try:
         if isinstance(config, dict):

@@ -29,14 +29,19 @@ Kind = Literal["run", "study"]
 # A study names the experiment it varies (``base:``) and its variants (``variants:``).
 _STUDY_KEY = re.compile(r"^(?:variants|base)\s*:", re.MULTILINE)
 _SUFFIXES = (".yaml", ".yml")
+# The bytes read to tell a study from an experiment: the largest YAML file fedsim reads
+# (fedsim.config.yaml_file.MAX_BYTES), and one more.
+_SNIFF_BYTES = (1 << 20) + 1
 
 
 def is_study(path: str | Path) -> bool:
     """Whether the YAML file ``path`` is a study (it has a top-level ``variants:`` or ``base:``);
     an unreadable file is not (the loader names its problem)."""
     try:
-        return _STUDY_KEY.search(Path(path).read_text(encoding="utf-8")) is not None
-    except (OSError, UnicodeDecodeError):
+        with Path(path).open("rb") as f:  # the head: a file this large is refused when read
+            head = f.read(_SNIFF_BYTES)
+        return _STUDY_KEY.search(head.decode("utf-8", errors="ignore")) is not None
+    except OSError:
         return False
 
 
@@ -84,8 +89,10 @@ def find(ref: str | Path, kind: Kind = "run") -> Path:
     key = "config" if kind == "run" else "study"
     path, by_name = Path(ref), False
     if not path.is_file():
-        if path.exists():
+        if path.is_dir():
             raise ConfigError(key, f"{ref} is a directory, not a YAML file")
+        if path.exists():
+            raise ConfigError(key, f"{ref} is not a regular file (a device or pipe?)")
         found = shipped(str(ref))
         if found is None:
             known = ", ".join(names(kind))

@@ -36,6 +36,7 @@ from fedsim.config import (
     to_yaml,
     tracking_uri,
 )
+from fedsim.config.arguments import check_flag, check_overrides, check_path
 from fedsim.config.registry import build_merger, build_server_optimizer, enabled_methods
 from fedsim.data.partition import sample_clients
 from fedsim.errors import RunFailed, one_line
@@ -162,9 +163,20 @@ def run(
         The MLflow run id, the per-round metrics and the checkpoint directory.
 
     Raises:
-        ConfigError: a config value is not allowed (including ranks the backbone cannot take).
+        ConfigError: a config value is not allowed (including ranks the backbone cannot take),
+            or an argument of the wrong type (named).
     """
+    check_flag(quiet, "quiet")
+    _check_executor(executor)
     return Run(as_config(config), None, dataset=dataset, executor=executor, quiet=quiet).execute()
+
+
+def _check_executor(executor) -> None:
+    if executor is not None and not isinstance(executor, (RayExecutor, LocalExecutor)):
+        raise ConfigError(
+            "executor",
+            f"expected a RayExecutor, a LocalExecutor or None, got {type(executor).__name__}",
+        )
 
 
 def resume(
@@ -185,8 +197,13 @@ def resume(
 
     Raises:
         ConfigError: no readable or valid checkpoint, an override that would change the
-            numbers, or a ``config.yaml`` edited since the run started.
+            numbers, a ``config.yaml`` edited since the run started, or an argument of the
+            wrong type (named).
     """
+    check_path(run_dir, "run_dir")
+    overrides = check_overrides(overrides)
+    check_flag(quiet, "quiet")
+    _check_executor(executor)
     ckpt = load_checkpoint(run_dir)
     for item in overrides:
         key = item.partition("=")[0]

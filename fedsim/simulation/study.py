@@ -8,117 +8,40 @@ parent run, on one Ray cluster, and writes a Markdown table of mean +- std over 
 
 A study is a file, or the name of a shipped study (``fedsim compare compare``: see
 :mod:`fedsim.experiments`); its ``base`` is found next to the study file, else among the
-shipped experiments by name.
+shipped experiments by name. Reading and checking the file is :mod:`fedsim.simulation.study_file`
+(its names are importable from here too); before the first run starts, every run's config,
+outputs and inputs and the table's ``output`` are checked.
 """
 
 from __future__ import annotations
 
-import itertools
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import numpy as np
-import yaml
-from omegaconf import OmegaConf
-from omegaconf.errors import OmegaConfBaseException
 
-from fedsim import experiments
 from fedsim.config import ConfigError, load_config
+from fedsim.config.arguments import check_flag, check_overrides, check_path
+from fedsim.simulation.study_file import (
+    MAX_RUNS,
+    StudyConfig,
+    check_size,
+    grid_cells,
+    load_study,
+    study_size,
+)
 
-
-@dataclass
-class StudyConfig:
-    """What a study runs.
-
-    Attributes:
-        base: the experiment YAML every run starts from (relative to the study file), or the
-            name of a shipped experiment.
-        overrides: ``key=value`` applied to every run.
-        seeds: one run per seed and variant.
-        variants: variant name -> its own overrides.
-        grids: each maps config keys to lists of values; the cells of a grid are the
-            product of its lists, the study's cells the union over grids (none: one cell).
-        metric: the metric a grid table reports (one column per variant).
-        more_metrics: further metrics, one more grid table each (e.g. personalised accuracy,
-            the number that matters for local-only training).
-        last_rounds: table values are the mean over this many final rounds (rounds swing
-            under client sampling; one round alone is a noisy summary).
-        output: where the Markdown table is written (relative to the working directory).
-    """
-
-    base: str = "default.yaml"
-    overrides: list[str] = field(default_factory=list)
-    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
-    variants: dict[str, list[str]] = field(default_factory=dict)
-    grids: list[dict[str, list[Any]]] = field(default_factory=list)
-    metric: str = "global/accuracy"
-    more_metrics: list[str] = field(default_factory=list)
-    last_rounds: int = 3
-    output: str = "compare.md"
-
-
-def load_study(path: str | Path) -> tuple[StudyConfig, Path]:
-    """Read and check a study YAML (a path, or a shipped study's name); returns it and the
-    file of its base experiment.
-
-    Raises:
-        ConfigError: unreadable file, unknown name or key, no variants or no seeds, or a base
-            experiment that is neither next to the study nor shipped.
-    """
-    path = experiments.find(path, "study")
-    try:
-        text = path.read_bytes().decode("utf-8")
-    except UnicodeDecodeError:
-        raise ConfigError("study", f"{path} is not a UTF-8 text (YAML) file") from None
-    except OSError as exc:
-        raise ConfigError("study", f"cannot read {path}: {exc.strerror or exc}") from None
-    try:
-        loaded = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        reason = " ".join(str(exc).split())
-        raise ConfigError("study", f"cannot parse {path}: {reason}") from None
-    except RecursionError:
-        raise ConfigError("study", f"cannot parse {path}: nested too deeply") from None
-    if not isinstance(loaded, dict):
-        raise ConfigError(
-            "study",
-            f"{path} must be a mapping of study keys (base, variants, seeds, ...), "
-            f"got {type(loaded).__name__}",
-        )
-    for i, grid in enumerate(loaded.get("grids") or []):
-        if not isinstance(grid, dict):
-            raise ConfigError(f"grids[{i}]", f"{path}: a grid maps config keys to value lists")
-        for key, values in grid.items():
-            if not isinstance(values, list) or not values:
-                raise ConfigError(
-                    f"grids[{i}].{key}", f"{path}: must be a non-empty list of values"
-                )
-    try:
-        merged = OmegaConf.merge(OmegaConf.structured(StudyConfig), OmegaConf.create(loaded))
-        study = OmegaConf.to_object(merged)
-    except OmegaConfBaseException as exc:
-        raise ConfigError("study", f"{path}: {str(exc).splitlines()[0]}") from None
-    except (TypeError, ValueError) as exc:
-        raise ConfigError("study", f"{path} does not fit a study's shape: {exc}") from None
-    if not study.variants:
-        raise ConfigError("variants", f"{path} lists no variants")
-    if not study.seeds:
-        raise ConfigError("seeds", f"{path} lists no seeds")
-    if study.last_rounds < 1:
-        raise ConfigError("last_rounds", "must be >= 1")
-    base = path.parent / study.base
-    if not base.is_file():
-        base = experiments.shipped(study.base)
-        if base is None:
-            raise ConfigError(
-                "base",
-                f"{path}: the base experiment {path.parent / study.base} does not exist, and "
-                f"no shipped experiment is called {study.base!r} "
-                f"(known: {', '.join(experiments.names('run'))})",
-            )
-    return study, base
+__all__ = [
+    "MAX_RUNS",
+    "StudyConfig",
+    "check_size",
+    "format_grid",
+    "format_table",
+    "grid_cells",
+    "load_study",
+    "run_study",
+    "study_size",
+]
 
 
 def _summary(history: list[dict], last: int, key: str) -> float:
@@ -141,18 +64,6 @@ GENERATION_COLUMNS = [
 ]
 
 
-def grid_cells(study: StudyConfig) -> list[tuple[str, list[str]]]:
-    """The study's cells: a label and its overrides (one unnamed cell without grids)."""
-    cells: list[tuple[str, list[str]]] = []
-    for grid in study.grids or [{}]:
-        keys = list(grid)
-        for values in itertools.product(*(grid[k] for k in keys)):
-            overrides = [f"{k}={v}" for k, v in zip(keys, values)]
-            label = " ".join(f"{k.split('.')[-1]}={v}" for k, v in zip(keys, values))
-            cells.append((label, overrides))
-    return cells
-
-
 def run_study(path: str | Path, extra: list[str] = (), quiet: bool = False) -> str:
     """Run every cell x variant x seed and return (and write) the Markdown table.
 
@@ -161,18 +72,81 @@ def run_study(path: str | Path, extra: list[str] = (), quiet: bool = False) -> s
 
     Args:
         path: the study YAML, or a shipped study's name.
-        extra: overrides applied to every run after the study's own (e.g. ``rounds=2``).
+        extra: overrides applied to every run after the study's own (e.g. ``["rounds=2"]``).
         quiet: print nothing on stdout (warnings and errors still go to stderr).
 
     Raises:
-        ConfigError: a bad study file or a run whose config is not allowed (every run is
-            checked before the first one starts).
+        ConfigError: a bad study file, a run whose config is not allowed, or an ``output``
+            that cannot be written (all checked before the first run starts), or an argument
+            of the wrong type (named). Should the table still not be written after the runs,
+            the error names ``output`` and the table is in the MLflow parent run.
     """
     from actors.executor import init_ray
     from fedsim.simulation.run import run
     from fedsim.tracking.tracker import Tracker
 
+    check_path(path, "path")
+    extra = check_overrides(extra, "extra")
+    check_flag(quiet, "quiet")
     study, base = load_study(path)
+    plan = _plan(study, base, extra)
+    import ray
+
+    _preflight(study, plan)
+
+    parent = Tracker(plan[0][3], run_name=f"study {Path(path).stem}", log_config=False)
+    try:  # whatever fails from here on, the parent run ends FAILED, never stays RUNNING
+        started = init_ray(all(cfg.resources.log_to_driver for *_, cfg in plan))
+        results: dict[tuple[str, str], list] = {}
+        try:
+            for i, (cell, name, _seed, cfg) in enumerate(plan, 1):
+                cfg.tracking.parent_run_id = parent.run_id
+                start = time.perf_counter()
+                res = run(cfg, quiet=True)
+                results.setdefault((cell, name), []).append(res)
+                if not quiet:
+                    print(
+                        f"[{i}/{len(plan)}] {cfg.tracking.run_name}: "
+                        f"{time.perf_counter() - start:.0f} s, MLflow run {res.run_id}",
+                        flush=True,
+                    )
+        finally:
+            if started:
+                ray.shutdown()
+        table = _table(study, plan, results, extra)
+        parent.log_text(table, "summary.md")
+    except BaseException:
+        parent.finish("FAILED")
+        raise
+    parent.finish()  # every run finished and the table is in MLflow, written or not
+    if not quiet:
+        print(table)
+    out = Path(study.output)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(table)
+    except OSError as exc:  # checked before the first run: something changed since
+        shown = "printed above and " if not quiet else ""
+        raise ConfigError(
+            "output",
+            f"cannot write {out}: {exc.strerror or exc}; the table is {shown}in the MLflow "
+            f"parent run {parent.run_id} (summary.md)",
+        ) from None
+    if not quiet:
+        print(
+            f"written to {out}; MLflow parent run {parent.run_id}; browse the runs with: "
+            f"{parent.ui_command(whole_experiment=True)}"
+        )
+    return table
+
+
+def _plan(study: StudyConfig, base: Path, extra: list[str]) -> list[tuple]:
+    """Every run's (cell, variant, seed, config), each config built and checked.
+
+    Raises:
+        ConfigError: naming the run a bad config belongs to; a problem of the base file as a
+            whole names ``base``.
+    """
     plan = []
     for cell, cell_overrides in grid_cells(study):
         for name, overrides in study.variants.items():
@@ -184,52 +158,20 @@ def run_study(path: str | Path, extra: list[str] = (), quiet: bool = False) -> s
                     cfg = load_config(base, all_overrides)
                 except ConfigError as exc:  # name the run of the study it belongs to
                     message = str(exc).removeprefix(f"config error: {exc.key}: ")
-                    raise ConfigError(exc.key, f"{message} (in run '{label}')") from None
+                    key = "base" if exc.key == "config" else exc.key
+                    raise ConfigError(key, f"{message} (in run '{label}')") from None
                 plan.append((cell, name, seed, cfg))
-    import ray
+    return plan
 
-    _preflight(study, plan)
 
-    parent = Tracker(plan[0][3], run_name=f"study {Path(path).stem}", log_config=False)
-    started = init_ray(all(cfg.resources.log_to_driver for *_, cfg in plan))
-    results: dict[tuple[str, str], list] = {}
-    try:
-        for i, (cell, name, _seed, cfg) in enumerate(plan, 1):
-            cfg.tracking.parent_run_id = parent.run_id
-            start = time.perf_counter()
-            res = run(cfg, quiet=True)
-            results.setdefault((cell, name), []).append(res)
-            if not quiet:
-                print(
-                    f"[{i}/{len(plan)}] {cfg.tracking.run_name}: "
-                    f"{time.perf_counter() - start:.0f} s, MLflow run {res.run_id}",
-                    flush=True,
-                )
-    except BaseException:
-        parent.finish("FAILED")
-        raise
-    finally:
-        if started:
-            ray.shutdown()
+def _table(study: StudyConfig, plan: list[tuple], results: dict, extra: list[str]) -> str:
+    """The study's Markdown table: a grid table per metric, or one row per variant."""
     rounds = plan[0][3].rounds
     if study.grids:
         shares = {n for _, n, _, cfg in plan if cfg.sharing.policy != "none"}
         untrained = [n for n in study.variants if n not in shares]
-        table = format_grid(results, study, rounds, extra, untrained)
-    else:
-        table = format_table({n: r for (_, n), r in results.items()}, study, rounds, extra)
-    out = Path(study.output)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(table)
-    parent.log_text(table, "summary.md")
-    parent.finish()
-    if not quiet:
-        print(table)
-        print(
-            f"written to {out}; MLflow parent run {parent.run_id}; browse the runs with: "
-            f"{parent.ui_command(whole_experiment=True)}"
-        )
-    return table
+        return format_grid(results, study, rounds, extra, untrained)
+    return format_table({n: r for (_, n), r in results.items()}, study, rounds, extra)
 
 
 def _preflight(study: StudyConfig, plan: list) -> None:
@@ -243,9 +185,9 @@ def _preflight(study: StudyConfig, plan: list) -> None:
     """
     from fedsim.config import flatten
     from fedsim.simulation.preflight import check_inputs, check_outputs
-    from fedsim.tracking.store import check_writable_dir
+    from fedsim.tracking.store import check_writable_file
 
-    check_writable_dir(Path(study.output).parent, "output")
+    check_writable_file(study.output, "output")
     seen: set[tuple] = set()
     for _cell, _name, _seed, cfg in plan:
         flat = flatten(cfg)

@@ -6,26 +6,25 @@ What the server computes each round (:mod:`aggregation.diagnostics`) reaches MLf
 ``contribution``, ``contribution_top``, ``share``, ``top_band`` of ``clients/round_NNNN.json``,
 and the per-dimension vectors in ``merge/round_NNNN.json``. At the end of the run
 ``plots/merge.png`` shows rounds x rank dimensions (coverage, update norm) above the global
-score. :func:`inspect_run` reads them back from any MLflow store.
+score. :func:`inspect_run` reads them back from any MLflow store, only reading
+(:mod:`fedsim.tracking.reader`), each artifact checked (:mod:`fedsim.tracking.merge_artifacts`).
 """
 
 from __future__ import annotations
 
 import io
-import json
 import tempfile
-from pathlib import Path
 
 import numpy as np
 
+from fedsim.config.arguments import check_int, check_text
 from fedsim.errors import ConfigError
+from fedsim.tracking.merge_artifacts import merge_artifact, read_round
+from fedsim.tracking.reader import read_table
+
+__all__ = ["SCORES", "inspect_run", "merge_artifact", "merge_figure", "read_table"]
 
 SCORES = (("global/accuracy", "global accuracy"), ("global/rouge_l", "global ROUGE-L"))
-
-
-def merge_artifact(t: int) -> str:
-    """The artifact path of round ``t``'s per-dimension diagnostics."""
-    return f"merge/round_{t:04d}.json"
 
 
 def _score(history: list[dict]) -> tuple[str, str] | None:
@@ -90,23 +89,69 @@ def merge_figure(history: list[dict], merge: list[dict]):
 
 
 # -- fedsim inspect ------------------------------------------------------------------------------
-def _download(client, run_id: str, path: str, where: str):
-    """One artifact's text, or None when the run has no such file."""
-    from mlflow.exceptions import MlflowException
+def inspect_run(run_id: str, round_idx: int | None = None, tracking_uri: str | None = None):
+    """The table of one round of a finished (or running) run: its clients, their ranks, the
+    labels they hold and their contributions to the merge, and the merge per dimension band.
 
+    The store is only read: a local one is checked read-only first, a server that does not
+    answer fails after :data:`fedsim.tracking.store.REMOTE_TIMEOUT_S` seconds (see
+    :mod:`fedsim.tracking.reader`), and each artifact read is checked.
+
+    Args:
+        run_id: the MLflow run id.
+        round_idx: the round (default: the round whose global score dropped most; the last
+            round if none dropped).
+        tracking_uri: the MLflow store (default: ``MLFLOW_TRACKING_URI`` or ``mlflow.db``).
+
+    Returns:
+        The text to print.
+
+    Raises:
+        ConfigError: naming ``--tracking-uri`` (no store there, not an MLflow store, cannot
+            be reached), ``RUN_ID`` (the store holds no such run), ``--round`` (no
+            diagnostics for that round), an artifact's path (damaged), or an argument of the
+            wrong type.
+    """
+    import os
+
+    from fedsim.config import tracking_uri as resolve_uri
+    from fedsim.tracking.reader import find_run, open_store, unreachable
+    from fedsim.tracking.store import quick_http
+
+    check_text(run_id, "run_id")
+    check_int(round_idx, "round_idx", optional=True)
+    check_text(tracking_uri, "tracking_uri", optional=True)
+    uri = resolve_uri(tracking_uri)
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    client = open_store(uri)
+    with quick_http():
+        run = find_run(client, uri, run_id)
+        try:
+            history = _score_history(client, run_id)
+            if round_idx is None:
+                round_idx = _worst_round(history) or _last_round(run)
+            with tempfile.TemporaryDirectory(prefix="fedsim-inspect-") as where:
+                found = read_round(client, run_id, round_idx, where)
+        except ConfigError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - the store went away while it was read
+            raise unreachable(uri, exc) from None
+    return _render(run, round_idx, *found, history)
+
+
+def _score_history(client, run_id: str) -> dict[int, float]:
+    for key, _ in SCORES:
+        history = {m.step: m.value for m in client.get_metric_history(run_id, key)}
+        if history:
+            return history
+    return {}
+
+
+def _last_round(run) -> int:
     try:
-        local = client.download_artifacts(run_id, path, where)
-    except (MlflowException, OSError):
-        return None
-    return Path(local).read_text()
-
-
-def read_table(text: str | None) -> list[dict]:
-    """Rows of an MLflow table artifact (``{"columns": [...], "data": [[...]]}``)."""
-    if not text:
-        return []
-    table = json.loads(text)
-    return [dict(zip(table["columns"], row)) for row in table["data"]]
+        return int(run.data.params.get("rounds", 0) or 0)
+    except ValueError:  # a param fedsim did not write
+        return 0
 
 
 def _labels(histogram: str, classes: list[str], top: int = 3) -> str:
@@ -124,88 +169,11 @@ def _labels(histogram: str, classes: list[str], top: int = 3) -> str:
     return f"{', '.join(parts)} ({int((counts > 0).sum())} classes)"
 
 
-def inspect_run(run_id: str, round_idx: int | None = None, tracking_uri: str | None = None):
-    """The table of one round of a finished (or running) run: its clients, their ranks, the
-    labels they hold and their contributions to the merge, and the merge per dimension band.
-
-    Args:
-        run_id: the MLflow run id.
-        round_idx: the round (default: the round whose global score dropped most; the last
-            round if none dropped).
-        tracking_uri: the MLflow store (default: ``MLFLOW_TRACKING_URI`` or ``mlflow.db``).
-
-    Returns:
-        The text to print.
-
-    Raises:
-        ConfigError: the run, the round or its diagnostics cannot be found (named).
-    """
-    import os
-
-    import mlflow
-    from mlflow.exceptions import MlflowException
-
-    from fedsim.config import tracking_uri as resolve_uri
-    from fedsim.tracking.store import store_path
-
-    uri = resolve_uri(tracking_uri)
-    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-    path = store_path(uri)
-    if path is not None and not Path(path).exists():
-        raise ConfigError("--tracking-uri", f"no MLflow store at {path}")
-    client = mlflow.MlflowClient(uri)
-    try:
-        run = client.get_run(run_id)
-    except MlflowException:
-        raise ConfigError("RUN_ID", f"no run {run_id!r} in the store {uri}") from None
-    history = {m.step: m.value for m in client.get_metric_history(run_id, "global/accuracy")}
-    if not history:
-        history = {m.step: m.value for m in client.get_metric_history(run_id, "global/rouge_l")}
-    if round_idx is None:
-        round_idx = _worst_round(history) or int(run.data.params.get("rounds", 0) or 0)
-    with tempfile.TemporaryDirectory(prefix="fedsim-inspect-") as where:
-        dims_text = _download(client, run_id, merge_artifact(round_idx), where)
-        rows = read_table(_download(client, run_id, f"clients/round_{round_idx:04d}.json", where))
-        clients = {
-            r["client"]: r
-            for r in read_table(_download(client, run_id, "data/clients.json", where))
-        }
-        classes_text = _download(client, run_id, "data/classes.tsv", where) or ""
-    if dims_text is None or not rows:
-        merged = sorted(
-            int(a.path.split("_")[-1].split(".")[0]) for a in client.list_artifacts(run_id, "merge")
-        )
-        known = (
-            f"rounds with diagnostics: {_ranges(merged)}"
-            if merged
-            else (
-                "the run logged no merge diagnostics (tracking.merge_diagnostics=false, or a run "
-                "made before they existed)"
-            )
-        )
-        raise ConfigError(
-            "--round", f"run {run_id} has no merge diagnostics for round {round_idx}; {known}"
-        )
-    classes = [line.split("\t", 1)[1] for line in classes_text.splitlines() if "\t" in line]
-    dims = json.loads(dims_text)
-    return _render(run, round_idx, rows, clients, classes, dims, history)
-
-
 def _worst_round(history: dict[int, float]) -> int | None:
     steps = sorted(history)
     drops = [(history[a] - history[b], b) for a, b in zip(steps, steps[1:])]
     drops = [d for d in drops if d[0] > 0]
     return max(drops)[1] if drops else None
-
-
-def _ranges(values: list[int]) -> str:
-    if not values:
-        return "none"
-    return (
-        f"{values[0]}-{values[-1]}"
-        if values == list(range(values[0], values[-1] + 1))
-        else (", ".join(map(str, values)))
-    )
 
 
 def _render(run, t, rows, clients, classes, dims, history) -> str:

@@ -1,8 +1,10 @@
 """Where a run's records go: the MLflow tracking store and the directories a run writes.
 
-:func:`store_path` is the one parser of tracking URIs; :func:`check_tracking` and
-:func:`check_writable_dir` prove, before anything starts, that the store and a directory take
-writes (the pre-flight checks of :mod:`fedsim.simulation.preflight` call them).
+:func:`store_path` is the one parser of tracking URIs; :func:`check_tracking`,
+:func:`check_writable_dir` and :func:`check_writable_file` prove, before anything starts, that
+the store, a directory and a file take writes (the pre-flight checks of
+:mod:`fedsim.simulation.preflight` and of a study call them); :func:`quick_http` makes a
+tracking server that does not answer fail in seconds.
 """
 
 from __future__ import annotations
@@ -16,9 +18,10 @@ from urllib.parse import urlparse
 from fedsim.config import ConfigError, FedSimConfig, tracking_uri
 from fedsim.errors import one_line
 
-# Seconds and retries of the one request that checks a remote tracking server (MLflow's own
-# defaults retry for minutes, which is what a run wants and a pre-flight check does not).
-_REMOTE_TIMEOUT_S = "10"
+# Seconds and retries of a request that checks or reads a remote tracking server (MLflow's
+# own defaults retry for minutes, which is what a run wants and a check or `fedsim inspect`
+# does not).
+REMOTE_TIMEOUT_S = 10
 _REMOTE_RETRIES = "0"
 
 
@@ -52,6 +55,32 @@ def check_writable_dir(path: str | Path, key: str) -> None:
         raise ConfigError(key, f"cannot write to {probe} (for {path}): {reason}") from None
 
 
+def check_writable_file(path: str | Path, key: str) -> None:
+    """Check that ``path`` names a file this process can write (create or replace).
+
+    Creates nothing. A file that exists must be a writable regular file; otherwise its
+    directory must pass :func:`check_writable_dir`.
+
+    Raises:
+        ConfigError: naming ``key``: an empty name, a directory, something that is no regular
+            file, a file that cannot be written, or a directory that cannot take it.
+    """
+    if not str(path).strip():
+        raise ConfigError(key, "is empty; name the file to write")
+    try:
+        path = Path(path).expanduser()
+    except RuntimeError as exc:  # ~user of a user this machine does not have
+        raise ConfigError(key, f"cannot expand {path}: {exc}") from None
+    if path.is_dir():
+        raise ConfigError(key, f"{path} is a directory; name a file, e.g. {path / 'table.md'}")
+    if path.exists():
+        if not path.is_file():
+            raise ConfigError(key, f"{path} exists and is not a regular file")
+        if not os.access(path, os.W_OK):
+            raise ConfigError(key, f"cannot write {path}: permission denied")
+    check_writable_dir(path.parent, key)
+
+
 def store_path(uri: str) -> str | None:
     """The local path an MLflow tracking URI writes to; None for a tracking server."""
     parsed = urlparse(uri)
@@ -67,11 +96,12 @@ def store_path(uri: str) -> str | None:
 
 
 @contextmanager
-def _quick_http():
-    """Fail a request to an unreachable server in seconds instead of retrying for minutes."""
+def quick_http():
+    """Inside, an MLflow request to a server that does not answer fails after
+    :data:`REMOTE_TIMEOUT_S` seconds, without retries, instead of retrying for minutes."""
     names = {
         "MLFLOW_HTTP_REQUEST_MAX_RETRIES": _REMOTE_RETRIES,
-        "MLFLOW_HTTP_REQUEST_TIMEOUT": _REMOTE_TIMEOUT_S,
+        "MLFLOW_HTTP_REQUEST_TIMEOUT": str(REMOTE_TIMEOUT_S),
     }
     saved = {name: os.environ.get(name) for name in names}
     os.environ.update(names)
@@ -112,7 +142,7 @@ def check_tracking(cfg: FedSimConfig, run_id: str | None = None) -> None:
     from mlflow.tracking import MlflowClient
 
     try:
-        with _quick_http():
+        with quick_http():
             client = MlflowClient(tracking_uri=uri)
             exp = client.get_experiment_by_name(cfg.tracking.experiment)
             if exp is None:
