@@ -350,7 +350,7 @@ def match_targets(model: nn.Module, pattern: str, key: str) -> tuple[int, int]:
     if not matched:
         raise ConfigError(
             key,
-            f"no Linear module of the model matches the LoRA targets {pattern!r} "
+            f"no module of the model matches the LoRA targets {pattern!r} "
             "(model.targets / model.target_regex)",
         )
     other = [(n, m) for n, m in matched if not isinstance(m, LORA_LAYERS)]

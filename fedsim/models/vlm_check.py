@@ -8,9 +8,10 @@ is found here in about a second, as a one-line :class:`~fedsim.config.ConfigErro
   text-only model is not); a processor with its tokenizer, image processor and chat template;
   weight files whose headers are complete (:mod:`fedsim.models.weight_files`).
 - ``model.backbone`` (``smolvlm-effnet``): the package that ships SmolLM2.
-- ``model.targets`` / ``model.target_regex``: matched against the architecture built on the
-  meta device (module names and shapes, no weights): at least one module, and only Linear
-  or Conv2d layers (:func:`fedsim.models.vlm.match_targets`), with the largest rank they admit.
+- ``model.targets`` / ``model.target_regex``: matched against the architecture built with its
+  parameters on the meta device (module names and shapes, no weights): at least one module,
+  and only Linear or Conv2d layers (:func:`fedsim.models.vlm.match_targets`), with the
+  largest rank they admit.
 
 It also reports the model's context length, which the rows of the data must fit
 (:mod:`fedsim.tasks.context`).
@@ -166,11 +167,14 @@ def _hf_processor(name_or_path: str) -> ChatCodec:
 
 
 def _hf_on_meta(config, name_or_path: str) -> torch.nn.Module:
-    """The model's architecture on the meta device: module names and shapes, no memory."""
+    """The model's architecture with its parameters on the meta device: module names and
+    shapes, no weight memory. accelerate's ``init_empty_weights`` (what ``from_pretrained``
+    itself builds under) leaves buffers real, for models whose ``__init__`` computes some."""
+    from accelerate import init_empty_weights
     from transformers import AutoModelForImageTextToText
 
     try:
-        with torch.device("meta"):
+        with init_empty_weights():
             return AutoModelForImageTextToText.from_config(config)
     except (OSError, ValueError, KeyError, TypeError, RuntimeError) as exc:
         raise ConfigError(
@@ -179,13 +183,15 @@ def _hf_on_meta(config, name_or_path: str) -> torch.nn.Module:
 
 
 def _demo_on_meta() -> torch.nn.Module:
-    """The built-in VLM's module tree on the meta device (SmolLM2 from its known shape)."""
+    """The built-in VLM's module tree, parameters on the meta device (SmolLM2 from its known
+    shape)."""
+    from accelerate import init_empty_weights
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from fedsim.models.efficientnet_lite import EfficientNetLite
     from fedsim.models.smollm import ARCHITECTURE
 
-    with torch.device("meta"):
+    with init_empty_weights():
         vision = EfficientNetLite()
         lm = LlamaForCausalLM(LlamaConfig(**ARCHITECTURE))
         return ProjectedVLM(vision, vision.out_dim, lm, image_token_id=0)

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from vlm_builders import build_tiny_vlm
+from vlm_builders import FAMILIES, build_tiny_vlm
 
 from fedsim.config import ConfigError, load_config
 from fedsim.data.federated import load_dataset
@@ -155,6 +155,22 @@ def test_a_truncated_pytorch_bin(tmp_path):
 # --- LoRA targets on the meta device -------------------------------------------------------
 
 
+@pytest.mark.parametrize("family", FAMILIES)
+def test_every_tiny_family_passes_with_the_facts_of_its_build(family, tiny_llava, tmp_path):
+    """No false refusal: the pre-flight accepts each family and finds what the build finds
+    (8 q/v projections of 64 x 64, see tests/vlm_builders.py)."""
+    from fedsim.models.vlm_check import inspect_generative
+
+    path = tiny_llava if family == "llava" else build_tiny_vlm(family, tmp_path / family)
+    cfg = load_config(None, _vlm(path))
+    facts = inspect_generative(cfg.model)
+    assert (facts.max_rank, facts.targets, facts.context) == (64, 8, CONTEXT)
+    assert (
+        facts.codec is not None
+        and facts.codec.prompt_overhead(torch.zeros(3, 16, 16, dtype=torch.uint8)) > 0
+    )
+
+
 @pytest.mark.parametrize(
     ("overrides", "culprit", "words"),
     [
@@ -162,7 +178,7 @@ def test_a_truncated_pytorch_bin(tmp_path):
         (["model.target_regex=.*layers\\.0"], "model.target_regex", "CLIPEncoderLayer"),
         (["model.target_regex=.*embed_tokens"], "model.target_regex", "Embedding"),
         (["model.targets=[mlp]"], "model.targets", "not Linear or Conv2d"),
-        (["model.target_regex=nothing"], "model.targets", "no Linear module"),
+        (["model.target_regex=nothing"], "model.target_regex", "no module"),
         (["clients.ranks=[128,8,4,4,2,2]"], "clients.ranks", "at most rank 64"),
     ],
     ids=["whole-model", "a-block", "embedding", "targets-suffix", "no-match", "rank-cap"],
@@ -457,3 +473,47 @@ def test_a_row_is_its_image_text_and_answer():
     shared = shared_rows(images, train, images[[0, 1, 2, 2]], test)
     # 1: another text; 2: text b with another image; 3: another answer
     assert shared.tolist() == [0]
+
+
+def test_a_worker_keeps_the_rows_the_driver_kept(
+    tiny_overrides, tiny_llava, tmp_path, restore_threads
+):
+    """With skip, the client worker (the actor's plain class) leaves out the same rows as the
+    pre-flight, so the clients' splits agree."""
+    from actors.client import ClientWorker
+    from fedsim.data.federated import FederatedData
+    from fedsim.simulation.preflight import check_inputs
+
+    train = [_record(i, f"answer {i}") for i in range(20)]
+    train[5] = _record(5, "face " * 2_000)
+    root = _llava(tmp_path / "llava", train=train)
+    cfg = _cfg(tiny_overrides, *_vlm(tiny_llava), *_llava_args(root), "data.on_error=skip")
+    driver = check_inputs(cfg)
+    worker = ClientWorker(cfg)
+    assert worker.data.dataset.targets == driver.targets and len(driver) == 23
+    sizes = [len(c.train) for c in FederatedData(cfg, driver).clients]
+    assert worker.describe().client_train_sizes == sizes
+
+
+def test_the_partition_command_refuses_the_row_a_run_refuses(fails, base, tiny_llava, tmp_path):
+    train = [_record(i, f"answer {i}") for i in range(20)]
+    train[2] = _record(2, "face " * 2_000)
+    root = _llava(tmp_path / "llava", train=train)
+    line = fails(["partition", *base, *_vlm(tiny_llava), *_llava_args(root)], "data.root")
+    assert "train.json item 3" in line
+
+
+def test_the_python_api_stops_before_any_worker(tiny_overrides, tiny_llava, workdir):
+    import fedsim
+    from actors.executor import LocalExecutor
+
+    def no_worker(*args, **kwargs):
+        raise AssertionError("a worker was started")
+
+    cfg = _cfg(tiny_overrides, *_vlm(tiny_llava), "model.target_regex=.*", "checkpoint.dir=runs")
+    executor = LocalExecutor()
+    executor.make_pool = no_worker
+    with pytest.raises(ConfigError) as info:
+        fedsim.run(cfg, executor=executor)
+    assert info.value.key == "model.target_regex"
+    assert not (workdir / "runs").exists()
