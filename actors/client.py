@@ -37,6 +37,7 @@ from fedsim.models.backbone import build_backbone
 from fedsim.models.layers import tower_depths
 from fedsim.models.lora import AdapterHost, client_scaling
 from fedsim.tasks import EvalPart, build_task
+from fedsim.tasks.context import fit_rows
 from fedsim.tasks.training import train_local
 
 # random streams of (seed, stream, round, client); 203 is FLoRA's fresh adapter
@@ -63,10 +64,12 @@ class ClientWorker:
         )
         self.ranks = resolve_ranks(cfg.clients, cfg.seed)
         self.global_rank = max(self.ranks)
-        self.data = FederatedData(cfg, load_dataset(cfg))
+        dataset = load_dataset(cfg)
         self.backbone = build_backbone(
-            cfg.model, self.data.num_classes, cfg.seed, cfg.data.image_fill, cfg.data.text_fill
+            cfg.model, len(dataset.classes), cfg.seed, cfg.data.image_fill, cfg.data.text_fill
         )
+        # the rows the driver's pre-flight kept: the same check, with this worker's codec
+        self.data = FederatedData(cfg, fit_rows(cfg, dataset, self.backbone.tokenizer))
         self.backbone.model.to(self.device)
         self.host = AdapterHost(self.backbone, cfg.lora, self.global_rank)
         self.task = build_task(cfg, self.backbone, self.data.dataset, self.device)

@@ -51,6 +51,8 @@ class MultimodalDataset:
         refs: a reference to each row's image (a file path, a code point), or None.
         skipped: rows of the source files left out by ``data.on_error=skip``, over every split
             loaded (empty for the emoji set); for the run's record, not for training.
+        origins: where each row comes from, ``(file name, unit, row number)`` as a loader
+            names a bad row (``train.jsonl``, ``line``, 7), or None (the emoji set).
     """
 
     images: torch.Tensor
@@ -61,23 +63,37 @@ class MultimodalDataset:
     targets: list[str] | None = None
     refs: list[str] | None = None
     skipped: list[SkippedRow] = field(default_factory=list)
+    origins: list[tuple[str, str, int]] | None = None
 
     def __len__(self) -> int:
         return len(self.texts)
 
     def subset(self, index: np.ndarray) -> MultimodalDataset:
-        """Rows ``index`` as a new dataset (classes and the skipped-row record unchanged)."""
+        """Rows ``index`` (increasing) as a new dataset: classes and the skipped-row record
+        unchanged, ``test_rows`` renumbered to the kept test rows."""
         idx = torch.as_tensor(np.asarray(index), dtype=torch.long)
         rows = idx.tolist()
+        test_rows = None
+        if self.test_rows is not None:
+            test_rows = np.flatnonzero(np.isin(np.asarray(rows), self.test_rows))
         return MultimodalDataset(
             self.images[idx],
             [self.texts[i] for i in rows],
             self.labels[idx],
             self.classes,
+            test_rows=test_rows,
             targets=[self.targets[i] for i in rows] if self.targets is not None else None,
             refs=[self.refs[i] for i in rows] if self.refs is not None else None,
             skipped=list(self.skipped),
+            origins=[self.origins[i] for i in rows] if self.origins is not None else None,
         )
+
+    def where(self, row: int) -> str:
+        """Row ``row`` as a loader names it (``train.jsonl line 7``), else ``row N``."""
+        if self.origins is None:
+            return f"row {row}"
+        name, unit, number = self.origins[row]
+        return f"{name} {unit} {number}"
 
 
 def _package_file(package: str, *parts: str) -> Path:

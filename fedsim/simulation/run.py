@@ -40,7 +40,7 @@ from fedsim.config.arguments import check_flag, check_overrides, check_path
 from fedsim.config.registry import build_merger, build_server_optimizer, enabled_methods
 from fedsim.data.partition import sample_clients
 from fedsim.errors import RunFailed, one_line
-from fedsim.simulation.preflight import preflight
+from fedsim.simulation.preflight import check_ranks, preflight
 from fedsim.simulation.rounds import Phases, RoundLoop
 from fedsim.tracking.inputs import log_run_inputs
 from fedsim.tracking.outputs import log_client_adapters, log_final_outputs
@@ -107,16 +107,6 @@ def ephemeral_paths(cfg: FedSimConfig, environ=os.environ) -> list[str]:
         "tracking.uri": store_path(tracking_uri(cfg.tracking.uri)),
     }
     return [key for key, path in outputs.items() if path and not Path(path).is_absolute()]
-
-
-def _check_ranks(ranks: list[int], max_rank: int) -> None:
-    for cid, r in enumerate(ranks):
-        if r > max_rank:
-            raise ConfigError(
-                "clients.ranks",
-                f"client {cid} has rank {r} but the backbone's LoRA target modules admit at "
-                f"most rank {max_rank}",
-            )
 
 
 def server_args(cfg: FedSimConfig, initial: dict) -> tuple:
@@ -354,7 +344,7 @@ class Run:
         if tracker.system_metrics is not None:
             tracker.system_metrics.add_ray_nodes(ex.actor_nodes(self.pool))
         self.info = info = self.pool.call_first("describe")
-        _check_ranks(resolve_ranks(cfg.clients, cfg.seed), info.max_rank)
+        check_ranks(resolve_ranks(cfg.clients, cfg.seed), info.max_rank)
         initial = self.pool.call_first("initial_global")
         self.server = ex.make_server(*server_args(cfg, initial))
         if ckpt:

@@ -106,6 +106,28 @@ class PromptBuilder:
         return " ".join(p for p in parts if p)
 
 
+def prompt_for(data_cfg, classes: list[str]) -> PromptBuilder:
+    """The prompt builder of a dataset config (``data.*``); a label task's answers are
+    ``classes`` as :func:`class_answer` writes them."""
+    kind = target_kind(data_cfg)
+    instruction, text_name = _PROMPTS[(data_cfg.dataset, kind)]
+    return PromptBuilder(
+        instruction,
+        text_name,
+        data_cfg.prompt_style,
+        data_cfg.text_fill,
+        data_cfg.text_placeholder,
+        [class_answer(c) for c in classes] if kind == "label" else [],
+    )
+
+
+def answers_of(data_cfg, dataset) -> list[str]:
+    """Each row's reference answer: its caption, or (a label task) its class's answer."""
+    if target_kind(data_cfg) == "label":
+        return [class_answer(dataset.classes[int(y)]) for y in dataset.labels.tolist()]
+    return list(dataset.targets)
+
+
 def _phrase(has_image: bool, has_text: bool) -> str:
     if has_image and has_text:
         return "Use the image and the text."
@@ -223,21 +245,9 @@ class GenerationTask:
         self.codec = backbone.tokenizer
         self.dataset = dataset
         self.device = device
-        kind = target_kind(cfg.data)
-        instruction, text_name = _PROMPTS[(cfg.data.dataset, kind)]
-        self.choices = [class_answer(c) for c in dataset.classes] if kind == "label" else []
-        if kind == "label":
-            self.answers = [self.choices[int(y)] for y in dataset.labels.tolist()]
-        else:
-            self.answers = list(dataset.targets)
-        self.prompt = PromptBuilder(
-            instruction,
-            text_name,
-            cfg.data.prompt_style,
-            cfg.data.text_fill,
-            cfg.data.text_placeholder,
-            self.choices,
-        )
+        self.prompt = prompt_for(cfg.data, dataset.classes)
+        self.choices = self.prompt.choices
+        self.answers = answers_of(cfg.data, dataset)
         max_tokens = cfg.data.max_text_tokens
         self._texts = [self.codec.truncate(t, max_tokens) for t in dataset.texts]
 

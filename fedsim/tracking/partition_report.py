@@ -109,7 +109,10 @@ def partition_report(cfg: FedSimConfig, heatmap: str | None = None) -> list[dict
         from fedsim.tracking.store import check_writable_dir
 
         check_writable_dir(Path(heatmap).expanduser().parent, "--heatmap")
-    data = FederatedData(cfg, load_dataset(cfg))
+    from fedsim.tasks.context import fit_rows
+
+    # without the rows a run leaves out as longer than a generative model's context
+    data = FederatedData(cfg, fit_rows(cfg, load_dataset(cfg)))
     rows = client_rows(cfg, data)
     print_table(cfg, data, rows)
     if heatmap:

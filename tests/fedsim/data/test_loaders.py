@@ -433,7 +433,9 @@ def test_hateful_memes_runs_end_to_end_with_auc(tmp_path, make_config):
                 Image.new("RGB", (20, 30), (i * 5 % 255, 40, 90)).save(
                     tmp_path / f"img/{split}{i}.png"
                 )
-                row = {"id": i, "img": f"img/{split}{i}.png", "label": i % 2, "text": f"meme {i}"}
+                # dev rows of their own: a copy of a train row would be refused as training data
+                text = f"{split} meme {i}"
+                row = {"id": i, "img": f"img/{split}{i}.png", "label": i % 2, "text": text}
                 f.write(json.dumps(row) + "\n")
     threads = torch.get_num_threads()
     cfg = make_config(
