@@ -113,7 +113,11 @@ class RayExecutor:
         if self._gcs is None:
             import ray
 
-            self._gcs = GcsWatch(ray.get_runtime_context().gcs_address)
+            try:
+                address = ray.get_runtime_context().gcs_address
+            except Exception:  # noqa: BLE001 - a Ray Client connection names no GCS: no watch
+                return
+            self._gcs = GcsWatch(address)
             self._gcs_reported = False
 
     def on_gcs_lost(self, callback) -> None:

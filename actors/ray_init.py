@@ -65,7 +65,7 @@ def init_ray(log_to_driver: bool = True) -> bool:
 
 def start_failure(reason: str) -> str:
     """The one line that says a local Ray did not start, and what to do when it timed out."""
-    line = f"Ray did not start on this machine: {reason}"
+    line = f"the local Ray did not start: {reason}"
     if any(word in reason.lower() for word in _TIMED_OUT):
         line += (
             ". Ray's processes came up too slowly, as they do on a busy machine: retry when it "

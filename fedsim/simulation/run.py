@@ -271,10 +271,10 @@ class Run:
         self._check_inputs()
         self._open_tracking()
         self._start_ray()
-        if threading.current_thread() is threading.main_thread():
-            # Ray ends this process a minute after its GCS is lost: stop the run before that
-            self.ex.on_gcs_lost(lambda _reason: _thread.interrupt_main())
         try:
+            if threading.current_thread() is threading.main_thread():
+                # Ray ends this process a minute after its GCS is lost: stop the run first
+                self.ex.on_gcs_lost(lambda _reason: _thread.interrupt_main())
             result, loop = self._start_actors()
             self._train(loop)
             self._finish(result, loop)
@@ -440,7 +440,8 @@ class Run:
 
     def _stop(self, exc: BaseException) -> BaseException | None:
         """End the MLflow run after ``exc``: KILLED for an interrupt, FAILED otherwise, and
-        no run at all for a user mistake found before round 0 of a new run. Points at the
+        no run at all for a user mistake found before round 0 of a new run (or of the new
+        MLflow run of ``--new-run``). Points at the
         last good checkpoint; returns the error to raise instead of ``exc``, if any. A lost
         GCS (whatever error it caused, or the interrupt that reports it) is the run's error."""
         if self.progress is not None:  # end the bar's line before the error is printed
@@ -450,7 +451,8 @@ class Run:
         if gcs is not None and not isinstance(exc, RunFailed):
             exc = replaced = RunFailed(f"{gcs}; the run cannot go on without it")
         status = "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED"
-        if isinstance(exc, ConfigError) and self.ckpt is None and self.progress is None:
+        fresh = self.ckpt is None or self.new_run  # this process created the MLflow run
+        if isinstance(exc, ConfigError) and fresh and self.progress is None:
             status = "DISCARD"
         if self.tracker is not None:
             _end_tracker(self.tracker, status)

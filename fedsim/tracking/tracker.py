@@ -29,7 +29,7 @@ def quiet_mlflow() -> None:
         logging.getLogger(name).setLevel(logging.WARNING)
     # MLflow logs a database error with its whole traceback before raising it as an
     # MlflowException; fedsim reports the exception itself, on one line
-    logging.getLogger("mlflow.store.db.utils").setLevel(logging.CRITICAL)
+    logging.getLogger("mlflow").getChild("store.db.utils").setLevel(logging.CRITICAL)
 
 
 # MLflow 3 marks what an experiment is for with this tag (the API, and UIs that read it; 3.17's

@@ -375,7 +375,7 @@ def test_ray_start_timeout_is_one_line_with_advice(tmp_path):
         cwd=tmp_path,
     )
     (line,) = _lines(out.stdout)
-    assert line.startswith("Ray did not start on this machine: Timed out"), out
+    assert line.startswith("the local Ray did not start: Timed out"), out
     assert "ray start --head" in line and "RAY_ADDRESS=auto" in line
 
 
@@ -391,7 +391,7 @@ def test_ray_start_timeout_through_the_command_line(workdir, base, no_partial_st
     )
     (line,) = _lines(out.stderr)
     assert out.returncode == 1, out.stderr
-    assert line.startswith("fedsim: run failed: Ray did not start on this machine: Timed out")
+    assert line.startswith("fedsim: run failed: the local Ray did not start: Timed out")
     assert "ray start --head" in line
     no_partial_state(workdir)
 
