@@ -30,7 +30,8 @@ from actors.ray_init import RayStart, init_ray  # noqa: F401 - init_ray: public 
 from actors.server import ServerState
 from fedsim.errors import ConfigError
 
-_log = logging.getLogger(__name__)
+# under fedsim's logger, whose handler prints "fedsim: warning: ..." (fedsim.logs)
+_log = logging.getLogger(f"fedsim.{__name__}")
 
 
 class RayExecutor:

@@ -10,14 +10,11 @@ leaves the driver the rest to stop the run itself: MLflow status, resume line, o
 
 from __future__ import annotations
 
-import logging
 import os
 import socket
 import threading
 import time
 from collections.abc import Callable
-
-_log = logging.getLogger(__name__)
 
 # Ray's own setting (an environment variable, read by its core worker): how long a process
 # waits for a lost GCS before it exits.

@@ -419,6 +419,23 @@ def test_gcs_watch_reports_a_gcs_that_stops_answering():
         server.close()
 
 
+def test_a_gcs_gone_when_a_run_closes_is_one_warning(capsys):
+    from actors.executor import RayExecutor
+
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        address = f"127.0.0.1:{server.getsockname()[1]}"
+        ex = RayExecutor()  # it never started Ray: closing stops nothing of the session's
+        ex._gcs = GcsWatch(address, interval_s=60)  # what start() watches, a GCS that answers
+    ex.close(None, None)  # the run finished meanwhile; its GCS no longer answers
+    ex.close(None, None)  # (fedsim run closes twice)
+    (line,) = _lines(capsys.readouterr().err)
+    assert line == (
+        f"fedsim: warning: the Ray cluster's GCS at {address} stopped answering: Ray cannot "
+        "stop cleanly; restart the cluster before the next run"
+    )
+    assert ex._gcs is None  # the watch stopped with the executor
+
+
 def _gcs_of(pid: int):
     import psutil
 
