@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import os
 import signal
-import sys
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -73,11 +72,10 @@ _active: _Handler | None = None
 
 def _give_up() -> None:
     """The stop outlasted the grace period: leave now, saying so."""
-    os.write(
-        sys.stderr.fileno() if sys.stderr else 2,
-        f"fedsim: the stop after SIGTERM took over {GRACE_S:.0f} s; exiting now\n".encode(),
-    )
-    os._exit(EXIT_STATUS)
+    try:  # the process's stderr itself: sys.stderr may be a wrapper without a descriptor
+        os.write(2, f"fedsim: the stop after SIGTERM took over {GRACE_S:g} s; exiting\n".encode())
+    finally:
+        os._exit(EXIT_STATUS)
 
 
 @contextmanager

@@ -232,6 +232,30 @@ def test_sigterm_handler_raises_once_and_is_restored():
     assert seen == [before]
 
 
+_HANGING_STOP = """
+import os, signal, time
+from fedsim import termination
+from fedsim.errors import Terminated
+termination.GRACE_S = 0.5
+with termination.handle_sigterm():
+    try:
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(5)
+    except Terminated:
+        time.sleep(30)  # a stop that hangs (a tracking server that does not answer)
+"""
+
+
+def test_a_stop_that_outlasts_the_grace_period_exits_143_anyway():
+    start = time.monotonic()
+    out = subprocess.run(
+        [sys.executable, "-c", _HANGING_STOP], env=_env(), capture_output=True, text=True
+    )
+    assert time.monotonic() - start < 20
+    assert out.returncode == 143
+    assert _lines(out.stderr) == ["fedsim: the stop after SIGTERM took over 0.5 s; exiting"]
+
+
 def _install_in_thread():
     with handle_sigterm():
         return signal.getsignal(signal.SIGTERM)
