@@ -10,21 +10,28 @@ scale benchmark's floor, in one process with no Ray at all:
   actor with ``resources.server=actor``);
 - ``call(server, method, *args)``: start a server call and return its ref (or its value);
 - ``get(ref)`` / ``put(value)`` / ``share(value)``: Ray's ``get`` and ``put`` (``share``: a
-  ref for many tasks, the value's own when it is one), or the identity.
+  ref for many tasks, the value's own when it is one), or the identity;
+- ``on_gcs_lost(callback)`` / ``take_gcs_loss()``: hear of, and take the report of, a Ray
+  cluster whose GCS went away (:mod:`actors.gcs_watch`); never, in this process.
 """
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable, Hashable
 from concurrent.futures import Future
 from dataclasses import replace
 from typing import Any
 
+from actors.gcs_watch import GcsWatch
 from actors.pool import ClientPool, ClientRefs, Outcome, pool_size, short_reason, start_server
 from actors.ray_init import RayStart, init_ray  # noqa: F401 - init_ray: public here too
 from actors.server import ServerState
 from fedsim.errors import ConfigError
+
+# under fedsim's logger, whose handler prints "fedsim: warning: ..." (fedsim.logs)
+_log = logging.getLogger(f"fedsim.{__name__}")
 
 
 class RayExecutor:
@@ -56,6 +63,8 @@ class RayExecutor:
         self._start = start
         self._launched: Future | None = None
         self._kept: ClientPool | None = None
+        self._gcs: GcsWatch | None = None
+        self._gcs_reported = False
 
     def __enter__(self) -> RayExecutor:
         return self
@@ -94,13 +103,36 @@ class RayExecutor:
         self._launched = start.submit(bring_up)
 
     def start(self) -> None:
-        """Ray is up: joined or started here, or (after :meth:`launch`) waited for."""
+        """Ray is up: joined or started here, or (after :meth:`launch`) waited for. From here
+        on the cluster's GCS is watched (:mod:`actors.gcs_watch`)."""
         if self._launched is not None:
             self._launched.result()  # Ray is up and the actors are starting (or its error)
         elif self._start is not None:
             self.started = self._start.result()
         elif not self.started:
             self.started = init_ray()
+        if self._gcs is None:
+            import ray
+
+            try:
+                address = ray.get_runtime_context().gcs_address
+            except Exception:  # noqa: BLE001 - a Ray Client connection names no GCS: no watch
+                return
+            self._gcs = GcsWatch(address)
+            self._gcs_reported = False
+
+    def on_gcs_lost(self, callback) -> None:
+        """Call ``callback(reason)`` once, from another thread, if the Ray cluster's GCS goes
+        away (None: no call); a run interrupts its main thread with it."""
+        if self._gcs is not None:
+            self._gcs.on_lost(callback)
+
+    def take_gcs_loss(self) -> str | None:
+        """Why the GCS counts as lost (a sentence), once it does, else None; the caller reports
+        it, so :meth:`close` will not."""
+        lost = self._gcs.lost if self._gcs is not None else None
+        self._gcs_reported = self._gcs_reported or lost is not None
+        return lost
 
     def make_pool(self, cfg, per_round: int, wait: bool = True) -> ClientPool:
         """Start the actors (or take those :meth:`launch` started); with ``wait=False`` return
@@ -164,10 +196,23 @@ class RayExecutor:
         """Stop the pool and the server actor, and Ray if this executor started it; with
         ``keep_actors`` keep the pool's actors (and Ray) for the next run instead.
 
-        Safe to call more than once (``fedsim run`` calls it again after a run ends).
+        Safe to call more than once (``fedsim run`` calls it again after a run ends). A Ray
+        whose GCS is gone cannot stop actors: they are left to Ray, and a warning says so
+        unless the run reported the loss already.
         """
         import ray
 
+        if self._gcs is not None and (self._gcs.lost or not self._gcs.check()):
+            if not self._gcs_reported:
+                self._gcs_reported = True
+                _log.warning(
+                    "%s: Ray cannot stop cleanly; restart the cluster before the next run",
+                    self._gcs.lost,
+                )
+            self._launched = self._kept = None  # nothing to stop without the GCS
+            self.keep_actors = False
+            self._stop_ray()
+            return
         if self._launched is not None:  # launched, never taken over: a check failed meanwhile
             launched, self._launched = self._launched, None
             try:
@@ -204,6 +249,9 @@ class RayExecutor:
     def _stop_ray(self) -> None:
         import ray
 
+        if self._gcs is not None:
+            self._gcs.stop()
+            self._gcs = None
         start, self._start = self._start, None
         if start is not None:
             try:
@@ -332,6 +380,12 @@ class LocalExecutor:
 
     def share(self, value) -> Any:
         return value
+
+    def on_gcs_lost(self, callback) -> None:
+        """No Ray, no GCS to lose."""
+
+    def take_gcs_loss(self) -> None:
+        return None
 
     def close(self, pool, server) -> None:
         pass

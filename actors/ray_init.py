@@ -11,7 +11,12 @@ import sys
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
-from fedsim.errors import ConfigError
+from fedsim.errors import ConfigError, RunFailed, one_line
+
+# What a local Ray's start that failed for lack of time says (Ray 2.60: "Timed out waiting for
+# file .../gcs_server_port_...", "The current node timed out during startup", "Timed out after
+# N seconds while waiting for node to startup").
+_TIMED_OUT = ("timed out", "timeout")
 
 
 def init_ray(log_to_driver: bool = True) -> bool:
@@ -28,6 +33,8 @@ def init_ray(log_to_driver: bool = True) -> bool:
 
     Raises:
         ConfigError: ``RAY_ADDRESS`` names a cluster that cannot be joined.
+        RunFailed: a local Ray did not start (one line, with advice when it timed out, as
+            Ray's start does on a busy machine).
     """
     import ray
 
@@ -46,14 +53,26 @@ def init_ray(log_to_driver: bool = True) -> bool:
             logging_level="ERROR",
             log_to_driver=log_to_driver,
         )
-    except (ValueError, ConnectionError, TimeoutError) as exc:
-        if address is None:
-            raise
-        reason = " ".join(str(exc).split())[:300]
-        raise ConfigError(
-            "RAY_ADDRESS", f"cannot join the Ray cluster at {address!r}: {reason}"
-        ) from None
+    except Exception as exc:  # noqa: BLE001 - Ray raises bare Exceptions when it cannot start
+        reason = one_line(exc)
+        if address is not None:
+            raise ConfigError(
+                "RAY_ADDRESS", f"cannot join the Ray cluster at {address!r}: {reason}"
+            ) from None
+        raise RunFailed(start_failure(reason)) from None
     return True
+
+
+def start_failure(reason: str) -> str:
+    """The one line that says a local Ray did not start, and what to do when it timed out."""
+    line = f"the local Ray did not start: {reason}"
+    if any(word in reason.lower() for word in _TIMED_OUT):
+        line += (
+            ". Ray's processes came up too slowly, as they do on a busy machine: retry when it "
+            "is less loaded, or start Ray once (ray start --head) and run with RAY_ADDRESS=auto "
+            "so that each run joins it instead of starting one"
+        )
+    return line
 
 
 class RayStart:

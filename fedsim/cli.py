@@ -8,11 +8,13 @@ Results go to stdout, diagnostics to stderr (:mod:`fedsim.logs`).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 from pathlib import Path
 
 from fedsim import experiments
-from fedsim.errors import ConfigError, RunFailed
+from fedsim.errors import ConfigError, RunFailed, Terminated
+from fedsim.termination import EXIT_STATUS, handle_sigterm
 from fedsim.version import __version__
 
 QUIET_HELP = (
@@ -90,7 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
     run_p = sub.add_parser(
         "run",
         help="run a simulation",
-        usage="fedsim run [-h] [-q] [--resume RUN_DIR] [CONFIG] [key=value ...]",
+        usage="fedsim run [-h] [-q] [--resume RUN_DIR [--new-run]] [CONFIG] [key=value ...]",
         description="Run a simulation. CONFIG is an experiment YAML or the name of a shipped "
         f"experiment ({shipped}); with no CONFIG, the shipped default experiment runs.",
         epilog=KEYS_HELP,
@@ -102,6 +104,13 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="RUN_DIR",
         help="continue a stopped run from the latest checkpoint in RUN_DIR (e.g. runs/<run id>); "
         "overrides may extend rounds or change resources, nothing that changes the numbers",
+    )
+    run_p.add_argument(
+        "--new-run",
+        action="store_true",
+        help="with --resume: continue into a new MLflow run instead of the checkpoint's own "
+        "(for a run whose MLflow store was lost or whose MLflow run was deleted); every round "
+        "the checkpoint holds is logged into the new run first, and later checkpoints name it",
     )
     show_p = sub.add_parser(
         "config",
@@ -173,12 +182,38 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of the ``fedsim`` console script; returns the exit status."""
+    """Entry point of the ``fedsim`` console script; returns the exit status.
+
+    ``run``, ``compare`` and ``sweep`` handle SIGTERM like Ctrl-C (:mod:`fedsim.termination`):
+    the MLflow run is marked KILLED, the resume line printed, and the status is 143.
+    """
     parser = build_parser()
     ns = parser.parse_args(argv)
+    trains = ns.command in ("run", "compare", "sweep")
+    try:
+        with handle_sigterm() if trains else contextlib.nullcontext():
+            return _command(ns)
+    except ConfigError as exc:  # a user mistake: one line naming the key, never a traceback
+        print(f"fedsim: {_one_line(exc)}", file=sys.stderr)
+        return 2
+    except RunFailed as exc:  # the run started and could not go on; its MLflow run is FAILED
+        print(f"fedsim: run failed: {_one_line(exc)}", file=sys.stderr)
+        return 1
+    except Terminated:  # SIGTERM: Ctrl-C's path, with the status a shell gives SIGTERM
+        print("fedsim: terminated (SIGTERM); the MLflow run is marked KILLED", file=sys.stderr)
+        return EXIT_STATUS
+    except KeyboardInterrupt:
+        print("fedsim: interrupted; the MLflow run is marked KILLED", file=sys.stderr)
+        return 130
+
+
+def _command(ns: argparse.Namespace) -> int:
+    """Run the parsed command; for ``run``, Ray starts first, in the background, while the
+    config, torch and the data load."""
     executor = None
+    if ns.command == "run" and ns.new_run and not ns.resume:  # before Ray starts
+        raise ConfigError("--new-run", "goes with --resume RUN_DIR (it names where to continue)")
     if ns.command == "run":
-        # Ray starts first, in the background, while the config, torch and the data load
         from actors.ray_init import RayStart
 
         start = RayStart(_log_to_driver(ns))
@@ -187,15 +222,6 @@ def main(argv: list[str] | None = None) -> int:
         executor = RayExecutor(start)
     try:
         return _dispatch(ns, executor)
-    except ConfigError as exc:  # a user mistake: one line naming the key, never a traceback
-        print(f"fedsim: {_one_line(exc)}", file=sys.stderr)
-        return 2
-    except RunFailed as exc:  # the run started and could not go on; its MLflow run is FAILED
-        print(f"fedsim: run failed: {_one_line(exc)}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("fedsim: interrupted; the MLflow run is marked KILLED", file=sys.stderr)
-        return 130
     finally:
         if executor is not None:  # a run closes it itself; this stops Ray after an early error
             executor.close(None, None)
@@ -227,7 +253,7 @@ def _dispatch(ns: argparse.Namespace, executor=None) -> int:
 
         if ns.args and "=" not in ns.args[0]:
             raise ConfigError("--resume", f"a resumed run uses its own config; drop {ns.args[0]!r}")
-        resume(ns.resume, ns.args, executor=executor, quiet=ns.quiet)
+        resume(ns.resume, ns.args, new_run=ns.new_run, executor=executor, quiet=ns.quiet)
         return 0
     if ns.command == "config" and ns.keys is not None:
         return _print_keys(ns.keys, ns.args)

@@ -24,3 +24,9 @@ def one_line(exc: BaseException, limit: int = 300) -> str:
     ``limit`` characters; the exception's type name when it has no message."""
     text = " ".join(str(exc).split())
     return (text[:limit] + "...") if len(text) > limit else text or type(exc).__name__
+
+
+class Terminated(KeyboardInterrupt):
+    """The process was asked to stop with SIGTERM (``ray job stop``, Kubernetes, a batch
+    scheduler's time limit): handled like Ctrl-C, its MLflow run is marked KILLED and the
+    command that continues it is printed (see :mod:`fedsim.termination`)."""

@@ -23,6 +23,7 @@ LONGEST_FILES = (
     "tests/actors/test_faults.py",
     "tests/actors/test_warm_pool.py",
     "tests/fedsim/simulation/test_resume.py",
+    "tests/fedsim/bad_inputs/test_faults_mid_run.py",
     "tests/fedsim/test_console.py",
     "tests/fedsim/models/test_vlm_demo.py",
     "tests/cluster/test_cluster.py",

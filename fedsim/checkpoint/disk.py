@@ -15,6 +15,9 @@ A run directory holds::
 A checkpoint directory is written under a temporary name and renamed into place, then
 ``latest.json`` is replaced: a run killed at any instant leaves the previous checkpoint intact.
 Old checkpoints beyond ``checkpoint.keep`` and client files no kept checkpoint names are removed.
+A write that fails (a full disk, a directory made read-only or removed) is
+:class:`CheckpointWriteFailed`, naming the directory and the last checkpoint that
+``latest.json`` still points at, which stays whole and resumable.
 
 The format of ``state.json`` and the checks :func:`load_checkpoint` runs live in
 :mod:`fedsim.checkpoint.format`.
@@ -30,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import save_file
 
 from fedsim.checkpoint.format import (
@@ -54,19 +58,31 @@ from fedsim.checkpoint.format import (
     unflatten,
 )
 from fedsim.config import ConfigError, FedSimConfig
+from fedsim.errors import RunFailed, one_line
 
 __all__ = [
     "FORMAT",
     "RESUMABLE",
     "Checkpoint",
+    "CheckpointWriteFailed",
     "CheckpointWriter",
     "check_resume_config",
     "config_record",
     "is_resumable",
     "join_tensors",
     "load_checkpoint",
+    "relabel_run",
     "split_tensors",
 ]
+
+# What a write that the disk refuses raises: the OS's error, or safetensors' own (it wraps the
+# OS error of its temporary file).
+_WRITE_ERRORS = (OSError, SafetensorError)
+
+
+class CheckpointWriteFailed(RunFailed):
+    """A checkpoint could not be written; the message names the directory, the reason and the
+    last checkpoint written (which a resume continues from)."""
 
 
 def _fsync_dir(path: Path) -> None:
@@ -188,10 +204,21 @@ class CheckpointWriter:
 
         Raises:
             ValueError: ``meta`` names a field the writer writes.
+            CheckpointWriteFailed: the disk refused a write (full, read-only, a directory
+                gone); the previous checkpoint is untouched.
         """
         clash = _WRITER_FIELDS & set(meta)
         if clash:
             raise ValueError(f"checkpoint meta may not set {sorted(clash)}: the writer does")
+        try:
+            return self._save(round_idx, server, changed_clients, meta)
+        except _WRITE_ERRORS as exc:
+            shutil.rmtree(self.run_dir / f".round_{round_idx:05d}.tmp", ignore_errors=True)
+            raise CheckpointWriteFailed(_write_failure(self.run_dir, round_idx, exc)) from None
+
+    def _save(
+        self, round_idx: int, server: dict, changed_clients: dict[int, dict | None], meta: dict
+    ) -> Path:
         files = dict(self.client_files)
         for cid, state in sorted(changed_clients.items()):
             skeleton, tensors = split_tensors(state or {})
@@ -245,6 +272,40 @@ class CheckpointWriter:
         for path in (self.run_dir / "clients").glob("*.safetensors"):
             if path.name not in referenced:
                 path.unlink(missing_ok=True)
+
+
+def _write_failure(run_dir: Path, round_idx: int, exc: BaseException) -> str:
+    """Why round ``round_idx``'s checkpoint is not on disk, and which one is."""
+    if isinstance(exc, OSError) and exc.strerror:
+        reason = f"{exc.strerror} ({exc.filename})" if exc.filename else exc.strerror
+    else:
+        reason = one_line(exc, 200)
+    try:
+        last = json.loads((run_dir / "latest.json").read_text())["round"]
+        kept = f"round {last} is the last checkpoint written"
+    except (OSError, ValueError, KeyError, TypeError):
+        kept = "no checkpoint of this run is readable"
+    return f"cannot write the checkpoint of round {round_idx} in {run_dir}: {reason}; {kept}"
+
+
+def relabel_run(ckpt: Checkpoint, run_id: str, tracking_uri: str) -> None:
+    """Make a checkpoint name another MLflow run (``fedsim run --resume --new-run``): its
+    ``state.json`` is replaced, atomically, with ``mlflow_run_id`` and ``tracking_uri`` changed
+    (no tensor file changes, so every digest still holds).
+
+    Raises:
+        CheckpointWriteFailed: the checkpoint's directory refused the write.
+    """
+    state_file = ckpt.path / "state.json"
+    try:
+        state = json.loads(state_file.read_text())
+        state.update(mlflow_run_id=run_id, tracking_uri=tracking_uri)
+        tmp = state_file.with_name(".state.json.tmp")
+        _write_bytes(tmp, json.dumps(state).encode())
+        os.replace(tmp, state_file)
+        _fsync_dir(ckpt.path)
+    except OSError as exc:
+        raise CheckpointWriteFailed(_write_failure(ckpt.path.parent, ckpt.round, exc)) from None
 
 
 def load_checkpoint(run_dir: str | Path) -> Checkpoint:

@@ -136,7 +136,7 @@ class RoundLoop:
         self.next_round = ckpt.round + 1
         self.first_round = self.next_round
         # The checkpoint is written before a round is logged: log any round the kill cut off.
-        logged = self.tracker.last_step("time/round_s")  # logged every round (eval.every)
+        logged = self.tracker.logged  # the last round the run's MLflow run holds
         dims = {d["round"]: d for d in self.result.merge}
         for h, rows in zip(self.result.history, self.result.clients):
             if h["round"] > logged:

@@ -8,6 +8,7 @@ that continues a stopped run. The rounds themselves are :class:`fedsim.simulatio
 
 from __future__ import annotations
 
+import _thread
 import functools
 import json
 import logging
@@ -20,12 +21,14 @@ from pathlib import Path
 import ray
 
 from actors.executor import LocalExecutor, RayExecutor
+from fedsim import termination
 from fedsim.checkpoint.disk import (
     Checkpoint,
     CheckpointWriter,
     check_resume_config,
     is_resumable,
     load_checkpoint,
+    relabel_run,
 )
 from fedsim.config import (
     ConfigError,
@@ -46,6 +49,7 @@ from fedsim.tracking.inputs import log_run_inputs
 from fedsim.tracking.outputs import log_client_adapters, log_final_outputs
 from fedsim.tracking.progress import RoundProgress
 from fedsim.tracking.store import store_path
+from fedsim.tracking.store_loss import untracked_summary
 from fedsim.tracking.tracker import Tracker
 
 _log = logging.getLogger(__name__)
@@ -72,6 +76,8 @@ class RunResult:
         phases_origin: the ``time.perf_counter()`` the phases count from (the run call).
         registered_model: ``NAME/VERSION`` of the registered model version the run's global
             adapter became (``tracking.register_model``), else None.
+        untracked_since: the first round MLflow lacks because its store failed during the run
+            (:mod:`fedsim.tracking.store_loss`); None when the store took everything.
     """
 
     run_id: str
@@ -83,6 +89,7 @@ class RunResult:
     phases: dict[str, float] = field(default_factory=dict)
     phases_origin: float = 0.0
     registered_model: str | None = None
+    untracked_since: int | None = None
 
     @property
     def final(self) -> dict[str, float]:
@@ -173,6 +180,7 @@ def resume(
     run_dir: str | Path,
     overrides: list[str] | tuple[str, ...] = (),
     *,
+    new_run: bool = False,
     executor: RayExecutor | LocalExecutor | None = None,
     quiet: bool = False,
 ) -> RunResult:
@@ -185,10 +193,20 @@ def resume(
     :mod:`fedsim.checkpoint.disk`) and ``config.yaml`` must still hold the run's values for every
     other key. ``quiet`` is :func:`run`'s.
 
+    Args:
+        new_run: continue into a new MLflow run (``--new-run``) instead of the checkpoint's own,
+            for a run whose store was lost or whose MLflow run was deleted. Every round the
+            checkpoint holds (metrics, client tables, merge diagnostics) is logged into the new
+            run first; the run is tagged ``fedsim.resumed_from_run`` with the old run's id, and
+            the checkpoint then names the new run (a later ``--resume`` continues it). With
+            ``rounds`` at the checkpoint's round nothing is trained: the new run gets the
+            history and the final adapter.
+
     Raises:
         ConfigError: no readable or valid checkpoint, an override that would change the
-            numbers, a ``config.yaml`` edited since the run started, or an argument of the
-            wrong type (named).
+            numbers, a ``config.yaml`` edited since the run started, (without ``new_run``) a
+            checkpoint whose MLflow run is not in the store, or an argument of the wrong type
+            (named).
     """
     check_path(run_dir, "run_dir")
     overrides = check_overrides(overrides)
@@ -210,7 +228,8 @@ def resume(
         raise ConfigError(
             "rounds", f"the checkpoint is at round {ckpt.round}; rounds={cfg.rounds} is behind it"
         )
-    return Run(cfg, ckpt, Path(run_dir), executor=executor, quiet=quiet).execute()
+    run_ = Run(cfg, ckpt, Path(run_dir), executor=executor, quiet=quiet, new_run=new_run)
+    return run_.execute()
 
 
 class Run:
@@ -230,6 +249,7 @@ class Run:
         executor: a :class:`~actors.executor.RayExecutor` (None: the default) or a
             :class:`~actors.executor.LocalExecutor`.
         quiet: no summary, run id or link on stdout, and no progress bar.
+        new_run: a resumed run continues into a new MLflow run (:func:`resume`).
     """
 
     def __init__(
@@ -240,9 +260,11 @@ class Run:
         dataset=None,
         executor: RayExecutor | LocalExecutor | None = None,
         quiet: bool = False,
+        new_run: bool = False,
     ):
         self.clock = Phases()
         self.quiet = quiet
+        self.new_run = bool(ckpt) and new_run
         self.cfg, self.ckpt, self.run_dir, self.dataset = cfg, ckpt, run_dir, dataset
         self.ranks = list(ckpt.meta["ranks"]) if ckpt else resolve_ranks(cfg.clients, cfg.seed)
         self.per_round = len(sample_clients(cfg.clients.num, cfg.clients.fraction, cfg.seed, 1))
@@ -257,11 +279,16 @@ class Run:
         self._open_tracking()
         self._start_ray()
         try:
+            if threading.current_thread() is threading.main_thread():
+                # Ray ends this process a minute after its GCS is lost: stop the run first
+                self.ex.on_gcs_lost(lambda _reason: _thread.interrupt_main())
             result, loop = self._start_actors()
             self._train(loop)
             self._finish(result, loop)
+            self.ex.on_gcs_lost(None)
             return result
         except BaseException as exc:
+            self.ex.on_gcs_lost(None)
             replacement = self._stop(exc)
             if replacement is not None:
                 raise replacement from None
@@ -279,7 +306,8 @@ class Run:
         self.ex.launch(cfg, self.per_round)
         try:
             if self.dataset is None:
-                resumed = (self.run_dir, ckpt.meta["mlflow_run_id"]) if ckpt else (None, None)
+                run_id = ckpt.meta["mlflow_run_id"] if ckpt and not self.new_run else None
+                resumed = (self.run_dir if ckpt else None, run_id)
                 self.dataset = preflight(cfg, *resumed)
         except BaseException:
             self.ex.close(None, None)
@@ -300,12 +328,16 @@ class Run:
             return open_run() if self._ray_joined else None
 
         tracking = ThreadPoolExecutor(1, thread_name_prefix="fedsim-tracking")
-        if ckpt:
+        if ckpt and not self.new_run:
             run_id = ckpt.meta["mlflow_run_id"]
             reopen = functools.partial(Tracker.reopen, cfg, run_id, ckpt.round)
             self.opened = tracking.submit(once_ray_is_up, reopen)
         else:
-            self.opened = opened = tracking.submit(once_ray_is_up, functools.partial(Tracker, cfg))
+            if ckpt:  # --new-run
+                create = functools.partial(_continued_run, cfg, ckpt)
+            else:
+                create = functools.partial(Tracker, cfg)
+            self.opened = opened = tracking.submit(once_ray_is_up, create)
             self.inputs = tracking.submit(lambda: log_run_inputs(opened.result(), cfg, dataset))
         tracking.shutdown(wait=False)
 
@@ -319,6 +351,7 @@ class Run:
             raise
         self._ray_joined = True
         self._ray_up.set()
+        termination.reclaim()  # Ray, starting in this process, replaced the SIGTERM handler
         self.clock.mark("ray")
         for key in ephemeral_paths(self.cfg):
             _log.warning(
@@ -351,6 +384,7 @@ class Run:
             _load_server_state(ex, self.server, ckpt)
         else:
             self.run_dir = Path(cfg.checkpoint.dir) / tracker.run_id
+        if not tracker.reopened:
             _log_skipped_rows(tracker, self.dataset)
         if cfg.checkpoint.every > 0:
             self.writer = _checkpoint_writer(cfg, ckpt, self.run_dir)
@@ -369,7 +403,9 @@ class Run:
             info.client_train_sizes,
         )
         if ckpt:
-            loop.restore(ckpt)
+            loop.restore(ckpt)  # logs the rounds the MLflow run lacks: all, for a new one
+        if self.new_run and tracker.lost is None:  # later resumes continue the new run
+            relabel_run(ckpt, tracker.run_id, tracker.uri)
         clock.mark("ready")
         return result, loop
 
@@ -390,27 +426,40 @@ class Run:
             )
 
     def _finish(self, result: RunResult, loop: RoundLoop) -> None:
-        """The final outputs (adapters, plots), then the MLflow run closes FINISHED."""
+        """The final outputs (adapters, plots), then the MLflow run closes FINISHED. A run whose
+        store failed skips the outputs (``--resume --new-run`` logs them) and says how to log
+        its history into a new MLflow run."""
         cfg, tracker = self.cfg, self.tracker
         if self.inputs is not None:
             _wait_for_inputs(self.inputs)
-        log_final_outputs(cfg, self.info, self.ex, self.pool, self.server, tracker, result)
-        if cfg.tracking.save_client_adapters:
+        if tracker.lost is None:
+            log_final_outputs(cfg, self.info, self.ex, self.pool, self.server, tracker, result)
+        if cfg.tracking.save_client_adapters and tracker.lost is None:
             log_client_adapters(cfg, self.info, loop, tracker)
         tracker.finish()
         if not self.quiet:  # progress=false hides the bar only: the summary says where it went
             self.progress.summary(
                 result.history, tracker.run_id, tracker.ui_command(), result.registered_model
             )
+        if tracker.lost is not None:
+            result.untracked_since = tracker.lost.round
+            _log.warning(untracked_summary(tracker.lost, self.run_dir, self.writer is not None))
 
     def _stop(self, exc: BaseException) -> BaseException | None:
         """End the MLflow run after ``exc``: KILLED for an interrupt, FAILED otherwise, and
-        no run at all for a user mistake found before round 0 of a new run. Points at the
-        last good checkpoint; returns the error to raise instead of ``exc``, if any."""
+        no run at all for a user mistake found before round 0 of a new run (or of the new
+        MLflow run of ``--new-run``). Points at the
+        last good checkpoint; returns the error to raise instead of ``exc``, if any. A lost
+        GCS (whatever error it caused, or the interrupt that reports it) is the run's error."""
         if self.progress is not None:  # end the bar's line before the error is printed
             self.progress.close()
+        gcs = self.ex.take_gcs_loss()
+        replaced = None
+        if gcs is not None and not isinstance(exc, RunFailed):
+            exc = replaced = RunFailed(f"{gcs}; the run cannot go on without it")
         status = "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED"
-        if isinstance(exc, ConfigError) and self.ckpt is None and self.progress is None:
+        fresh = self.ckpt is None or self.new_run  # this process created the MLflow run
+        if isinstance(exc, ConfigError) and fresh and self.progress is None:
             status = "DISCARD"
         if self.tracker is not None:
             _end_tracker(self.tracker, status)
@@ -419,10 +468,12 @@ class Run:
         writer = self.writer
         if writer is not None and (writer.run_dir / "latest.json").exists():
             hint = f"fedsim run --resume {writer.run_dir}"
+            if self.tracker is not None and self.tracker.lost is not None:
+                hint += " --new-run"  # the checkpoint's MLflow run misses rounds
             if isinstance(exc, RunFailed):  # the CLI prints it with the reason
                 return RunFailed(f"{exc}; the last good checkpoint continues with: {hint}")
             _log.warning("the run stopped; continue it with: %s", hint)
-        return None
+        return replaced
 
 
 def _checkpoint_writer(cfg: FedSimConfig, ckpt: Checkpoint | None, run_dir: Path):
@@ -435,6 +486,14 @@ def _checkpoint_writer(cfg: FedSimConfig, ckpt: Checkpoint | None, run_dir: Path
     )
     writer.write_config(to_yaml(cfg))
     return writer
+
+
+def _continued_run(cfg: FedSimConfig, ckpt: Checkpoint) -> Tracker:
+    """A new MLflow run for a resumed run (``--new-run``), tagged with the run it continues."""
+    tracker = Tracker(cfg)
+    tracker.client.set_tag(tracker.run_id, "fedsim.resumed_from_run", ckpt.meta["mlflow_run_id"])
+    tracker.client.set_tag(tracker.run_id, "fedsim.resumed_from_round", str(ckpt.round))
+    return tracker
 
 
 def _close_tracker(opened, status: str) -> None:

@@ -51,7 +51,8 @@ def log_final_outputs(cfg, info, ex, pool, server, tracker, result) -> None:
             tracker.log_dir(tmp, "global_adapter")
             if cfg.tracking.register_model is not None:  # the files the version points at
                 tracker.log_dir(tmp, registered_path(cfg.rounds))
-        if cfg.tracking.register_model is not None:
+        if cfg.tracking.register_model is not None and tracker.lost is None:
+            # (a store lost while the adapter was logged has no version to register)
             version = register_global_adapter(cfg, tracker, rank, exported.base is not None)
             if version is not None:
                 result.registered_model = f"{cfg.tracking.register_model}/{version.version}"

@@ -4,7 +4,9 @@
 :func:`check_writable_dir` and :func:`check_writable_file` prove, before anything starts, that
 the store, a directory and a file take writes (the pre-flight checks of
 :mod:`fedsim.simulation.preflight` and of a study call them); :func:`quick_http` makes a
-tracking server that does not answer fail in seconds.
+tracking server that does not answer fail in seconds. Opening a SQLite store holds a lock
+beside it (:func:`store_lock`), so that runs started together on a new store do not build its
+schema at the same time.
 """
 
 from __future__ import annotations
@@ -23,6 +25,10 @@ from fedsim.errors import one_line
 # does not).
 REMOTE_TIMEOUT_S = 10
 _REMOTE_RETRIES = "0"
+
+# Seconds to wait for another process that is opening (creating) the same SQLite store: MLflow
+# builds a new store's schema in a few seconds, tens on a loaded machine.
+_LOCK_TIMEOUT_S = 300
 
 
 def check_writable_dir(path: str | Path, key: str) -> None:
@@ -96,6 +102,61 @@ def store_path(uri: str) -> str | None:
 
 
 @contextmanager
+def store_lock(uri: str):
+    """Hold an inter-process lock on a SQLite store while it is opened (and maybe created).
+
+    MLflow builds a new store's schema by running its migrations; two processes doing that at
+    once on the same new file break each other (seen with MLflow 3.17: "duplicate column name",
+    "table _alembic_tmp_metrics already exists", alembic's "expected to match one row", one
+    process failing or both). Under the lock the first process creates the store and the others
+    find it made. The lock is the file ``.NAME.lock`` beside the database ``NAME``; other stores
+    need none. Without a writable place for it (checked before), the store opens unlocked.
+
+    Raises:
+        ConfigError: another process held the lock for ``_LOCK_TIMEOUT_S`` seconds.
+    """
+    local = store_path(uri) if urlparse(uri).scheme == "sqlite" else None
+    if not local:
+        yield
+        return
+    from filelock import FileLock, Timeout
+
+    db = Path(local)
+    lock = FileLock(str(db.with_name(f".{db.name}.lock")), timeout=_LOCK_TIMEOUT_S)
+    try:
+        lock.acquire()
+        held = True
+    except Timeout:  # before OSError: filelock's Timeout is a TimeoutError
+        raise ConfigError(
+            "tracking.uri",
+            f"another process has held {lock.lock_file} for {_LOCK_TIMEOUT_S} s while opening "
+            f"the store {uri}; is a fedsim or MLflow process stuck on it?",
+        ) from None
+    except OSError:
+        held = False
+    try:
+        yield
+    finally:
+        if held:
+            lock.release()
+
+
+def _experiment(client, name: str):
+    """Experiment ``name``, created if missing (by this process or, meanwhile, another)."""
+    from mlflow.exceptions import MlflowException
+
+    exp = client.get_experiment_by_name(name)
+    if exp is not None:
+        return exp
+    try:
+        return client.get_experiment(client.create_experiment(name))
+    except MlflowException as exc:
+        if exc.error_code != "RESOURCE_ALREADY_EXISTS":
+            raise
+        return client.get_experiment_by_name(name)  # another run created it first
+
+
+@contextmanager
 def quick_http():
     """Inside, an MLflow request to a server that does not answer fails after
     :data:`REMOTE_TIMEOUT_S` seconds, without retries, instead of retrying for minutes."""
@@ -142,13 +203,10 @@ def check_tracking(cfg: FedSimConfig, run_id: str | None = None) -> None:
     from mlflow.tracking import MlflowClient
 
     try:
-        with quick_http():
+        with quick_http(), store_lock(uri):
             client = MlflowClient(tracking_uri=uri)
-            exp = client.get_experiment_by_name(cfg.tracking.experiment)
-            if exp is None:
-                exp_id = client.create_experiment(cfg.tracking.experiment)
-                exp = client.get_experiment(exp_id)
-            elif exp.lifecycle_stage == "deleted":
+            exp = _experiment(client, cfg.tracking.experiment)
+            if exp.lifecycle_stage == "deleted":
                 raise ConfigError(
                     "tracking.experiment",
                     f"experiment {cfg.tracking.experiment!r} is deleted in {uri}; restore it "
@@ -159,7 +217,8 @@ def check_tracking(cfg: FedSimConfig, run_id: str | None = None) -> None:
                 raise ConfigError(
                     "tracking.uri",
                     f"MLflow run {run_id} of the checkpoint is not in the store {uri}; resume "
-                    "from the directory the run was started in, or pass tracking.uri=",
+                    "from the directory the run was started in, pass tracking.uri=, or "
+                    "continue into a new MLflow run with --new-run",
                 )
     except ConfigError:
         raise

@@ -2,6 +2,8 @@
 
 Only the driver writes. The run holds the flattened config as params, the resolved config as
 YAML, per-round per-client tables, the final global adapter in peft's format and PNG plots.
+Once the run exists, a store that fails mid-run is a warning, not a failed run
+(:mod:`fedsim.tracking.store_loss`).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import mlflow
 from mlflow.tracking import MlflowClient
 
 from fedsim.config import FedSimConfig, config_digest, flatten, to_yaml, tracking_uri
+from fedsim.tracking.store_loss import GuardedClient, StoreLoss
 from fedsim.version import __version__, source_commit
 
 
@@ -24,11 +27,16 @@ def quiet_mlflow() -> None:
 
     for name in ("mlflow", "alembic"):
         logging.getLogger(name).setLevel(logging.WARNING)
+    # MLflow logs a database error with its whole traceback before raising it as an
+    # MlflowException; fedsim reports the exception itself, on one line
+    logging.getLogger("mlflow").getChild("store.db.utils").setLevel(logging.CRITICAL)
 
 
 # MLflow 3 marks what an experiment is for with this tag (the API, and UIs that read it; 3.17's
 # UI picks its GenAI or training view from the address instead: see Tracker.ui_url).
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+# Logged by every round (whatever eval.every): the round's metrics reached the store
+ROUND_METRIC = "time/round_s"
 TRAINING_KIND = "custom_model_development"
 
 
@@ -150,16 +158,27 @@ class Tracker:
         self.reopened = False
         self.experiment_id = exp_id
         self.system_metrics = None
-        if not log_config:
-            return
-        params = {k: str(v)[:6000] for k, v in flatten(cfg).items()}
-        items = list(params.items())
-        for i in range(0, len(items), 100):  # MLflow caps a batch at 100 params
-            self.client.log_batch(
-                self.run_id,
-                params=[mlflow.entities.Param(k, v) for k, v in items[i : i + 100]],
-            )
-        self.log_text(to_yaml(cfg), "config.yaml")
+        self.logged = -1  # the last round whose metrics the store took
+        if log_config:
+            params = {k: str(v)[:6000] for k, v in flatten(cfg).items()}
+            items = list(params.items())
+            for i in range(0, len(items), 100):  # MLflow caps a batch at 100 params
+                self.client.log_batch(
+                    self.run_id,
+                    params=[mlflow.entities.Param(k, v) for k, v in items[i : i + 100]],
+                )
+            self.log_text(to_yaml(cfg), "config.yaml")
+        self._guard()
+
+    def _guard(self) -> None:
+        """From here on a failing store is a warning (the run exists; the start-up's own
+        writes raised, as a store that cannot be written to at all is a config error)."""
+        self.client = GuardedClient(self.client, self.uri, lambda: self.logged + 1)
+
+    @property
+    def lost(self) -> StoreLoss | None:
+        """When and why the store failed during the run; None while it takes every write."""
+        return getattr(self.client, "lost", None)
 
     @classmethod
     def reopen(cls, cfg: FedSimConfig, run_id: str, resumed_round: int) -> Tracker:
@@ -183,7 +202,8 @@ class Tracker:
             raise ConfigError(
                 "tracking.uri",
                 f"MLflow run {run_id} of the checkpoint is not in the store {self.uri}; resume "
-                "from the directory the run was started in, or pass tracking.uri=",
+                "from the directory the run was started in, pass tracking.uri=, or continue "
+                "into a new MLflow run with --new-run",
             ) from None
         self.run_id = run_id
         self.reopened = True
@@ -193,6 +213,8 @@ class Tracker:
         self.client.set_tag(run_id, "fedsim.resumed_from_round", str(resumed_round))
         # a resumed run may have more rounds: its digest says what it ran to the end
         self.client.set_tag(run_id, "fedsim.config_digest", config_digest(cfg))
+        self.logged = self.last_step(ROUND_METRIC)
+        self._guard()
         return self
 
     def last_step(self, metric: str) -> int:
@@ -208,6 +230,8 @@ class Tracker:
         batch = [mlflow.entities.Metric(k, float(v), ts, step) for k, v in metrics.items()]
         for i in range(0, len(batch), 1000):
             self.client.log_batch(self.run_id, metrics=batch[i : i + 1000])
+        if self.lost is None and ROUND_METRIC in metrics:  # a round's metrics, not a side metric
+            self.logged = max(self.logged, step)
 
     def log_text(self, text: str, path: str) -> None:
         self.client.log_text(self.run_id, text, path)

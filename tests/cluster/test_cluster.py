@@ -914,3 +914,77 @@ def test_relative_outputs_under_a_job_with_a_working_dir_are_named():
     assert keys(environ={}) == []
     no_dir = {"RAY_JOB_CONFIG_JSON_ENV_VAR": json.dumps({"runtime_env": {}})}
     assert keys(environ=no_dir) == []
+
+
+def _checkpointed_round(runs: Path) -> int:
+    """The round the run's ``latest.json`` names (-1 before the first checkpoint)."""
+    for pointer in runs.glob("*/latest.json"):
+        try:
+            return json.loads(pointer.read_text())["round"]
+        except (OSError, ValueError, KeyError):
+            return -1  # being replaced
+    return -1
+
+
+@pytest.mark.slow  # two Ray nodes, an MLflow server, a job stopped mid-run and its resume: ~3 min
+@pytest.mark.timeout(JOB_TIMEOUT_S + 3 * START_TIMEOUT_S)
+def test_ray_job_stop_marks_the_run_killed_and_prints_the_resume_line(
+    cluster, tiny_overrides, tmp_path
+):
+    """`ray job stop` sends the driver SIGTERM (and SIGKILL RAY_JOB_STOP_WAIT_TIME_S later, 3 s
+    by default): fedsim marks its MLflow run KILLED and prints the resume line within that, and
+    the checkpoint it left continues the same MLflow run."""
+    from mlflow.tracking import MlflowClient
+    from ray.job_submission import JobStatus, JobSubmissionClient
+
+    import fedsim
+    from actors.executor import LocalExecutor
+    from fedsim.checkpoint.disk import load_checkpoint
+
+    runs = tmp_path / "runs"
+    overrides = [
+        *tiny_overrides,
+        "clients.num=4",
+        "clients.ranks=[8,8,4,4]",
+        "clients.fraction=1.0",
+        "rounds=500",  # it is stopped long before
+        f"checkpoint.dir={runs}",
+        f"tracking.uri={cluster.mlflow}",
+        f"tracking.experiment={EXPERIMENT}-stop",
+    ]
+    job = cluster.submit([sys.executable, "-m", "fedsim", "run", *overrides])
+    cluster.wait_for_mlflow()
+    jobs = JobSubmissionClient(cluster.dashboard, headers=cluster.auth_header)
+
+    def checkpointed() -> bool:
+        status = jobs.get_job_status(job)
+        if status.is_terminal():
+            pytest.fail(f"job ended {status.value} before round 1:\n{jobs.get_job_logs(job)}")
+        return _checkpointed_round(runs) >= 1
+
+    _wait("round 1's checkpoint", checkpointed, cluster.procs, ("ray-head",), JOB_TIMEOUT_S)
+    stop = subprocess.run(
+        [*_cli("ray"), "job", "stop", f"--address={cluster.dashboard}", job],
+        env=cluster.procs.env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert stop.returncode == 0, f"{stop.stdout}\n{stop.stderr}"
+    assert jobs.get_job_status(job) == JobStatus.STOPPED
+    logs = jobs.get_job_logs(job)
+    (run_dir,) = runs.iterdir()
+    hint = f"fedsim: warning: the run stopped; continue it with: fedsim run --resume {run_dir}"
+    assert hint in logs, logs
+    assert "SIGTERM received" not in logs and "Traceback" not in logs, logs
+
+    client = MlflowClient(tracking_uri=cluster.mlflow)
+    run = client.get_run(run_dir.name)
+    assert run.info.status == "KILLED"
+    # the checkpoint it left continues the same MLflow run (in this process: no Ray needed)
+    done = load_checkpoint(run_dir).round
+    result = fedsim.resume(run_dir, [f"rounds={done + 1}"], executor=LocalExecutor(), quiet=True)
+    assert result.run_id == run.info.run_id
+    assert client.get_run(run.info.run_id).info.status == "FINISHED"
+    steps = {m.step for m in client.get_metric_history(run.info.run_id, "time/round_s")}
+    assert steps == set(range(done + 2))
