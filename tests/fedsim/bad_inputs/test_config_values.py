@@ -12,7 +12,10 @@ the tiny config (3 of 6 clients sampled per round) and checks, through ``fails``
 
 from __future__ import annotations
 
+import math
+
 import pytest
+import torch
 
 import fedsim
 from fedsim.config import ConfigError, limits, load_config
@@ -171,3 +174,40 @@ def test_ascii_int_takes_ascii_digits_only(text, value):
 )
 def test_ascii_float_takes_ascii_numbers_only(text, value):
     assert ascii_float(text) == value
+
+
+# --- at run time: adaptive clipping beyond what the load-time bound allows ----------------
+
+
+def _adapter(rank: int, seed: int) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    return {
+        "m.lora_A.weight": torch.randn(rank, 6, generator=g),
+        "m.lora_B.weight": torch.randn(5, rank, generator=g),
+    }
+
+
+@pytest.mark.parametrize("next_clip", [0.0, math.inf, OverflowError])
+def test_a_clip_norm_leaving_the_float_range_stops_the_run(monkeypatch, next_clip):
+    """The bound holds the count noise within six standard deviations; past them (or with a
+    math that still overflows) the server stops the run with a reason, never a traceback
+    from clip_update's ``max_norm ... 0.0``."""
+    from actors.server import ServerState
+    from aggregation import FedAvg
+    from fedsim.config.registry import build_merger, enabled_methods
+    from fedsim.errors import RunFailed
+    from fedsim.messages import ClientMeta, Upload
+    from fedsim.methods import privacy
+
+    def step(*args):
+        if next_clip is OverflowError:
+            raise OverflowError("math range error")
+        return next_clip
+
+    monkeypatch.setattr(privacy, "adaptive_clip_update", step)
+    cfg = load_config(None, [*ADAPTIVE, "aggregation.method=zeropad", "editing.enabled=false"])
+    server = ServerState(build_merger(cfg), _adapter(4, 0), FedAvg(), enabled_methods(cfg), 10)
+    metas = [ClientMeta(c, 4, 10, 1) for c in range(4)]
+    uploads = [Upload(_adapter(4, seed=c + 1)) for c in range(4)]
+    with pytest.raises(RunFailed, match="privacy.clip_lr"):
+        server.aggregate(1, metas, uploads)
