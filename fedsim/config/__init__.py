@@ -6,6 +6,10 @@
   :func:`tracking_uri` (the one rule for the MLflow store: config > environment > default);
 - :mod:`fedsim.config.checks`: :func:`validate`, the engine's rules (each method's own rules
   live in its module of :mod:`fedsim.methods` and are found through the registry);
+- :mod:`fedsim.config.strict`: the values as written, read strictly (numbers in ASCII digits,
+  booleans that are booleans) before OmegaConf converts them;
+- :mod:`fedsim.config.limits`: how large a value may be, bounded by what the arithmetic
+  downstream can carry (float32 weights, the privacy accountant, simulated time);
 - :mod:`fedsim.config.ranks`: ``clients.ranks`` and :func:`resolve_ranks`;
 - :mod:`fedsim.config.registry`: every plug-in by ``"module:Name"``, and how each is built;
 - :mod:`fedsim.config.yaml_file`: every YAML file read for the user (configs, studies), within

@@ -12,6 +12,7 @@ import re
 from dataclasses import fields, is_dataclass
 from typing import Any
 
+import fedsim.config.limits as limits
 from fedsim.config.ranks import resolve_ranks
 from fedsim.config.registry import BACKBONES as BACKBONE_SPECS
 from fedsim.config.registry import (
@@ -23,6 +24,7 @@ from fedsim.config.registry import (
     method_classes,
 )
 from fedsim.config.schema import BACKBONES, GENERATIVE_BACKBONES, FedSimConfig
+from fedsim.config.strict import ascii_float, ascii_int
 from fedsim.errors import ConfigError
 
 # the registered_models.name column of MLflow's SQL stores
@@ -57,21 +59,19 @@ def parse_ratio(ratio: str | int) -> float:
         ValueError: not two non-negative numbers with a positive sum.
     """
     text = str(ratio).strip()
-    if text.isdigit() and int(text) >= 60:  # sexagesimal a:b == a * 60 + b
-        a, b = divmod(int(text), 60)
+    whole = ascii_int(text)
+    if whole is not None and whole >= 60:  # sexagesimal a:b == a * 60 + b
+        a, b = divmod(whole, 60)
         text = f"{a}:{b}"
-    try:
-        if ":" not in text:
-            share = float(text)
-            if not 0 <= share <= 1:
-                raise ValueError
-            return share
-        a, b = (float(x) for x in text.split(":"))
-    except ValueError:
-        raise ValueError(
-            f"expected 'a:b' such as '3:7' or a share in [0, 1], got {ratio!r}"
-        ) from None
-    if a < 0 or b < 0 or a + b <= 0:
+    numbers = [ascii_float(x) for x in text.split(":")]
+    if len(numbers) > 2 or None in numbers or not all(map(math.isfinite, numbers)):
+        raise ValueError(f"expected 'a:b' such as '3:7' or a share in [0, 1], got {ratio!r}")
+    if len(numbers) == 1:
+        if not 0 <= numbers[0] <= 1:
+            raise ValueError(f"expected 'a:b' such as '3:7' or a share in [0, 1], got {ratio!r}")
+        return numbers[0]
+    a, b = numbers
+    if a < 0 or b < 0 or not 0 < a + b < math.inf:
         raise ValueError(f"expected two non-negative numbers with a positive sum, got {ratio!r}")
     return a / (a + b)
 
@@ -113,12 +113,25 @@ def _check_values(obj: Any, prefix: str = "") -> None:
                     _check_values(item, f"{key}.{name}.")
         elif isinstance(value, float) and not math.isfinite(value):
             raise ConfigError(key, f"must be a finite number, got {value}")
-        elif isinstance(value, int) and not isinstance(value, bool) and key in _UPPER:
+        elif isinstance(value, int) and not isinstance(value, bool):
+            if key in _UPPER:
+                _check(
+                    value <= _UPPER[key],
+                    key,
+                    f"{value} is above the limit of {_UPPER[key]:,} (a typo?)",
+                )
             _check(
-                value <= _UPPER[key],
+                abs(value) <= limits.MAX_INT,
                 key,
-                f"{value} is above the limit of {_UPPER[key]:,} (a typo?)",
+                f"{value} does not fit a 64-bit integer (numpy's and torch's)",
             )
+        elif isinstance(value, list):
+            for item in value:
+                _check(
+                    not isinstance(item, int) or abs(item) <= limits.MAX_INT,
+                    key,
+                    f"{item} does not fit a 64-bit integer (numpy's and torch's)",
+                )
 
 
 def validate(cfg: FedSimConfig) -> None:
@@ -192,7 +205,11 @@ def validate(cfg: FedSimConfig) -> None:
     _check(0 <= m.head_dropout < 1, "model.head_dropout", "must be in [0, 1)")
     _check(m.head_hidden >= 1, "model.head_hidden", f"must be >= 1, got {m.head_hidden}")
     _validate_generative(cfg)
-    _check(cfg.lora.alpha > 0, "lora.alpha", f"must be > 0, got {cfg.lora.alpha}")
+    _check(
+        0 < cfg.lora.alpha <= limits.MAX_COEFFICIENT,
+        "lora.alpha",
+        f"must be > 0 and <= {limits.MAX_COEFFICIENT:g}, got {cfg.lora.alpha:g}",
+    )
     _check(0 <= cfg.lora.dropout < 1, "lora.dropout", "must be in [0, 1)")
     _check(
         cfg.aggregation.method in MERGERS,
@@ -211,15 +228,27 @@ def validate(cfg: FedSimConfig) -> None:
     )
     _check(t.batch_size >= 1, "train.batch_size", "must be >= 1")
     _check(t.eval_batch_size >= 1, "train.eval_batch_size", "must be >= 1")
-    _check(t.lr > 0, "train.lr", f"must be > 0, got {t.lr}")
+    _check(
+        0 < t.lr <= limits.MAX_LR,
+        "train.lr",
+        f"must be > 0 and <= {limits.MAX_LR:g} (a larger step overflows float32 within a "
+        f"round), got {t.lr:g}",
+    )
     _check(t.weight_decay >= 0, "train.weight_decay", f"must be >= 0, got {t.weight_decay}")
     r = cfg.resources
-    _check(r.client.num_cpus > 0, "resources.client.num_cpus", "must be > 0")
+    top = limits.MAX_ACTOR_RESOURCE
+    _check(
+        0 < r.client.num_cpus <= top,
+        "resources.client.num_cpus",
+        f"must be in (0, {top:,.0f}] (one actor runs on one node), got {r.client.num_cpus:g}",
+    )
     _check(
         r.client.num_gpus >= 0
-        and (r.client.num_gpus <= 1 or float(r.client.num_gpus).is_integer()),
+        and (r.client.num_gpus <= 1 or float(r.client.num_gpus).is_integer())
+        and r.client.num_gpus <= top,
         "resources.client.num_gpus",
-        f"must be 0, a fraction in (0, 1] or a whole number, got {r.client.num_gpus}",
+        f"must be 0, a fraction in (0, 1] or a whole number up to {top:,.0f}, "
+        f"got {r.client.num_gpus:g}",
     )
     _check(r.actors is None or r.actors >= 1, "resources.actors", "must be >= 1")
     _check(r.max_retries >= 0, "resources.max_retries", "must be >= 0")
@@ -256,6 +285,12 @@ def validate(cfg: FedSimConfig) -> None:
             f"client id {cid} is not in [0, {cfg.clients.num})",
         )
     _validate_faults_rounds_devices(cfg)
+
+
+def clients_per_round(cfg: FedSimConfig) -> int:
+    """The clients sampled per round: ``max(1, round(fraction * num))``, as
+    :func:`fedsim.data.partition.sample_clients` samples them (the most a round can merge)."""
+    return max(1, int(round(cfg.clients.fraction * cfg.clients.num)))
 
 
 def is_generative(cfg: FedSimConfig) -> bool:
@@ -296,12 +331,33 @@ def _validate_generative(cfg: FedSimConfig) -> None:
     )
 
 
+# A device profile's rates relative to the reference device: a task's simulated seconds divide
+# by them, so a rate near 0 (1e-300) makes them infinite; a million times slower or faster
+# than the reference covers any device.
+_MIN_RATE, _MAX_RATE = 1e-6, 1e12
+_MAX_SHARE = 1e6
+
+
 def _validate_faults_rounds_devices(cfg: FedSimConfig) -> None:
     f = cfg.faults
     _check(0 <= f.fail_prob <= 1, "faults.fail_prob", f"must be in [0, 1], got {f.fail_prob}")
     _check(0 <= f.delay_prob <= 1, "faults.delay_prob", f"must be in [0, 1], got {f.delay_prob}")
-    _check(f.delay_s >= 0, "faults.delay_s", f"must be >= 0, got {f.delay_s}")
+    sim = limits.MAX_SIM_SECONDS
+    _check(
+        0 <= f.delay_s <= sim,
+        "faults.delay_s",
+        f"must be in [0, {sim:g}] simulated seconds, got {f.delay_s:g}",
+    )
     _check(f.delay_sigma > 0, "faults.delay_sigma", f"must be > 0, got {f.delay_sigma}")
+    if f.delay_dist == "lognormal":
+        tail = f.delay_s * math.exp(min(limits.LOGNORMAL_TAIL_Z * f.delay_sigma, 709.0))
+        _check(
+            tail <= sim,
+            "faults.delay_sigma",
+            f"a lognormal delay of median faults.delay_s={f.delay_s:g} and log-sd "
+            f"{f.delay_sigma:g} draws up to {tail:.3g} simulated seconds, above {sim:g}; "
+            "use a smaller log-sd",
+        )
     _check(
         0 <= f.sleep_scale <= 10,
         "faults.sleep_scale",
@@ -312,31 +368,60 @@ def _validate_faults_rounds_devices(cfg: FedSimConfig) -> None:
         "faults.delay_s",
         f"faults.delay_dist={f.delay_dist} needs faults.delay_s > 0",
     )
+    _check(
+        f.delay_dist == "none" or f.sleep_scale * f.delay_s <= limits.MAX_SLEEP_SECONDS,
+        "faults.sleep_scale",
+        f"a task would really sleep faults.sleep_scale x faults.delay_s = "
+        f"{f.sleep_scale * f.delay_s:g} s for a typical delay, more than a day "
+        f"({limits.MAX_SLEEP_SECONDS:g} s)",
+    )
     r = cfg.round
-    _check(r.deadline_s >= 0, "round.deadline_s", f"must be >= 0, got {r.deadline_s}")
+    _check(
+        0 <= r.deadline_s <= sim,
+        "round.deadline_s",
+        f"must be in [0, {sim:g}] simulated seconds, got {r.deadline_s:g}",
+    )
     _check(
         r.max_empty_rounds >= 0,
         "round.max_empty_rounds",
         f"must be >= 0 (0: never stop), got {r.max_empty_rounds}",
     )
-    per_round = max(1, int(round(cfg.clients.fraction * cfg.clients.num)))
+    per_round = clients_per_round(cfg)
     _check(
         1 <= r.min_clients <= per_round,
         "round.min_clients",
         f"must be in [1, {per_round}] (the clients sampled per round), got {r.min_clients}",
     )
     d = cfg.devices
-    _check(d.step_s >= 0, "devices.step_s", f"must be >= 0, got {d.step_s}")
+    _check(
+        0 <= d.step_s <= sim,
+        "devices.step_s",
+        f"must be in [0, {sim:g}] simulated seconds, got {d.step_s:g}",
+    )
     for name, p in d.profiles.items():
         key = f"devices.profiles.{name}"
-        _check(p.share >= 0, f"{key}.share", f"must be >= 0, got {p.share}")
-        _check(p.speed > 0, f"{key}.speed", f"must be > 0, got {p.speed}")
-        _check(p.up_mbps > 0, f"{key}.up_mbps", f"must be > 0, got {p.up_mbps}")
-        _check(p.down_mbps > 0, f"{key}.down_mbps", f"must be > 0, got {p.down_mbps}")
+        _check(
+            0 <= p.share <= _MAX_SHARE,
+            f"{key}.share",
+            f"must be in [0, {_MAX_SHARE:g}] (shares are relative), got {p.share:g}",
+        )
+        for name_, value in (
+            ("speed", p.speed),
+            ("up_mbps", p.up_mbps),
+            ("down_mbps", p.down_mbps),
+        ):
+            _check(
+                _MIN_RATE <= value <= _MAX_RATE,
+                f"{key}.{name_}",
+                f"must be in [{_MIN_RATE:g}, {_MAX_RATE:g}] (a task's simulated seconds "
+                f"divide by it), got {value:g}",
+            )
     _check(
         not d.profiles or sum(p.share for p in d.profiles.values()) > 0,
         "devices.profiles",
-        "the shares must not all be 0",
+        "the shares must not all be 0 ("
+        + ", ".join(f"devices.profiles.{name}.share" for name in d.profiles)
+        + ")",
     )
     c = cfg.checkpoint
     _check(c.every >= 0, "checkpoint.every", f"must be >= 0, got {c.every}")
@@ -384,7 +469,12 @@ def _check_combinations(cfg: FedSimConfig) -> None:
         f"data.partition=centralized is one client holding all data; set clients.num=1 "
         f"(got {cfg.clients.num})",
     )
-    _check(cfg.server.lr is None or cfg.server.lr > 0, "server.lr", "must be > 0")
+    _check(
+        cfg.server.lr is None or 0 < cfg.server.lr <= limits.MAX_LR,
+        "server.lr",
+        f"must be > 0 and <= {limits.MAX_LR:g} (a larger step overflows float32), "
+        f"got {cfg.server.lr}",
+    )
     _check(0 <= cfg.server.beta1 < 1, "server.beta1", "must be in [0, 1)")
     _check(0 <= cfg.server.beta2 < 1, "server.beta2", "must be in [0, 1)")
     _check(cfg.server.tau > 0, "server.tau", "must be > 0")

@@ -75,20 +75,27 @@ class PrivacyConfig:
         ),
     )
     clip_norm: float = field(
-        default=1.0, metadata=doc("Clip norm C of a client's update (adaptive: the initial C).")
+        default=1.0,
+        metadata=doc(
+            "Clip norm C of a client's update (adaptive: the initial C); the noise std z x C "
+            "must be at most 1e3 (it moves a global weight by that much per round)."
+        ),
     )
     noise_multiplier: float = field(
         default=1.0,
         metadata=doc(
-            "Noise multiplier z (noise std z C on the sum of updates); derived instead when "
-            "privacy.target_epsilon > 0."
+            "Noise multiplier z (noise std z C on the sum of updates), in [0, 1e6] (from about "
+            "1e6 the accountants' epsilon is 0); the pld accountant needs z >= 0.1 (its grid "
+            "grows as 1/z^2). Derived instead when privacy.target_epsilon > 0. The accountant "
+            "is evaluated at load for the planned rounds."
         ),
     )
     target_epsilon: float = field(
         default=0.0,
         metadata=doc(
             "Derive the noise multiplier so that the whole run (rounds) is "
-            "(target_epsilon, delta)-DP (0: use privacy.noise_multiplier)."
+            "(target_epsilon, delta)-DP (0: use privacy.noise_multiplier); a target that even "
+            "the largest noise allowed (z C = 1e3) cannot meet is refused at load."
         ),
     )
     delta: float = field(default=1e-5, metadata=doc("The delta of (epsilon, delta)-DP."))
@@ -96,13 +103,19 @@ class PrivacyConfig:
         default=0.5, metadata=doc("Adaptive clipping: the quantile of update norms to track.")
     )
     clip_lr: float = field(
-        default=0.2, metadata=doc("Adaptive clipping: the geometric step size of C.")
+        default=0.2,
+        metadata=doc(
+            "Adaptive clipping: the geometric step size of C. One round may scale C by at most "
+            "e^20: clip_lr x (max(q, 1 - q) + 6 sigma_b / n) <= 20, q the target quantile, "
+            "sigma_b the count noise, n the clients per round."
+        ),
     )
     count_noise: float = field(
         default=0.0,
         metadata=doc(
             "Adaptive clipping: std of the noise on the count of clipped updates (0: the "
-            "sampled clients per round / 20, Andrew et al.'s choice)."
+            "sampled clients per round / 20, Andrew et al.'s choice); bounded with "
+            "privacy.clip_lr."
         ),
     )
     accountant: Literal["rdp", "pld"] = field(
@@ -119,7 +132,7 @@ class PruningConfig:
         default=0.0,
         metadata={
             "help": "HetLoRA's rank self-pruning: weight of gamma * ||B[:, r-delta:] "
-            "A[r-delta:]||_F in the local loss; 0 turns pruning off."
+            "A[r-delta:]||_F in the local loss, in [0, 1e4]; 0 turns pruning off."
         },
     )
     delta: int = field(default=1, metadata=doc("Tail dimensions penalised and dropped at once."))
@@ -127,7 +140,13 @@ class PruningConfig:
         default=1e-3,
         metadata=doc("Drop the tail when its norm after training is below this."),
     )
-    min_rank: int = field(default=1, metadata=doc("A client's rank never drops below this."))
+    min_rank: int = field(
+        default=1,
+        metadata=doc(
+            "A client's rank never drops below this; with pruning on, the largest rank minus "
+            "pruning.delta must reach it (else no client could prune)."
+        ),
+    )
 
 
 @dataclass
@@ -151,15 +170,24 @@ class RobustConfig:
         default=0.1,
         metadata=doc(
             "trimmed_mean: the share beta of values dropped at each end, per coordinate "
-            "(floor(beta * n) of the n clients covering it)."
+            "(floor(beta * n) of the n clients covering it); floor(beta * n) >= 1 for the "
+            "clients sampled per round, or nothing is ever trimmed."
         ),
     )
     num_faulty: int = field(
-        default=1, metadata=doc("krum, multi_krum: the number f of faulty clients assumed.")
+        default=1,
+        metadata=doc(
+            "krum, multi_krum: the number f of faulty clients assumed; a round must sample "
+            "n >= f + 3 clients (Krum scores by the n - f - 2 nearest; its guarantee, "
+            "Blanchard et al. 2017, needs n > 2f + 2)."
+        ),
     )
     num_selected: int = field(
         default=0,
-        metadata=doc("multi_krum: how many best-scored clients are merged (0: n - f)."),
+        metadata=doc(
+            "multi_krum: how many best-scored clients are merged, at most n - f for the n "
+            "clients sampled per round (0: n - f)."
+        ),
     )
     threshold: float = field(
         default=3.0,

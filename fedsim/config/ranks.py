@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from fedsim.config.strict import ascii_int
 from fedsim.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -30,8 +31,9 @@ def rank_spec(value: Any) -> str:
 
 
 def _int(text: str) -> int | None:
-    text = text.strip()
-    return int(text) if text.isdigit() else None
+    """A non-negative int in ASCII digits (``"٣"`` is not one), else None."""
+    value = ascii_int(text)
+    return value if value is not None and text.strip()[:1] not in "+-" else None
 
 
 def resolve_ranks(clients: ClientsConfig, seed: int) -> list[int]:
@@ -62,7 +64,7 @@ def resolve_ranks(clients: ClientsConfig, seed: int) -> list[int]:
             return [int(r) for r in rng.choice(values, size=n)]
     elif spec == "fedilora":
         return [FEDILORA_RANKS[i % len(FEDILORA_RANKS)] for i in range(n)]
-    elif spec.strip() and all(p.strip().lstrip("-").isdigit() for p in spec.split(",")):
+    elif spec.strip() and all(ascii_int(p) is not None for p in spec.split(",")):
         parts = spec.split(",")
         if len(parts) == 1:  # one int: every client
             parts = parts * n
@@ -76,9 +78,7 @@ def resolve_ranks(clients: ClientsConfig, seed: int) -> list[int]:
                 )
         return ranks
     elif "," in spec and not colon:
-        bad = next(
-            (i, p) for i, p in enumerate(spec.split(",")) if not p.strip().lstrip("-").isdigit()
-        )
+        bad = next((i, p) for i, p in enumerate(spec.split(",")) if ascii_int(p) is None)
         raise ConfigError(
             "clients.ranks", f"client {bad[0]}: rank must be an int >= 1, got {bad[1].strip()!r}"
         )

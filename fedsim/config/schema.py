@@ -256,7 +256,10 @@ class ModelConfig:
 
 @dataclass
 class LoraConfig:
-    alpha: float = field(default=16.0, metadata=doc("LoRA alpha."))
+    alpha: float = field(
+        default=16.0,
+        metadata=doc("LoRA alpha, in (0, 1e4] (it scales every LoRA output, in float32)."),
+    )
     scaling: Literal["constant", "rank"] = field(
         default="constant",
         metadata=doc(
@@ -324,7 +327,10 @@ class ServerConfig:
         ),
     )
     lr: float | None = field(
-        default=None, metadata=doc("Server learning rate (default: 1.0 FedAvgM, 1e-2 adaptive).")
+        default=None,
+        metadata=doc(
+            "Server learning rate (default: 1.0 FedAvgM, 1e-2 adaptive), in (0, 1e3] like train.lr."
+        ),
     )
     beta1: float = field(default=0.9, metadata=doc("First-moment decay."))
     beta2: float = field(default=0.99, metadata=doc("Second-moment decay."))
@@ -344,8 +350,17 @@ class ObjectiveConfig:
             choices=OBJECTIVES,
         ),
     )
-    mu: float = field(default=0.01, metadata=doc("Proximal coefficient (fedprox, fedmllm)."))
-    layer_weight: float = field(default=0.1, metadata=doc("fedmllm: weight w of the term."))
+    mu: float = field(
+        default=0.01,
+        metadata=doc(
+            "Proximal coefficient (fedprox, fedmllm), in [0, 1e4]. With train.optimizer=sgd, "
+            "train.lr x mu (fedmllm: x layer_weight) must be at most 2, or the term's own "
+            "steps diverge."
+        ),
+    )
+    layer_weight: float = field(
+        default=0.1, metadata=doc("fedmllm: weight w of the term, in [0, 1e4].")
+    )
     layer_skip: int = field(
         default=1,
         metadata=doc(
@@ -372,7 +387,13 @@ class TrainConfig:
     optimizer: Literal["adamw", "sgd"] = field(
         default="adamw", metadata=doc("Local optimiser (SCAFFOLD needs sgd).")
     )
-    lr: float = field(default=2e-3, metadata=doc("Local learning rate."))
+    lr: float = field(
+        default=2e-3,
+        metadata=doc(
+            "Local learning rate, in (0, 1e3]: AdamW moves a weight by about lr per step, and "
+            "a larger step overflows float32 within a round."
+        ),
+    )
     weight_decay: float = field(default=0.0, metadata=doc("AdamW weight decay."))
     precision: Literal["fp32", "bf16"] = field(
         default="fp32", metadata=doc("Autocast precision of the forward pass.")
@@ -406,8 +427,13 @@ class EvalConfig:
 
 @dataclass
 class ClientResources:
-    num_cpus: float = field(default=1.0, metadata=doc("CPUs per client actor."))
-    num_gpus: float = field(default=0.0, metadata=doc("GPU fraction per client actor."))
+    num_cpus: float = field(
+        default=1.0, metadata=doc("CPUs per client actor, in (0, 1e4] (an actor is on one node).")
+    )
+    num_gpus: float = field(
+        default=0.0,
+        metadata=doc("GPUs per client actor: 0, a fraction in (0, 1] or a whole number up to 1e4."),
+    )
 
 
 @dataclass
@@ -485,16 +511,25 @@ class FaultsConfig:
             "lognormal (median delay_s, log-sd delay_sigma)."
         ),
     )
-    delay_s: float = field(default=0.0, metadata=doc("Scale of faults.delay_dist, seconds."))
-    delay_sigma: float = field(default=1.0, metadata=doc("Log-sd of the lognormal delay."))
+    delay_s: float = field(
+        default=0.0, metadata=doc("Scale of faults.delay_dist, simulated seconds, in [0, 1e9].")
+    )
+    delay_sigma: float = field(
+        default=1.0,
+        metadata=doc(
+            "Log-sd of the lognormal delay; its largest draw, delay_s x exp(7.04 delay_sigma), "
+            "must stay within 1e9 simulated seconds."
+        ),
+    )
     delay_prob: float = field(
         default=1.0, metadata=doc("Probability that a client task is delayed at all.")
     )
     sleep_scale: float = field(
         default=0.0,
         metadata=doc(
-            "Real seconds a delayed task sleeps per simulated delay second (0: the delay is "
-            "only on the simulated clock). Makes clients really finish out of order."
+            "Real seconds a delayed task sleeps per simulated delay second, in [0, 10] (0: the "
+            "delay is only on the simulated clock); sleep_scale x delay_s at most a day. Makes "
+            "clients really finish out of order."
         ),
     )
     malicious: str = field(
@@ -517,10 +552,15 @@ class FaultsConfig:
         )
     )
     attack_scale: float = field(
-        default=100.0, metadata=doc("faults.attack=scale: the factor k of the update.")
+        default=100.0,
+        metadata=doc(
+            "faults.attack=scale: the factor k of the update, 0 < |k| <= 1e6 (a larger forged "
+            "update overflows float32 and is rejected before any robust rule sees it)."
+        ),
     )
     attack_norm: float = field(
-        default=1.0, metadata=doc("faults.attack=gaussian: the norm of the noise update.")
+        default=1.0,
+        metadata=doc("faults.attack=gaussian: the norm of the noise update, in (0, 1e6]."),
     )
     claimed_rank: int = field(
         default=0,
@@ -536,8 +576,9 @@ class RoundConfig:
     deadline_s: float = field(
         default=0.0,
         metadata=doc(
-            "Close a round after this many simulated seconds; clients that would report later "
-            "are late: left out of the merge and counted in clients/late (0: no deadline)."
+            "Close a round after this many simulated seconds, in [0, 1e9]; clients that would "
+            "report later are late: left out of the merge and counted in clients/late (0: no "
+            "deadline)."
         ),
     )
     min_clients: int = field(
@@ -558,17 +599,26 @@ class RoundConfig:
 
 @dataclass
 class DeviceProfile:
-    share: float = field(default=1.0, metadata=doc("Share of clients with this profile."))
-    speed: float = field(default=1.0, metadata=doc("Compute speed (1: the reference device)."))
-    up_mbps: float = field(default=10.0, metadata=doc("Upload bandwidth, Mbit/s."))
-    down_mbps: float = field(default=50.0, metadata=doc("Download bandwidth, Mbit/s."))
+    share: float = field(
+        default=1.0, metadata=doc("Share of clients with this profile (relative), in [0, 1e6].")
+    )
+    speed: float = field(
+        default=1.0,
+        metadata=doc("Compute speed (1: the reference device), in [1e-6, 1e12]."),
+    )
+    up_mbps: float = field(default=10.0, metadata=doc("Upload bandwidth, Mbit/s, in [1e-6, 1e12]."))
+    down_mbps: float = field(
+        default=50.0, metadata=doc("Download bandwidth, Mbit/s, in [1e-6, 1e12].")
+    )
 
 
 @dataclass
 class DevicesConfig:
     step_s: float = field(
         default=0.5,
-        metadata=doc("Simulated seconds of one local training step on a speed-1 device."),
+        metadata=doc(
+            "Simulated seconds of one local training step on a speed-1 device, in [0, 1e9]."
+        ),
     )
     profiles: dict[str, DeviceProfile] = field(
         default_factory=dict,

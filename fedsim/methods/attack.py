@@ -29,6 +29,8 @@ import numpy as np
 import torch
 
 from aggregation import pad, truncate
+from fedsim.config import limits
+from fedsim.config.strict import ascii_float, ascii_int
 from fedsim.errors import ConfigError
 from fedsim.messages import ClientReport, State
 from fedsim.methods.base import ClientStep, Method
@@ -55,11 +57,8 @@ def malicious_clients(cfg: FedSimConfig) -> list[int]:
     if not spec:
         return []
     if "." in spec and "," not in spec:
-        try:
-            share = float(spec)
-        except ValueError:
-            share = -1.0
-        if not 0 < share <= 1:
+        share = ascii_float(spec)
+        if share is None or not 0 < share <= 1:
             raise ConfigError("faults.malicious", f"a share must be in (0, 1], got {spec!r}")
         count = int(round(share * n))
         if count < 1:
@@ -73,13 +72,12 @@ def malicious_clients(cfg: FedSimConfig) -> list[int]:
         return sorted(int(c) for c in picked)
     ids = []
     for part in spec.split(","):
-        part = part.strip()
-        if not part.isdigit():
+        cid = ascii_int(part)
+        if cid is None or part.strip()[:1] in "+-":  # ASCII digits only: "²" is no id
             raise ConfigError(
                 "faults.malicious",
                 f"expected client ids like '3,7' or a share like '0.1', got {spec!r}",
             )
-        cid = int(part)
         if cid >= n:
             raise ConfigError("faults.malicious", f"client id {cid} is not in [0, {n})")
         ids.append(cid)
@@ -141,12 +139,19 @@ class Attack(Method):
                 f"faults.attack={f.attack} needs malicious clients: their ids ('3,7') or a "
                 "share ('0.1')",
             )
-        if not (np.isfinite(f.attack_scale) and f.attack_scale != 0):
+        top = limits.MAX_ATTACK
+        if not (np.isfinite(f.attack_scale) and 0 < abs(f.attack_scale) <= top):
             raise ConfigError(
-                "faults.attack_scale", f"must be finite and non-zero, got {f.attack_scale}"
+                "faults.attack_scale",
+                f"must be non-zero and in [-{top:g}, {top:g}] (a larger forged update "
+                f"overflows float32 and is rejected before any robust rule sees it), "
+                f"got {f.attack_scale:g}",
             )
-        if not (np.isfinite(f.attack_norm) and f.attack_norm > 0):
-            raise ConfigError("faults.attack_norm", f"must be positive, got {f.attack_norm}")
+        if not (np.isfinite(f.attack_norm) and 0 < f.attack_norm <= top):
+            raise ConfigError(
+                "faults.attack_norm",
+                f"must be positive and at most {top:g}, got {f.attack_norm:g}",
+            )
         if f.claimed_rank < 0:
             raise ConfigError("faults.claimed_rank", f"must be >= 0, got {f.claimed_rank}")
         if f.attack == "lie_about_rank" and f.claimed_rank > 0:

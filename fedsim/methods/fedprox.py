@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, ClassVar
 
 import torch
 
+from fedsim.config import limits
 from fedsim.errors import ConfigError
 from fedsim.methods.base import ClientStep, ObjectiveMethod, Params
 from fedsim.models.layers import middle_layer_weights
@@ -52,8 +53,17 @@ class FedProx(ObjectiveMethod):
 
     @classmethod
     def check(cls, cfg: FedSimConfig) -> None:
-        if cfg.objective.mu < 0:
-            raise ConfigError("objective.mu", "must be >= 0")
+        o = cfg.objective
+        top = limits.MAX_COEFFICIENT
+        if not 0 <= o.mu <= top:
+            raise ConfigError("objective.mu", f"must be in [0, {top:g}], got {o.mu:g}")
+        if cls.enabled(cfg):
+            _check_sgd_stable(cfg, o.mu * cls.coefficient(cfg), cls.name)
+
+    @classmethod
+    def coefficient(cls, cfg: FedSimConfig) -> float:
+        """The largest weight the term gets on a tensor (mu multiplies it)."""
+        return 1.0
 
     def weights(self, step: ClientStep) -> dict[str, float]:
         return dict.fromkeys(step.shared, 1.0)
@@ -72,11 +82,36 @@ class FedMLLM(FedProx):
     @classmethod
     def check(cls, cfg: FedSimConfig) -> None:
         o = cfg.objective
-        if o.layer_weight < 0:
-            raise ConfigError("objective.layer_weight", "must be >= 0")
+        top = limits.MAX_COEFFICIENT
+        if not 0 <= o.layer_weight <= top:
+            raise ConfigError(
+                "objective.layer_weight", f"must be in [0, {top:g}], got {o.layer_weight:g}"
+            )
         if o.layer_skip < 0:
             raise ConfigError("objective.layer_skip", "must be >= 0")
+        if cls.enabled(cfg):
+            _check_sgd_stable(cfg, o.mu * cls.coefficient(cfg), cls.name)
+
+    @classmethod
+    def coefficient(cls, cfg: FedSimConfig) -> float:
+        return cfg.objective.layer_weight
 
     def weights(self, step: ClientStep) -> dict[str, float]:
         o = self.cfg.objective
         return middle_layer_weights(step.shared, step.depths, o.layer_skip, o.layer_weight)
+
+
+def _check_sgd_stable(cfg: FedSimConfig, curvature: float, name: str) -> None:
+    """Plain SGD on the term ``c/2 ||theta - theta_g||^2`` multiplies ``theta - theta_g`` by
+    ``1 - lr c`` every step, so it diverges geometrically once ``lr c > 2`` (AdamW normalises
+    its steps and has no such limit)."""
+    step = cfg.train.lr * curvature
+    if cfg.train.optimizer == "sgd" and step > limits.MAX_SGD_CURVATURE_STEP:
+        weight = " x objective.layer_weight" if name == "fedmllm" else ""
+        raise ConfigError(
+            "objective.mu",
+            f"with train.optimizer=sgd, each step multiplies the distance to the global "
+            f"adapter by 1 - train.lr x objective.mu{weight} = 1 - {step:.4g}, which grows "
+            f"without bound once the product exceeds {limits.MAX_SGD_CURVATURE_STEP:g}; lower "
+            "objective.mu or train.lr, or use train.optimizer=adamw",
+        )

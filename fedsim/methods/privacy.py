@@ -81,8 +81,9 @@ from aggregation.privacy import (
     server_noise_std,
     update_noise_multiplier,
 )
+from fedsim.config import limits
 from fedsim.data.partition import sample_clients
-from fedsim.errors import ConfigError
+from fedsim.errors import ConfigError, RunFailed
 from fedsim.messages import ClientReport, State
 from fedsim.methods.base import ClientStep, MergeBatch, Method, ServerContext, configured_merger
 
@@ -145,12 +146,13 @@ class Privacy(Method):
     @classmethod
     def check(cls, cfg: FedSimConfig) -> None:
         p = cfg.privacy
+        z_max = limits.MAX_NOISE_MULTIPLIER
         for key, ok, want in (
             ("clip_norm", math.isfinite(p.clip_norm) and p.clip_norm > 0, "> 0"),
             (
                 "noise_multiplier",
-                math.isfinite(p.noise_multiplier) and p.noise_multiplier >= 0,
-                ">= 0",
+                math.isfinite(p.noise_multiplier) and 0 <= p.noise_multiplier <= z_max,
+                f"in [0, {z_max:g}] (from about 1e6 on the accountants' epsilon is 0)",
             ),
             ("delta", 0 < p.delta < 1, "in (0, 1)"),
             ("target_epsilon", math.isfinite(p.target_epsilon) and p.target_epsilon >= 0, ">= 0"),
@@ -163,7 +165,18 @@ class Privacy(Method):
         if not p.enabled:
             return
         _check_compatible(cfg)
-        z = noise_multiplier(cfg)
+        if p.target_epsilon > 0 and cfg.rounds >= 1:
+            _check_budget(cfg)
+        try:
+            z = noise_multiplier(cfg)
+        except Exception as exc:  # noqa: BLE001 - dp_accounting's calibration, any failure
+            raise ConfigError(
+                "privacy.target_epsilon",
+                f"no noise multiplier found for {p.target_epsilon:g} over rounds={cfg.rounds} "
+                f"({type(exc).__name__}: {exc})",
+            ) from None
+        if z > 0:
+            _check_noise(cfg, z)
         if p.clipping == "adaptive" and z > 0:
             sigma = count_std(cfg)
             if 2 * sigma <= z:
@@ -179,6 +192,8 @@ class Privacy(Method):
                     f"(2 sigma_b)^-2)^(-1/2), which needs 2 sigma_b > z, but sigma_b={sigma:.4g} "
                     f"({source}); set privacy.count_noise above {z / 2:.4g}",
                 )
+        if p.clipping == "adaptive":
+            _check_clip_steps(cfg)
 
     # -- the noise this run adds ------------------------------------------------------------
     def _update_multiplier(self, z: float) -> float:
@@ -269,9 +284,18 @@ class Privacy(Method):
                 )
             fraction = count / n
             batch.metrics["privacy/unclipped_fraction"] = fraction
-            self._next_clip = adaptive_clip_update(
-                self.clip, fraction, p.target_quantile, p.clip_lr
-            )
+            try:
+                self._next_clip = adaptive_clip_update(
+                    self.clip, fraction, p.target_quantile, p.clip_lr
+                )
+            except OverflowError:  # exp() of a huge exponent
+                self._next_clip = math.inf
+            if not 0 < self._next_clip < math.inf:  # beyond the six sigmas the check allows
+                raise RunFailed(
+                    f"round {merge}: adaptive clipping moved the clip norm from {self.clip:.4g} "
+                    f"to {self._next_clip:.4g} (noised unclipped share {fraction:.4g}); lower "
+                    "privacy.clip_lr or privacy.count_noise"
+                )
 
     def after_merge(self, batch: MergeBatch, merged: State) -> State:
         if self.cfg.privacy.noise != "server":
@@ -315,6 +339,96 @@ class Privacy(Method):
         if not part:
             return {}
         return {"privacy_norm": part["norm"], "privacy_clipped": part["clipped"]}
+
+
+def _z_key(cfg: FedSimConfig) -> str:
+    """The key that set the noise multiplier: the budget, or the multiplier itself."""
+    return (
+        "privacy.target_epsilon" if cfg.privacy.target_epsilon > 0 else "privacy.noise_multiplier"
+    )
+
+
+@functools.lru_cache(maxsize=64)
+def _epsilon(rounds: int, q: float, z: float, delta: float, accountant: str) -> float:
+    return epsilon_after(rounds, q, z, delta, accountant)  # type: ignore[arg-type]
+
+
+def _check_budget(cfg: FedSimConfig) -> None:
+    """``privacy.target_epsilon`` must be reachable: at the largest noise the run may add
+    (z C <= :data:`~fedsim.config.limits.MAX_NOISE_STD`, z <= ``MAX_NOISE_MULTIPLIER``), the
+    planned rounds must spend at most the target, else no noise multiplier meets it (and the
+    calibration searches for a minute before saying so)."""
+    p = cfg.privacy
+    z_top = min(limits.MAX_NOISE_MULTIPLIER, limits.MAX_NOISE_STD / p.clip_norm)
+    spent = _epsilon(cfg.rounds, sampling_rate(cfg), z_top, p.delta, p.accountant)
+    if spent > p.target_epsilon:
+        raise ConfigError(
+            "privacy.target_epsilon",
+            f"{p.target_epsilon:g} cannot be met: even the largest noise allowed (z={z_top:.4g}, "
+            f"noise std z x clip_norm <= {limits.MAX_NOISE_STD:g}) spends epsilon={spent:.4g} "
+            f"over rounds={cfg.rounds} at delta={p.delta:g}; raise the target, or run fewer "
+            "rounds",
+        )
+
+
+def _check_noise(cfg: FedSimConfig, z: float) -> None:
+    """The noise multiplier ``z > 0`` the run uses: a noise std ``z C`` the weights can carry,
+    within what the accountant evaluates, and the accountant evaluated for the planned rounds
+    (so an overflow in it is this error, not a failure after round 1)."""
+    p = cfg.privacy
+    key = _z_key(cfg)
+    source = f"z={z:.4g}" + (
+        f" (derived for target_epsilon={p.target_epsilon:g})" if p.target_epsilon > 0 else ""
+    )
+    if z > limits.MAX_NOISE_MULTIPLIER:
+        raise ConfigError(key, f"{source} is above {limits.MAX_NOISE_MULTIPLIER:g}")
+    if z * p.clip_norm > limits.MAX_NOISE_STD:
+        raise ConfigError(
+            "privacy.clip_norm" if p.clip_norm >= z else key,
+            f"the noise std z x privacy.clip_norm = {z:.4g} x {p.clip_norm:g} = "
+            f"{z * p.clip_norm:.4g} moves a global weight by that much per round; at most "
+            f"{limits.MAX_NOISE_STD:g} fits float32 training (see train.lr's bound); lower "
+            f"privacy.clip_norm or {key}" + (" (raise the target)" if p.target_epsilon > 0 else ""),
+        )
+    floor = limits.PLD_MIN_NOISE_MULTIPLIER
+    if p.accountant == "pld" and z < floor:
+        raise ConfigError(
+            key,
+            f"{source}: the pld accountant's grid grows as 1/z^2 (z=0.05 takes 2 GB and a "
+            f"minute per round, z=0.01 38 GiB); it needs z >= {floor:g}; use "
+            "privacy.accountant=rdp",
+        )
+    if cfg.rounds >= 1:
+        try:  # the RDP accountant is fast (< 0.3 s) and fails where the Gaussian math does
+            _epsilon(cfg.rounds, sampling_rate(cfg), z, p.delta, "rdp")
+        except (ArithmeticError, ValueError) as exc:
+            raise ConfigError(
+                key,
+                f"{source}: the privacy accountant cannot evaluate it over rounds={cfg.rounds} "
+                f"({type(exc).__name__}: {exc})",
+            ) from None
+
+
+def _check_clip_steps(cfg: FedSimConfig) -> None:
+    """Adaptive clipping's geometric step must keep the clip norm in float32's range: one
+    round multiplies C by ``exp(-clip_lr (b - gamma))``, bounded here for ``b`` within six
+    standard deviations of its noise (:data:`~fedsim.config.limits.MAX_CLIP_EXPONENT`)."""
+    p = cfg.privacy
+    n = per_round(cfg)
+    spread = max(p.target_quantile, 1 - p.target_quantile) + 6 * count_std(cfg) / n
+    exponent = p.clip_lr * spread
+    if exponent > limits.MAX_CLIP_EXPONENT:
+        # the count noise is the culprit when a modest one (sigma_b <= n / 6) would fit
+        quiet = p.clip_lr * (max(p.target_quantile, 1 - p.target_quantile) + 1)
+        raise ConfigError(
+            "privacy.count_noise" if quiet <= limits.MAX_CLIP_EXPONENT else "privacy.clip_lr",
+            f"adaptive clipping multiplies the clip norm by exp(-clip_lr (b - "
+            f"target_quantile)) each round; with privacy.clip_lr={p.clip_lr:g} and the count "
+            f"noise sigma_b={count_std(cfg):.4g} (privacy.count_noise) on {n} clients per "
+            f"round, one round may move it by e^{exponent:.4g}, beyond "
+            f"e^{limits.MAX_CLIP_EXPONENT:g}: within rounds the clip norm leaves float32's "
+            "range (Andrew et al.: clip_lr=0.2, sigma_b=n/20)",
+        )
 
 
 def _reported_bit(part: Any) -> float:

@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, ClassVar
 
 from aggregation import hetlora_tail_norm, is_lora
+from fedsim.config import limits
 from fedsim.errors import ConfigError
 from fedsim.methods.base import ClientStep, Method, Params, configured_merger
 
@@ -38,13 +39,28 @@ class Pruning(Method):
     def check(cls, cfg: FedSimConfig) -> None:
         p = cfg.pruning
         for key, ok, want in (
-            ("gamma", p.gamma >= 0, ">= 0"),
+            (
+                "gamma",
+                0 <= p.gamma <= limits.MAX_COEFFICIENT,
+                f"in [0, {limits.MAX_COEFFICIENT:g}]",
+            ),
             ("delta", p.delta >= 1, ">= 1"),
             ("threshold", p.threshold >= 0, ">= 0"),
             ("min_rank", p.min_rank >= 1, ">= 1"),
         ):
             if not ok:
-                raise ConfigError(f"pruning.{key}", f"must be {want}")
+                raise ConfigError(f"pruning.{key}", f"must be {want}, got {getattr(p, key)}")
+        if p.gamma > 0:
+            from fedsim.config.ranks import resolve_ranks
+
+            top = max(resolve_ranks(cfg.clients, cfg.seed))
+            if top - p.delta < p.min_rank:  # the penalty would apply to no client, ever
+                raise ConfigError(
+                    "pruning.min_rank",
+                    f"no client can prune: the largest rank {top} minus pruning.delta="
+                    f"{p.delta} is below pruning.min_rank={p.min_rank}, so the tail penalty "
+                    "(pruning.gamma) never applies; lower pruning.delta or pruning.min_rank",
+                )
         merger = configured_merger(cfg)
         if (
             p.gamma > 0

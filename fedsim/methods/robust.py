@@ -90,6 +90,7 @@ class Robust(Method):
             raise ConfigError("robust.threshold", f"must be a number above 1, got {r.threshold}")
         if not cls.enabled(cfg):
             return
+        _check_round_size(cfg)
         merger = configured_merger(cfg)
         fresh = merger is not None and merger.fresh_adapter_each_round
         if fresh and (r.rule != "product" or r.clip_norm > 0):
@@ -185,6 +186,56 @@ class Robust(Method):
         m = min(m, n)
         order = sorted(range(n), key=lambda i: (scores[i], i))
         return sorted(order[:m]), scores
+
+
+def _check_round_size(cfg: FedSimConfig) -> None:
+    """Refuse a rule that can never act on the clients a round samples.
+
+    ``n`` is the clients sampled per round, the most a round can merge (failures, stragglers
+    and rejected updates only lower it; a round below the rule's need merges everyone and
+    logs ``robust/skipped``). Krum scores a client by its ``n - f - 2`` nearest distances, so
+    it needs ``n >= f + 3`` (its guarantee, Blanchard et al. 2017, needs ``n > 2f + 2``);
+    Multi-Krum merges ``m <= n - f`` of them; the trimmed mean drops ``floor(beta n)`` values
+    at each end, nothing at all when ``beta n < 1``.
+
+    Raises:
+        ConfigError: naming the key to change, with the numbers.
+    """
+    from fedsim.config.checks import clients_per_round
+
+    r = cfg.robust
+    n = clients_per_round(cfg)
+    sampled = (
+        f"clients.num={cfg.clients.num} x clients.fraction={cfg.clients.fraction:g} samples "
+        f"{n} client{'s' if n != 1 else ''} per round"
+    )
+    if r.rule in ("krum", "multi_krum") and n < r.num_faulty + 3:
+        raise ConfigError(
+            "robust.num_faulty",
+            f"robust.rule={r.rule} with num_faulty f={r.num_faulty} scores each client by "
+            f"its n - f - 2 nearest neighbours and needs n >= f + 3 = {r.num_faulty + 3} "
+            f"clients, but {sampled}: every round would merge them all; lower "
+            "robust.num_faulty or sample more clients",
+        )
+    if r.rule == "multi_krum" and r.num_selected > n - r.num_faulty:
+        raise ConfigError(
+            "robust.num_selected",
+            f"multi_krum merges at most n - f = {n} - {r.num_faulty} = {n - r.num_faulty} "
+            f"clients ({sampled}, robust.num_faulty={r.num_faulty}), not "
+            f"{r.num_selected}; set robust.num_selected <= {n - r.num_faulty} (0: n - f)",
+        )
+    if r.rule == "trimmed_mean" and math.floor(r.trim * n) < 1:
+        if n < 3:  # trim < 0.5: floor(trim * n) >= 1 needs n >= 3
+            fix = "sample at least 3 clients per round (robust.trim < 0.5)"
+        else:
+            fix = f"set robust.trim >= {math.ceil(1000 / n) / 1000:g}"
+            if r.trim > 0 and 1 / r.trim <= cfg.clients.num:
+                fix += f" or sample at least {math.ceil(1 / r.trim)} clients per round"
+        raise ConfigError(
+            "robust.trim",
+            f"trimmed_mean drops floor(trim x n) = floor({r.trim:g} x {n}) = 0 clients at "
+            f"each end ({sampled}): it would be the plain mean; {fix}",
+        )
 
 
 def _wide(t: torch.Tensor) -> torch.Tensor:

@@ -23,6 +23,7 @@ import logging
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from fedsim.config.strict import ascii_int
 from fedsim.version import __version__
 
 if TYPE_CHECKING:
@@ -232,14 +233,16 @@ def _resolve_version(client, name: str, version: int | str | None, uri: str):
         if not model.latest_versions:
             raise RegistryError(f"registered model {name!r} has no versions in the store {uri}")
         return max(model.latest_versions, key=lambda v: int(v.version))
+    # a version number in ASCII digits ("²" passes str.isdigit but is no version), else an alias
+    number = version if isinstance(version, int) else ascii_int(str(version))
     try:
-        if isinstance(version, int) or str(version).isdigit():
-            return client.get_model_version(name, str(int(version)))
+        if number is not None:
+            return client.get_model_version(name, str(number))
         return client.get_model_version_by_alias(name, str(version))
     except MlflowException as exc:
         if exc.error_code not in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
             raise
-        kind = "version" if isinstance(version, int) or str(version).isdigit() else "alias"
+        kind = "version" if number is not None else "alias"
         raise RegistryError(
             f"registered model {name!r} has no {kind} {version} in the MLflow store {uri}"
         ) from None

@@ -53,7 +53,8 @@ def _products(state: dict) -> dict:
 
 RULES = [
     ("robust.rule=median",),
-    ("robust.rule=trimmed_mean", "robust.trim=0.2"),
+    # 0.25: the config samples 4 clients per round, and trimming must drop at least one
+    ("robust.rule=trimmed_mean", "robust.trim=0.25"),
     ("robust.rule=krum",),
     ("robust.rule=multi_krum",),
     ("robust.rule=product",),

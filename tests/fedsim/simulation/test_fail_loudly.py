@@ -9,6 +9,7 @@ command that continues from the last good checkpoint. The runs are in-process
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -18,6 +19,7 @@ import fedsim
 from actors.executor import LocalExecutor
 from fedsim.checkpoint.disk import load_checkpoint
 from fedsim.cli import main
+from fedsim.config import limits
 from fedsim.errors import RunFailed
 
 EXPERIMENT = "fedsim-fail-loudly"
@@ -76,8 +78,11 @@ def test_all_updates_rejected_are_reported_and_stop_the_run(config, capsys):
     assert run.data.metrics["clients/rejected"] == 3 and run.info.status == "FAILED"
 
 
-def test_a_non_finite_global_adapter_is_never_applied_or_checkpointed(config):
-    # float32 overflows at 3.4e38: FedAvgM's step lr * momentum turns the global into Inf
+def test_a_non_finite_global_adapter_is_never_applied_or_checkpointed(config, monkeypatch):
+    # float32 overflows at 3.4e38: FedAvgM's step lr * momentum turns the global into Inf.
+    # The config refuses such a step (server.lr <= limits.MAX_LR); lifted here, to reach the
+    # last line of defence, the run's check of the merged global adapter.
+    monkeypatch.setattr(limits, "MAX_LR", math.inf)
     cfg = config("server.optimizer=fedavgm", "server.lr=1e39", "rounds=2")
     with pytest.raises(RunFailed, match=r"round 1: the merged global adapter is not finite"):
         fedsim.run(cfg, executor=LocalExecutor())
