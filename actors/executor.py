@@ -18,6 +18,7 @@ scale benchmark's floor, in one process with no Ray at all:
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Callable, Hashable
 from concurrent.futures import Future
@@ -63,6 +64,7 @@ class RayExecutor:
         self._start = start
         self._launched: Future | None = None
         self._kept: ClientPool | None = None
+        self._cancel = threading.Event()
         self._gcs: GcsWatch | None = None
         self._gcs_reported = False
 
@@ -72,10 +74,10 @@ class RayExecutor:
     def __exit__(self, *exc) -> None:
         self.shutdown()
 
-    def _pool(self, cfg, size: int) -> ClientPool:
+    def _pool(self, cfg, size: int, cancel: threading.Event | None = None) -> ClientPool:
         """A pool of ``size`` actors: the kept one's actors when they fit, else new ones."""
         kept, self._kept = self._kept, None
-        return ClientPool(cfg, size, wait=False, reuse=kept)
+        return ClientPool(cfg, size, wait=False, reuse=kept, cancel=cancel)
 
     def launch(self, cfg, per_round: int | None = None) -> None:
         """Start Ray (unless under way) and the client actors in a background thread, and
@@ -90,6 +92,7 @@ class RayExecutor:
         if self._start is None:
             self._start = RayStart(cfg.resources.log_to_driver)
         start = self._start
+        cancel = self._cancel = threading.Event()
 
         def bring_up() -> ClientPool:
             self.started = start.result()  # runs after the start: its error, if any
@@ -98,7 +101,7 @@ class RayExecutor:
                 from fedsim.data.partition import sample_clients
 
                 size = len(sample_clients(cfg.clients.num, cfg.clients.fraction, cfg.seed, 1))
-            return self._pool(cfg, pool_size(cfg, size))
+            return self._pool(cfg, pool_size(cfg, size), cancel)
 
         self._launched = start.submit(bring_up)
 
@@ -215,6 +218,7 @@ class RayExecutor:
             return
         if self._launched is not None:  # launched, never taken over: a check failed meanwhile
             launched, self._launched = self._launched, None
+            self._cancel.set()  # actors still waiting for room on the cluster are not started
             try:
                 pool = pool or launched.result()
             except BaseException:  # noqa: BLE001 - the run's own error is the one to report

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import math
 import re
+import threading
+import time
 from collections import deque
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field, replace
@@ -106,14 +108,30 @@ def pool_size(cfg: FedSimConfig, max_tasks: int) -> int:
     return max(1, min(slots, cap, max_tasks))
 
 
-def reserve(cfg: FedSimConfig, size: int):
+class Cancelled(Exception):
+    """The run stopped (a check failed) before its client actors were placed."""
+
+
+# how often a placement that is waited for looks whether the run was cancelled meanwhile
+_CANCEL_POLL_S = 0.2
+
+
+def reserve(cfg: FedSimConfig, size: int, cancel: threading.Event | None = None):
     """A placement group of ``size`` client-actor bundles, placed or failed within the timeout.
+
+    Args:
+        cfg: the resolved config (``resources``).
+        size: number of bundles, one per client actor.
+        cancel: set by another thread when the run no longer needs the actors (a check failed
+            while they were being placed): the wait ends at once instead of lasting until the
+            cluster has room or the timeout.
 
     Returns:
         The ready placement group, or None with ``resources.placement=none``.
 
     Raises:
         ConfigError: the cluster could not place the bundles in time (the numbers say why).
+        Cancelled: ``cancel`` was set first (the group is removed).
     """
     from ray.util.placement_group import placement_group, remove_placement_group
 
@@ -124,7 +142,13 @@ def reserve(cfg: FedSimConfig, size: int):
     if r.client.num_gpus > 0:
         bundle["GPU"] = float(r.client.num_gpus)
     pg = placement_group([dict(bundle) for _ in range(size)], strategy=r.placement.upper())
-    ready, _ = ray.wait([pg.ready()], timeout=r.placement_timeout_s)
+    placed, deadline = pg.ready(), time.monotonic() + r.placement_timeout_s
+    ready: list = []
+    while not ready and (left := deadline - time.monotonic()) > 0:
+        ready, _ = ray.wait([placed], timeout=min(left, _CANCEL_POLL_S) if cancel else left)
+        if not ready and cancel is not None and cancel.is_set():
+            remove_placement_group(pg)
+            raise Cancelled
     if not ready:
         remove_placement_group(pg)
         free = ray.available_resources()
@@ -202,9 +226,20 @@ class ClientPool:
         wait: wait until every actor is ready (else call :meth:`wait_ready` later).
         reuse: a finished run's pool whose actors this pool takes over when they
             :meth:`fits` (each builds a new worker from ``cfg``); otherwise it is shut down.
+        cancel: see :func:`reserve` (the pool is being started in the background).
+
+    Raises:
+        Cancelled: ``cancel`` was set before the actors were placed.
     """
 
-    def __init__(self, cfg: FedSimConfig, size: int, wait: bool = True, reuse=None):
+    def __init__(
+        self,
+        cfg: FedSimConfig,
+        size: int,
+        wait: bool = True,
+        reuse=None,
+        cancel: threading.Event | None = None,
+    ):
         self.cfg = cfg
         self.replaced = 0
         # kept actors this run does not use (a warm pool's, held for later runs)
@@ -218,7 +253,7 @@ class ClientPool:
         else:
             if reuse is not None:
                 reuse.shutdown()
-            self.group, self.reused = reserve(cfg, size), False
+            self.group, self.reused = reserve(cfg, size, cancel), False
             # every actor starts at once and loads its backbone in parallel with the others
             self.actors = [self._spawn(i) for i in range(size)]
             self._pings = [a.ping.remote() for a in self.actors]

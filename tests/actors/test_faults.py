@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import signal
 import threading
+import time
 
 import numpy as np
 import psutil
@@ -228,3 +229,37 @@ def test_placement_that_cannot_be_met_fails_fast_with_the_numbers(ray_cluster, c
     from ray.util import placement_group_table
 
     assert all(pg["state"] == "REMOVED" for pg in placement_group_table().values())
+
+
+def test_actors_still_waiting_for_room_are_not_started_once_the_run_stopped(ray_address, config):
+    """A run whose check fails while its actors wait for room on the cluster (``fedsim run``
+    places them in the background during its checks) stops the wait at once: the placement
+    group is removed, no actor starts, and the error is not held back by
+    ``resources.placement_timeout_s``."""
+    from ray.util import placement_group_table
+
+    from actors.pool import Cancelled, reserve
+
+    # two bundles on two distinct nodes of a one-node cluster: they can never be placed
+    cfg = config("resources.placement=strict_spread", "resources.placement_timeout_s=600")
+    cancel, outcome = threading.Event(), {}
+
+    def place() -> None:
+        try:
+            outcome["group"] = reserve(cfg, 2, cancel)
+        except BaseException as exc:  # noqa: BLE001 - the test looks at what it was
+            outcome["error"] = exc
+
+    before = set(placement_group_table())
+    thread = threading.Thread(target=place)
+    thread.start()
+    for _ in range(300):  # the group exists and waits
+        pending = [k for k, pg in placement_group_table().items() if k not in before]
+        if pending:
+            break
+        time.sleep(0.1)
+    assert pending and placement_group_table()[pending[0]]["state"] == "PENDING"
+    cancel.set()
+    thread.join(60)
+    assert not thread.is_alive() and isinstance(outcome.get("error"), Cancelled), outcome
+    assert placement_group_table()[pending[0]]["state"] == "REMOVED"
