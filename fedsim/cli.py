@@ -167,7 +167,7 @@ def build_parser() -> argparse.ArgumentParser:
     insp_p.add_argument("run_id", metavar="RUN_ID", help="the MLflow run id a run prints")
     insp_p.add_argument(
         "--round",
-        type=int,
+        type=_round_number,
         dest="round_idx",
         metavar="T",
         help="the round to show (default: the round whose global score fell most)",
@@ -179,6 +179,16 @@ def build_parser() -> argparse.ArgumentParser:
         "a run whose config sets no tracking.uri)",
     )
     return parser
+
+
+def _round_number(text: str) -> int:
+    """``--round``'s value: a round number in ASCII digits (``int`` would take ``"٣"``)."""
+    from fedsim.config.strict import ascii_int
+
+    value = ascii_int(text)
+    if value is None:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a round number (digits 0-9)")
+    return value
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -81,3 +81,12 @@ def test_config_keys_mistakes_are_one_line(capsys, argv, message):
     assert cli.main(argv) == 2
     err = capsys.readouterr().err
     assert err.startswith(f"fedsim: config error: {message}") and err.count("\n") == 1
+
+
+@pytest.mark.parametrize("value", ["٣", "²", "1.5", "x"])
+def test_inspect_takes_a_round_number_in_ascii_digits_only(capsys, value):
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["inspect", "0123abc", "--round", value])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "--round" in err and "is not a round number" in err and "Traceback" not in err
