@@ -278,10 +278,12 @@ class Run:
         self._check_inputs()
         self._open_tracking()
         self._start_ray()
+        restore_sigint = None
         try:
             if threading.current_thread() is threading.main_thread():
                 # Ray ends this process a minute after its GCS is lost: stop the run first
-                self.ex.on_gcs_lost(lambda _reason: _thread.interrupt_main())
+                restore_sigint = _sigint_for_interrupts()
+                self.ex.on_gcs_lost(_interrupt_run)
             result, loop = self._start_actors()
             self._train(loop)
             self._finish(result, loop)
@@ -294,6 +296,9 @@ class Run:
                 raise replacement from None
             raise
         finally:
+            _RUN_INTERRUPT.clear()
+            if restore_sigint is not None:
+                restore_sigint()
             self.ex.close(self.pool, self.server)
             self.clock.mark("done")
 
@@ -474,6 +479,45 @@ class Run:
                 return RunFailed(f"{exc}; the last good checkpoint continues with: {hint}")
             _log.warning("the run stopped; continue it with: %s", hint)
         return replaced
+
+
+# set just before the run interrupts its own main thread (a lost GCS), so that a SIGINT handler
+# of ours tells that interrupt from a real SIGINT
+_RUN_INTERRUPT = threading.Event()
+
+
+def _interrupt_run(_reason: str) -> None:
+    """Stop the run in the main thread (called from the GCS watcher's thread)."""
+    _RUN_INTERRUPT.set()
+    _thread.interrupt_main()
+
+
+def _sigint_for_interrupts():
+    """Make :func:`_interrupt_run` reach the main thread during a run; returns the function
+    that puts SIGINT's handler back, or None when nothing was changed.
+
+    ``_thread.interrupt_main`` does nothing while SIGINT is ignored or left to the OS, as in a
+    process a shell started in the background, ``nohup`` or a test runner's worker: the stop
+    after a lost GCS would never come. There a handler of ours takes the run's own interrupt
+    and keeps the old behaviour for a real SIGINT (ignored, or the process ends as the OS
+    would end it).
+    """
+    import signal
+
+    previous = signal.getsignal(signal.SIGINT)
+    if previous not in (signal.SIG_IGN, signal.SIG_DFL):
+        return None
+
+    def handler(signum, _frame):
+        if _RUN_INTERRUPT.is_set():
+            _RUN_INTERRUPT.clear()
+            raise KeyboardInterrupt
+        if previous == signal.SIG_DFL:  # a real SIGINT: what the OS would have done
+            signal.signal(signal.SIGINT, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+
+    signal.signal(signal.SIGINT, handler)
+    return lambda: signal.signal(signal.SIGINT, previous)
 
 
 def _checkpoint_writer(cfg: FedSimConfig, ckpt: Checkpoint | None, run_dir: Path):
