@@ -68,10 +68,12 @@ def wheel(tmp_path_factory) -> Path:
 def installed(wheel, tmp_path_factory) -> Path:
     """A fresh venv with the wheel; its bin/ directory."""
     root = tmp_path_factory.mktemp("venv") / "venv"
-    venv.EnvBuilder(with_pip=True).create(root)
+    # no pip of its own (ensurepip takes seconds): this environment's pip installs into it
+    venv.EnvBuilder(with_pip=False).create(root)
     python = root / "bin" / "python"
     subprocess.run(
-        [str(python), "-m", "pip", "install", "--no-deps", "--no-index", "-q", str(wheel)],
+        [sys.executable, "-m", "pip", "--python", str(python), "install", "--no-deps"]
+        + ["--no-index", "-q", str(wheel)],
         check=True,
         capture_output=True,
         env=_env(),

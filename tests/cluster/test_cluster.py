@@ -829,8 +829,10 @@ class Cluster:
             )
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def cluster():
+    """One cluster for the module's tests (starting one takes about 25 s on 2 cores): each test
+    submits its own job, logs to its own experiment and checkpoints in its own tmp_path."""
     # A short path: Ray's Unix sockets live under <temp-dir>/session_*/sockets/ and a socket
     # path must stay under 108 bytes, which pytest's tmp_path can exceed.
     root = Path(tempfile.mkdtemp(prefix="fsc-", dir="/tmp" if os.path.isdir("/tmp") else None))
