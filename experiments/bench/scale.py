@@ -15,16 +15,22 @@ For each client count ``N`` the benchmark runs, each in a fresh process:
   (``eval_seconds``). Both runs execute the same loop, so the floor's history (every metric
   but ``time/*``) must equal fedsim's exactly: the check that it did the same work.
 
+With ``--ray-address`` the fedsim case joins that running Ray cluster instead of starting one
+(no Ray start-up in the case); its memory is then the driver and the run's client actors on
+this machine, found through the run's pool, since they are not the process's descendants.
+
 It prints one row per ``N`` (see ``experiments/bench/README.md`` for the columns) and the
 memory growth per extra client next to the bytes of state a client keeps:
 
     python experiments/bench/scale.py [--clients 10,100,1000]
         [--backbone tiny|minilm-effnet] [--rounds 2] [--fraction 0.1] [--sharing B]
+        [--ray-address HOST:PORT]
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import os
@@ -34,7 +40,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import psutil
@@ -108,6 +114,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         metavar="KEY=VALUE",
         help="further fedsim config overrides (repeatable), e.g. --set data.image_size=64",
     )
+    p.add_argument(
+        "--ray-address",
+        metavar="ADDRESS",
+        help="the fedsim case joins this running Ray cluster (its GCS address, or auto) instead "
+        "of starting a local Ray; memory then counts the driver and the run's client actors on "
+        "this machine, not the cluster's daemons and idle workers",
+    )
     p.add_argument("--case", choices=("fedsim", "floor"), help=argparse.SUPPRESS)
     p.add_argument("--num", type=int, help=argparse.SUPPRESS)
     p.add_argument("--workdir", help=argparse.SUPPRESS)
@@ -152,12 +165,20 @@ class MemorySampler:
     raylet, agents, log monitor: Ray's daemons). Each sample sums RSS and PSS per group; the
     peak of each sum over the samples is kept. PSS divides a shared page among the processes
     that map it, so it does not count the shared libraries (torch) once per process as RSS does.
+
+    A run given :meth:`executor` also has its client actors sampled where they are not
+    descendants (on a Ray cluster this process joined), and once more just before they stop.
     """
 
     def __init__(self, interval: float):
         self.interval = interval
         self.me = psutil.Process()
         self.peak = {k: 0 for k in ("rss", "pss", "driver", "daemons", "actors")}
+        self.pool_size = 0  # client actors in the pool of the run given executor()
+        self._asked: list = []  # refs to (pid, node id) of the watched actors, not yet answered
+        self._actor_pids: set[int] = set()  # the watched actors that run on this machine
+        self._node = ""
+        self._lock = threading.Lock()  # the thread and the executor's last sample
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, daemon=True)
 
@@ -174,9 +195,81 @@ class MemorySampler:
         while not self._stop.wait(self.interval):
             self.sample()
 
+    def executor(self):
+        """A :class:`actors.executor.RayExecutor` (the default one) whose client actors this
+        sampler watches: it asks each for its process id as the pool starts (Ray's
+        ``__ray_call__``, queued behind the actor's start) and samples them once more just
+        before the run stops them, so a short run's actors are seen at least once."""
+        from actors.executor import RayExecutor
+
+        sampler = self
+
+        class WatchedExecutor(RayExecutor):
+            def make_pool(self, cfg, per_round: int, wait: bool = True):
+                pool = super().make_pool(cfg, per_round, wait)
+                sampler.watch(pool.actors)
+                return pool
+
+            def close(self, pool, server) -> None:
+                sampler.stopping(functools.partial(RayExecutor.close, self, pool, server))
+
+        return WatchedExecutor()
+
+    def watch(self, actors: list) -> None:
+        """Ask each of ``actors`` (Ray actor handles) where it runs; those on this machine are
+        sampled from the answer on."""
+        import ray
+
+        self.pool_size = len(actors)
+        self._node = ray.get_runtime_context().get_node_id()
+
+        def where(_actor) -> tuple[int, str]:  # runs in the actor
+            return os.getpid(), ray.get_runtime_context().get_node_id()
+
+        self._asked += [actor.__ray_call__.remote(where) for actor in actors]
+
+    def stopping(self, stop: Callable[[], None]) -> None:
+        """Sample the watched actors once more, then ``stop()`` them (and maybe Ray) and forget
+        them (their pids may be reused); the thread does not sample meanwhile."""
+        with self._lock:
+            self.record(self.processes())
+            stop()
+            self._asked, self._actor_pids = [], set()
+
+    def _watched_pids(self) -> set[int]:
+        """The watched actors' pids on this machine, as far as they have answered."""
+        import ray
+
+        if self._asked and ray.is_initialized():
+            ready, self._asked = ray.wait(self._asked, num_returns=len(self._asked), timeout=0)
+            for ref in ready:
+                try:
+                    pid, node = ray.get(ref)
+                except ray.exceptions.RayError:  # it died before it answered: nothing to sample
+                    continue
+                if node == self._node:
+                    self._actor_pids.add(pid)
+        return self._actor_pids
+
+    def processes(self) -> list[psutil.Process]:
+        """This process, its descendants, and the watched actors that are neither."""
+        procs = [self.me, *self.me.children(recursive=True)]
+        seen = {proc.pid for proc in procs}
+        for pid in sorted(self._watched_pids() - seen):
+            try:
+                procs.append(psutil.Process(pid))
+            except psutil.NoSuchProcess:
+                continue
+        return procs
+
     def sample(self) -> None:
+        with self._lock:
+            self.record(self.processes())
+
+    def record(self, procs: list[psutil.Process]) -> None:
+        """Add one sample of ``procs`` (``processes()``) to the peaks."""
         rss = pss = daemons = actors = driver = 0
-        for proc in [self.me, *self.me.children(recursive=True)]:
+        for proc in procs:
             try:
                 info = proc.memory_full_info()
                 name = proc.name() if proc is not self.me else ""
@@ -240,22 +333,22 @@ def untimed_history(history: list[dict]) -> list[dict]:
 
 
 def run_fedsim(args: argparse.Namespace, num: int, workdir: Path) -> dict:
-    """One fedsim run of ``num`` clients on a local Ray this process starts; round times and
-    peak memory."""
+    """One fedsim run of ``num`` clients on a local Ray this process starts (or on the cluster
+    at ``--ray-address``); round times and peak memory."""
     from fedsim.checkpoint.disk import load_checkpoint
     from fedsim.simulation.run import run
 
+    if args.ray_address:
+        os.environ["RAY_ADDRESS"] = args.ray_address  # what the run joins
     cfg = load_run_config(args, num, workdir)
     with MemorySampler(args.interval) as mem:
-        result = run(cfg)
+        result = run(cfg, executor=mem.executor())
     rounds = [h for h in result.history if h["round"] >= 1]
     clients = load_checkpoint(result.run_dir).clients
     sizes = [state_bytes(s) for s in clients.values()]
-    per_round = max(int(h["clients/sampled"]) for h in rounds)
-    slots = int((os.cpu_count() or 1) // cfg.resources.client.num_cpus)
     return {
-        # the pool the run used: what the machine fits, capped by config and demand
-        "pool": max(1, min(slots, cfg.resources.actors or slots, per_round)),
+        # the pool the run used: what the cluster fits, capped by config and demand
+        "pool": mem.pool_size,
         # per round, each client task's own seconds (training + personalised evaluation)
         "task_s": [[row["time_s"] for row in rows] for rows in result.clients[1:]],
         "round_s": [h["time/round_s"] for h in rounds],
@@ -309,6 +402,8 @@ def run_case(args: argparse.Namespace, case: str, num: int, workdir: Path) -> di
     cmd += ["--interval", str(args.interval)]
     if args.ranks:
         cmd += ["--ranks", args.ranks]
+    if args.ray_address:
+        cmd += ["--ray-address", args.ray_address]
     for item in args.overrides:
         cmd += ["--set", item]
     env = {
@@ -317,7 +412,7 @@ def run_case(args: argparse.Namespace, case: str, num: int, workdir: Path) -> di
         "TRANSFORMERS_OFFLINE": "1",
         "TOKENIZERS_PARALLELISM": "false",
     }
-    env.pop("RAY_ADDRESS", None)  # always a local Ray of our own, never a shared cluster
+    env.pop("RAY_ADDRESS", None)  # a local Ray of our own unless --ray-address names one
     proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, env=env, check=False)
     lines = [x for x in proc.stdout.splitlines() if x.startswith(RESULT_TAG)]
     if proc.returncode != 0 or not lines:
@@ -437,7 +532,13 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
         f"fraction={args.fraction}, sharing.policy={args.sharing}, "
         f"data.min_per_client={args.min_per_client}, "
         f"clients.ranks={args.ranks or DEFAULT_RANKS[args.backbone]}, seed={args.seed}"
-        + (f", overrides {' '.join(args.overrides)}" if args.overrides else ""),
+        + (f", overrides {' '.join(args.overrides)}" if args.overrides else "")
+        + (
+            f"; fedsim joins the Ray cluster at {args.ray_address} (memory: the driver and the "
+            "client actors)"
+            if args.ray_address
+            else ""
+        ),
         flush=True,
     )
     rows, results = [], []

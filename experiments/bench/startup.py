@@ -7,7 +7,8 @@ Two cases, each in a fresh Python process, run one after the other in one invoca
   what every client actor builds). A run can overlap everything else with it.
 * **fedsim**: ``fedsim.simulation.run.run`` of the anchor workload (by default Flower's: 4
   clients, all sampled, MiniLM + EfficientNet-Lite0, LoRA rank 8, 6 steps of 16, 64 px, 2 client
-  actors, 3 rounds) on its own local Ray and a fresh MLflow SQLite store. The child process
+  actors, 3 rounds) on its own local Ray (or, with ``--ray-address``, joining a running
+  cluster: start-up without Ray's own) and a fresh MLflow SQLite store. The child process
   stamps the clock before its first import; the run reports its own phases
   (``RunResult.phases``).
 
@@ -15,7 +16,7 @@ It prints each phase's end, in seconds from the child process's first line, and 
 the time to round 0 (the first evaluation: everything is up) to the floor:
 
     python experiments/bench/startup.py [--backbone minilm-effnet|tiny] [--rounds 3]
-        [--image-size 64] [--steps 6] [--batch-size 16] [--actors 2]
+        [--image-size 64] [--steps 6] [--batch-size 16] [--actors 2] [--ray-address ADDRESS]
 
 ``--repeats K`` runs each case K times and prints the medians.
 """
@@ -63,6 +64,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--actors", type=int, default=2, help="resources.actors")
     p.add_argument("--repeats", type=int, default=1)
+    p.add_argument(
+        "--ray-address",
+        metavar="ADDRESS",
+        help="the fedsim case joins this running Ray cluster (its GCS address, or auto) instead "
+        "of starting a local Ray (RAY_ADDRESS of the environment is ignored)",
+    )
     p.add_argument("--extra", nargs="*", default=[], metavar="KEY=VALUE", help="more overrides")
     p.add_argument(
         "--fedsim-root",
@@ -166,6 +173,10 @@ def run_case(args: argparse.Namespace, case: str, workdir: Path) -> dict:
         cmd += ["--extra", *args.extra]
     root = os.environ.get("FEDSIM_BENCH_ROOT") or str(Path(__file__).resolve().parents[2])
     env = {**os.environ, "PYTHONPATH": root}
+    # what the run joins (fedsim reads RAY_ADDRESS): a local Ray of its own unless named here
+    env.pop("RAY_ADDRESS", None)
+    if args.ray_address:
+        env["RAY_ADDRESS"] = args.ray_address
     start = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     wall = time.perf_counter() - start
@@ -180,9 +191,21 @@ def median_case(runs: list[dict]) -> dict:
     return {k: statistics.median(r[k] for r in runs) for k in runs[0]}
 
 
-def report(fed: dict, floor: dict) -> list[str]:
-    """The table: each phase's end next to the floor, and the ratios."""
+def report(fed: dict, floor: dict, ray_address: str | None = None) -> list[str]:
+    """The table: each phase's end next to the floor, and the ratios.
+
+    Args:
+        fed: the fedsim case's phase ends and ``wall``, seconds.
+        floor: the floor case's ``imports``, ``loaded`` and ``wall``, seconds.
+        ray_address: the cluster the fedsim case joined; None: it started a local Ray.
+
+    Returns:
+        The report's lines.
+    """
     base = floor["loaded"]
+    meanings = dict(PHASES)
+    if ray_address:
+        meanings["ray"] = f"joined the Ray cluster at {ray_address} (in the background)"
     lines = [
         f"floor: import the model stack {floor['imports']:.2f} s, + load data and backbone = "
         f"{base:.2f} s (process wall {floor['wall']:.2f} s)",
@@ -191,7 +214,7 @@ def report(fed: dict, floor: dict) -> list[str]:
         "|---|---:|---:|---|",
     ]
     previous = 0.0
-    for name, meaning in PHASES:
+    for name, meaning in meanings.items():
         if name in fed:
             lines.append(f"| {name} | {fed[name]:.2f} | {fed[name] - previous:.2f} | {meaning} |")
             previous = fed[name]
@@ -220,7 +243,8 @@ def main(argv: Sequence[str] | None = None) -> tuple[dict, dict]:
         f"machine: {platform.machine()}, os.cpu_count()={os.cpu_count()}, load average "
         f"{os.getloadavg()[0]:.1f}; backbone={args.backbone}, clients={args.clients}, "
         f"rank={args.rank}, {args.steps} steps x {args.batch_size}, {args.image_size} px, "
-        f"actors={args.actors}, rounds={args.rounds}",
+        f"actors={args.actors}, rounds={args.rounds}"
+        + (f"; fedsim joins the Ray cluster at {args.ray_address}" if args.ray_address else ""),
         flush=True,
     )
     floors, feds = [], []
@@ -230,7 +254,7 @@ def main(argv: Sequence[str] | None = None) -> tuple[dict, dict]:
         with tempfile.TemporaryDirectory(prefix="fedsim-startup-") as tmp:
             feds.append(run_case(args, "fedsim", Path(tmp)))
     fed, floor = median_case(feds), median_case(floors)
-    print("\n".join(report(fed, floor)), flush=True)
+    print("\n".join(report(fed, floor, args.ray_address)), flush=True)
     return fed, floor
 
 

@@ -6,10 +6,12 @@ image-text-to-text model (``--backbone hf-vlm --name-or-path DIR``) on the demo 
 (so memory and Ray start from nothing):
 
 * **engine**: ``fedsim.run(cfg)`` for ``--rounds`` rounds on a local Ray that the process
-  starts (MLflow to a temporary SQLite store, checkpoints to a temporary directory,
-  ``progress=false``); its round time is the median of ``time/round_s`` over rounds 1..R. A
-  background thread samples the memory of the driver and of every Ray worker process
-  (``MemorySampler`` of ``scale.py``), and the peak RSS and PSS of each client actor.
+  starts, or on the running cluster that ``--ray-address`` names (MLflow to a temporary SQLite
+  store, checkpoints to a temporary directory, ``progress=false``); its round time is the
+  median of ``time/round_s`` over rounds 1..R. A background thread samples the memory of the
+  driver and of every Ray worker process (``MemorySampler`` of ``scale.py``; on a joined
+  cluster, the driver and the run's client actors), and the peak RSS and PSS of each client
+  actor.
 * **floor**: the same work back to back in one process without Ray: one
   ``actors.client.ClientWorker(cfg)`` (its model load not timed), an in-process
   ``actors.server.ServerState``, and for each round the clients
@@ -31,7 +33,8 @@ It prints one Markdown table row (see ``experiments/bench/README.md`` for the co
 summary line:
 
     python experiments/bench/vlm.py [--config experiments/vlm_emoji.yaml] [--rounds 2]
-        [--steps 5] [--backbone hf-vlm --name-or-path DIR] [--quick] [key=value ...]
+        [--steps 5] [--backbone hf-vlm --name-or-path DIR] [--quick]
+        [--ray-address HOST:PORT] [key=value ...]
 """
 
 from __future__ import annotations
@@ -108,6 +111,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--interval", type=float, default=1.0, help="memory sampling period, seconds (%(default)s)"
     )
+    p.add_argument(
+        "--ray-address",
+        metavar="ADDRESS",
+        help="the engine case joins this running Ray cluster (its GCS address, or auto) instead "
+        "of starting a local Ray; its memory then counts the driver and the run's client actors "
+        "on this machine, not the cluster's daemons and idle workers",
+    )
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="further fedsim overrides")
     p.add_argument("--case", choices=("engine", "floor"), help=argparse.SUPPRESS)
     p.add_argument("--workdir", help=argparse.SUPPRESS)
@@ -170,7 +180,7 @@ def memory_sampler(interval: float):
     """scale.py's ``MemorySampler`` (same thread, same groups and peaks) that also keeps each
     client actor's own peak RSS and PSS, and how busy other processes kept the machine.
 
-    Its ``sample`` reads every process once: PSS comes from ``/proc/PID/smaps_rollup``, which
+    Its ``record`` reads every process once: PSS comes from ``/proc/PID/smaps_rollup``, which
     costs the kernel a walk of the process's page tables, about 0.1 s of CPU per sample of a
     run with two 2 GB actors. Sample every second or so, not faster, on a 2-core machine.
 
@@ -203,9 +213,9 @@ def memory_sampler(interval: float):
             ours = sum(self.cpu.values()) - self._start[2]
             return max(0.0, busy - ours) / wall if wall > 0 else 0.0
 
-        def sample(self) -> None:
+        def record(self, procs: list) -> None:
             now = dict.fromkeys(("rss", "pss", "driver", "daemons", "actors"), 0)
-            for proc in [self.me, *self.me.children(recursive=True)]:
+            for proc in procs:
                 try:
                     cpu = proc.cpu_times()
                     self.cpu[proc.pid] = cpu.user + cpu.system
@@ -240,7 +250,8 @@ def _evaluates(cfg, t: int) -> bool:
 
 
 def run_engine(args: argparse.Namespace, workdir: Path) -> dict:
-    """``fedsim.run`` on a local Ray this process starts; round times and peak memory."""
+    """``fedsim.run`` on a local Ray this process starts (or on the cluster at
+    ``--ray-address``); round times and peak memory."""
     import logging
 
     from mlflow.tracking import MlflowClient
@@ -248,6 +259,8 @@ def run_engine(args: argparse.Namespace, workdir: Path) -> dict:
     import fedsim
     from fedsim.config import load_config
 
+    if args.ray_address:
+        os.environ["RAY_ADDRESS"] = args.ray_address  # what the run joins
     cfg = load_config(args.config, config_items(args, workdir))
     logging.getLogger("mlflow").setLevel(logging.WARNING)
     client = MlflowClient(tracking_uri=cfg.tracking.uri)
@@ -257,7 +270,7 @@ def run_engine(args: argparse.Namespace, workdir: Path) -> dict:
             cfg.tracking.experiment, artifact_location=(workdir / "artifacts").as_uri()
         )
     with memory_sampler(args.interval) as mem:
-        result = fedsim.run(cfg)
+        result = fedsim.run(cfg, executor=mem.executor())
     rounds = [h for h in result.history if h["round"] >= 1]
     return {
         "round_s": [h["time/round_s"] for h in rounds],
@@ -454,7 +467,7 @@ def run_case(
         "TRANSFORMERS_OFFLINE": "1",
         "TOKENIZERS_PARALLELISM": "false",
     }
-    env.pop("RAY_ADDRESS", None)  # always a local Ray of our own, never a shared cluster
+    env.pop("RAY_ADDRESS", None)  # a local Ray of our own unless --ray-address names one
     proc = subprocess.run(cmd + argv, stdout=subprocess.PIPE, text=True, env=env, check=False)
     lines = [x for x in proc.stdout.splitlines() if x.startswith(RESULT_TAG)]
     if proc.returncode != 0 or not lines:
@@ -562,7 +575,12 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
         shown = [x for x in items if not x.startswith(("tracking.", "checkpoint.", "progress"))]
         print(
             f"machine: {platform.machine()}, os.cpu_count()={os.cpu_count()}, load average "
-            f"{os.getloadavg()[0]:.1f}; {args.config} with {' '.join(shown)}; steps={args.steps}",
+            f"{os.getloadavg()[0]:.1f}; {args.config} with {' '.join(shown)}; steps={args.steps}"
+            + (
+                f"; the engine joins the Ray cluster at {args.ray_address}"
+                if args.ray_address
+                else ""
+            ),
             flush=True,
         )
         engine = run_case(args, argv, "engine", Path(tmp) / "engine")

@@ -2,14 +2,20 @@
 loop in one process, ``LocalExecutor``) run, agree exactly, and the table adds up.
 
 Both cases run as the benchmark runs them, each in a fresh Python process; the test records
-what each case returned (by wrapping ``run_case``) to check the printed row against it.
+what each case returned (by wrapping ``run_case``) to check the printed row against it. The
+fedsim case joins the session's Ray (``--ray-address``) instead of starting one: its actors'
+memory is then found through the run's pool.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import os
+import subprocess
+import sys
 from pathlib import Path
 
+import psutil
 import pytest
 
 BENCH = Path(__file__).resolve().parents[2] / "experiments" / "bench" / "scale.py"
@@ -31,7 +37,9 @@ def cells_of(line: str) -> list[str]:
 
 
 @pytest.mark.slow
-def test_floor_is_the_round_loop_in_process_and_matches_fedsim(tiny_overrides, monkeypatch, capsys):
+def test_floor_is_the_round_loop_in_process_and_matches_fedsim(
+    tiny_overrides, monkeypatch, capsys, ray_address_for_actors
+):
     bench = load_bench()
     recorded: dict[str, dict] = {}
     run_case = bench.run_case
@@ -44,6 +52,7 @@ def test_floor_is_the_round_loop_in_process_and_matches_fedsim(tiny_overrides, m
     sets = [x for x in tiny_overrides if not x.split("=")[0].startswith(OWN_KEYS)]
     argv = ["--clients", "6", "--fraction", "0.5", "--rounds", str(ROUNDS), "--backbone", "tiny"]
     argv += ["--min-per-client", "5", "--ranks", "choice:2,4,8"]
+    argv += ["--ray-address", ray_address_for_actors]
     for item in sets:
         argv += ["--set", item]
     rows = bench.main(argv)
@@ -69,7 +78,7 @@ def test_floor_is_the_round_loop_in_process_and_matches_fedsim(tiny_overrides, m
     assert cells == {k: str(v) for k, v in rows[0].items()}
     assert cells["same result"] == "yes"
     assert int(cells["sampled"]) == 3
-    assert 1 <= int(cells["actors"]) <= 3
+    assert int(cells["actors"]) == fed["pool"] == 2  # the session's 2 CPUs, 3 sampled
     for column in ("round s", "floor s", "eval s", "round/floor", "round/(floor+eval)"):
         assert float(cells[column]) > 0, column
     for column in ("RSS MB", "PSS MB", "driver MB"):
@@ -89,6 +98,63 @@ def test_floor_is_the_round_loop_in_process_and_matches_fedsim(tiny_overrides, m
     ideal += eval_s / fed["pool"]
     assert cells["ideal s"] == f"{ideal:.2f}"
     assert cells["round/ideal"] == f"{round_s / ideal:.2f}"
+
+
+# A stand-in for a local Ray's process tree under the benchmark's driver, run as
+# ``python -c RAY_LIKE_TREE driver``: the driver's child is a daemon (the raylet) whose children
+# are a client actor (Ray titles it ray::ClientActor...) and an idle worker (its command line
+# runs default_worker.py). Each process prints its descendants' pids once they look so.
+RAY_LIKE_TREE = r"""
+import ctypes, os, subprocess, sys, time
+
+
+def spawn(role, *args, argv0=sys.executable):
+    cmd = [argv0, "-c", os.environ["RAY_LIKE_TREE"], role, *args]
+    return subprocess.Popen(cmd, executable=sys.executable, stdout=subprocess.PIPE)
+
+
+role = sys.argv[1]
+if role == "actor":
+    ctypes.CDLL(None).prctl(15, b"ray::ClientActor", 0, 0, 0)  # PR_SET_NAME, as Ray's title
+kids = []
+if role == "driver":
+    kids = [spawn("raylet")]
+elif role == "raylet":
+    # (the name split: only the worker's command line may hold it, not this source's)
+    kids = [spawn("actor", argv0="ray::ClientActor"), spawn("worker", "default_worker" ".py")]
+below = [pid for kid in kids for pid in kid.stdout.readline().split()]
+print(*(kid.pid for kid in kids), *(int(pid) for pid in below), flush=True)
+time.sleep(120)
+"""
+
+
+def test_the_sampler_groups_the_drivers_descendants_by_their_ray_process_names():
+    # The slow test's fedsim case joins the session's Ray, where its actors are found through
+    # the pool; this checks the walk of a local Ray's tree (the benchmark's default) by itself.
+    bench = load_bench()
+    env = {**os.environ, "RAY_LIKE_TREE": RAY_LIKE_TREE}
+    cmd = [sys.executable, "-c", RAY_LIKE_TREE, "driver"]
+    driver = subprocess.Popen(cmd, stdout=subprocess.PIPE, env=env)
+    try:
+        pids = [int(pid) for pid in driver.stdout.readline().split()]
+        raylet, actor, worker = (psutil.Process(pid) for pid in pids)
+        sampler = bench.MemorySampler(interval=60)
+        sampler.me = psutil.Process(driver.pid)  # sample that tree as the benchmark's driver
+        assert {proc.pid for proc in sampler.processes()} == {driver.pid, *pids}
+        sampler.sample()
+        peak = sampler.peak
+        assert peak["actors"] == 1
+        assert peak["driver"] == pytest.approx(sampler.me.memory_info().rss, rel=0.05)
+        # the driver with the Ray workers (the actor and the idle worker); the daemon apart
+        workers = actor.memory_info().rss + worker.memory_info().rss
+        assert peak["rss"] - peak["driver"] == pytest.approx(workers, rel=0.05)
+        assert peak["daemons"] == pytest.approx(raylet.memory_info().rss, rel=0.05)
+        assert 0 < peak["pss"] <= peak["rss"]
+    finally:
+        for proc in psutil.Process(driver.pid).children(recursive=True):
+            proc.kill()
+        driver.kill()
+        driver.wait()
 
 
 def test_same_result_is_exact_and_ignores_time():

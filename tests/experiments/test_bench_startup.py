@@ -40,9 +40,11 @@ def test_the_report_shows_each_phase_and_the_ratio_to_the_floor():
 
 
 @pytest.mark.slow
-def test_both_cases_run_and_the_phases_are_in_order(capsys):
+def test_both_cases_run_and_the_phases_are_in_order(capsys, ray_address_for_actors):
+    # the fedsim case joins the session's Ray: its 'ray' phase is the join, not a start
     bench = load_bench()
     argv = ["--backbone", "tiny", "--rounds", "1", "--image-size", "16", "--steps", "1"]
+    argv += ["--actors", "1", "--ray-address", ray_address_for_actors]
     fed, floor = bench.main([*argv, "--extra", "data.subset=300", "data.min_per_client=5"])
     names = [name for name, _ in bench.PHASES if name in fed]
     assert names == ["checks", "ray", "store", "actors", "ready", "first_round", "rounds", "done"]
@@ -52,3 +54,4 @@ def test_both_cases_run_and_the_phases_are_in_order(capsys):
     assert 0 < floor["imports"] < floor["loaded"] <= floor["wall"]
     out = capsys.readouterr().out
     assert f"= {fed['ready'] / floor['loaded']:.2f} x the floor" in out
+    assert f"| ray | {fed['ray']:.2f} |" in out and ray_address_for_actors in out
