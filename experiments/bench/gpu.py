@@ -6,8 +6,8 @@ local Ray, each K in a fresh Python process, with ``resources.client.num_gpus=1/
 ``resources.actors=K``, bf16 frozen weights (``model.dtype=bfloat16``, ``train.precision=bf16``)
 and gradient checkpointing on, and every client of the demo (10) trained each round
 (``clients.fraction=1.0``), which keeps up to 8 actors busy. While a case runs, a thread in
-this process samples NVML (``nvidia-ml-py``) every ``--interval`` seconds: the GPU's utilisation and each
-process's GPU memory. The floor is the same work in one process without Ray
+this process samples NVML (``nvidia-ml-py``) every ``--interval`` seconds: the GPU's
+utilisation and each process's GPU memory. The floor is the same work in one process without Ray
 (``LocalExecutor``), on the same GPU. It prints one Markdown row per K:
 
 * ``GPU MB/actor``: the largest peak GPU memory of one client actor process;
