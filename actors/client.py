@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -51,9 +52,11 @@ class ClientWorker:
 
     Args:
         cfg: the resolved experiment config.
+        frozen_dir: a node-local directory where the actors of the node share one mapped copy
+            of the frozen backbone (:mod:`fedsim.models.frozen`); None builds a private one.
     """
 
-    def __init__(self, cfg: FedSimConfig):
+    def __init__(self, cfg: FedSimConfig, frozen_dir: Path | None = None):
         # one tokenizer per actor process: its thread pool would only fight the other actors
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
         transformers.logging.set_verbosity_error()
@@ -65,9 +68,15 @@ class ClientWorker:
         self.ranks = resolve_ranks(cfg.clients, cfg.seed)
         self.global_rank = max(self.ranks)
         dataset = load_dataset(cfg)
-        self.backbone = build_backbone(
-            cfg.model, len(dataset.classes), cfg.seed, cfg.data.image_fill, cfg.data.text_fill
-        )
+        args = (cfg.model, len(dataset.classes), cfg.seed, cfg.data.image_fill, cfg.data.text_fill)
+        if frozen_dir is None:
+            self.backbone = build_backbone(*args)
+        else:
+            from fedsim.config import flatten
+            from fedsim.models.frozen import frozen_key, shared
+
+            key = frozen_key(flatten(cfg.model, "model."), *args[1:])
+            self.backbone = shared(frozen_dir, key, lambda: build_backbone(*args))
         # the rows the driver's pre-flight kept: the same check, with this worker's codec
         self.data = FederatedData(cfg, fit_rows(cfg, dataset, self.backbone.tokenizer))
         self.backbone.model.to(self.device)

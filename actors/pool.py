@@ -34,7 +34,7 @@ class ClientActor:
     def __init__(self, cfg: FedSimConfig):
         from actors.client import ClientWorker
 
-        self.worker = ClientWorker(cfg)
+        self.worker = ClientWorker(cfg, frozen_dir=_frozen_dir(cfg))
 
     def reset(self, cfg: FedSimConfig) -> str:
         """Serve another run: a new worker built from ``cfg``, as a new actor would build it.
@@ -46,8 +46,15 @@ class ClientActor:
         from actors.client import ClientWorker
 
         self.worker = None  # the old worker's memory goes before the new one is built
-        self.worker = ClientWorker(cfg)
+        self.worker = ClientWorker(cfg, frozen_dir=_frozen_dir(cfg))
         return self.worker.ping()
+
+    def drop_frozen(self) -> int:
+        """Remove this node's shared frozen-weight files (the pool is ending; the mappings
+        the actors hold stay valid). Returns how many were removed."""
+        from fedsim.models.frozen import drop, node_directory
+
+        return drop(node_directory())
 
     def ping(self) -> str:
         return self.worker.ping()
@@ -73,6 +80,16 @@ class ClientActor:
 
     def peft_files(self, state, target_modules: str, rank: int, global_rank: int, dense):
         return self.worker.peft_files(state, target_modules, rank, global_rank, dense)
+
+
+def _frozen_dir(cfg: FedSimConfig):
+    """Where this node's actors share the frozen backbone, or None (``resources.share_frozen``
+    off: each actor builds its own)."""
+    if not cfg.resources.share_frozen:
+        return None
+    from fedsim.models.frozen import node_directory
+
+    return node_directory()
 
 
 RemoteClient = ray.remote(ClientActor)
@@ -399,7 +416,13 @@ class ClientPool:
             inflight[refs[0]] = (key, i, refs)
 
     def shutdown(self) -> None:
-        for a in self.actors + self.spare:
+        actors = self.actors + self.spare
+        if actors and self.cfg.resources.share_frozen:
+            # the shared frozen-weight files go with the pool (models/frozen.py); an actor that
+            # died cannot answer, and one that is slow does not hold up the shutdown
+            dropped = [a.drop_frozen.remote() for a in actors]
+            ray.wait(dropped, num_returns=len(dropped), timeout=10)
+        for a in actors:
             ray.kill(a)
         self.actors, self.spare = [], []
         if self.group is not None:

@@ -17,7 +17,7 @@ from fedsim.version import __version__ as __version__
 
 if TYPE_CHECKING:  # what the lazy names below are, for type checkers, IDEs and the docs
     from fedsim.config import FedSimConfig, load_config
-    from fedsim.simulation.run import RunResult, resume, run
+    from fedsim.simulation.run import RunResult, resume, run, warm_pool
 
 __all__ = [
     "ConfigError",
@@ -27,6 +27,7 @@ __all__ = [
     "load_config",
     "resume",
     "run",
+    "warm_pool",
 ]
 
 # Loaded on first use, so that ``import fedsim`` (and ``fedsim run``, which starts Ray before
@@ -38,6 +39,7 @@ _LAZY = {
     "RunResult": "fedsim.simulation.run",
     "resume": "fedsim.simulation.run",
     "run": "fedsim.simulation.run",
+    "warm_pool": "fedsim.simulation.run",
 }
 
 logs.install()

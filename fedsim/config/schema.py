@@ -468,6 +468,16 @@ class ResourcesConfig:
             "Ray actor (num_cpus=0), for a driver on a machine too small to hold the adapter."
         ),
     )
+    share_frozen: bool = field(
+        default=True,
+        metadata=doc(
+            "Client actors on one node share one read-only, memory-mapped copy of the frozen "
+            "backbone (built once per node, seed and model config, in the Ray session's "
+            "directory, removed when the actor pool ends) instead of building and holding one "
+            "each; the same numbers either way. A warm actor serving a later run maps it again "
+            "instead of rebuilding. GPU memory is not shared (each actor copies to its GPU)."
+        ),
+    )
     log_to_driver: bool = field(
         default=True,
         metadata=doc(

@@ -64,7 +64,7 @@ GENERATION_COLUMNS = [
 ]
 
 
-def run_study(path: str | Path, extra: list[str] = (), quiet: bool = False) -> str:
+def run_study(path: str | Path, extra: list[str] = (), quiet: bool = False, pool=None) -> str:
     """Run every cell x variant x seed and return (and write) the Markdown table.
 
     Prints (to stdout) one line per finished run, then the table, where it was written and
@@ -74,6 +74,9 @@ def run_study(path: str | Path, extra: list[str] = (), quiet: bool = False) -> s
         path: the study YAML, or a shipped study's name.
         extra: overrides applied to every run after the study's own (e.g. ``["rounds=2"]``).
         quiet: print nothing on stdout (warnings and errors still go to stderr).
+        pool: a warm pool (:func:`fedsim.warm_pool`) for the runs, left running afterwards
+            (several studies in one process reuse its actors); None: the study's own, stopped
+            at its end.
 
     Raises:
         ConfigError: a bad study file, a run whose config is not allowed, or an ``output``
@@ -81,13 +84,15 @@ def run_study(path: str | Path, extra: list[str] = (), quiet: bool = False) -> s
             of the wrong type (named). Should the table still not be written after the runs,
             the error names ``output`` and the table is in the MLflow parent run.
     """
-    from actors.executor import init_ray
+    from actors.executor import RayExecutor, init_ray
     from fedsim.simulation.run import run
     from fedsim.tracking.tracker import Tracker
 
     check_path(path, "path")
     extra = check_overrides(extra, "extra")
     check_flag(quiet, "quiet")
+    if pool is not None and not (isinstance(pool, RayExecutor) and pool.keep_actors):
+        raise ConfigError("pool", f"expected fedsim.warm_pool(), got {type(pool).__name__}")
     study, base = load_study(path)
     plan = _plan(study, base, extra)
     import ray
@@ -98,11 +103,17 @@ def run_study(path: str | Path, extra: list[str] = (), quiet: bool = False) -> s
     try:  # whatever fails from here on, the parent run ends FAILED, never stays RUNNING
         started = init_ray(all(cfg.resources.log_to_driver for *_, cfg in plan))
         results: dict[tuple[str, str], list] = {}
+        # one warm pool for the study: a run takes over the previous run's actor processes
+        # when it needs as many with the same resources (their imports paid once, the shared
+        # frozen backbone mapped again, not rebuilt); every run's own state is new
+        own = pool is None
+        if own:
+            pool = RayExecutor(keep_actors=True)
         try:
             for i, (cell, name, _seed, cfg) in enumerate(plan, 1):
                 cfg.tracking.parent_run_id = parent.run_id
                 start = time.perf_counter()
-                res = run(cfg, quiet=True)
+                res = run(cfg, quiet=True, executor=pool)
                 results.setdefault((cell, name), []).append(res)
                 if not quiet:
                     print(
@@ -111,6 +122,8 @@ def run_study(path: str | Path, extra: list[str] = (), quiet: bool = False) -> s
                         flush=True,
                     )
         finally:
+            if own:
+                pool.shutdown()
             if started:
                 ray.shutdown()
         table = _table(study, plan, results, extra)

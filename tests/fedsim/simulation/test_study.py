@@ -68,13 +68,16 @@ def test_sweep_nests_runs_under_a_parent_and_writes_the_table(
     # Ray's numbers; tests/actors/test_executor.py compares the two). ray_address: the study
     # still joins Ray (init_ray) before its first run.
     import fedsim.simulation.run as run_module
-    from actors.executor import LocalExecutor
+    from actors.executor import LocalExecutor, RayExecutor
 
     real_run = run_module.run
     in_process: list[str] = []
+    pools: set[int] = set()
 
-    def run_in_process(cfg, **kwargs):
-        assert kwargs.get("executor") is None  # the study never picks an executor itself
+    def run_in_process(cfg, executor, **kwargs):
+        # the study hands every run the same warm pool (tested on Ray: test_study_warm.py)
+        assert isinstance(executor, RayExecutor) and executor.keep_actors
+        pools.add(id(executor))
         in_process.append(cfg.tracking.run_name)
         return real_run(cfg, **kwargs, executor=LocalExecutor())
 
@@ -100,6 +103,7 @@ def test_sweep_nests_runs_under_a_parent_and_writes_the_table(
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id]
     assert len(children) == 4  # 2 cells x 2 variants x 1 seed
     assert sorted(in_process) == sorted(c.info.run_name for c in children)
+    assert len(pools) == 1
     assert {c.data.params["data.scenario"] for c in children} == {"aligned", "hybrid"}
 
 
