@@ -5,7 +5,8 @@ VLM's, ``experiments/vlm_emoji.yaml``) and each K (2 and 4 by default), the scri
 client actors (``actors.pool.RemoteClient``: a ``ClientWorker`` each, on a local Ray of K
 CPUs) twice, once with ``resources.share_frozen=false`` (every actor builds and holds its own
 backbone) and once with ``true`` (the node's actors map one file), waits until every actor has
-built its worker, and reads each actor's PSS (``psutil``: proportional set size, a shared page
+built its worker and trained one task (which reads every frozen weight, so that mapped pages
+are resident), and reads each actor's PSS (``psutil``: proportional set size, a shared page
 divided among the processes that map it). It prints one Markdown row per backbone and K: the
 frozen weights' size, the mean PSS per actor private and shared, and the saving per actor
 after the first, ``(sum private - sum shared) / (K - 1)``, which approaches the frozen weights'
@@ -74,7 +75,13 @@ def measure(cfg, k: int) -> dict:
         pids = ray.get(
             [a.__ray_call__.remote(lambda self: __import__("os").getpid()) for a in actors]
         )
-        time.sleep(1.0)  # let the allocator settle after the build
+        initial = ray.get(actors[0].initial_global.remote())
+        rank = ray.get(actors[0].__ray_call__.remote(lambda self: self.worker.ranks[0]))
+        task = ClientTask(0, rank, 1)
+        # one training task on every actor first: it reads every frozen weight, so the pages
+        # of a mapped file are resident (PSS counts resident pages only)
+        trained = ray.get([a.train.remote(task, Broadcast(initial), None) for a in actors])
+        time.sleep(1.0)  # let the allocator settle
         pss = [_pss(pid) for pid in pids]
         frozen = ray.get(
             actors[0].__ray_call__.remote(
@@ -87,11 +94,7 @@ def measure(cfg, k: int) -> dict:
                 )
             )
         )
-        initial = ray.get(actors[0].initial_global.remote())
-        rank = ray.get(actors[0].__ray_call__.remote(lambda self: self.worker.ranks[0]))
-        _, upload, _ = ray.get(
-            actors[0].train.remote(ClientTask(0, rank, 1), Broadcast(initial), None)
-        )
+        _, upload, _ = trained[0]
         return {"pss": pss, "frozen": frozen, "initial": initial, "update": upload.update}
     finally:
         if cfg.resources.share_frozen:
