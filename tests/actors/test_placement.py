@@ -42,13 +42,16 @@ SCRIPT = textwrap.dedent(
 
 
 @pytest.mark.slow  # its own Ray instance in a subprocess
-def test_fractional_gpus_pack_two_actors_on_one_declared_gpu(tiny_overrides, tmp_path):
+def test_fractional_gpus_pack_two_actors_on_one_declared_gpu(
+    tiny_overrides, new_mlflow_db, tmp_path
+):
     args = [
         *tiny_overrides,
         "resources.client.num_gpus=0.5",
         "resources.client.num_cpus=0.5",
         "rounds=1",
-        f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}",
+        # a copy of a built store: creating one (MLflow's migrations) costs seconds
+        f"tracking.uri={new_mlflow_db(tmp_path)}",
     ]
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     out = subprocess.run(

@@ -89,14 +89,26 @@ def test_later_runs_reuse_the_actors_and_give_fresh_numbers(warm_ray, build, ref
     kept = _actor_ids(warm)
     fedsim.run(build("rounds=1", "resources.actors=1"), executor=warm)
     assert _actor_ids(warm) == kept[:1] and len(warm._kept.spare) == 1
-    # other per-actor resources: new actors, the kept ones are stopped
-    fedsim.run(build("rounds=1", "resources.client.num_cpus=0.5"), executor=warm)
-    assert not set(_actor_ids(warm)) & set(kept)
+    # other per-actor resources: new actors, the kept ones are stopped. One new actor (one
+    # start-up): the two kept ones could serve one by their number, so only their resources
+    # make the pool start it (three would not fit the two kept ones whatever the resources)
+    old = [*warm._kept.actors, *warm._kept.spare]
+    fedsim.run(
+        build("rounds=1", "resources.client.num_cpus=0.5", "resources.actors=1"), executor=warm
+    )
+    assert len(_actor_ids(warm)) == 1 and not set(_actor_ids(warm)) & set(kept)
+    _stopped(old)
     # release() stops the kept actors and leaves Ray up (leaving the `with` block of a
     # RayExecutor(keep_actors=True) stops them too, and a Ray the executor started)
     actors = list(warm._kept.actors)
     warm.release()
     assert warm._kept is None and ray.is_initialized()
+    _stopped(actors)
+
+
+def _stopped(actors: list) -> None:
+    """Every one of ``actors`` is gone (a call on it fails as on a dead actor)."""
+    assert actors
     for actor in actors:
         with pytest.raises(ray.exceptions.RayActorError):
             ray.get(actor.ping.remote(), timeout=30)

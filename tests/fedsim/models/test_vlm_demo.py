@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 from peft import PeftModel
 
 from actors.client import ClientWorker
@@ -27,7 +28,9 @@ def test_the_pretrained_demo_vlm_learns_the_captions(tmp_path):
             "data.min_per_client=20",
             "clients.num=2",
             "clients.ranks=[16,8]",
-            "train.max_local_steps=8",
+            # 5 steps lower the probe's loss by 47-58% for seeds 0-4 (seed 0, this test's:
+            # 58%), well past the 30% asked below; 8 steps: 59-71%, at 60% more time
+            "train.max_local_steps=5",
             "train.local_epochs=4",
             "train.lr=0.003",
             "eval.max_samples=4",
@@ -41,11 +44,11 @@ def test_the_pretrained_demo_vlm_learns_the_captions(tmp_path):
     probe = train.take(np.arange(min(12, len(train))))  # rows the client trains on
     initial = worker.initial_global()
     worker.host.load(16, initial)
-    before = worker.task.evaluate(worker.host.model, probe)["loss"]
+    before = _caption_loss(worker, probe)
     report, upload, _ = worker.train(ClientTask(0, 16, 1), Broadcast(adapter=initial))
-    after = worker.task.evaluate(worker.host.model, probe)
-    assert report.steps == 8
-    assert after["loss"] < 0.7 * before  # the captions' loss falls by more than 30%
+    after = _caption_loss(worker, probe)
+    assert report.steps == 5
+    assert after < 0.7 * before  # the captions' loss falls by more than 30%
     assert {"bleu", "rouge_l", "cider", "exact_match"} <= set(report.personalized)
     outputs = worker.task.eval_part(worker.host.model, probe, np.array([0]), 4).predictions
     assert len(outputs) == 4 and all(isinstance(o, str) for o in outputs)
@@ -67,3 +70,14 @@ def test_the_pretrained_demo_vlm_learns_the_captions(tmp_path):
     loaded = PeftModel.from_pretrained(fresh.model, str(adapter))
     again = worker.task.eval_part(loaded, probe, np.array([0]), 4).predictions
     assert again == outputs
+
+
+def _caption_loss(worker: ClientWorker, rows) -> float:
+    """The mean teacher-forced loss of ``rows``' captions under the worker's model: the
+    ``loss`` that ``task.evaluate`` reports, without the generation it also runs."""
+    model = worker.host.model
+    model.eval()
+    with torch.no_grad():
+        (batch,) = worker.task.train_batches(rows, len(rows), None)  # in order, one batch
+        loss, _ = worker.task.loss(model, batch)
+    return float(loss)

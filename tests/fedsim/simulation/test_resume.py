@@ -111,7 +111,16 @@ def test_stopped_and_resumed_run_equals_an_uninterrupted_one(warm_ray, config, v
 def test_sigkilled_driver_resumes_into_the_same_mlflow_run(
     ray_cluster, config, tiny_overrides, tmp_path
 ):
-    slow = ["faults.delay_dist=constant", "faults.delay_s=1", "faults.sleep_scale=1", "rounds=3"]
+    # one actor (one start-up for the driver, one for the resume) runs a round's three tasks one
+    # after another, each sleeping 0.7 s: rounds 2 and 3, the time the kill has to land in,
+    # take over 4 s, as with two actors sleeping 1 s
+    slow = [
+        "faults.delay_dist=constant",
+        "faults.delay_s=0.7",
+        "faults.sleep_scale=1",
+        "resources.actors=1",
+        "rounds=3",
+    ]
     cfg = config(*slow, f"checkpoint.dir={tmp_path / 'runs'}")
     overrides = [
         *tiny_overrides,
@@ -149,7 +158,12 @@ def test_sigkilled_driver_resumes_into_the_same_mlflow_run(
     assert 1 <= done < 3, f"the kill came too late (checkpoint at round {done})"
     assert main(["run", "--resume", str(run_dir)]) == 0
 
-    straight = fedsim.run(cfg, executor=LocalExecutor())  # the same numbers as on Ray
+    # the same numbers as on Ray; the delays stay on the simulated clock only (the tasks' real
+    # sleeps above made the kill land mid-run, and change no number)
+    straight = fedsim.run(
+        config(*slow, "faults.sleep_scale=0", f"checkpoint.dir={tmp_path / 'runs'}"),
+        executor=LocalExecutor(),
+    )
     client = MlflowClient(cfg.tracking.uri)
     run = client.get_run(run_dir.name)
     assert run.info.status == "FINISHED"
