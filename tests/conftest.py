@@ -17,8 +17,16 @@ from fedsim.config import FedSimConfig, load_config
 IMAGE_SIZE = 16
 
 
+# the benchmarks' slow tests: their Ray cases join the session's Ray and need its CPUs
+# (ray_address_for_actors releases the warm pool), so they go first, while no pool is warm yet
+FIRST_FILES = (
+    "tests/experiments/test_bench_vlm.py",
+    "tests/experiments/test_bench_scale.py",
+    "tests/experiments/test_bench_startup.py",
+)
+
 # the files that take longest (whole runs, subprocesses), longest first, as measured with
-# --durations=0 on 2 idle cores: the two xdist workers start on these
+# --durations=0 on 2 idle cores: the two xdist workers start on these (after FIRST_FILES)
 LONGEST_FILES = (
     "tests/actors/test_faults.py",
     "tests/actors/test_warm_pool.py",
@@ -27,14 +35,11 @@ LONGEST_FILES = (
     "tests/fedsim/test_console.py",
     "tests/fedsim/models/test_vlm_demo.py",
     "tests/cluster/test_cluster.py",
-    "tests/experiments/test_bench_vlm.py",
     "tests/fedsim/methods/test_fedex_method.py",
     "tests/fedsim/test_vlm_run.py",
-    "tests/experiments/test_bench_scale.py",
     "tests/test_packaging.py",
     "tests/fedsim/simulation/test_streaming_engine.py",
     "tests/fedsim/simulation/test_scale.py",
-    "tests/experiments/test_bench_startup.py",
     "tests/fedsim/bad_inputs/test_run_inputs.py",
     "tests/actors/test_executor.py",
     "tests/test_docs_site.py",
@@ -47,8 +52,8 @@ LONGEST_FILES = (
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """The longest files first (``LONGEST_FILES``), then the files with the most slow tests;
-    each file's tests keep their order.
+    """``FIRST_FILES``, then the longest files (``LONGEST_FILES``), then the files with the
+    most slow tests; each file's tests keep their order.
 
     The suite runs on pytest-xdist workers, a file at a time each (``--dist loadfile``, so a
     module's fixtures are built once): handing out the long files first keeps one worker from
@@ -59,11 +64,13 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
         path = item.nodeid.split("::")[0]
         slow[path] = slow.get(path, 0) + (item.get_closest_marker("slow") is not None)
 
+    ordered = FIRST_FILES + LONGEST_FILES
+
     def rank(item: pytest.Item) -> tuple[int, int]:
         path = item.nodeid.split("::")[0]
-        if path in LONGEST_FILES:
-            return (LONGEST_FILES.index(path), 0)
-        return (len(LONGEST_FILES), -slow[path])
+        if path in ordered:
+            return (ordered.index(path), 0)
+        return (len(ordered), -slow[path])
 
     items.sort(key=rank)
 
