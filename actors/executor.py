@@ -353,8 +353,9 @@ class LocalExecutor:
     def start(self) -> None:
         pass
 
-    def launch(self, cfg, per_round: int) -> None:
-        pass
+    def launch(self, cfg, per_round: int | None = None) -> None:
+        """Nothing starts ahead here (:meth:`RayExecutor.launch`'s signature, so ``fedsim
+        run``'s :func:`fedsim.cli.start_run` takes this executor too)."""
 
     def make_pool(self, cfg, per_round: int, wait: bool = True) -> LocalPool:
         if cfg.faults.fail_prob > 0 and cfg.faults.fail_mode == "crash":
