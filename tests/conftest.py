@@ -229,6 +229,7 @@ def warm_cli(warm_ray, monkeypatch):
     take it.
     """
     import actors.executor
+    import fedsim.simulation.run  # noqa: F401 - before the patch: it keeps the real class
 
     monkeypatch.setattr(actors.executor, "RayExecutor", lambda *args, **kwargs: warm_ray)
     return warm_ray

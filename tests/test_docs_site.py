@@ -373,6 +373,8 @@ def docs_run(warm_ray, emoji_cache, tmp_path_factory):
         "progress=false",
     ]
     runs = sorted({tuple(argv) for _, argv in COMMANDS if _kind(argv) == "tiny-run"})
+    import fedsim.simulation.run  # noqa: F401 - before the patch: it keeps the real class
+
     with pytest.MonkeyPatch.context() as patch:
         patch.chdir(ROOT)
         patch.setattr(actors.executor, "RayExecutor", lambda *args, **kwargs: warm_ray)
