@@ -85,7 +85,9 @@ class ClientActor:
 def _frozen_dir(cfg: FedSimConfig):
     """Where this node's actors share the frozen backbone, or None (``resources.share_frozen``
     off: each actor builds its own)."""
-    if not cfg.resources.share_frozen:
+    # hf-vlm: a Hugging Face model's pickled copy can lose state that generation needs (seen
+    # with a tiny LLaVA: its tasks failed on the mapped copy), so it is built privately
+    if not cfg.resources.share_frozen or cfg.model.backbone == "hf-vlm":
         return None
     from fedsim.models.frozen import node_directory
 

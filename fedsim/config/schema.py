@@ -475,7 +475,8 @@ class ResourcesConfig:
             "backbone (built once per node, seed and model config, in the Ray session's "
             "directory, removed when the actor pool ends) instead of building and holding one "
             "each; the same numbers either way. A warm actor serving a later run maps it again "
-            "instead of rebuilding. GPU memory is not shared (each actor copies to its GPU)."
+            "instead of rebuilding. GPU memory is not shared (each actor copies to its GPU). The "
+            "built-in backbones only: an hf-vlm model is built privately in each actor."
         ),
     )
     log_to_driver: bool = field(
