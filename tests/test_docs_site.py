@@ -55,9 +55,10 @@ def test_the_generator_writes_the_pages_and_its_check_names_a_stale_one(tmp_path
     assert gen.main(["--check", *root]) == 0
     (tmp_path / gen.CLI_PAGE).write_text("an old page", encoding="utf-8")
     assert gen.main(["--check", *root]) == 1
-    assert capsys.readouterr().err.splitlines() == [
-        f"{gen.CLI_PAGE} is stale; regenerate it with `{gen.REGENERATE}`"
-    ]
+    # only the generator's lines: a run of an earlier test in this worker may still log a
+    # tracking warning from its thread (seen once in the full suite; to be found and fixed)
+    lines = [x for x in capsys.readouterr().err.splitlines() if not x.startswith("fedsim: warn")]
+    assert lines == [f"{gen.CLI_PAGE} is stale; regenerate it with `{gen.REGENERATE}`"]
 
 
 def reference_key_problems(text: str) -> list[str]:
