@@ -12,13 +12,15 @@ stayed RUNNING for good and nobody learnt how to continue. ``fedsim run`` (and `
   written under temporary names and renamed into place, so neither the stop nor a SIGKILL in
   the middle of a write can damage it, and a resume redoes the abandoned round with the same
   numbers.
-- **First the record, then the clean-up**: the MLflow run is marked KILLED and the line
-  ``fedsim: warning: the run stopped; continue it with: fedsim run --resume RUN_DIR`` printed
-  (well under a second with a local store), then the actors and Ray are stopped. The command
-  exits with status 143 (128 + SIGTERM).
+- **First the record, then the clean-up**: the line
+  ``fedsim: warning: the run stopped; continue it with: fedsim run --resume RUN_DIR`` is
+  printed, then the MLflow run is marked KILLED (without a last system-metrics sample; well
+  under a second with a local store), then the actors and Ray are stopped. The command exits
+  with status 143 (128 + SIGTERM).
 - **Grace period**: fedsim gives itself :data:`GRACE_S` seconds after the SIGTERM; if the stop
-  is not done by then (a tracking server that does not answer), it exits 143 at once. A second
-  SIGTERM during the stop is ignored, so it cannot cut the clean-up short.
+  is not done by then (a tracking server that does not answer), it exits 143 at once, saying
+  so (with every thread's stack after that line where ``FEDSIM_STOP_STACKS`` is set). A
+  second SIGTERM during the stop is ignored, so it cannot cut the clean-up short.
 
 Ray's core worker installs a SIGTERM handler of its own when Ray starts in this process (it
 prints a crash report, then calls the previous handler); :func:`reclaim` puts fedsim's back
@@ -40,6 +42,10 @@ from fedsim.errors import Terminated
 # own terms; `ray job stop` waits only RAY_JOB_STOP_WAIT_TIME_S (3 s by default), which the
 # MLflow status and the resume line fit in, as they come first.
 GRACE_S = 20.0
+
+# Set (to anything) to have a stop that outlasts the grace period print every thread's stack
+# after its line: where the stop hung.
+STACKS_VAR = "FEDSIM_STOP_STACKS"
 
 # The exit status of a command stopped by SIGTERM: 128 + the signal number, as a shell reports
 # a process that SIGTERM killed.
@@ -74,6 +80,10 @@ def _give_up() -> None:
     """The stop outlasted the grace period: leave now, saying so."""
     try:  # the process's stderr itself: sys.stderr may be a wrapper without a descriptor
         os.write(2, f"fedsim: the stop after SIGTERM took over {GRACE_S:g} s; exiting\n".encode())
+        if os.environ.get(STACKS_VAR):  # where the stop hung, for a bug report
+            import faulthandler
+
+            faulthandler.dump_traceback(all_threads=True)
     finally:
         os._exit(EXIT_STATUS)
 

@@ -485,18 +485,20 @@ class Run:
         fresh = self.ckpt is None or self.new_run  # this process created the MLflow run
         if isinstance(exc, ConfigError) and fresh and self.progress is None:
             status = "DISCARD"
-        if self.tracker is not None:
-            _end_tracker(self.tracker, status)
-        else:
-            _close_tracker(self.opened, status)
+        hint = None
         writer = self.writer
         if writer is not None and (writer.run_dir / "latest.json").exists():
             hint = f"fedsim run --resume {writer.run_dir}"
             if self.tracker is not None and self.tracker.lost is not None:
                 hint += " --new-run"  # the checkpoint's MLflow run misses rounds
             if isinstance(exc, RunFailed):  # the CLI prints it with the reason
-                return RunFailed(f"{exc}; the last good checkpoint continues with: {hint}")
-            _log.warning("the run stopped; continue it with: %s", hint)
+                replaced = RunFailed(f"{exc}; the last good checkpoint continues with: {hint}")
+            else:  # first: the one line a user needs, before the store's possibly slow update
+                _log.warning("the run stopped; continue it with: %s", hint)
+        if self.tracker is not None:
+            _end_tracker(self.tracker, status)
+        else:
+            _close_tracker(self.opened, status)
         return replaced
 
 

@@ -155,6 +155,7 @@ class SystemMetrics:
         self.nodes: dict[str, Any] = {label: local or NodeSampler()}
         self._lock = threading.Lock()
         self._stop = threading.Event()
+        self._tail = True  # log the interval's tail on stop
         self._thread = threading.Thread(
             target=self._loop, name="fedsim-system-metrics", daemon=True
         )
@@ -219,6 +220,8 @@ class SystemMetrics:
                 sampler.prime()
         while True:
             stopping = self._stop.wait(self.interval_s)
+            if stopping and not self._tail:
+                return
             try:
                 self._log_once()  # on stop: the interval's tail
             except Exception as exc:  # the store went away: stop sampling, keep the run
@@ -227,10 +230,12 @@ class SystemMetrics:
             if stopping:
                 return
 
-    def stop(self) -> None:
-        """Log a last sample (the interval's tail), stop the thread and the node actors."""
+    def stop(self, tail: bool = True) -> None:
+        """Log a last sample (the interval's tail; not with ``tail=False``, for a run that
+        must stop quickly), stop the thread and the node actors."""
         if self._stop.is_set():
             return
+        self._tail = tail
         self._stop.set()
         self._thread.join()
         for sampler in self.nodes.values():

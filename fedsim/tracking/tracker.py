@@ -266,8 +266,10 @@ class Tracker:
         )
 
     def finish(self, status: str = "FINISHED") -> None:
+        """End the MLflow run with ``status``. A KILLED run (Ctrl-C, SIGTERM) is under a grace
+        period: its system metrics stop without a last sample."""
         if self.system_metrics is not None:
-            self.system_metrics.stop()
+            self.system_metrics.stop(tail=status != "KILLED")
         self.client.set_terminated(self.run_id, status=status)
 
     def discard(self) -> None:

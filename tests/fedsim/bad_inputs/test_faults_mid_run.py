@@ -30,6 +30,7 @@ from mlflow.tracking import MlflowClient
 import fedsim
 from actors.executor import LocalExecutor
 from actors.gcs_watch import GcsWatch
+from fedsim import termination
 from fedsim.checkpoint.disk import CheckpointWriter, load_checkpoint
 from fedsim.cli import main
 from fedsim.config import ConfigError, load_config
@@ -287,6 +288,18 @@ def test_a_stop_that_outlasts_the_grace_period_exits_143_anyway():
     assert _lines(out.stderr) == ["fedsim: the stop after SIGTERM took over 0.5 s; exiting"]
 
 
+def test_a_stop_that_outlasts_the_grace_period_can_print_where_it_hung():
+    env = _env(**{termination.STACKS_VAR: "1"})
+    out = subprocess.run(
+        [sys.executable, "-c", _HANGING_STOP], env=env, capture_output=True, text=True
+    )
+    assert out.returncode == 143
+    lines = _lines(out.stderr)
+    assert lines[0] == "fedsim: the stop after SIGTERM took over 0.5 s; exiting"
+    # the main thread's stack: in the handler of the stop, on the line that hangs
+    assert any(line.strip().startswith('File "<string>", line 11') for line in lines[1:]), lines
+
+
 def _install_in_thread():
     with handle_sigterm():
         return signal.getsignal(signal.SIGTERM)
@@ -354,7 +367,7 @@ def test_sigterm_to_a_fedsim_process_with_its_own_ray(workdir, base):
     proc = subprocess.Popen(
         [sys.executable, "-m", "fedsim", "run", *base, "rounds=50", ONE_ACTOR],
         cwd=workdir,
-        env=_env(),
+        env=_env(**{termination.STACKS_VAR: "1"}),  # a stop over the grace period: where
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,

@@ -274,6 +274,12 @@ def test_system_metrics_are_logged_each_interval_and_resume_their_steps(store):
         m.step for m in client.get_metric_history(run_id, "system/gpu_0_utilization_percentage")
     )
     assert steps2 == list(range(len(steps) + 1))
+    # a run stopped by a signal (KILLED) ends without the tail's sample: nothing more is logged
+    killed = SystemMetrics(client, run_id, 60, len(steps) + 1, local=NodeSampler([_FakeGPU()]))
+    killed.stop(tail=False)
+    assert not killed._thread.is_alive()
+    steps3 = client.get_metric_history(run_id, "system/gpu_0_utilization_percentage")
+    assert sorted(m.step for m in steps3) == steps2
 
 
 def test_system_metrics_survive_a_store_that_goes_away(store, tmp_path):
