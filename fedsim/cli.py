@@ -81,6 +81,10 @@ STUDY_HELP = (
     "output table"
 )
 STUDY_ARGS = "overrides applied to every run of the study"
+PARALLEL_HELP = (
+    "runs at once on the Ray cluster (default: the study's `parallel`, whose 0 means as many "
+    "as the cluster's resources hold with each run's own actor pool)"
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -148,6 +152,7 @@ def build_parser() -> argparse.ArgumentParser:
     cmp_p.add_argument("study", metavar="STUDY", help=STUDY_HELP)
     cmp_p.add_argument("args", nargs="*", metavar="key=value", help=STUDY_ARGS)
     cmp_p.add_argument("-q", "--quiet", action="store_true", help=QUIET_HELP)
+    cmp_p.add_argument("--parallel", type=_runs_at_once, metavar="N", help=PARALLEL_HELP)
     sweep_p = sub.add_parser(
         "sweep",
         help="run a grid study (cells x variants x seeds) under one MLflow parent run",
@@ -157,6 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
     sweep_p.add_argument("study", metavar="STUDY", help=STUDY_HELP)
     sweep_p.add_argument("args", nargs="*", metavar="key=value", help=STUDY_ARGS)
     sweep_p.add_argument("-q", "--quiet", action="store_true", help=QUIET_HELP)
+    sweep_p.add_argument("--parallel", type=_runs_at_once, metavar="N", help=PARALLEL_HELP)
     insp_p = sub.add_parser(
         "inspect",
         help="print one round's merge diagnostics of a run (clients, ranks, labels, shares)",
@@ -237,6 +243,13 @@ def _command(ns: argparse.Namespace) -> int:
             executor.close(None, None)
 
 
+def _runs_at_once(text: str) -> int:
+    """``--parallel N``: a whole number of runs at once (ASCII digits), 0 for automatic."""
+    if not (text.isascii() and text.isdigit()):
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 0, got {text!r}")
+    return int(text)
+
+
 def _one_line(exc: BaseException) -> str:
     """An error message on one line (YAML and MLflow errors span several)."""
     return " ".join(str(exc).split())
@@ -256,7 +269,7 @@ def _dispatch(ns: argparse.Namespace, executor=None) -> int:
     if ns.command in ("compare", "sweep"):
         from fedsim.simulation.study import run_study
 
-        run_study(ns.study, ns.args, quiet=ns.quiet)
+        run_study(ns.study, ns.args, quiet=ns.quiet, parallel=ns.parallel)
         return 0
     if ns.command == "run" and ns.resume:
         from fedsim.simulation.run import resume

@@ -66,7 +66,7 @@ class _Handler:
         self.timer = threading.Timer(GRACE_S, _give_up)
         self.timer.daemon = True
         self.timer.start()
-        raise Terminated(f"SIGTERM (signal {signum})")
+        interrupt(Terminated(f"SIGTERM (signal {signum})"))
 
     def cancel(self) -> None:
         if self.timer is not None:
@@ -74,6 +74,45 @@ class _Handler:
 
 
 _active: _Handler | None = None
+
+# Blocks of the main thread that an interrupt must not cut (see deferred()): how deep, and the
+# interrupt that came meanwhile.
+_deferring = 0
+_pending: BaseException | None = None
+
+
+def interrupt(exc: BaseException) -> None:
+    """Raise ``exc`` (an interrupt, from a signal handler) in the main thread now, or at the
+    end of the :func:`deferred` block it is in."""
+    global _pending
+    if _deferring > 0:
+        _pending = _pending or exc
+        return
+    raise exc
+
+
+@contextmanager
+def deferred() -> Iterator[None]:
+    """Within the block, an interrupt (SIGTERM, the run's own stop after a lost GCS, Ctrl-C
+    during a run) waits for the block's end, where it is raised.
+
+    For calls that must not be cut in the middle: an MLflow store call interrupted inside
+    SQLAlchemy left a half-closed connection (and a traceback in SQLAlchemy's log) behind,
+    which the stop's own MLflow update then ran into. Outside the main thread, where no signal
+    handler runs, the block changes nothing.
+    """
+    global _deferring, _pending
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    _deferring += 1
+    try:
+        yield
+    finally:
+        _deferring -= 1
+        if _deferring == 0 and _pending is not None:
+            exc, _pending = _pending, None
+            raise exc
 
 
 def _give_up() -> None:

@@ -78,6 +78,7 @@ class RunResult:
             adapter became (``tracking.register_model``), else None.
         untracked_since: the first round MLflow lacks because its store failed during the run
             (:mod:`fedsim.tracking.store_loss`); None when the store took everything.
+        nodes: the Ray node ids that held the run's client actors, sorted (empty in process).
     """
 
     run_id: str
@@ -90,6 +91,7 @@ class RunResult:
     phases_origin: float = 0.0
     registered_model: str | None = None
     untracked_since: int | None = None
+    nodes: list[str] = field(default_factory=list)
 
     @property
     def final(self) -> dict[str, float]:
@@ -398,8 +400,9 @@ class Run:
         clock.mark("store")
         self.pool.wait_ready()
         clock.mark("actors")
+        nodes = ex.actor_nodes(self.pool)
         if tracker.system_metrics is not None:
-            tracker.system_metrics.add_ray_nodes(ex.actor_nodes(self.pool))
+            tracker.system_metrics.add_ray_nodes(nodes)
         self.info = info = self.pool.call_first("describe")
         check_ranks(resolve_ranks(cfg.clients, cfg.seed), info.max_rank)
         initial = self.pool.call_first("initial_global")
@@ -413,7 +416,7 @@ class Run:
         if cfg.checkpoint.every > 0:
             self.writer = _checkpoint_writer(cfg, ckpt, self.run_dir)
         run_dir = self.writer.run_dir if self.writer else None
-        result = RunResult(tracker.run_id, tracker.uri, run_dir=run_dir)
+        result = RunResult(tracker.run_id, tracker.uri, run_dir=run_dir, nodes=sorted(nodes))
         result.phases, result.phases_origin = clock.seconds, clock.start
         loop = RoundLoop(
             cfg,
@@ -514,26 +517,30 @@ def _interrupt_run(_reason: str) -> None:
 
 
 def _sigint_for_interrupts():
-    """Make :func:`_interrupt_run` reach the main thread during a run; returns the function
-    that puts SIGINT's handler back, or None when nothing was changed.
+    """Make :func:`_interrupt_run` (and Ctrl-C) reach the main thread during a run without
+    cutting a store call in the middle; returns the function that puts SIGINT's handler back,
+    or None when nothing was changed.
 
-    ``_thread.interrupt_main`` does nothing while SIGINT is ignored or left to the OS, as in a
-    process a shell started in the background, ``nohup`` or a test runner's worker: the stop
-    after a lost GCS would never come. There a handler of ours takes the run's own interrupt
-    and keeps the old behaviour for a real SIGINT (ignored, or the process ends as the OS
-    would end it).
+    Under Python's own handler (a terminal's Ctrl-C) the run's handler raises
+    ``KeyboardInterrupt`` as it would, but through :func:`fedsim.termination.interrupt`, which
+    holds it until the MLflow call in progress ends. ``_thread.interrupt_main`` does nothing
+    while SIGINT is ignored or left to the OS, as in a process a shell started in the
+    background, ``nohup`` or a test runner's worker: the stop after a lost GCS would never
+    come. There the handler takes the run's own interrupt and keeps the old behaviour for a
+    real SIGINT (ignored, or the process ends as the OS would end it). A handler of someone
+    else's is left alone.
     """
     import signal
 
     previous = signal.getsignal(signal.SIGINT)
-    if previous not in (signal.SIG_IGN, signal.SIG_DFL):
+    if previous not in (signal.SIG_IGN, signal.SIG_DFL, signal.default_int_handler):
         return None
 
     def handler(signum, _frame):
-        if _RUN_INTERRUPT.is_set():
+        if _RUN_INTERRUPT.is_set() or previous is signal.default_int_handler:
             _RUN_INTERRUPT.clear()
-            raise KeyboardInterrupt
-        if previous == signal.SIG_DFL:  # a real SIGINT: what the OS would have done
+            termination.interrupt(KeyboardInterrupt())
+        elif previous == signal.SIG_DFL:  # a real SIGINT: what the OS would have done
             signal.signal(signal.SIGINT, signal.SIG_DFL)
             os.kill(os.getpid(), signum)
 

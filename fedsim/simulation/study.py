@@ -15,13 +15,14 @@ outputs and inputs and the table's ``output`` are checked.
 
 from __future__ import annotations
 
-import time
+import logging
 from pathlib import Path
 
 import numpy as np
 
 from fedsim.config import ConfigError, load_config
 from fedsim.config.arguments import check_flag, check_overrides, check_path
+from fedsim.errors import RunFailed
 from fedsim.simulation.study_file import (
     MAX_RUNS,
     StudyConfig,
@@ -39,9 +40,13 @@ __all__ = [
     "format_table",
     "grid_cells",
     "load_study",
+    "StudyIncomplete",
     "run_study",
     "study_size",
 ]
+
+
+_log = logging.getLogger(__name__)
 
 
 def _summary(history: list[dict], last: int, key: str) -> float:
@@ -64,11 +69,19 @@ GENERATION_COLUMNS = [
 ]
 
 
-def run_study(path: str | Path, extra: list[str] = (), quiet: bool = False, pool=None) -> str:
+def run_study(
+    path: str | Path,
+    extra: list[str] = (),
+    quiet: bool = False,
+    pool=None,
+    parallel: int | None = None,
+) -> str:
     """Run every cell x variant x seed and return (and write) the Markdown table.
 
     Prints (to stdout) one line per finished run, then the table, where it was written and
-    the MLflow parent run; the runs themselves print no summary.
+    the MLflow parent run; the runs themselves print no summary. A run that fails does not
+    stop the others: the table is made of the runs that finished, and the failed ones are
+    listed on stderr and raised at the end (:class:`StudyIncomplete`).
 
     Args:
         path: the study YAML, or a shipped study's name.
@@ -76,16 +89,20 @@ def run_study(path: str | Path, extra: list[str] = (), quiet: bool = False, pool
         quiet: print nothing on stdout (warnings and errors still go to stderr).
         pool: a warm pool (:func:`fedsim.warm_pool`) for the runs, left running afterwards
             (several studies in one process reuse its actors); None: the study's own, stopped
-            at its end.
+            at its end. With more than one run at once, each lane has a pool of its own.
+        parallel: how many runs at once (None: the study's ``parallel``; 0: as many as the
+            cluster holds; see :mod:`fedsim.simulation.lanes`).
 
     Raises:
         ConfigError: a bad study file, a run whose config is not allowed, or an ``output``
             that cannot be written (all checked before the first run starts), or an argument
             of the wrong type (named). Should the table still not be written after the runs,
             the error names ``output`` and the table is in the MLflow parent run.
+        StudyIncomplete: some runs failed (after the others finished and the table of those
+            was written).
     """
     from actors.executor import RayExecutor, init_ray
-    from fedsim.simulation.run import run
+    from fedsim.simulation import lanes as lanes_mod
     from fedsim.tracking.tracker import Tracker
 
     check_path(path, "path")
@@ -93,6 +110,8 @@ def run_study(path: str | Path, extra: list[str] = (), quiet: bool = False, pool
     check_flag(quiet, "quiet")
     if pool is not None and not (isinstance(pool, RayExecutor) and pool.keep_actors):
         raise ConfigError("pool", f"expected fedsim.warm_pool(), got {type(pool).__name__}")
+    if parallel is not None:
+        lanes_mod.check_parallel(parallel)
     study, base = load_study(path)
     plan = _plan(study, base, extra)
     import ray
@@ -102,36 +121,51 @@ def run_study(path: str | Path, extra: list[str] = (), quiet: bool = False, pool
     parent = Tracker(plan[0][3], run_name=f"study {Path(path).stem}", log_config=False)
     try:  # whatever fails from here on, the parent run ends FAILED, never stays RUNNING
         started = init_ray(all(cfg.resources.log_to_driver for *_, cfg in plan))
-        results: dict[tuple[str, str], list] = {}
-        # one warm pool for the study: a run takes over the previous run's actor processes
-        # when it needs as many with the same resources (their imports paid once, the shared
-        # frozen backbone mapped again, not rebuilt); every run's own state is new
-        own = pool is None
-        if own:
-            pool = RayExecutor(keep_actors=True)
         try:
-            for i, (cell, name, _seed, cfg) in enumerate(plan, 1):
+            cfgs = [cfg for *_, cfg in plan]
+            for cfg in cfgs:
                 cfg.tracking.parent_run_id = parent.run_id
-                start = time.perf_counter()
-                res = run(cfg, quiet=True, executor=pool)
-                results.setdefault((cell, name), []).append(res)
-                if not quiet:
-                    print(
-                        f"[{i}/{len(plan)}] {cfg.tracking.run_name}: "
-                        f"{time.perf_counter() - start:.0f} s, MLflow run {res.run_id}",
-                        flush=True,
-                    )
+            want = study.parallel if parallel is None else parallel
+            lanes, actors = lanes_mod.lane_count(want, cfgs)
+            if lanes > 1 and not quiet:
+                cap = f", at most {actors} client actors each" if actors else ""
+                print(f"{len(plan)} runs, {lanes} at once{cap}", flush=True)
+            done = [0]
+
+            def report(i, outcome, seconds):
+                done[0] += 1
+                if quiet:
+                    return
+                what = (
+                    f"FAILED: {outcome.error}"
+                    if isinstance(outcome, lanes_mod.Failure)
+                    else f"MLflow run {outcome.run_id}"
+                )
+                label = cfgs[i].tracking.run_name
+                print(f"[{done[0]}/{len(plan)}] {label}: {seconds:.0f} s, {what}", flush=True)
+
+            outcomes, failures = lanes_mod.run_all(
+                cfgs, lanes, actors, pool if lanes == 1 else None, report
+            )
         finally:
-            if own:
-                pool.shutdown()
             if started:
                 ray.shutdown()
-        table = _table(study, plan, results, extra)
+        results: dict[tuple[str, str], list] = {}
+        for (cell, name, _seed, _cfg), res in zip(plan, outcomes):
+            runs = results.setdefault((cell, name), [])
+            if res is not None:
+                runs.append(res)
+        for failure in failures:  # each on its line, whatever ``quiet``: the errors
+            _log.warning("run '%s' failed: %s", failure.label, failure.error)
+        if len(failures) == len(plan):
+            raise StudyIncomplete(failures, len(plan), None)
+        table = _table(study, plan, results, extra, failures)
         parent.log_text(table, "summary.md")
     except BaseException:
         parent.finish("FAILED")
         raise
-    parent.finish()  # every run finished and the table is in MLflow, written or not
+    # every run finished and the table is in MLflow, written or not
+    parent.finish("FAILED" if failures else "FINISHED")
     if not quiet:
         print(table)
     out = Path(study.output)
@@ -150,7 +184,24 @@ def run_study(path: str | Path, extra: list[str] = (), quiet: bool = False, pool
             f"written to {out}; MLflow parent run {parent.run_id}; browse the runs with: "
             f"{parent.ui_command(whole_experiment=True)}"
         )
+    if failures:
+        raise StudyIncomplete(failures, len(plan), out)
     return table
+
+
+class StudyIncomplete(RunFailed):
+    """Some of a study's runs failed; the others finished and their table was written.
+
+    Attributes:
+        failures: the failed runs (:class:`fedsim.simulation.lanes.Failure`), in plan order.
+        output: where the table of the finished runs is (None: every run failed).
+    """
+
+    def __init__(self, failures: list, total: int, output: Path | None):
+        self.failures, self.output = failures, output
+        names = ", ".join(repr(f.label) for f in failures)
+        where = f"; the table of the others is in {output}" if output else ""
+        super().__init__(f"{len(failures)} of {total} runs failed ({names}; above){where}")
 
 
 def _plan(study: StudyConfig, base: Path, extra: list[str]) -> list[tuple]:
@@ -177,14 +228,22 @@ def _plan(study: StudyConfig, base: Path, extra: list[str]) -> list[tuple]:
     return plan
 
 
-def _table(study: StudyConfig, plan: list[tuple], results: dict, extra: list[str]) -> str:
-    """The study's Markdown table: a grid table per metric, or one row per variant."""
+def _table(
+    study: StudyConfig, plan: list[tuple], results: dict, extra: list[str], failures=()
+) -> str:
+    """The study's Markdown table: a grid table per metric, or one row per variant; a line
+    below it names the runs that failed (left out of the means)."""
     rounds = plan[0][3].rounds
     if study.grids:
         shares = {n for _, n, _, cfg in plan if cfg.sharing.policy != "none"}
         untrained = [n for n in study.variants if n not in shares]
-        return format_grid(results, study, rounds, extra, untrained)
-    return format_table({n: r for (_, n), r in results.items()}, study, rounds, extra)
+        table = format_grid(results, study, rounds, extra, untrained)
+    else:
+        table = format_table({n: r for (_, n), r in results.items()}, study, rounds, extra)
+    if failures:
+        names = ", ".join(f.label for f in failures)
+        table += f"\nLeft out: {len(failures)} failed run(s) ({names}).\n"
+    return table
 
 
 def _preflight(study: StudyConfig, plan: list) -> None:
@@ -221,6 +280,8 @@ def _preflight(study: StudyConfig, plan: list) -> None:
 
 
 def _cell(runs, key: str, last: int) -> str:
+    if not runs:  # every seed of it failed
+        return "failed"
     vals = [_summary(r.history, last, key) for r in runs]
     return f"{np.mean(vals):.3f} ± {np.std(vals):.3f}"
 
@@ -261,7 +322,7 @@ def format_grid(
 
 def format_table(results: dict[str, list], study: StudyConfig, rounds: int, extra) -> str:
     """Markdown: one row per variant, mean +- std over seeds of the last rounds' means."""
-    first = next(iter(results.values()))[0].history
+    first = next(runs for runs in results.values() if runs)[0].history
     columns = GENERATION_COLUMNS if any("global/bleu" in h for h in first) else COLUMNS
     columns = [*columns, *((m, m) for m in study.more_metrics if m not in dict(columns))]
     head = "| method | " + " | ".join(t for _, t in columns) + " | upload MB / round |"
@@ -269,7 +330,8 @@ def format_table(results: dict[str, list], study: StudyConfig, rounds: int, extr
     for name, runs in results.items():
         cells = [_cell(runs, key, study.last_rounds) for key, _ in columns]
         up = [np.mean([h["comm/upload_bytes"] for h in r.history[1:]]) / 1e6 for r in runs]
-        lines.append(f"| {name} | " + " | ".join(cells) + f" | {np.mean(up):.2f} |")
+        up_cell = f"{np.mean(up):.2f}" if runs else "failed"
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {up_cell} |")
     note = (
         f"\nMean ± std over seeds {study.seeds} of each run's mean over its last "
         f"{study.last_rounds} of {rounds} rounds"

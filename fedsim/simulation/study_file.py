@@ -46,6 +46,8 @@ class StudyConfig:
         last_rounds: table values are the mean over this many final rounds (rounds swing
             under client sampling; one round alone is a noisy summary).
         output: where the Markdown table is written (relative to the working directory).
+        parallel: how many runs at once on the Ray cluster (0: as many as its resources hold
+            with each run's own actor pool; see :mod:`fedsim.simulation.lanes`).
     """
 
     base: str = "default.yaml"
@@ -57,6 +59,7 @@ class StudyConfig:
     more_metrics: list[str] = field(default_factory=list)
     last_rounds: int = 3
     output: str = "compare.md"
+    parallel: int = 0
 
 
 # The most runs (cells x variants x seeds) one study may plan. Each run's config is built and
@@ -110,6 +113,10 @@ def load_study(path: str | Path) -> tuple[StudyConfig, Path]:
         raise ConfigError("seeds", f"{path} lists no seeds")
     if study.last_rounds < 1:
         raise ConfigError("last_rounds", "must be >= 1")
+    if study.parallel < 0:
+        raise ConfigError(
+            "parallel", f"{path}: must be >= 0 (0: as many runs at once as the cluster holds)"
+        )
     check_size(study, str(path))
     return study, _base_file(study, path)
 

@@ -17,6 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from fedsim import termination
 from fedsim.errors import one_line
 
 _log = logging.getLogger(__name__)
@@ -92,14 +93,22 @@ class GuardedClient:
 
     def __getattr__(self, name: str) -> Any:
         attr = getattr(self._client, name)
-        if name not in WRITES:
+        if not callable(attr):
             return attr
+        if name not in WRITES:
+
+            def read(*args, **kwargs):
+                with termination.deferred():  # an interrupt waits for the store call's end
+                    return attr(*args, **kwargs)
+
+            return read
 
         def write(*args, **kwargs):
             if self.lost is not None:
                 return None
             try:
-                return attr(*args, **kwargs)
+                with termination.deferred():
+                    return attr(*args, **kwargs)
             except self._errors as exc:
                 self._lose(exc)
                 return None

@@ -990,3 +990,56 @@ def test_ray_job_stop_marks_the_run_killed_and_prints_the_resume_line(
     assert client.get_run(run.info.run_id).info.status == "FINISHED"
     steps = {m.step for m in client.get_metric_history(run.info.run_id, "time/round_s")}
     assert steps == set(range(done + 2))
+
+
+@pytest.mark.slow  # two Ray nodes, an MLflow server and a study job of two runs: about a minute
+@pytest.mark.timeout(JOB_TIMEOUT_S + 3 * START_TIMEOUT_S)
+def test_a_study_runs_two_runs_at_once_across_both_nodes(cluster, tiny_overrides, tmp_path):
+    """``parallel: 2`` on the two one-CPU nodes: each run's pool is capped at one actor, the
+    two runs train at the same time, and between them they use both nodes."""
+    import yaml
+    from mlflow.tracking import MlflowClient
+
+    experiment = f"{EXPERIMENT}-study"
+    (tmp_path / "base.yaml").write_text("rounds: 1\n")
+    study = {
+        "base": "base.yaml",
+        "overrides": [
+            *tiny_overrides,
+            "clients.num=4",
+            "clients.ranks=[8,8,4,4]",
+            "clients.fraction=1.0",
+            "rounds=2",
+            f"checkpoint.dir={tmp_path / 'runs'}",
+            f"tracking.uri={cluster.mlflow}",
+            f"tracking.experiment={experiment}",
+        ],
+        "seeds": [0],
+        "variants": {"fedilora": [], "zeropad": ["aggregation.method=zeropad"]},
+        "output": str(tmp_path / "table.md"),
+        "parallel": 2,
+    }
+    path = tmp_path / "study.yaml"
+    path.write_text(yaml.safe_dump(study))
+    job = cluster.submit([sys.executable, "-m", "fedsim", "compare", str(path)])
+    cluster.wait_for_mlflow()
+    cluster.wait_for_job(job)
+    assert "| zeropad |" in (tmp_path / "table.md").read_text()
+
+    client = MlflowClient(tracking_uri=cluster.mlflow)
+    exp = client.get_experiment_by_name(experiment)
+    runs = [
+        r for r in client.search_runs([exp.experiment_id]) if r.data.tags.get("mlflow.parentRunId")
+    ]
+    assert sorted(r.info.run_name for r in runs) == ["fedilora seed=0", "zeropad seed=0"]
+    assert all(r.info.status == "FINISHED" for r in runs)
+    first, second = sorted(runs, key=lambda r: r.info.start_time)
+    assert second.info.start_time < first.info.end_time, "the two runs did not overlap"
+    used = set()
+    for run in runs:
+        local = client.download_artifacts(
+            run.info.run_id, "clients/round_0001.json", str(tmp_path / run.info.run_id)
+        )
+        table = json.loads(Path(local).read_text())
+        used |= {dict(zip(table["columns"], row))["node_id"] for row in table["data"]}
+    assert used == cluster.node_ids, f"the runs trained on {used}, the nodes are {cluster.node_ids}"

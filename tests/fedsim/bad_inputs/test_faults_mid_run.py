@@ -264,6 +264,47 @@ def test_sigterm_handler_raises_once_and_is_restored():
     assert seen == [before]
 
 
+def test_an_interrupt_waits_for_the_end_of_a_deferred_block():
+    """A SIGTERM (or the run's own interrupt) during a store call is raised when the call ends,
+    not inside it: cut inside SQLAlchemy, it left a half-closed connection behind."""
+    done = []
+    with pytest.raises(Terminated):
+        with handle_sigterm():
+            with termination.deferred():
+                os.kill(os.getpid(), signal.SIGTERM)
+                time.sleep(0.2)  # the handler has run: it held the interrupt back
+                with termination.deferred():  # nested: held until the outer block ends
+                    pass
+                done.append("the call's end")
+            done.append("after the block")  # never reached
+    assert done == ["the call's end"]
+
+
+def test_the_runs_own_interrupt_is_deferred_too(monkeypatch):
+    """``_interrupt_run`` (a lost GCS) and Ctrl-C take the same path under Python's own SIGINT
+    handler, and a handler of someone else's is left alone."""
+    from fedsim.simulation import run as run_module
+
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        restore = run_module._sigint_for_interrupts()
+        assert restore is not None
+        done = []
+        with pytest.raises(KeyboardInterrupt):
+            with termination.deferred():
+                run_module._interrupt_run("the GCS is gone")
+                time.sleep(0.2)
+                done.append("the call's end")
+        assert done == ["the call's end"]
+        restore()
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+        signal.signal(signal.SIGINT, mine := lambda *_: None)
+        assert run_module._sigint_for_interrupts() is None
+        assert signal.getsignal(signal.SIGINT) is mine
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 _HANGING_STOP = """
 import os, signal, time
 from fedsim import termination
