@@ -82,8 +82,8 @@ STUDY_HELP = (
 )
 STUDY_ARGS = "overrides applied to every run of the study"
 PARALLEL_HELP = (
-    "runs at once on the Ray cluster (default: the study's `parallel`, whose 0 means as many "
-    "as the cluster's resources hold with each run's own actor pool)"
+    "runs at once on the Ray cluster (default: the study's parallel key, whose 0 means as "
+    "many as the cluster's resources hold with each run's own actor pool)"
 )
 
 

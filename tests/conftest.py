@@ -16,14 +16,6 @@ from fedsim.config import FedSimConfig, load_config
 
 IMAGE_SIZE = 16
 
-# One thread of torch compute per process: the suite runs one xdist worker per core
-# (setup.cfg), and every worker, Ray actor and subprocess starting torch's default of one
-# intra-op thread per core oversubscribed the cores (threads spinning at the end of each
-# parallel operation while another process wanted the core). Set before any test imports
-# torch; the workers' Ray actors and subprocesses inherit it. Client actors set their own count
-# from resources.client.num_cpus (1 here) either way; no number depends on it.
-os.environ.setdefault("OMP_NUM_THREADS", "1")
-
 
 # the benchmarks' slow tests: their Ray cases join the session's Ray and need its CPUs
 # (ray_address_for_actors releases the warm pool), so they go first, while no pool is warm yet

@@ -60,9 +60,13 @@ def lane_count(requested: int, cfgs: list) -> tuple[int, int]:
         requested: ``study.parallel`` (0: as many as the cluster holds).
         cfgs: every planned run's config.
     """
+    import ray
+
     from actors.pool import cluster_slots
     from fedsim.data.partition import sample_clients
 
+    if requested == 1 or not ray.is_initialized():  # one lane: no cluster to ask
+        return 1, 0
     slots, own = None, 1
     for cfg in cfgs:
         fit, _, _ = cluster_slots(cfg)

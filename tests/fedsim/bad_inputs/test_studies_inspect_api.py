@@ -257,13 +257,35 @@ def _parent(workdir: Path):
     return client, runs[0]
 
 
-def test_a_failing_run_ends_the_parent_run_failed(fake_study, workdir):
+def test_a_failing_run_stops_no_other_and_ends_the_parent_run_failed(fake_study, workdir):
+    from fedsim.simulation.study import StudyIncomplete
+
+    def boom_first(i, cfg):
+        if i == 1:
+            raise RuntimeError("boom")
+        return _Finished(i)
+
+    fake_study.hook[0] = boom_first
+    with pytest.raises(StudyIncomplete, match=r"1 of 2 runs failed \('a seed=0'; above\)"):
+        run_study(fake_study.path, quiet=True)
+    assert len(fake_study.calls) == 2  # the second run still ran
+    table = (workdir / "out" / "table.md").read_text()
+    assert "| a | 0.500 ± 0.000 |" in table and "Left out: 1 failed run(s) (a seed=0)" in table
+    _, parent = _parent(workdir)
+    assert parent.info.status == "FAILED"
+
+
+def test_a_study_whose_every_run_fails_writes_no_table(fake_study, workdir):
+    from fedsim.simulation.study import StudyIncomplete
+
     def boom(i, cfg):
-        raise RuntimeError("boom")
+        raise RuntimeError(f"boom {i}")
 
     fake_study.hook[0] = boom
-    with pytest.raises(RuntimeError, match="boom"):
+    with pytest.raises(StudyIncomplete, match="2 of 2 runs failed") as info:
         run_study(fake_study.path, quiet=True)
+    assert [f.error for f in info.value.failures] == ["boom 1", "boom 2"]
+    assert info.value.output is None and not (workdir / "out").exists()
     _, parent = _parent(workdir)
     assert parent.info.status == "FAILED"
 
