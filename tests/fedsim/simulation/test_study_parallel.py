@@ -58,7 +58,7 @@ def test_two_runs_at_once_give_the_numbers_of_one_at_a_time_and_a_failure_stops_
             "base": "base.yaml",
             "overrides": [
                 *tiny_overrides,
-                "rounds=2",
+                "rounds=1",
                 f"tracking.uri={uri}",
                 f"tracking.experiment={experiment}",
                 f"checkpoint.dir={tmp_path / experiment}",
