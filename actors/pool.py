@@ -421,9 +421,11 @@ class ClientPool:
         actors = self.actors + self.spare
         if actors and self.cfg.resources.share_frozen:
             # the shared frozen-weight files go with the pool (models/frozen.py); an actor that
-            # died cannot answer, and one that is slow does not hold up the shutdown
+            # died cannot answer, and one that is slow does not hold up the shutdown. A pool
+            # whose start was never waited for (a check failed meanwhile) waits a second at
+            # most: its actors may still be importing, and an idle kept actor answers at once
             dropped = [a.drop_frozen.remote() for a in actors]
-            ray.wait(dropped, num_returns=len(dropped), timeout=10)
+            ray.wait(dropped, num_returns=len(dropped), timeout=1 if self._pings else 10)
         for a in actors:
             ray.kill(a)
         self.actors, self.spare = [], []
