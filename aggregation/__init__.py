@@ -54,6 +54,11 @@ _EXPORTS: dict[str, str] = {
     "lora_pairs": "aggregation.pairs",
     "pair_products": "aggregation.pairs",
     "merge_lora_state_dicts": "aggregation.merge",
+    "RaFLoRAMerger": "aggregation.raflora",
+    "raflora_merge": "aggregation.raflora",
+    "raflora_products": "aggregation.raflora",
+    "rank_partition_weights": "aggregation.raflora",
+    "rank_partitions": "aggregation.raflora",
     "adaptive_clip_update": "aggregation.privacy",
     "clip_update": "aggregation.privacy",
     "epsilon_after": "aggregation.privacy",
@@ -120,6 +125,7 @@ __all__ = [
     "InOrder",
     "MERGERS",
     "MERGE_DTYPES",
+    "RaFLoRAMerger",
     "RankMerger",
     "SERVER_OPTIMIZERS",
     "SHARING_POLICIES",
@@ -175,8 +181,12 @@ __all__ = [
     "product_distances",
     "product_norm",
     "product_outliers",
+    "raflora_merge",
+    "raflora_products",
     "rank_axis",
     "rank_bands",
+    "rank_partition_weights",
+    "rank_partitions",
     "scaffold_client_variate",
     "scaffold_server_variate",
     "server_optimizer_class",
@@ -231,6 +241,13 @@ if TYPE_CHECKING:  # what a type checker and an IDE see
         epsilon_after,
         noise_for_epsilon,
         update_noise_multiplier,
+    )
+    from aggregation.raflora import (
+        RaFLoRAMerger,
+        raflora_merge,
+        raflora_products,
+        rank_partition_weights,
+        rank_partitions,
     )
     from aggregation.rank_merger import RankMerger
     from aggregation.registry import (

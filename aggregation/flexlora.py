@@ -129,6 +129,30 @@ def svd_factors(
     return b, a
 
 
+def refactor_pair(
+    delta: Tensor, rank: int, a_like: Tensor, b_like: Tensor, *, svd: SvdMethod = "exact"
+) -> tuple[Tensor, Tensor]:
+    """Factor one module's merged update at rank ``rank``, shaped and typed like its factors.
+
+    Args:
+        delta: The module's merged update as a ``d x k'`` matrix (float32 or float64).
+        rank: The global rank ``R``.
+        a_like: A client's ``lora_A`` of the module: the result has its trailing shape and dtype.
+        b_like: A client's ``lora_B`` of the module, likewise.
+
+    Returns:
+        ``(A, B)`` of shapes ``(R, *a_like.shape[1:])`` and ``(d, R, *b_like.shape[2:])``, the
+        factors of ``svd_factors`` (balanced, sign-fixed) cast to the clients' dtypes.
+
+    Raises:
+        ValueError: As ``svd_factors``.
+    """
+    b, a = svd_factors(delta, rank, svd=svd)
+    a = a.reshape(rank, *a_like.shape[1:]).to(a_like.dtype)
+    b = b.reshape(b.shape[0], rank, *b_like.shape[2:]).to(b_like.dtype)
+    return a, b
+
+
 def flexlora_merge(
     states: Sequence[Mapping[str, Tensor]],
     ranks: Sequence[int],
@@ -166,9 +190,10 @@ def flexlora_merge(
         b_tensors = [state[b_key] for state in states]
         dtype = accumulation_dtype([*a_tensors, *b_tensors])
         b_cat, a_cat = stack_factors(a_tensors, b_tensors, weights, dtype)
-        b, a = svd_factors(b_cat @ a_cat, rank, svd=svd)  # dW = sum_i p_i B_i A_i is d x k'
-        merged[a_key] = a.reshape(rank, *a_tensors[0].shape[1:]).to(a_tensors[0].dtype)
-        merged[b_key] = b.reshape(b.shape[0], rank, *b_tensors[0].shape[2:]).to(b_tensors[0].dtype)
+        # dW = sum_i p_i B_i A_i is d x k'
+        merged[a_key], merged[b_key] = refactor_pair(
+            b_cat @ a_cat, rank, a_tensors[0], b_tensors[0], svd=svd
+        )
     for key in states[0]:
         if rank_axis(key) is None:
             merged[key] = weighted_average([state[key] for state in states], weights)

@@ -60,6 +60,7 @@ def merge_lora_state_dicts(
     scalings: Sequence[float] | None = None,
     empty_dim: str = "keep",
     svd: str = "auto",
+    partition_weights: str = "samples",
 ) -> dict[str, Tensor]:
     """Merge clients' LoRA adapters of different ranks into one global adapter.
 
@@ -80,17 +81,20 @@ def merge_lora_state_dicts(
         ranks: Each client's LoRA rank; must match its tensors.
         num_samples: Each client's number of training samples (positive).
         method: A merge method registered in ``MERGERS`` (``"fedilora"``, ``"zeropad"``,
-            ``"hetlora"``, ``"flexlora"``, ``"flora"``).
-        previous: The previous global adapter (used by FediLoRA for uncovered dimensions).
+            ``"hetlora"``, ``"flexlora"``, ``"flora"``, ``"raflora"``, ...).
+        previous: The previous global adapter (used by FediLoRA and raFLoRA for uncovered
+            dimensions).
             It is validated like a client's state even by methods that do not read it.
         global_rank: The global rank ``R``; defaults to ``max(ranks)``, or the rank of
             ``previous`` if larger. Methods without a fixed rank (FLoRA, whose global rank is
             ``sum(ranks)``) ignore it and ``previous``.
         scalings: Optional per-client peft scaling ``s_i``, folded into ``lora_B``.
-        empty_dim: FediLoRA's rule for a dimension no client covers: ``"keep"`` its previous
-            value or ``"zero"`` it; ignored by methods that take no such option.
-        svd: FlexLoRA's factorisation, ``"exact"``, ``"lowrank"`` or ``"auto"``; ignored by
-            methods that take no such option.
+        empty_dim: FediLoRA's and raFLoRA's rule for a dimension no client covers: ``"keep"``
+            its previous value or ``"zero"`` it; ignored by methods that take no such option.
+        svd: FlexLoRA's and raFLoRA's factorisation, ``"exact"``, ``"lowrank"`` or
+            ``"auto"``; ignored by methods that take no such option.
+        partition_weights: raFLoRA's weights within a rank partition, ``"samples"`` or
+            ``"clients"``; ignored by methods that take no such option.
 
     Returns:
         A new global state dict (rank ``R``, or ``sum(ranks)`` for FLoRA) with client 0's
@@ -107,14 +111,14 @@ def merge_lora_state_dicts(
             ``num_samples`` no list, a rank no int, a count or scaling no number, named with
             its index: ``ranks[1]: expected an int, got str '8'``), ``method`` is unknown
             (valid names are listed), ``scalings`` has the wrong length or holds a zero or
-            non-finite value, ``empty_dim`` or ``svd`` is
+            non-finite value, ``empty_dim``, ``svd`` or ``partition_weights`` is
             invalid, the inputs are inconsistent (see ``RankMerger.merge``), or a merged key
             does not fit its dtype (e.g. a large ``s_i`` pushes a float16 ``lora_B`` past
             65504).
     """
     check_merge_arguments(states, ranks, num_samples, global_rank)
     cls = merger_class(method)
-    given = {"empty_dim": empty_dim, "svd": svd}
+    given = {"empty_dim": empty_dim, "svd": svd, "partition_weights": partition_weights}
     options = {name: value for name, value in given.items() if name in cls.options}
     merger = get_merger(method, **options)
     if scalings is not None:

@@ -124,11 +124,15 @@ def stack_factors(
 
     ``B_cat = [B_1 | ... | B_n]`` (``d x sum r_i``) and ``A_cat`` stacks ``w_i A_i`` row-wise
     (``sum r_i x k'``), so ``B_cat @ A_cat = sum_i w_i B_i @ A_i`` exactly (FLoRA's stacking).
+    With per-dimension weights ``w_ij`` (a 2-D ``weights``), row ``j`` of ``A_i`` is scaled by
+    ``w_ij`` instead, so ``B_cat @ A_cat = sum_i sum_{j < r_i} w_ij B_i[:, j] A_i[j]``
+    (raFLoRA's rank-partitioned product).
 
     Args:
         a_tensors: The clients' ``lora_A`` weights of one module, in client order.
         b_tensors: The clients' ``lora_B`` weights of that module, same order.
-        weights: Per-client weights ``w_i``, shape ``(|S|,)``.
+        weights: Per-client weights ``w_i``, shape ``(|S|,)``, or per-client, per-dimension
+            weights ``w_ij``, shape ``(|S|, R)`` with ``R`` at least every client's rank.
         dtype: The dtype of the result.
 
     Returns:
@@ -139,6 +143,16 @@ def stack_factors(
     """
     weights = weights.to(device=a_tensors[0].device, dtype=dtype)
     b_cat = torch.cat([b_matrix(b).to(dtype) for b in b_tensors], dim=1)  # (d, sum r_i)
+    if weights.dim() == 2:  # row j of A_i scaled by w_ij
+        weights = weights[:, :, None]
+        a_cat = torch.cat(
+            [
+                w[: a.shape[0]] * a_matrix(a).to(dtype)
+                for w, a in zip(weights, a_tensors, strict=True)
+            ],
+            dim=0,
+        )  # (sum r_i, k')
+        return b_cat, a_cat
     a_cat = torch.cat(
         [w * a_matrix(a).to(dtype) for w, a in zip(weights, a_tensors, strict=True)], dim=0
     )  # (sum r_i, k')

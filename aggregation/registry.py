@@ -40,6 +40,7 @@ MERGERS: dict[str, str] = {
     "hetlora": "aggregation.hetlora:HetLoRAMerger",
     "flexlora": "aggregation.flexlora:FlexLoRAMerger",
     "flora": "aggregation.flora:FLoRAMerger",
+    "raflora": "aggregation.raflora:RaFLoRAMerger",
 }
 SERVER_OPTIMIZERS: dict[str, str] = {
     "fedavg": "aggregation.server_opt:FedAvg",

@@ -278,7 +278,11 @@ class AggregationConfig:
     )
     empty_dim: Literal["keep", "zero"] = field(
         default="keep",
-        metadata=doc("FediLoRA: a rank dimension no sampled client covers keeps or zeroes."),
+        metadata=doc(
+            "FediLoRA, raFLoRA: a rank dimension no merged client covers keeps its previous "
+            "global value (raFLoRA: its part B_prev[:, j] A_prev[j] of the merged product) "
+            "or is zeroed."
+        ),
     )
     damping: float = field(
         default=1.0,
@@ -290,7 +294,16 @@ class AggregationConfig:
     )
     svd: Literal["auto", "exact", "lowrank"] = field(
         default="auto",
-        metadata=doc("FlexLoRA: exact SVD, randomised torch.svd_lowrank, or auto by size."),
+        metadata=doc(
+            "FlexLoRA, raFLoRA: exact SVD, randomised torch.svd_lowrank, or auto by size."
+        ),
+    )
+    partition_weights: Literal["samples", "clients"] = field(
+        default="samples",
+        metadata=doc(
+            "raFLoRA: how the clients covering a rank partition share it: by sample count "
+            "(n_i over the coverers' total) or one equal share per covering client."
+        ),
     )
     streaming: bool = field(
         default=True,

@@ -6,8 +6,9 @@ folds the residual ``sum_i p_i B_i A_i - B_g A_g`` into every client's frozen ba
 the global model is exactly the sample-weighted average of the clients' models. The residual
 is :func:`aggregation.fedex_residual`; the paper averages factors with zero-padding FedAvg,
 and any merge that outputs factors of a fixed rank composes the same way (FediLoRA's
-dimension-wise merge, HetLoRA, FlexLoRA's truncated SVD: the residual restores what the merge
-left out). The price: every round's clients download a dense ``d x k`` residual per module.
+dimension-wise merge, HetLoRA, FlexLoRA's and raFLoRA's truncated SVDs: the residual restores
+what the merge left out). The price: every round's clients download a dense ``d x k``
+residual per module.
 """
 
 from __future__ import annotations
@@ -46,12 +47,16 @@ class FedEx(Method):
             return
         merger = configured_merger(cfg)
         if merger is not None and not merger.fixed_rank:
+            from aggregation.registry import MERGERS, merger_class
+
+            fixed = [name for name in MERGERS if merger_class(name).fixed_rank]
             raise ConfigError(
                 "fedex.enabled",
                 f"aggregation.method={cfg.aggregation.method} is exact already: its stacked "
                 "product is the weighted sum of the clients' products and it folds that into "
                 "the base weights itself, so FedEx-LoRA's residual would be zero; use "
-                "zeropad, fedilora, hetlora or flexlora",
+                + ", ".join(fixed[:-1])
+                + f" or {fixed[-1]}",
             )
         if cfg.sharing.policy != "all":
             raise ConfigError(

@@ -18,6 +18,7 @@ from aggregation import (
     FlexLoRAMerger,
     FLoRAMerger,
     HetLoRAMerger,
+    RaFLoRAMerger,
     RankMerger,
     ZeroPadMerger,
     flora_delta,
@@ -37,6 +38,7 @@ FLAGS = ("needs_pairs", "linear_in_factors", "fixed_rank", "fresh_adapter_each_r
         (HetLoRAMerger, (True, True, True, False)),
         (FlexLoRAMerger, (True, False, True, False)),
         (FLoRAMerger, (True, False, False, True)),
+        (RaFLoRAMerger, (True, False, True, False)),
     ],
 )
 def test_capability_flags(cls: type[RankMerger], expected: tuple[bool, ...]) -> None:
@@ -56,6 +58,7 @@ def test_every_registered_merger_is_covered_by_the_flag_table() -> None:
         "hetlora",
         "flexlora",
         "flora",
+        "raflora",
     }
 
 

@@ -13,6 +13,7 @@ from aggregation import (
     FlexLoRAMerger,
     FLoRAMerger,
     HetLoRAMerger,
+    RaFLoRAMerger,
     RankMerger,
     ZeroPadMerger,
     fedilora_merge,
@@ -31,6 +32,7 @@ def test_registry_maps_names_to_classes() -> None:
         "hetlora": HetLoRAMerger,
         "flexlora": FlexLoRAMerger,
         "flora": FLoRAMerger,
+        "raflora": RaFLoRAMerger,
     }
     for name in MERGERS:
         cls = merger_class(name)
@@ -40,7 +42,7 @@ def test_registry_maps_names_to_classes() -> None:
 
 
 def test_unknown_name_lists_valid_names() -> None:
-    valid = "valid methods: fedilora, fedilora_damped, flexlora, flora, hetlora, zeropad"
+    valid = "valid methods: fedilora, fedilora_damped, flexlora, flora, hetlora, raflora, zeropad"
     with pytest.raises(ValueError, match=re.escape(valid)):
         get_merger("fedavg")
 

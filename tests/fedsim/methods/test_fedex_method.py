@@ -39,7 +39,7 @@ def test_combinations_without_meaning_are_rejected_with_the_reason(overrides, wo
     assert info.value.key == "fedex.enabled" and words in str(info.value)
 
 
-@pytest.mark.parametrize("method", ["zeropad", "fedilora", "hetlora", "flexlora"])
+@pytest.mark.parametrize("method", ["zeropad", "fedilora", "hetlora", "flexlora", "raflora"])
 def test_it_composes_with_every_fixed_rank_merge(method):
     cfg = load_config(None, ["fedex.enabled=true", f"aggregation.method={method}"])
     assert [m.name for m in enabled_methods(cfg) if isinstance(m, FedEx)] == ["fedex"]
