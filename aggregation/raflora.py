@@ -25,8 +25,12 @@ Options:
   contribute nothing (``"zero"``, which is what FlexLoRA does).
 - ``svd``: as FlexLoRA's.
 
-It does not stream: ``dW`` is a ``d x k`` matrix per module and its partitions are known only
-once every client's rank is, so running sums would be larger than the clients' factors.
+It does not stream (``streams`` is False). It could: the round's partitions are unions of the
+bands between the federation's distinct ranks and share their coverers, so per-band running
+sums ``sum_i n_i B_i[:, band] A_i[band, :]`` and totals ``sum_i n_i``, divided at the end, give
+``dW``. But that is one ``d x k`` sum per band and module, against ``r_i (d + k)`` per client
+held by the batch merge: more memory unless a round merges more than about
+``bands * d / (2 r)`` clients. So it merges the round as one batch, as FlexLoRA does.
 """
 
 from __future__ import annotations

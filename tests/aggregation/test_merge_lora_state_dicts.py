@@ -64,7 +64,7 @@ def test_dtype_of_inputs_is_kept() -> None:
 
 
 def test_unknown_method_lists_valid_names() -> None:
-    valid = "valid methods: fedilora, fedilora_damped, flexlora, flora, hetlora, zeropad"
+    valid = "valid methods: fedilora, fedilora_damped, flexlora, flora, hetlora, raflora, zeropad"
     with pytest.raises(ValueError, match=re.escape(valid)):
         merge_lora_state_dicts(client_states(), RANKS, NUM_SAMPLES, method="hetlora2")
 

@@ -28,12 +28,12 @@ from aggregation import (
     MERGERS,
     RaFLoRAMerger,
     get_merger,
+    lora_rank,
     merge_lora_state_dicts,
     raflora_merge,
     raflora_products,
     rank_partition_weights,
     rank_partitions,
-    truncate,
 )
 from fedsim.config import ConfigError, load_config
 
@@ -312,9 +312,10 @@ def test_flags_registration_and_no_streaming() -> None:
     assert (cls.fresh_adapter_each_round, cls.streams, cls.dp_weights) == (False, False, None)
     with pytest.raises(NotImplementedError, match="'raflora'"):
         RaFLoRAMerger().stream(None, 8, build_state(8, seed=0))
-    assert (
-        truncate(RaFLoRAMerger().merge(_states(), RANKS, COUNTS), 2).keys() == _states()[0].keys()
-    )
+    # the global rank defaults to max(ranks), or the previous adapter's rank if larger
+    assert lora_rank(RaFLoRAMerger().merge(_states(), RANKS, COUNTS)) == max(RANKS)
+    previous = build_state(R, seed=45, dtype=torch.float64)
+    assert lora_rank(RaFLoRAMerger().merge(_states(), RANKS, COUNTS, previous)) == R
 
 
 def test_bad_options_are_refused() -> None:
