@@ -1,7 +1,7 @@
 """The global adapter's energy per rank band (aggregation/diagnostics.py, docs/algorithms.md
 §6.1): the singular values from the factors against a dense SVD, the band shares against a loop,
 and rank collapse under zero-padding, FlexLoRA and FediLoRA with local training replaced by the
-identity, checked against the shrink factors (6.1.3)-(6.1.5) over several rounds."""
+identity, checked against the shrink factors (6.1.4)-(6.1.6) over several rounds."""
 
 from __future__ import annotations
 
@@ -74,6 +74,7 @@ def _adapter_shares_by_loop(state, modules, levels, rank) -> list[float]:
     [(7, 4, 5, False), (3, 6, 9, False), (9, 6, 2, False), (6, 5, 4, True), (5, 8, 5, False)],
 )
 def test_product_singular_values_equal_the_dense_svd(d, r, k, conv):
+    # (6.1.3): from the QRs of the factors, against numpy's SVD of the looped dense product
     g = torch.Generator().manual_seed(d * 100 + r * 10 + k)
     tail = (1, 1) if conv else ()
     a = torch.randn(r, k, *tail, generator=g, dtype=torch.float64)
@@ -201,7 +202,7 @@ def _identity_rounds(method: str):
 
 
 def _expected_singular_values(method: str, upto: int) -> dict[str, list[float]]:
-    """sigma_j after ``upto`` rounds from (6.1.3)-(6.1.5): FediLoRA keeps it, FlexLoRA
+    """sigma_j after ``upto`` rounds from (6.1.4)-(6.1.6): FediLoRA keeps it, FlexLoRA
     multiplies it by N_j/N per round, zero-padding by (N_j/N)^2 per round."""
     _, svd = _initial_global()
     power = {"fedilora": 0, "flexlora": 1, "zeropad": 2}[method]
@@ -250,7 +251,7 @@ def test_identity_training_shrinks_dimensions_by_the_predicted_factors(method):
         assert energy["share"] == pytest.approx(
             _adapter_shares_by_loop(state, list(SHAPES), LEVELS, R), rel=1e-9, abs=1e-12
         )
-        if method == "fedilora":  # (6.1.5): the split never moves
+        if method == "fedilora":  # (6.1.6): the split never moves
             assert energy["share"] == pytest.approx(initial_shares, rel=1e-12, abs=1e-14)
 
 
@@ -261,7 +262,7 @@ def test_zeropad_shrinks_each_factor_dimension_by_the_covered_share():
         c = _covered_share(clients)
         factor = [factor[j] * c[j] for j in range(R)]
         for module in SHAPES:
-            for j in range(R):  # (6.1.3): column j of B and row j of A, each by N_j / N
+            for j in range(R):  # (6.1.4): column j of B and row j of A, each by N_j / N
                 np.testing.assert_allclose(
                     state[lora_b(module)][:, j].numpy(),
                     factor[j] * initial[lora_b(module)][:, j].numpy(),
