@@ -109,7 +109,7 @@ def merge_figure(history: list[dict], merge: list[dict]):
         ax.set_ylabel("energy share")
         ax.set_title(ENERGY_TITLE, fontsize=10)
         ax.tick_params(labelbottom=False)
-        ax.legend(title="dimensions", fontsize=8, title_fontsize=8, loc="center left")
+        ax.legend(title="dimensions", fontsize=8, title_fontsize=8, loc="best", framealpha=0.8)
         ax.grid(alpha=0.3)
     score = _score(history)
     ax = axes[-1]

@@ -140,6 +140,7 @@ def test_streaming_and_batch_merges_give_the_same_diagnostics(make_config, store
     for a, b in zip(batch.merge, run.merge):
         assert a["coverage"] == b["coverage"] and a["weight"] == b["weight"]
         assert a["update_norm"] == pytest.approx(b["update_norm"], rel=1e-4)
+        assert a["energy"]["share"] == pytest.approx(b["energy"]["share"], rel=1e-4, abs=1e-9)
     for ra, rb in zip(batch.clients[1:], run.clients[1:]):
         for x, y in zip(ra, rb):
             assert x["share"] == pytest.approx(y["share"], rel=1e-4)
