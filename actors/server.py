@@ -15,12 +15,13 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
 
 from aggregation import RankMerger, StreamingMerge, UpdateRejected, check_update, lora_rank
-from aggregation.diagnostics import DiagnosticsParts
+from aggregation.diagnostics import DiagnosticsParts, rank_energy
 from fedsim.messages import (
     AggregateReport,
     Broadcast,
@@ -46,6 +47,9 @@ class ServerState:
         streaming: merge linear rules one update at a time where the methods allow it.
         diagnostics: compute each round's merge diagnostics (docs/algorithms.md §1.9) into the
             report: ``(R,)`` numbers per client as its update arrives, combined after the merge.
+        rank_levels: the federation's client ranks; with ``diagnostics``, the new global
+            adapter's energy per rank band (docs/algorithms.md §6.1) joins the diagnostics
+            (None: not measured).
     """
 
     def __init__(
@@ -57,9 +61,11 @@ class ServerState:
         num_clients: int,
         streaming: bool = False,
         diagnostics: bool = False,
+        rank_levels: Sequence[int] | None = None,
     ):
         self.merger = merger
         self.diagnostics = diagnostics
+        self.rank_levels = None if rank_levels is None else sorted({int(r) for r in rank_levels})
         self.optimizer = optimizer
         self.methods = list(methods)
         self.template = {k: v.clone() for k, v in initial.items()}
@@ -275,10 +281,16 @@ class ServerState:
     def _diagnose(
         self, diag: DiagnosticsParts, clients: list[ClientMeta], new: State, report: AggregateReport
     ) -> None:
-        """The round's merge diagnostics: per-dimension vectors into ``report.diagnostics``,
-        per-client columns into ``report.columns``."""
+        """The round's merge diagnostics: per-dimension vectors (and the new global adapter's
+        energy per rank band) into ``report.diagnostics``, per-client columns into
+        ``report.columns``."""
         result = diag.result(new)
         report.diagnostics = result.dimensions()
+        # a merge that hands out a fresh adapter each round (FLoRA) keeps no global product
+        if self.rank_levels is not None and not self.merger.fresh_adapter_each_round:
+            energy = rank_energy(new, self.rank_levels, self.global_rank)
+            if energy is not None:
+                report.diagnostics["energy"] = energy
         ids = [m.client_id for m in clients]
         for cid, columns in result.client_columns(ids).items():
             report.columns.setdefault(cid, {}).update(columns)

@@ -24,6 +24,13 @@ The server keeps only ``(R,)`` numbers per client: :func:`dimension_sq_norms` is
 an update as it arrives (streaming or batch), :func:`merge_diagnostics` combines them with
 tensor operations over all clients and dimensions at once; tests/aggregation/test_diagnostics.py
 checks them against explicit loops.
+
+The energy of the global adapter per rank band (docs/algorithms.md §6.1) is measured here too:
+each LoRA module's singular values of ``B_g A_g`` come from an ``R x R`` problem
+(:func:`product_singular_values`, never the ``d x k`` product), :func:`rank_energy` groups
+their squares into the federation's rank bands, per module and summed over the adapter, and
+:func:`energy_metrics` names the MLflow metrics (``merge/energy_share_band_LO-HI``,
+``merge/rank_collapse``).
 """
 
 from __future__ import annotations
@@ -35,6 +42,7 @@ import torch
 from torch import Tensor
 
 from aggregation.lora_keys import rank_axis
+from aggregation.pairs import a_matrix, b_matrix, lora_pairs
 
 
 @dataclass
@@ -265,4 +273,115 @@ def band_metrics(dims: Mapping[str, list[float]], levels: Sequence[int]) -> dict
         out[f"{name}/merge_weight"] = sum(dims["merge_weight"][lo:hi]) / (hi - lo)
         if "update_norm" in dims:
             out[f"{name}/update_norm"] = sum(v * v for v in dims["update_norm"][lo:hi]) ** 0.5
+    return out
+
+
+# -- energy per rank band (docs/algorithms.md §6.1) -----------------------------------------------
+def product_singular_values(a: Tensor, b: Tensor) -> Tensor:
+    """The singular values of one module's ``B @ A``, descending, float64, from the factors.
+
+    ``B = Q_B R_B`` and ``A^T = Q_A R_A`` (reduced QR, orthonormal columns in ``Q``), so
+    ``B A = Q_B (R_B R_A^T) Q_A^T`` has the singular values of the small ``R_B R_A^T``: cost
+    ``O((d + k) r^2)``, the ``d x k`` product is never formed.
+
+    Args:
+        a: the module's ``lora_A`` weight ``(r, k, ...)``.
+        b: its ``lora_B`` weight ``(d, r)`` or ``(d, r, 1, 1)``.
+
+    Returns:
+        ``(min(d, r, k'),)`` float64 (``k'`` the flattened width of ``A``).
+    """
+    return _svdvals(b_matrix(b.detach())[None], a_matrix(a.detach())[None])[0]
+
+
+def _svdvals(b: Tensor, a: Tensor) -> Tensor:
+    """``(n, min(d, r, k))``: the singular values of each ``b[i] @ a[i]`` of a batch of
+    ``(n, d, r)`` and ``(n, r, k)`` factors, through the ``R_B R_A^T`` of their QRs (float64)."""
+    r_b = torch.linalg.qr(b.to(torch.float64), mode="r").R  # (n, min(d, r), r)
+    r_a = torch.linalg.qr(a.to(torch.float64).transpose(-1, -2), mode="r").R  # (n, min(k, r), r)
+    return torch.linalg.svdvals(r_b @ r_a.transpose(-1, -2))
+
+
+def rank_bands(levels: Sequence[int], global_rank: int) -> list[tuple[int, int]]:
+    """The rank bands ``(lo, hi)``, 1-based and inclusive: ``1..r_(1)``, ``r_(1)+1..r_(2)``,
+    ..., up to ``global_rank``, from the federation's distinct ranks ``levels`` (those at or
+    above ``global_rank`` end the last band there)."""
+    edges = sorted({int(v) for v in levels if 0 < int(v) < global_rank} | {int(global_rank)})
+    return list(zip([1] + [e + 1 for e in edges[:-1]], edges))
+
+
+def band_sums(sq: Tensor, bands: Sequence[tuple[int, int]]) -> Tensor:
+    """``(M,)``: the sum of ``sq[j - 1]`` over each band's ``j`` (``sq`` shorter than a band
+    counts as zero there)."""
+    return torch.stack([sq[lo - 1 : hi].sum() for lo, hi in bands]).to(torch.float64)
+
+
+def _shares(energy: Tensor) -> list[float]:
+    total = float(energy.sum())
+    return (energy / total).tolist() if total > 0 else [0.0] * len(energy)
+
+
+def rank_energy(
+    state: Mapping[str, Tensor], levels: Sequence[int], global_rank: int
+) -> dict | None:
+    """The energy of the global adapter's product per rank band (docs/algorithms.md §6.1).
+
+    Per LoRA module ``m`` of ``state``, the squared singular values
+    ``sigma_j^2`` of ``B_g A_g`` (descending, ``j`` from 1) are summed per band: ``E_mb``. The
+    module's shares are ``E_mb / sum_b E_mb``; the adapter's are ``sum_m E_mb`` over
+    ``sum_m sum_b E_mb`` (energy summed over modules, then divided). Shares are all 0 where the
+    energy is 0.
+
+    Args:
+        state: the global adapter (``s = 1`` space).
+        levels: the federation's client ranks (the band edges).
+        global_rank: ``R``.
+
+    Returns:
+        ``{"bands": ["1-2", ...], "energy": [...], "share": [...], "modules": {prefix:
+        {"energy": E_m, "share": [...]}}}`` (JSON-ready), or None when ``state`` holds no
+        LoRA module with both factors (a sharing policy that shares one factor).
+    """
+    bands = rank_bands(levels, global_rank)
+    try:
+        pairs = lora_pairs(k for k in state if rank_axis(k) is not None)
+    except ValueError:  # one factor shared without the other (sharing.policy=A or B)
+        return None
+    if not pairs:
+        return None
+    groups: dict[tuple, list[str]] = {}  # modules of equal factor shapes share one batched QR
+    for prefix, (a_key, b_key) in pairs.items():
+        groups.setdefault((state[a_key].shape, state[b_key].shape), []).append(prefix)
+    energies: dict[str, Tensor] = {}
+    for members in groups.values():
+        a = torch.stack([a_matrix(state[pairs[p][0]].detach()) for p in members])
+        b = torch.stack([b_matrix(state[pairs[p][1]].detach()) for p in members])
+        sq = _svdvals(b, a).square().cpu()
+        for prefix, row in zip(members, sq, strict=True):
+            energies[prefix] = band_sums(row, bands)
+    modules: dict[str, dict] = {}
+    total = torch.zeros(len(bands), dtype=torch.float64)
+    for prefix in pairs:  # in the adapter's key order
+        energy = energies[prefix]
+        total += energy
+        modules[prefix.rstrip(".")] = {"energy": float(energy.sum()), "share": _shares(energy)}
+    return {
+        "bands": [f"{lo}-{hi}" for lo, hi in bands],
+        "energy": total.tolist(),
+        "share": _shares(total),
+        "modules": modules,
+    }
+
+
+def energy_metrics(energy: Mapping | None) -> dict[str, float]:
+    """The MLflow metrics of :func:`rank_energy`'s adapter shares:
+    ``merge/energy_share_band_LO-HI`` per band and ``merge/rank_collapse``, the share of the
+    first band ``1..r_min`` (none without an energy block)."""
+    if not energy:
+        return {}
+    out = {
+        f"merge/energy_share_band_{band}": float(share)
+        for band, share in zip(energy["bands"], energy["share"], strict=True)
+    }
+    out["merge/rank_collapse"] = float(energy["share"][0])
     return out

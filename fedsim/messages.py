@@ -178,8 +178,9 @@ class AggregateReport:
     nonfinite: list[str] = field(default_factory=list)
     metrics: dict[str, float] = field(default_factory=dict)  # the server hooks' metrics
     columns: dict[int, dict[str, Any]] = field(default_factory=dict)  # their client columns
-    # the merge diagnostics per rank dimension (MergeDiagnostics.dimensions()), if computed
-    diagnostics: dict[str, list] | None = None
+    # the merge diagnostics per rank dimension (MergeDiagnostics.dimensions()), if computed,
+    # with the global adapter's energy per rank band under "energy" (rank_energy())
+    diagnostics: dict[str, Any] | None = None
 
 
 @dataclass

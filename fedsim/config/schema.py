@@ -713,7 +713,8 @@ class TrackingConfig:
         default=True,
         metadata=doc(
             "Log what each round's merge did per rank dimension and per client (coverage, "
-            "contribution shares, update norm per band; plots/merge.png; fedsim inspect)."
+            "contribution shares, update norm per band, the global adapter's energy share per "
+            "rank band and merge/rank_collapse; plots/merge.png; fedsim inspect)."
         ),
     )
     register_model: str | None = field(

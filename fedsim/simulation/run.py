@@ -66,7 +66,8 @@ class RunResult:
         clients: per round, one row per sampled client (report, status).
         merge: per round that merged (with ``tracking.merge_diagnostics``), the merge
             diagnostics per rank dimension: ``{"round": t, "coverage": [...], "weight",
-            "merge_weight", "update_norm"}`` (:mod:`aggregation.diagnostics`).
+            "merge_weight", "update_norm", "energy": {...}}`` (:mod:`aggregation.diagnostics`;
+            ``energy``: the global adapter's energy per rank band, docs/algorithms.md §6.1).
         run_dir: the run's checkpoint directory (``fedsim run --resume`` takes it).
         phases: seconds from the start of the run call to the end of each start-up and
             tear-down phase: ``ray`` (Ray up), ``store`` (MLflow run created, overlapping the
@@ -133,6 +134,7 @@ def server_args(cfg: FedSimConfig, initial: dict) -> tuple:
         cfg.clients.num,
         cfg.aggregation.streaming,
         cfg.tracking.merge_diagnostics,
+        sorted(set(resolve_ranks(cfg.clients, cfg.seed))),
     )
 
 

@@ -113,7 +113,34 @@ def _check_dims(dims, path: str, run_id: str) -> dict:
             raise damaged(path, run_id, f"no {name!r} list as long as 'coverage'")
         if not all(_is_number(v) for v in values):
             raise damaged(path, run_id, f"{name!r} holds values that are no finite numbers")
+    if "energy" in dims:  # runs before it was logged lack it
+        _check_energy(dims["energy"], path, run_id)
     return dims
+
+
+_BAND = re.compile(r"\d+-\d+")
+
+
+def _check_energy(energy, path: str, run_id: str) -> None:
+    """The energy per rank band: band names ``LO-HI`` and as many finite shares and energies
+    per band, for the adapter and for each module."""
+    if not isinstance(energy, dict):
+        raise damaged(path, run_id, "'energy' is no mapping")
+    bands = energy.get("bands")
+    if not isinstance(bands, list) or not bands:
+        raise damaged(path, run_id, "'energy' has no 'bands' list")
+    if not all(isinstance(b, str) and _BAND.fullmatch(b) for b in bands):
+        raise damaged(path, run_id, "'energy' bands are not all of the form LO-HI")
+    rows = [("energy", energy.get("energy")), ("energy", energy.get("share"))]
+    modules = energy.get("modules", {})
+    if not isinstance(modules, dict) or not all(isinstance(m, dict) for m in modules.values()):
+        raise damaged(path, run_id, "'energy' modules are no mapping of mappings")
+    rows += [(f"energy of module {name!r}", m.get("share")) for name, m in modules.items()]
+    for what, values in rows:
+        if not isinstance(values, list) or len(values) != len(bands):
+            raise damaged(path, run_id, f"{what}: no list with one value per band")
+        if not all(_is_number(v) and v >= 0 for v in values):
+            raise damaged(path, run_id, f"{what}: values that are no non-negative numbers")
 
 
 def _ranges(values: list[int]) -> str:

@@ -2,12 +2,14 @@
 heat map plot and ``fedsim inspect RUN_ID [--round T]``.
 
 What the server computes each round (:mod:`aggregation.diagnostics`) reaches MLflow three ways:
-``merge/band_LO-HI/*`` and ``merge/max_share`` metrics, the per-client columns
-``contribution``, ``contribution_top``, ``share``, ``top_band`` of ``clients/round_NNNN.json``,
-and the per-dimension vectors in ``merge/round_NNNN.json``. At the end of the run
-``plots/merge.png`` shows rounds x rank dimensions (coverage, update norm) above the global
-score. :func:`inspect_run` reads them back from any MLflow store, only reading
-(:mod:`fedsim.tracking.reader`), each artifact checked (:mod:`fedsim.tracking.merge_artifacts`).
+``merge/band_LO-HI/*``, ``merge/max_share``, ``merge/energy_share_band_LO-HI`` and
+``merge/rank_collapse`` metrics, the per-client columns ``contribution``,
+``contribution_top``, ``share``, ``top_band`` of ``clients/round_NNNN.json``, and the
+per-dimension vectors with the per-module energy shares in ``merge/round_NNNN.json``. At the
+end of the run ``plots/merge.png`` shows rounds x rank dimensions (coverage, update norm), the
+energy share per rank band over rounds and the global score. :func:`inspect_run` reads them
+back from any MLflow store, only reading (:mod:`fedsim.tracking.reader`), each artifact checked
+(:mod:`fedsim.tracking.merge_artifacts`).
 """
 
 from __future__ import annotations
@@ -34,9 +36,29 @@ def _score(history: list[dict]) -> tuple[str, str] | None:
     return None
 
 
+ENERGY_TITLE = "share of the global adapter's energy per rank band"
+
+
+def energy_curves(merge: list[dict]) -> dict[str, tuple[list[int], list[float]]]:
+    """Per rank band (``"LO-HI"``, in band order), the rounds that measured the global
+    adapter's energy and its share in the band (docs/algorithms.md §6.1)."""
+    curves: dict[str, tuple[list[int], list[float]]] = {}
+    for m in merge:
+        energy = m.get("energy")
+        if not energy:
+            continue
+        for band, share in zip(energy["bands"], energy["share"]):
+            rounds, shares = curves.setdefault(band, ([], []))
+            rounds.append(m["round"])
+            shares.append(share)
+    return curves
+
+
 def merge_figure(history: list[dict], merge: list[dict]):
-    """Rounds x rank dimensions heat maps of coverage and of the global update's norm, with
-    the global score per round below them on the same round axis (a matplotlib figure)."""
+    """Rounds x rank dimensions heat maps of coverage and of the global update's norm, the
+    share of the global adapter's energy per rank band (the first band's is
+    ``merge/rank_collapse``) when measured, and the global score per round below them, all on
+    the same round axis (a matplotlib figure)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -54,11 +76,13 @@ def merge_figure(history: list[dict], merge: list[dict]):
         coverage[: len(m["coverage"]), col] = m["coverage"]
         if "update_norm" in m:
             update[: len(m["update_norm"]), col] = m["update_norm"]
+    curves = energy_curves(merge)
+    heights = [3, 3, 2, 2] if curves else [3, 3, 2]
     fig, grid = plt.subplots(
-        3,
+        len(heights),
         2,
-        figsize=(8, 8.5),
-        gridspec_kw={"height_ratios": [3, 3, 2], "width_ratios": [40, 1]},
+        figsize=(8, 8.5 + 2 * bool(curves)),
+        gridspec_kw={"height_ratios": heights, "width_ratios": [40, 1]},
     )
     axes = grid[:, 0]
     for ax in axes[1:]:
@@ -74,9 +98,21 @@ def merge_figure(history: list[dict], merge: list[dict]):
         ax.tick_params(labelbottom=False)
         fig.colorbar(image, cax=bar)
     grid[0, 1].yaxis.set_major_locator(MaxNLocator(integer=True))
-    grid[2, 1].axis("off")
+    for bar in grid[2:, 1]:
+        bar.axis("off")
+    if curves:
+        ax = axes[2]
+        for i, (band, (at, shares)) in enumerate(curves.items()):
+            label = f"{band} (rank collapse)" if i == 0 else band
+            ax.plot(at, shares, marker="o", label=label)
+        ax.set_ylim(-0.02, 1.02)
+        ax.set_ylabel("energy share")
+        ax.set_title(ENERGY_TITLE, fontsize=10)
+        ax.tick_params(labelbottom=False)
+        ax.legend(title="dimensions", fontsize=8, title_fontsize=8, loc="best", framealpha=0.8)
+        ax.grid(alpha=0.3)
     score = _score(history)
-    ax = axes[2]
+    ax = axes[-1]
     if score is not None:
         points = [(h["round"], h[score[0]]) for h in history if score[0] in h]
         ax.plot([p[0] for p in points], [p[1] for p in points], marker="o")
@@ -241,4 +277,19 @@ def _render(run, t, rows, clients, classes, dims, history) -> str:
             norm,
         )
     console.print(bands)
+    line = energy_line(dims.get("energy"))
+    if line:
+        console.print(line, highlight=False, markup=False)
     return console.export_text()
+
+
+def energy_line(energy: dict | None) -> str | None:
+    """``fedsim inspect``'s line on the global adapter's energy per rank band
+    (docs/algorithms.md §6.1), or None when the round did not measure it."""
+    if not energy:
+        return None
+    parts = ", ".join(f"{b} {v:.1%}" for b, v in zip(energy["bands"], energy["share"]))
+    return (
+        f"rank collapse: {energy['share'][0]:.1%} of the global adapter's energy in rank "
+        f"dimensions {energy['bands'][0]} (share per rank band: {parts})"
+    )

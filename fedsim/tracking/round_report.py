@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from aggregation.diagnostics import band_metrics
+from aggregation.diagnostics import band_metrics, energy_metrics
 from fedsim.messages import AggregateReport, ClientReport
 from fedsim.methods.base import Method
 from fedsim.tasks import combine_parts
@@ -56,12 +56,15 @@ def round_metrics(
 
 def merge_metrics(agg: AggregateReport, rank_levels: list[int]) -> dict[str, float]:
     """The server's metrics of a round's merge, plus the merge diagnostics per rank band
-    (``merge/band_LO-HI/*``) and the largest client share, when the run keeps them."""
+    (``merge/band_LO-HI/*``), the largest client share and the global adapter's energy share
+    per rank band (``merge/energy_share_band_LO-HI``, ``merge/rank_collapse``), when the run
+    keeps them."""
     m = dict(agg.metrics)
     if agg.diagnostics is not None:
         m.update(band_metrics(agg.diagnostics, rank_levels))
         shares = [c["share"] for c in agg.columns.values() if "share" in c]
         m["merge/max_share"] = max(shares, default=0.0)
+        m.update(energy_metrics(agg.diagnostics.get("energy")))
     return m
 
 

@@ -314,12 +314,19 @@ MERGE = {
     "weight": [30.0, 30.0, 10.0, 10.0],
     "merge_weight": [1.0, 1.0, 1.0, 1.0],
     "update_norm": [0.1, 0.2, 0.3, 0.4],
+    "energy": {
+        "bands": ["1-2", "3-4"],
+        "energy": [3.0, 1.0],
+        "share": [0.75, 0.25],
+        "modules": {"m.q": {"energy": 4.0, "share": [0.75, 0.25]}},
+    },
 }
+OLD_MERGE = {k: v for k, v in MERGE.items() if k != "energy"}  # a run from before §6.1
 COLUMNS = ["client_id", "rank", "num_samples", "status", "share", "contribution"]
 ROWS = {"columns": COLUMNS, "data": [[0, 4, 10, "ok", 0.6, 0.3], [1, 2, 20, "ok", 0.4, 0.2]]}
 CLIENTS = {"columns": ["client", "labels"], "data": [[0, "3 1 0"], [1, "0 2 5"]]}
 ARTIFACTS = {
-    "merge/round_0001.json": json.dumps({**MERGE, "round": 1}),
+    "merge/round_0001.json": json.dumps({**OLD_MERGE, "round": 1}),
     "merge/round_0002.json": json.dumps(MERGE),
     "clients/round_0001.json": json.dumps(ROWS),
     "clients/round_0002.json": json.dumps(ROWS),
@@ -365,6 +372,12 @@ def test_inspect_reads_a_good_run_without_changing_the_store(store, capsys):
     assert main(["inspect", run_id, "--tracking-uri", store.uri]) == 0
     out = capsys.readouterr().out
     assert "round 2" in out and "cat 75%" in out and "merge per dimension band" in out
+    assert "rank collapse: 75.0% of the global adapter's energy in rank dimensions 1-2" in out
+    assert "share per rank band: 1-2 75.0%, 3-4 25.0%" in out
+    # a round logged before the energy was measured shows no such line
+    assert main(["inspect", run_id, "--round", "1", "--tracking-uri", store.uri]) == 0
+    out = capsys.readouterr().out
+    assert "round 1" in out and "rank collapse" not in out
     assert _fingerprint(store.file) == before
 
 
@@ -486,6 +499,31 @@ DAMAGED = {
         "finite",
     ),
     "merge-binary": ("merge/round_0002.json", b"\xff\xfe\x00{", "UTF-8"),
+    "merge-energy-a-list": (
+        "merge/round_0002.json",
+        json.dumps({**MERGE, "energy": [0.75, 0.25]}),
+        "'energy' is no mapping",
+    ),
+    "merge-energy-short-share": (
+        "merge/round_0002.json",
+        json.dumps({**MERGE, "energy": {**MERGE["energy"], "share": [1.0]}}),
+        "one value per band",
+    ),
+    "merge-energy-bad-band": (
+        "merge/round_0002.json",
+        json.dumps({**MERGE, "energy": {**MERGE["energy"], "bands": ["low", "high"]}}),
+        "LO-HI",
+    ),
+    "merge-energy-module-nan": (
+        "merge/round_0002.json",
+        json.dumps(
+            {
+                **MERGE,
+                "energy": {**MERGE["energy"], "modules": {"m.q": {"share": [float("nan"), 1]}}},
+            }
+        ),
+        "module 'm.q'",
+    ),
     "clients-truncated": ("clients/round_0002.json", json.dumps(ROWS)[:30], "not JSON"),
     "clients-no-columns": ("clients/round_0002.json", json.dumps({"rows": []}), "'columns'"),
     "clients-short-row": (

@@ -11,13 +11,15 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 from mlflow.tracking import MlflowClient
 
 import fedsim
 from actors.executor import LocalExecutor
+from fedsim.checkpoint.disk import load_checkpoint
 from fedsim.cli import main
-from fedsim.tracking.merge_report import inspect_run
+from fedsim.tracking.merge_report import ENERGY_TITLE, inspect_run, merge_figure
 
 pytestmark = pytest.mark.usefixtures("restore_threads")
 RANKS = [8, 8, 4, 4, 2, 2]
@@ -70,6 +72,56 @@ def test_every_merged_round_logs_its_diagnostics(run, store, tmp_path):
     assert "plots/merge.png" in {a.path for a in client.list_artifacts(run.run_id, "plots")}
 
 
+def _dense_band_shares(a, b, bands: list[tuple[int, int]]) -> tuple[float, list[float]]:
+    """A module's energy and its shares per band from numpy's SVD of the dense ``B @ A``."""
+    a = a.double().reshape(a.shape[0], -1).numpy()
+    b = b.double().reshape(b.shape[0], b.shape[1]).numpy()
+    sq = [float(s) ** 2 for s in np.linalg.svd(b @ a, compute_uv=False)]
+    energy = [sum(sq[j - 1] for j in range(lo, hi + 1) if j <= len(sq)) for lo, hi in bands]
+    return sum(energy), [e / sum(energy) for e in energy]
+
+
+def test_energy_share_per_rank_band_is_logged_each_round(run, store, tmp_path):
+    bands = [(1, 2), (3, 4), (5, 8)]  # the federation's ranks 2, 4, 8
+    names = [f"merge/energy_share_band_{lo}-{hi}" for lo, hi in bands]
+    for h, dims in zip(run.history[1:], run.merge):
+        energy = dims["energy"]
+        assert energy["bands"] == ["1-2", "3-4", "5-8"]
+        assert [h[n] for n in names] == energy["share"]
+        assert h["merge/rank_collapse"] == energy["share"][0]
+        assert sum(energy["share"]) == pytest.approx(1.0)
+    assert "merge/rank_collapse" not in run.history[0]  # round 0 merges nothing
+    # the last round's numbers against a dense SVD of the checkpointed global adapter
+    glob = load_checkpoint(run.run_dir).server["global"]
+    energy = run.merge[-1]["energy"]
+    totals = [0.0] * len(bands)
+    for key, a in glob.items():
+        if not key.endswith("lora_A.weight"):
+            continue
+        module = key[: -len(".lora_A.weight")]
+        total, shares = _dense_band_shares(a, glob[f"{module}.lora_B.weight"], bands)
+        got = energy["modules"][module]
+        assert got["energy"] == pytest.approx(total, rel=1e-6)
+        assert got["share"] == pytest.approx(shares, rel=1e-6, abs=1e-9)
+        totals = [t + total * s for t, s in zip(totals, shares)]
+    assert len(energy["modules"]) > 1
+    assert energy["share"] == pytest.approx([t / sum(totals) for t in totals], rel=1e-6)
+    # in MLflow, one value per merged round
+    client = MlflowClient(store)
+    logged = client.get_metric_history(run.run_id, "merge/rank_collapse")
+    assert sorted((m.step, m.value) for m in logged) == [
+        (t, h["merge/rank_collapse"]) for t, h in enumerate(run.history[1:], 1)
+    ]
+    # plots/merge.png's energy panel: one curve per band over the rounds
+    fig = merge_figure(run.history, run.merge)
+    (panel,) = [ax for ax in fig.axes if ax.get_title() == ENERGY_TITLE]
+    lines = panel.get_lines()
+    assert [line.get_label() for line in lines] == ["1-2 (rank collapse)", "3-4", "5-8"]
+    for line, name in zip(lines, names):
+        assert list(line.get_xdata()) == [1, 2, 3]
+        assert list(line.get_ydata()) == [h[name] for h in run.history[1:]]
+
+
 def test_diagnostics_change_no_number_and_can_be_turned_off(make_config, store, run):
     off = _tiny_run(make_config, store, "tracking.merge_diagnostics=false")
     assert off.merge == []
@@ -88,6 +140,7 @@ def test_streaming_and_batch_merges_give_the_same_diagnostics(make_config, store
     for a, b in zip(batch.merge, run.merge):
         assert a["coverage"] == b["coverage"] and a["weight"] == b["weight"]
         assert a["update_norm"] == pytest.approx(b["update_norm"], rel=1e-4)
+        assert a["energy"]["share"] == pytest.approx(b["energy"]["share"], rel=1e-4, abs=1e-9)
     for ra, rb in zip(batch.clients[1:], run.clients[1:]):
         for x, y in zip(ra, rb):
             assert x["share"] == pytest.approx(y["share"], rel=1e-4)
@@ -102,6 +155,12 @@ def test_inspect_prints_the_rounds_clients_labels_and_shares(run, store, capsys)
         assert f"{r['share']:.1%}" in out
     assert "classes)" in out  # the labels each client holds, from data/clients.json
     assert out.count("merge per dimension band (aggregation.method=fedilora)") == 1  # once
+    collapse = run.history[2]["merge/rank_collapse"]
+    assert out.count("rank collapse: ") == 1
+    assert (
+        f"rank collapse: {collapse:.1%} of the global adapter's energy in rank dimensions 1-2"
+        in out
+    )
     # without --round: the round whose global accuracy dropped most, else the last
     text = inspect_run(run.run_id, None, store)
     accs = [h["global/accuracy"] for h in run.history]
