@@ -98,12 +98,14 @@ def test_fold_plus_trained_modules_is_the_global_product():
     fold = folded_delta(state, chosen)
     start = select_modules(state, chosen)
     for module, (d, k, is_conv) in MODULES.items():
-        slow = torch.zeros(d, k, dtype=torch.float64)
+        slow = [[0.0] * k for _ in range(d)]
         for j in range(R):
             if j not in chosen:
+                b_j, a_j = _column(state, module, j).tolist(), _row(state, module, j).tolist()
                 for x in range(d):
                     for y in range(k):
-                        slow[x, y] += _column(state, module, j)[x] * _row(state, module, j)[y]
+                        slow[x][y] += b_j[x] * a_j[y]
+        slow = torch.tensor(slow, dtype=torch.float64)
         got = fold[f"{module}."].reshape(d, k)
         assert fold[f"{module}."].shape == ((d, k, 1, 1) if is_conv else (d, k))
         torch.testing.assert_close(got, slow, rtol=0, atol=1e-12)
