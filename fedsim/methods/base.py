@@ -355,9 +355,9 @@ class Method(ClientHooks, ServerHooks, RunHooks):
             keeps the registry's order). The bands: 10 sharing (which keys leave the client,
             before anything reads them); 20-29 the client objectives; 30-39 the robust rules,
             then differential privacy, on the uploads; 40-49 server-side rescaling and
-            folding (FedNova, FLoRA, FedEx-LoRA, Fed-PLoRA); 50 FediLoRA's editing of the client adapter;
-            60 HetLoRA's rank self-pruning; 90 the attacker, last, so that it forges what
-            finally leaves the client.
+            folding (FedNova, FLoRA, FedEx-LoRA, Fed-PLoRA); 50 FediLoRA's editing of the
+            client adapter; 60 HetLoRA's rank self-pruning; 90 the attacker, last, so that it
+            forges what finally leaves the client.
         objective: whether ``objective.method`` names it (a client objective).
         after_merge_streams: True when ``after_merge`` reads only ``merged`` and
             ``batch.clients`` (FLoRA), so it also runs after a streaming merge, whose batch

@@ -50,7 +50,7 @@ def test_random_draw_is_seeded_sized_and_independent_of_the_order_asked():
     random.Random(0).shuffle(shuffled)
     again = {(t, c): module_indices("random", r, R, 7, t, c) for t, c, r in shuffled}
     assert again == first
-    for (t, c), chosen in first.items():
+    for (_, c), chosen in first.items():
         assert chosen == sorted(set(chosen)) and len(chosen) == RANKS[c]
         assert all(0 <= j < R for j in chosen)
     # another seed, round or client draws another set (for the rank-2 clients, with 28 sets)
