@@ -152,7 +152,8 @@ class FedPLoRA(Method):
         if self.cfg.fedplora.rule == "first":
             return merged
         indices = [u.parts.of(self)["indices"].tolist() for u in batch.uploads]
-        lora = {k: v for k, v in batch.current.items() if k in _lora(merged)}
+        factors = _lora(merged)
+        lora = {k: v for k, v in batch.current.items() if k in factors}
         result = fedplora_merge(
             [{k: u[k] for k in lora} for u in batch.updates],
             indices,
