@@ -119,6 +119,21 @@ class ClientWorker:
             self.host.set_base_delta(base.delta if base is not None else None)
             self._base_version = version
 
+    def _fold_task(self, task: ClientTask, broadcast: Broadcast) -> None:
+        """Add the methods' folds for this task alone (Fed-PLoRA's untrained modules) to the
+        frozen weights; the next task's :meth:`_sync_base` puts the shared base back."""
+        folds = [f for m in self.methods if (f := m.fold_into_base(task, broadcast))]
+        if not folds:
+            return
+        total = dict(broadcast.base.delta) if broadcast.base is not None else {}
+        for fold in folds:
+            for prefix, d in fold.items():
+                total[prefix] = total[prefix] + d if prefix in total else d
+        if self.host.model is None:  # a new actor: the model is built on first use
+            self.host.activate(self.global_rank, seed=self.cfg.seed)
+        self.host.set_base_delta(total)
+        self._base_version = -1  # no broadcast's version: the next sync restores the base
+
     def shared_keys(self, keys: list[str]) -> list[str]:
         """The keys of ``keys`` that go to the server (every method's filter, in order)."""
         for m in self.methods:
@@ -151,6 +166,7 @@ class ClientWorker:
         client = self.data.clients[task.client_id]
         self._sync_base(broadcast.base)
         received = self._received(task, broadcast)
+        self._fold_task(task, broadcast)
         state = state or ClientState()
         # A client whose rank was pruned since its last round keeps the leading dimensions.
         start_state = {**received, **truncate(state.private, task.rank)}

@@ -36,6 +36,7 @@ SECTION_TITLES = {
     "objective": "Client objective",
     "editing": "FediLoRA's layer-wise editing",
     "fedex": "FedEx-LoRA",
+    "fedplora": "Fed-PLoRA",
     "pruning": "HetLoRA's rank self-pruning",
     "robust": "Robust aggregation",
     "privacy": "Differential privacy (DP-FedAvg)",

@@ -296,6 +296,7 @@ def test_each_hook_set_names_only_hooks_the_base_defines():
 SAME_CONCEPT = {
     "editing",
     "fedex",
+    "fedplora",
     "fednova",
     "flora",
     "privacy",

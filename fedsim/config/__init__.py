@@ -38,6 +38,7 @@ from fedsim.config.loading import (
 from fedsim.config.methods import (
     EditingConfig,
     FedExConfig,
+    FedPLoRAConfig,
     PrivacyConfig,
     PruningConfig,
     RobustConfig,
@@ -88,6 +89,7 @@ __all__ = [
     "EvalConfig",
     "FaultsConfig",
     "FedExConfig",
+    "FedPLoRAConfig",
     "FedSimConfig",
     "PrivacyConfig",
     "RobustConfig",

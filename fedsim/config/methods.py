@@ -51,6 +51,31 @@ class FedExConfig:
 
 
 @dataclass
+class FedPLoRAConfig:
+    enabled: bool = field(
+        default=False,
+        metadata=doc(
+            "Fed-PLoRA (docs/algorithms.md §6.3): the global adapter is R one-rank modules; "
+            "each round a client of rank r trains r of them, starting from their global "
+            "values, with the other modules folded into its frozen weights (so it starts from "
+            "the global model exactly), and the server averages each module over the clients "
+            "that trained it. Needs aggregation.method=fedilora (the rule it generalises) and "
+            "sharing.policy=all; every client downloads all R modules."
+        ),
+    )
+    rule: Literal["random", "first"] = field(
+        default="random",
+        metadata=doc(
+            "Which modules a client trains: random (the paper: r of the R modules, drawn per "
+            "round and client from the seed) or first (modules 0..r-1; the server rule is "
+            "then FediLoRA's merge). random rejects the methods that take a client's "
+            "dimensions to be the leading ones (robust rules, privacy, fednova, scaffold, "
+            "pruning), tracking.merge_diagnostics and faults.attack=lie_about_rank."
+        ),
+    )
+
+
+@dataclass
 class PrivacyConfig:
     enabled: bool = field(
         default=False,

@@ -72,6 +72,7 @@ METHODS: dict[str, str] = {
     "fednova": "fedsim.methods.fednova:FedNova",
     "flora": "fedsim.methods.flora:FLoRAFolding",
     "fedex": "fedsim.methods.fedex:FedEx",
+    "fedplora": "fedsim.methods.fedplora:FedPLoRA",
     "editing": "fedsim.methods.editing:Editing",
     "pruning": "fedsim.methods.pruning:Pruning",
     "attack": "fedsim.methods.attack:Attack",

@@ -14,6 +14,7 @@ from fedsim.config.fields import doc
 from fedsim.config.methods import (
     EditingConfig,
     FedExConfig,
+    FedPLoRAConfig,
     PrivacyConfig,
     PruningConfig,
     RobustConfig,
@@ -743,6 +744,7 @@ class FedSimConfig:
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
     editing: EditingConfig = field(default_factory=EditingConfig)
     fedex: FedExConfig = field(default_factory=FedExConfig)
+    fedplora: FedPLoRAConfig = field(default_factory=FedPLoRAConfig)
     pruning: PruningConfig = field(default_factory=PruningConfig)
     robust: RobustConfig = field(default_factory=RobustConfig)
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)

@@ -225,6 +225,7 @@ class ClientHooks:
 
     Per client task, in this order, each hook of every enabled method in ``order``:
     :meth:`filter_shared` (which keys leave the client), :meth:`receive` (the starting adapter),
+    :meth:`fold_into_base` (this task's own change of the frozen weights),
     :meth:`before_training`, local training, :meth:`after_training`, :meth:`before_upload`.
     They see and change a :class:`ClientStep`; ``self.server`` is None in this process.
     """
@@ -244,6 +245,17 @@ class ClientHooks:
 
         Returns:
             The adapter, or None for the default (``view`` in the client's LoRA scaling).
+        """
+        return None
+
+    def fold_into_base(self, task: ClientTask, broadcast: Broadcast) -> State | None:
+        """A change of the frozen base weights for this client task only (Fed-PLoRA folds the
+        global modules the client does not train), on top of the broadcast's folded base.
+
+        Returns:
+            Module prefix (a ``lora_A`` key minus ``lora_A.weight``) to the dense ``dW``
+            (``s = 1`` space), or None for no change. The worker adds it to
+            ``broadcast.base`` for this task and restores the shared base for the next one.
         """
         return None
 
@@ -343,19 +355,30 @@ class Method(ClientHooks, ServerHooks, RunHooks):
             keeps the registry's order). The bands: 10 sharing (which keys leave the client,
             before anything reads them); 20-29 the client objectives; 30-39 the robust rules,
             then differential privacy, on the uploads; 40-49 server-side rescaling and
-            folding (FedNova, FLoRA, FedEx-LoRA); 50 FediLoRA's editing of the client adapter;
-            60 HetLoRA's rank self-pruning; 90 the attacker, last, so that it forges what
-            finally leaves the client.
+            folding (FedNova, FLoRA, FedEx-LoRA, Fed-PLoRA); 50 FediLoRA's editing of the
+            client adapter; 60 HetLoRA's rank self-pruning; 90 the attacker, last, so that it
+            forges what finally leaves the client.
         objective: whether ``objective.method`` names it (a client objective).
         after_merge_streams: True when ``after_merge`` reads only ``merged`` and
             ``batch.clients`` (FLoRA), so it also runs after a streaming merge, whose batch
             holds no updates.
+        leading_dimensions: True when the method takes a rank-``r_i`` client's dimensions
+            to be the leading ``r_i`` dimensions of the global adapter: it measures an upload
+            against the merge's truncated view of the global adapter (robust rules,
+            differential privacy, FedNova), keeps per-dimension state across rounds
+            (SCAFFOLD's variates) or prunes the trailing ones (HetLoRA's pruning). A method
+            that hands a client other dimensions (Fed-PLoRA's random modules) rejects it.
+        folds_base: True when the method folds updates into every client's frozen base
+            weights (:class:`ServerContext` ``.base``) on the premise that a client's model is
+            that shared base plus its own adapter (FLoRA, FedEx-LoRA).
     """
 
     name: ClassVar[str] = ""
     order: ClassVar[int] = 0
     objective: ClassVar[bool] = False
     after_merge_streams: ClassVar[bool] = False
+    leading_dimensions: ClassVar[bool] = False
+    folds_base: ClassVar[bool] = False
 
     def __init__(self, cfg: FedSimConfig):
         self.cfg = cfg

@@ -29,6 +29,7 @@ class FedEx(Method):
 
     name: ClassVar[str] = "fedex"
     order: ClassVar[int] = 42
+    folds_base: ClassVar[bool] = True
 
     @classmethod
     def enabled(cls, cfg: FedSimConfig) -> bool:

@@ -21,6 +21,7 @@ class FedNova(ObjectiveMethod):
 
     name: ClassVar[str] = "fednova"
     order: ClassVar[int] = 40
+    leading_dimensions: ClassVar[bool] = True
 
     @classmethod
     def dp_conflict(cls, cfg: FedSimConfig) -> str | None:

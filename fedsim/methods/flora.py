@@ -30,6 +30,7 @@ class FLoRAFolding(Method):
 
     name: ClassVar[str] = "flora"
     order: ClassVar[int] = 41
+    folds_base: ClassVar[bool] = True
 
     @classmethod
     def enabled(cls, cfg: FedSimConfig) -> bool:

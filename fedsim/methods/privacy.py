@@ -138,6 +138,7 @@ class Privacy(Method):
 
     name: ClassVar[str] = "privacy"
     order: ClassVar[int] = 35
+    leading_dimensions: ClassVar[bool] = True
 
     @classmethod
     def enabled(cls, cfg: FedSimConfig) -> bool:

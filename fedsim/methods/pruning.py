@@ -23,6 +23,7 @@ class Pruning(Method):
 
     name: ClassVar[str] = "pruning"
     order: ClassVar[int] = 60
+    leading_dimensions: ClassVar[bool] = True
 
     @classmethod
     def enabled(cls, cfg: FedSimConfig) -> bool:

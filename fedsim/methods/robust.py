@@ -57,6 +57,7 @@ class Robust(Method):
 
     name: ClassVar[str] = "robust"
     order: ClassVar[int] = 30
+    leading_dimensions: ClassVar[bool] = True
 
     @classmethod
     def enabled(cls, cfg: FedSimConfig) -> bool:

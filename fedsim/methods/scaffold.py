@@ -33,6 +33,7 @@ class Scaffold(ObjectiveMethod):
 
     name: ClassVar[str] = "scaffold"
     order: ClassVar[int] = 22
+    leading_dimensions: ClassVar[bool] = True
 
     @classmethod
     def dp_conflict(cls, cfg: FedSimConfig) -> str | None:

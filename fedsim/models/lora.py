@@ -118,7 +118,8 @@ class AdapterHost:
 
         Args:
             delta: dense updates keyed by module prefix (a state key minus ``lora_A.weight``);
-                None restores the pretrained weights.
+                a module changed before and absent from ``delta`` gets its ``W0`` back; None
+                restores the pretrained weights.
         """
         if self.model is None:
             raise RuntimeError("activate an adapter before setting base weights")
@@ -132,8 +133,8 @@ class AdapterHost:
                 self._base0[prefix] = layer.weight.detach().clone()
             with torch.no_grad():
                 layer.weight.copy_(self._base0[prefix] + d.to(layer.weight))
-        if delta is None:
-            for prefix, w0 in self._base0.items():
+        for prefix, w0 in self._base0.items():
+            if delta is None or prefix not in delta:
                 name = prefix.removesuffix(".").removeprefix("base_model.model.")
                 with torch.no_grad():
                     modules[f"base_model.model.{name}"].base_layer.weight.copy_(w0)
