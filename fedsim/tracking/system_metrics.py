@@ -103,7 +103,10 @@ def driver_label() -> str:
 
 
 class _RemoteNode:
-    """A sampler actor on another Ray node; ``sample`` asks it for its last interval."""
+    """A sampler actor on another Ray node; ``sample`` asks it for its last interval.
+
+    ``answered``: whether it has returned a sample yet (until then its process may still be
+    starting, which on a busy node takes longer than one interval)."""
 
     def __init__(self, node_id: str):
         import ray
@@ -114,8 +117,14 @@ class _RemoteNode:
             scheduling_strategy=NodeAffinitySchedulingStrategy(node_id, soft=False),
         )
         self.actor = remote.remote()
+        self.answered = False
 
     def sample(self, timeout: float) -> dict[str, float]:
+        sample = self._ask(timeout)
+        self.answered = True
+        return sample
+
+    def _ask(self, timeout: float) -> dict[str, float]:
         import ray
 
         return ray.get(self.actor.sample.remote(), timeout=timeout)
@@ -124,6 +133,13 @@ class _RemoteNode:
         import ray
 
         ray.kill(self.actor)
+
+
+# how long a sample waits for another node's sampler (at least one interval)
+_ANSWER_WAIT_S = 5.0
+# how long the run's last sample waits for a node's sampler that never answered (its actor's
+# process still starting on a busy node); a sampler that answered once gets one interval
+_FIRST_ANSWER_WAIT_S = 60.0
 
 
 class SystemMetrics:
@@ -189,7 +205,10 @@ class SystemMetrics:
         with self._lock:
             self.nodes = nodes
 
-    def _log_once(self) -> None:
+    def _log_once(self, last: bool = False) -> None:
+        """Log one sample of every node. ``last``: the run's tail, for which a node that has
+        not answered yet (its sampler still starting) is waited for up to
+        ``_FIRST_ANSWER_WAIT_S``, so that a short run still records every node once."""
         with self._lock:
             nodes = dict(self.nodes)
         values: dict[str, float] = {}
@@ -199,7 +218,10 @@ class SystemMetrics:
                 if isinstance(sampler, NodeSampler):
                     sample = sampler.sample()
                 else:
-                    sample = sampler.sample(timeout=max(self.interval_s, 5.0))
+                    wait = max(self.interval_s, _ANSWER_WAIT_S)
+                    if last and not sampler.answered:
+                        wait = max(wait, _FIRST_ANSWER_WAIT_S)
+                    sample = sampler.sample(timeout=wait)
             except Exception as exc:  # a node lost: its metrics stop, the run goes on
                 _log.warning("system metrics of %s: %s", label or "the driver", exc)
                 continue
@@ -223,7 +245,7 @@ class SystemMetrics:
             if stopping and not self._tail:
                 return
             try:
-                self._log_once()  # on stop: the interval's tail
+                self._log_once(last=stopping)  # on stop: the interval's tail
             except Exception as exc:  # the store went away: stop sampling, keep the run
                 _log.warning("system metrics stopped: %s", exc)
                 return

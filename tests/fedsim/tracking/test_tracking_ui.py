@@ -22,7 +22,7 @@ from actors.executor import LocalExecutor
 from fedsim.data.federated import FederatedData, load_dataset
 from fedsim.tracking.inputs import dataset_inputs, rows_digest
 from fedsim.tracking.partition_report import client_rows, heatmap_figure
-from fedsim.tracking.system_metrics import NodeSampler, SystemMetrics, _node_labels
+from fedsim.tracking.system_metrics import NodeSampler, SystemMetrics, _node_labels, _RemoteNode
 from fedsim.tracking.tracker import (
     EXPERIMENT_KIND_TAG,
     TRAINING_KIND,
@@ -291,6 +291,40 @@ def test_system_metrics_survive_a_store_that_goes_away(store, tmp_path):
     time.sleep(0.4)
     metrics.stop()  # a warning, no exception: the run's own error (if any) is what matters
     assert not metrics._thread.is_alive()
+
+
+class _StartingNode(_RemoteNode):
+    """Another node's sampler whose process answers only ``start_s`` seconds after it was
+    asked to start (a busy node); until then a call times out (at once, here)."""
+
+    def __init__(self, start_s: float):
+        self.ready_at = time.monotonic() + start_s
+        self.answered = False
+
+    def _ask(self, timeout: float) -> dict[str, float]:
+        if time.monotonic() + timeout < self.ready_at:
+            raise TimeoutError("the sampler has not started")
+        time.sleep(max(self.ready_at - time.monotonic(), 0.0))
+        return {"cpu_utilization_percentage": 50.0}
+
+    def close(self) -> None:
+        pass
+
+
+def test_a_short_runs_last_sample_waits_for_a_node_still_starting(store):
+    """A run shorter than a node's sampler start still records that node once (at its end);
+    a node that answered before gets one interval's wait, as during the run."""
+    client = MlflowClient(store)
+    run_id = client.create_run(training_experiment(client, "starting")).info.run_id
+    metrics = SystemMetrics(client, run_id, 0.2, local=NodeSampler([_FakeGPU()]))
+    answered = _StartingNode(3600.0)
+    answered.answered = True  # answered earlier, now too slow: left out of this sample
+    metrics.nodes.update({"10.0.0.2": _StartingNode(1.0), "10.0.0.3": answered})
+    metrics.stop()  # before the first interval ends: the last sample is the only one
+    logged = client.get_run(run_id).data.metrics
+    assert logged["system/10.0.0.2/cpu_utilization_percentage"] == 50.0
+    assert "system/10.0.0.3/cpu_utilization_percentage" not in logged
+    assert "system/gpu_0_utilization_percentage" in logged  # the driver's own node
 
 
 def test_node_labels_are_ips_made_unique():
