@@ -10,6 +10,10 @@ objective, sharing policy, a server optimiser, pruning, and a resumed run.
     python experiments/fingerprint.py OUT.json [--only NAME ...] [--local]
         [--backbone tiny|minilm-effnet]
     python experiments/fingerprint.py --compare BEFORE.json AFTER.json
+
+It runs the code of the checkout it lies in (its parent directory comes first on the import
+path, for this process and for Ray's workers), whatever fedsim the environment has installed:
+a worktree's copy fingerprints the worktree's code, not an editable install's.
 """
 
 from __future__ import annotations
@@ -17,9 +21,21 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import os
 import sys
 import tempfile
 from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _this_checkout_first() -> None:
+    """Import fedsim from this script's checkout, here and in Ray's workers (which inherit
+    ``PYTHONPATH`` from the Ray this process starts)."""
+    sys.path.insert(0, str(ROOT))
+    path = os.environ.get("PYTHONPATH")
+    os.environ["PYTHONPATH"] = str(ROOT) + (os.pathsep + path if path else "")
+
 
 # name -> overrides over the tiny settings below
 CASES: dict[str, list[str]] = {
@@ -144,9 +160,12 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.compare:
         return compare(*map(Path, args.compare))
+    _this_checkout_first()
     import ray
 
-    import fedsim  # noqa: F401  (before the simulation stack)
+    import fedsim  # (before the simulation stack)
+
+    print(f"fingerprint of the fedsim in {Path(fedsim.__file__).parent.parent}", flush=True)
     from fedsim.data.emoji import load_emoji
     from fedsim.simulation.run import resume, run
 

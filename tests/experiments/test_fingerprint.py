@@ -54,3 +54,31 @@ def test_one_changed_bit_or_metric_is_reported(tmp_path, capsys):
     c = _write(tmp_path / "c.json", _case(fp, t, "global", [{"round": 1, "x": 0.5000001}]))
     assert fp.compare(a, c) == 1
     assert "DIFFERENT in metrics" in capsys.readouterr().out
+
+
+def test_it_fingerprints_the_checkout_it_lies_in_not_the_installed_fedsim(tmp_path):
+    """A worktree's copy of the script imports the worktree's fedsim (an editable install
+    elsewhere would otherwise be fingerprinted), and hands the path on to Ray's workers."""
+    import os
+    import subprocess
+    import sys
+
+    checkout = tmp_path / "other-checkout"
+    (checkout / "experiments").mkdir(parents=True)
+    (checkout / "experiments" / "fingerprint.py").write_text(SCRIPT.read_text())
+    (checkout / "fedsim").mkdir()
+    (checkout / "fedsim" / "__init__.py").write_text("WHERE = 'the other checkout'\n")
+    copy = str(checkout / "experiments" / "fingerprint.py")
+    code = (
+        "import importlib.util, os, sys\n"
+        f"spec = importlib.util.spec_from_file_location('fp', {copy!r})\n"
+        "fp = importlib.util.module_from_spec(spec); spec.loader.exec_module(fp)\n"
+        "fp._this_checkout_first()\n"
+        "import fedsim\n"
+        "print(fedsim.WHERE); print(os.environ['PYTHONPATH'].split(os.pathsep)[0])\n"
+    )
+    env = {**os.environ, "PYTHONPATH": "/somewhere/else"}
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True
+    ).stdout.splitlines()
+    assert out == ["the other checkout", str(checkout)]
