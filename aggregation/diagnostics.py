@@ -90,16 +90,19 @@ class MergeDiagnostics:
             out[cid] = row
         return out
 
-    def dimensions(self) -> dict[str, list[float]]:
+    def dimensions(self) -> dict[str, list[float] | bool]:
         """The per-dimension vectors as lists (JSON): coverage, weight, merge_weight and, when
-        known, update_norm."""
-        out = {
+        known, update_norm; ``"leading": False`` when the clients held other dimensions than
+        their leading ones (no top band; absent otherwise, as in every earlier run)."""
+        out: dict[str, list[float] | bool] = {
             "coverage": [int(v) for v in self.coverage],
             "weight": self.weight.tolist(),
             "merge_weight": self.merge_weight.tolist(),
         }
         if self.update_norm is not None:
             out["update_norm"] = self.update_norm.tolist()
+        if self.top_band is None:
+            out["leading"] = False
         return out
 
 
@@ -352,10 +355,11 @@ class DiagnosticsParts:
 
 def band_metrics(dims: Mapping[str, list[float]], levels: Sequence[int]) -> dict[str, float]:
     """MLflow metrics of one round per dimension band ``[l_k, l_{k+1})`` between consecutive
-    rank levels (the federation's distinct ranks, 0 first): ``merge/band_LO-HI/coverage``,
-    ``/weight`` and ``/merge_weight`` (their means over the band; coverage and weight are
-    constant inside a band when every client holds a prefix of dimensions, and then that
-    value is taken as it is) and ``/update_norm`` (the band's norm)."""
+    rank levels (the federation's distinct ranks, 0 first): ``merge/band_LO-HI/coverage``
+    and ``/weight`` (of the band's first dimension: with leading dimensions coverage falls
+    with ``j``, and is constant inside a band unless pruning cut ranks below the federation's;
+    their means over the band when ``dims["leading"]`` is False), ``/merge_weight`` (mean
+    over the band) and ``/update_norm`` (the band's norm)."""
     edges = sorted({0, *(int(v) for v in levels)})
     out: dict[str, float] = {}
     width = len(dims["coverage"])
@@ -364,19 +368,16 @@ def band_metrics(dims: Mapping[str, list[float]], levels: Sequence[int]) -> dict
             break
         hi = min(hi, width)
         name = f"merge/band_{lo:02d}-{hi:02d}"
-        out[f"{name}/coverage"] = _band_mean(dims["coverage"][lo:hi])
-        out[f"{name}/weight"] = _band_mean(dims["weight"][lo:hi])
+        if dims.get("leading", True):  # the band's first dimension
+            out[f"{name}/coverage"] = float(dims["coverage"][lo])
+            out[f"{name}/weight"] = float(dims["weight"][lo])
+        else:  # coverage varies inside the band: its mean
+            out[f"{name}/coverage"] = sum(dims["coverage"][lo:hi]) / (hi - lo)
+            out[f"{name}/weight"] = sum(dims["weight"][lo:hi]) / (hi - lo)
         out[f"{name}/merge_weight"] = sum(dims["merge_weight"][lo:hi]) / (hi - lo)
         if "update_norm" in dims:
             out[f"{name}/update_norm"] = sum(v * v for v in dims["update_norm"][lo:hi]) ** 0.5
     return out
-
-
-def _band_mean(values: Sequence[float]) -> float:
-    """The mean of a band's values; a constant band's value exactly (no rounding of a sum)."""
-    if all(v == values[0] for v in values):
-        return float(values[0])
-    return float(sum(values)) / len(values)
 
 
 # -- energy per rank band (docs/algorithms.md §6.1) -----------------------------------------------

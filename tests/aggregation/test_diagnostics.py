@@ -343,13 +343,34 @@ def test_dimension_sq_norms_at_held_dimensions():
 
 
 def test_band_metrics_average_bands_whose_coverage_varies():
-    """Under held dimensions coverage and weight vary inside a rank band: their means."""
+    """Under held dimensions coverage and weight vary inside a rank band: their means; with
+    leading dimensions (here pruned ranks, below the levels) the band's first dimension's."""
     dims = {
         "coverage": [2, 1, 3, 0],
         "weight": [40, 30, 60, 0],
         "merge_weight": [1, 1, 1, 0],
+        "leading": False,
     }
     m = band_metrics(dims, [2, 4])
     assert m["merge/band_00-02/coverage"] == 1.5 and m["merge/band_02-04/coverage"] == 1.5
     assert m["merge/band_00-02/weight"] == 35 and m["merge/band_02-04/weight"] == 30
     assert m["merge/band_02-04/merge_weight"] == 0.5
+    pruned = {"coverage": [3, 2, 1, 1], "weight": [60, 40, 5, 5], "merge_weight": [1] * 4}
+    m = band_metrics(pruned, [2, 4])
+    assert m["merge/band_00-02/coverage"] == 3 and m["merge/band_02-04/weight"] == 5
+    held = diagnose(
+        get_merger("fedilora"),
+        client_states([len(k) for k in HELD], dtype=torch.float64),
+        [len(k) for k in HELD],
+        HELD_SAMPLES,
+        R,
+        PREVIOUS,
+        dims=HELD,
+    )
+    assert held.dimensions()["leading"] is False
+    assert (
+        "leading"
+        not in diagnose(
+            get_merger("fedilora"), client_states(RANKS), RANKS, NUM_SAMPLES, R, PREVIOUS
+        ).dimensions()
+    )
