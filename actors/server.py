@@ -218,7 +218,8 @@ class ServerState:
             stream.merge.add(upload.update, meta.rank, meta.num_samples)
             stream.clients.append(meta)
             if stream.diag is not None:
-                stream.diag.add(upload.update, meta.rank, meta.num_samples)
+                dims = self._upload_dimensions(upload)
+                stream.diag.add(upload.update, meta.rank, meta.num_samples, dims)
         stream.report.aggregate_s += time.perf_counter() - start
 
     def stream_close(self, apply: bool = True) -> AggregateReport:
@@ -267,8 +268,9 @@ class ServerState:
         diag = None
         if self.diagnostics:  # what the merge receives, after the before_merge hooks
             diag = DiagnosticsParts(self.merger, self.global_rank, current)
-            for meta, update in zip(batch.clients, batch.updates):
-                diag.add(update, meta.rank, meta.num_samples)
+            for meta, update, upload in zip(batch.clients, batch.updates, batch.uploads):
+                dims = self._upload_dimensions(upload)
+                diag.add(update, meta.rank, meta.num_samples, dims)
         merged = self.merger.merge(
             batch.updates,
             batch.ranks,
@@ -277,6 +279,15 @@ class ServerState:
             global_rank=self.global_rank,
         )
         return self._apply(batch, merged, report, diag)
+
+    def _upload_dimensions(self, upload: Upload) -> Sequence[int] | None:
+        """The global dimensions the upload's rank positions stand for, as the first method
+        that says so gives them (Fed-PLoRA's modules); None: its leading ones."""
+        for m in self.methods:
+            dims = m.upload_dimensions(upload)
+            if dims is not None:
+                return dims
+        return None
 
     def _diagnose(
         self, diag: DiagnosticsParts, clients: list[ClientMeta], new: State, report: AggregateReport

@@ -181,7 +181,11 @@ class DampedMerger(RankMerger):
     ) -> StreamingMerge:
         return _DampedStream(template, global_rank, previous, self.damping)
 
-    def dimension_weights(self, ranks, num_samples, client_weights, global_rank) -> Tensor:
-        """``w_ij = lambda_j n_i / W_j``."""
+    def dimension_weights(
+        self, ranks, num_samples, client_weights, global_rank, covers=None
+    ) -> Tensor:
+        """``w_ij = lambda_j n_i / W_j`` (defined on leading dimensions only)."""
+        if covers is not None:
+            raise ValueError("the damped merge's weights are defined on leading dimensions")
         weights = dimension_weights(ranks, num_samples, global_rank)[0]
         return weights * damping_factors(ranks, num_samples, global_rank, self.damping)

@@ -33,7 +33,10 @@ EMPTY_DIM_CHOICES: tuple[str, ...] = get_args(EmptyDim)
 
 
 def dimension_weights(
-    ranks: Sequence[int], num_samples: Sequence[float], global_rank: int
+    ranks: Sequence[int],
+    num_samples: Sequence[float],
+    global_rank: int,
+    covers: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Build FediLoRA's ``|S| x R`` weight matrix and the mask of covered dimensions.
 
@@ -41,15 +44,19 @@ def dimension_weights(
         ranks: Each client's rank ``r_i``.
         num_samples: Each client's sample count ``n_i`` (positive).
         global_rank: The global rank ``R``.
+        covers: ``(|S|, R)`` bool, the dimensions each client holds when they are not its
+            leading ``r_i`` (Fed-PLoRA's modules, docs/algorithms.md §6.3: the weights are
+            then its (6.3.3)); None: client ``i`` holds ``j < r_i``.
 
     Returns:
         ``(weights, covered)``: float64 ``weights[i, j] = w_ij`` of shape ``(|S|, R)`` whose
         covered columns sum to 1 and uncovered columns are 0, and bool ``covered`` of shape
-        ``(R,)``, true where some client has ``r_i > j`` (0-based ``j``).
+        ``(R,)``, true where some client holds ``j`` (0-based; ``r_i > j`` by default).
     """
     counts = torch.as_tensor(num_samples, dtype=torch.float64)
-    client_ranks = torch.as_tensor(ranks, dtype=torch.long)
-    covers = torch.arange(global_rank)[None, :] < client_ranks[:, None]  # (|S|, R)
+    if covers is None:
+        client_ranks = torch.as_tensor(ranks, dtype=torch.long)
+        covers = torch.arange(global_rank)[None, :] < client_ranks[:, None]  # (|S|, R)
     mass = counts[:, None] * covers  # (|S|, R): n_i where client i covers j
     totals = mass.sum(dim=0)  # (R,)
     covered = totals > 0
@@ -167,6 +174,8 @@ class FediLoRAMerger(RankMerger):
         num_samples: Sequence[float],
         client_weights: Sequence[float],
         global_rank: int,
+        covers: Tensor | None = None,
     ) -> Tensor:
-        """FediLoRA's ``w_ij = n_i / W_j`` (see :func:`dimension_weights`)."""
-        return dimension_weights(ranks, num_samples, global_rank)[0]
+        """FediLoRA's ``w_ij = n_i / W_j`` over the clients holding ``j`` (see
+        :func:`dimension_weights`)."""
+        return dimension_weights(ranks, num_samples, global_rank, covers)[0]

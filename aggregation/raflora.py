@@ -285,7 +285,11 @@ class RaFLoRAMerger(RankMerger):
         num_samples: Sequence[float],
         client_weights: Sequence[float],
         global_rank: int,
+        covers: Tensor | None = None,
     ) -> Tensor:
         """raFLoRA's ``w_ij`` (see :func:`rank_partition_weights`): the weight client ``i``'s
-        dimension ``j`` gets in the product average."""
+        dimension ``j`` gets in the product average (its rank partitions are bands of
+        leading dimensions: defined on those only)."""
+        if covers is not None:
+            raise ValueError("raFLoRA's weights are defined on leading dimensions")
         return rank_partition_weights(ranks, num_samples, global_rank, self.partition_weights)[0]

@@ -176,19 +176,28 @@ class RankMerger:
         num_samples: Sequence[float],
         client_weights: Sequence[float],
         global_rank: int,
+        covers: Tensor | None = None,
     ) -> Tensor:
         """``(S, R)`` float64: the merge's weight ``w_ij`` of client ``i`` on dimension ``j``
-        (0 where ``r_i <= j``), for the merge diagnostics (docs/algorithms.md §1.9).
+        (0 where client ``i`` does not hold ``j``), for the merge diagnostics
+        (docs/algorithms.md §1.9).
 
         By default zero-padding's: ``w_i / sum_l w_l`` on the dimensions the client covers,
         ``w`` the :meth:`client_weight` values (``n_i`` if all are 0, as HetLoRA falls back).
         FlexLoRA and FLoRA average the products ``B_i A_i`` with ``p_i``; for them this is the
         factor-space view of that average. FediLoRA overrides it.
+
+        Args:
+            covers: ``(S, R)`` bool, the dimensions each client holds when they are not its
+                leading ``r_i`` (Fed-PLoRA's modules, docs/algorithms.md §6.3); None: the
+                leading ones. A merge whose weights are defined only on leading dimensions
+                raises ValueError for it.
         """
         w = torch.as_tensor(client_weights, dtype=torch.float64)
         if not bool((w > 0).any()):
             w = torch.as_tensor(num_samples, dtype=torch.float64)
-        covers = torch.arange(global_rank)[None, :] < torch.as_tensor(ranks)[:, None]
+        if covers is None:
+            covers = torch.arange(global_rank)[None, :] < torch.as_tensor(ranks)[:, None]
         return (w / w.sum())[:, None] * covers
 
     def redistribute(self, global_state: Mapping[str, Tensor], rank: int) -> dict[str, Tensor]:

@@ -110,7 +110,10 @@ def explain(run: dict, t: int) -> dict:
     dims, rows = info["dims"], [r for r in info["rows"] if r.get("status") == "ok"]
     width = len(dims["coverage"])
     top = max(rows, key=lambda r: r["share"])
-    own = (top["contribution_top"] / top["contribution"]) ** 2 if top["contribution"] else 0.0
+    # no top band where clients hold other dimensions than their leading ones (Fed-PLoRA)
+    own = None
+    if top.get("contribution_top") is not None:
+        own = (top["contribution_top"] / top["contribution"]) ** 2 if top["contribution"] else 0.0
     holder = run["clients"].get(top["client_id"], {})
     # the dimensions a single merged client covers, and their part of the global update
     lone = [j for j in range(width) if dims["coverage"][j] == 1]
@@ -181,7 +184,8 @@ def render(runs: list[dict], threshold: float) -> str:
             lines.append(
                 f"| {run['method']} | {run['seed']} | {t} | {before:.3f} -> {after:.3f} | "
                 f"{e['clients']} | {top['client_id']}, r{top['rank']}, {top['share']:.0%}, "
-                f"{e['own']:.0%}, {e['labels']} | {e['lone']}: "
+                + ("-" if e["own"] is None else f"{e['own']:.0%}")
+                + f", {e['labels']} | {e['lone']}: "
                 + ("-" if e["lone_share"] is None else f"{e['lone_share']:.0%}")
                 + " |"
             )

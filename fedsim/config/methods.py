@@ -70,7 +70,8 @@ class FedPLoRAConfig:
             "round and client from the seed) or first (modules 0..r-1; the server rule is "
             "then FediLoRA's merge). random rejects the methods that take a client's "
             "dimensions to be the leading ones (robust rules, privacy, fednova, scaffold, "
-            "pruning), tracking.merge_diagnostics and faults.attack=lie_about_rank."
+            "pruning) and faults.attack=lie_about_rank; the merge diagnostics count each "
+            "module for the clients that trained it (no top band)."
         ),
     )
 

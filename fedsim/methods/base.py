@@ -281,7 +281,8 @@ class ServerHooks:
     :meth:`broadcast_part` (what the round's broadcast carries), then, when the updates are in,
     :meth:`before_merge`, the merge rule, :meth:`after_merge`, the server optimiser,
     :meth:`after_apply`. At the end: :meth:`export`. :meth:`state_dict` /
-    :meth:`load_state_dict` go into every checkpoint.
+    :meth:`load_state_dict` go into every checkpoint. :meth:`upload_dimensions` is a question,
+    not a step: the merge diagnostics ask it of each accepted upload.
     """
 
     server: ServerContext | None = None
@@ -304,6 +305,13 @@ class ServerHooks:
 
     def after_apply(self, batch: MergeBatch) -> None:
         """After the new global adapter is applied (only when it was finite)."""
+
+    def upload_dimensions(self, upload: Upload) -> Sequence[int] | None:
+        """The dimensions of the global adapter that an accepted upload's rank positions
+        stand for, in order, when this method hands a client other dimensions than its
+        leading ``r_i`` (Fed-PLoRA's modules ``K_i``); None: it does not. The merge
+        diagnostics (docs/algorithms.md §1.9) count coverage, weights and changes on them."""
+        return None
 
     def export(self, adapter: ExportedAdapter) -> ExportedAdapter:
         """The final global model for saving (FLoRA: the stacked rounds)."""

@@ -14,6 +14,9 @@ same, so the merge's result stands and every method that reads a client's dimens
 leading ones composes.
 
 The price: every client downloads all ``R`` modules (those it trains and those it folds).
+
+The merge diagnostics (docs/algorithms.md §1.9) learn each upload's ``K_i`` from
+:meth:`FedPLoRA.upload_dimensions` and count each module for the clients that trained it.
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ from aggregation.fedplora import (
     select_modules,
 )
 from fedsim.errors import ConfigError
-from fedsim.messages import Broadcast, ClientTask, State, nbytes
+from fedsim.messages import Broadcast, ClientTask, State, Upload, nbytes
 from fedsim.methods.base import ClientStep, MergeBatch, Method, configured_merger
 from fedsim.models.scaling import client_scaling
 
@@ -93,13 +96,6 @@ class FedPLoRA(Method):
                     "client trains r modules drawn anywhere among the R; use "
                     f"fedplora.rule=first or turn {method.name} off",
                 )
-        if cfg.tracking.merge_diagnostics:
-            raise ConfigError(
-                "fedplora.rule",
-                "the merge diagnostics count a rank-r client as covering dimensions 0..r-1, "
-                "but under fedplora.rule=random it trains r modules drawn anywhere among the "
-                "R; set tracking.merge_diagnostics=false or fedplora.rule=first",
-            )
         if cfg.faults.attack == "lie_about_rank":
             raise ConfigError(
                 "fedplora.rule",
@@ -146,6 +142,13 @@ class FedPLoRA(Method):
         step.upload[self.name] = {"indices": torch.tensor(chosen, dtype=torch.int64)}
 
     # -- server ---------------------------------------------------------------------------
+    def upload_dimensions(self, upload: Upload) -> list[int] | None:
+        """``K_i`` under ``random`` (the merge diagnostics count each module for the clients
+        that trained it); None under ``first``, whose modules are the leading dimensions."""
+        if self.cfg.fedplora.rule == "first":
+            return None
+        return upload.parts.of(self)["indices"].tolist()
+
     def after_merge(self, batch: MergeBatch, merged: State) -> State:
         """Each module's average over the clients that trained it, in place of the merge's
         factors (``first``: the merge's result is that average already)."""

@@ -67,7 +67,8 @@ class RunResult:
         merge: per round that merged (with ``tracking.merge_diagnostics``), the merge
             diagnostics per rank dimension: ``{"round": t, "coverage": [...], "weight",
             "merge_weight", "update_norm", "energy": {...}}`` (:mod:`aggregation.diagnostics`;
-            ``energy``: the global adapter's energy per rank band, docs/algorithms.md §6.1).
+            ``energy``: the global adapter's energy per rank band, docs/algorithms.md §6.1;
+            ``"leading": False`` where clients held other dimensions than their leading ones).
         run_dir: the run's checkpoint directory (``fedsim run --resume`` takes it).
         phases: seconds from the start of the run call to the end of each start-up and
             tear-down phase: ``ray`` (Ray up), ``store`` (MLflow run created, overlapping the

@@ -261,11 +261,10 @@ def _render(run, t, rows, clients, classes, dims, history) -> str:
     for name in ("dimensions", "clients covering", "their samples", "merge weight", "update norm"):
         bands.add_column(name, justify="right")
     width = len(dims["coverage"])
-    edges = (
-        [0]
-        + [j for j in range(1, width) if dims["coverage"][j] != dims["coverage"][j - 1]]
-        + [width]
-    )
+    # runs of dimensions held by the same number of clients with the same samples (the rank
+    # bands when clients hold leading dimensions; shorter runs under Fed-PLoRA's random modules)
+    held = list(zip(dims["coverage"], dims["weight"]))
+    edges = [0] + [j for j in range(1, width) if held[j] != held[j - 1]] + [width]
     for lo, hi in zip(edges, edges[1:]):
         update = dims.get("update_norm")
         norm = "-" if update is None else f"{sum(v * v for v in update[lo:hi]) ** 0.5:.4f}"

@@ -219,3 +219,158 @@ def test_band_metrics_follow_the_rank_levels():
 def test_inconsistent_inputs_are_refused():
     with pytest.raises(ValueError, match="disagree"):
         merge_diagnostics(torch.zeros(2, 4), [2, 4], [1, 1], torch.zeros(3, 4))
+
+
+# -- clients holding other dimensions than their leading ones (Fed-PLoRA, §6.3) -----------------
+HELD = [[1, 5], [0, 2, 5, 7], [5], [1, 2, 3, 5, 6, 7], [0, 7]]  # nobody holds dimension 4
+HELD_SAMPLES = [10, 30, 20, 5, 35]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_diagnostics_follow_the_dimensions_each_client_holds(dtype):
+    """Fed-PLoRA's random modules: coverage of dimension j counts the clients whose K_i holds
+    j, the weights are (6.3.3)'s, each client's change is measured at its own modules, and the
+    top band (a band of leading dimensions) is left out; all against loops over the index
+    sets, and the contributions add up to what Fed-PLoRA's merge did."""
+    from aggregation.fedplora import fedplora_merge
+
+    rel = 1e-9 if dtype == torch.float64 else 1e-5
+    ranks = [len(k) for k in HELD]
+    states = client_states(ranks, dtype=dtype)
+    merged = fedplora_merge(
+        [{k: v.double() for k, v in s.items()} for s in states], HELD, HELD_SAMPLES, PREVIOUS
+    )
+    d = diagnose(
+        get_merger("fedilora"), states, ranks, HELD_SAMPLES, R, PREVIOUS, new=merged, dims=HELD
+    )
+    w = [[0.0] * R for _ in HELD]
+    for j in range(R):
+        holders = [i for i, k in enumerate(HELD) if j in k]
+        total = sum(HELD_SAMPLES[i] for i in holders)
+        assert d.coverage[j] == len(holders)
+        assert d.weight[j] == sum(HELD_SAMPLES[i] for i in holders)
+        for i in holders:
+            w[i][j] = HELD_SAMPLES[i] / total
+        assert float(d.merge_weight[j]) == pytest.approx(sum(c[j] for c in w), abs=1e-15)
+        want = math.sqrt(
+            sum(float((_row(merged, m, j) - _row(PREVIOUS, m, j)).square().sum()) for m in MODULES)
+        )
+        assert float(d.update_norm[j]) == pytest.approx(want, rel=1e-12)
+    assert d.coverage[4] == 0 and d.merge_weight[4] == 0 and d.update_norm[4] == 0
+    parts = []  # client i's contribution on module m, dimension j = K_i[p]
+    for i, (state, held) in enumerate(zip(states, HELD)):
+        parts.append(
+            {
+                (m, j): w[i][j] * (_row(state, m, p) - _row(PREVIOUS, m, j))
+                for p, j in enumerate(held)
+                for m in MODULES
+            }
+        )
+    norms = [sum(float(v.square().sum()) for v in p.values()) for p in parts]
+    assert d.contribution.tolist() == pytest.approx([math.sqrt(x) for x in norms], rel=rel)
+    assert d.share.tolist() == pytest.approx([x / sum(norms) for x in norms], rel=2 * rel)
+    assert d.contribution_top is None and d.top_band is None
+    columns = d.client_columns(range(len(HELD)))
+    assert all(set(c) == {"contribution", "share"} for c in columns.values())
+    if dtype == torch.float64:  # (1.9.5) with mu_j = 1: the contributions are the update
+        for m in MODULES:
+            for j in range(R):
+                summed = sum((p[(m, j)] for p in parts if (m, j) in p), torch.tensor(0.0).double())
+                change = _row(merged, m, j) - _row(PREVIOUS, m, j)
+                assert torch.allclose(summed, change, rtol=1e-10, atol=1e-12)
+
+
+def test_leading_index_sets_give_the_leading_numbers_without_a_top_band():
+    states = client_states(RANKS, dtype=torch.float64)
+    merger = get_merger("fedilora")
+    leading = diagnose(merger, states, RANKS, NUM_SAMPLES, R, PREVIOUS, new=PREVIOUS)
+    held = diagnose(
+        merger,
+        states,
+        RANKS,
+        NUM_SAMPLES,
+        R,
+        PREVIOUS,
+        new=PREVIOUS,
+        dims=[list(range(r)) for r in RANKS],
+    )
+    for name in ("coverage", "weight", "merge_weight", "contribution", "share", "update_norm"):
+        assert torch.equal(getattr(held, name), getattr(leading, name)), name
+    assert held.top_band is None and leading.top_band is not None
+
+
+def test_dimension_weights_on_held_dimensions():
+    """Zero-padding's ``p_i`` and FediLoRA's ``n_i / W_j`` on the dimensions each client holds;
+    the merges defined on leading dimensions only refuse a mask."""
+    from aggregation.diagnostics import dimension_mask
+
+    ranks = [len(k) for k in HELD]
+    mask = dimension_mask(ranks, HELD, R)
+    for i, k in enumerate(HELD):
+        assert [j for j in range(R) if mask[i, j]] == k
+    n = HELD_SAMPLES
+    zp = get_merger("zeropad").dimension_weights(ranks, n, n, R, covers=mask)
+    fed = get_merger("fedilora").dimension_weights(ranks, n, n, R, covers=mask)
+    for i, k in enumerate(HELD):
+        for j in range(R):
+            held_by = [c for c, kc in enumerate(HELD) if j in kc]
+            assert float(zp[i, j]) == pytest.approx(n[i] / sum(n) if j in k else 0.0)
+            want = n[i] / sum(n[c] for c in held_by) if j in k else 0.0
+            assert float(fed[i, j]) == pytest.approx(want)
+    for method in ("fedilora_damped", "raflora"):
+        with pytest.raises(ValueError, match="leading dimensions"):
+            get_merger(method).dimension_weights(ranks, n, n, R, covers=mask)
+
+
+def test_dimension_sq_norms_at_held_dimensions():
+    low = build_state(2, seed=5, dtype=torch.float64)
+    got = dimension_sq_norms(low, R, PREVIOUS, dims=[6, 3])
+    for j in range(R):
+        want = 0.0
+        if j in (6, 3):
+            p = [6, 3].index(j)
+            want = sum(
+                float((_row(low, m, p) - _row(PREVIOUS, m, j)).square().sum()) for m in MODULES
+            )
+        assert float(got[j]) == pytest.approx(want, rel=1e-12)
+    for bad in ([3, 3], [1, R], [1]):
+        with pytest.raises(ValueError):
+            dimension_sq_norms(low, R, PREVIOUS, dims=bad)
+    with pytest.raises(ValueError, match="disagree"):
+        merge_diagnostics(
+            torch.zeros(1, 4), [2], [1], torch.zeros(1, 4), covers=torch.ones(1, 4, dtype=bool)
+        )
+
+
+def test_band_metrics_average_bands_whose_coverage_varies():
+    """Under held dimensions coverage and weight vary inside a rank band: their means; with
+    leading dimensions (here pruned ranks, below the levels) the band's first dimension's."""
+    dims = {
+        "coverage": [2, 1, 3, 0],
+        "weight": [40, 30, 60, 0],
+        "merge_weight": [1, 1, 1, 0],
+        "leading": False,
+    }
+    m = band_metrics(dims, [2, 4])
+    assert m["merge/band_00-02/coverage"] == 1.5 and m["merge/band_02-04/coverage"] == 1.5
+    assert m["merge/band_00-02/weight"] == 35 and m["merge/band_02-04/weight"] == 30
+    assert m["merge/band_02-04/merge_weight"] == 0.5
+    pruned = {"coverage": [3, 2, 1, 1], "weight": [60, 40, 5, 5], "merge_weight": [1] * 4}
+    m = band_metrics(pruned, [2, 4])
+    assert m["merge/band_00-02/coverage"] == 3 and m["merge/band_02-04/weight"] == 5
+    held = diagnose(
+        get_merger("fedilora"),
+        client_states([len(k) for k in HELD], dtype=torch.float64),
+        [len(k) for k in HELD],
+        HELD_SAMPLES,
+        R,
+        PREVIOUS,
+        dims=HELD,
+    )
+    assert held.dimensions()["leading"] is False
+    assert (
+        "leading"
+        not in diagnose(
+            get_merger("fedilora"), client_states(RANKS), RANKS, NUM_SAMPLES, R, PREVIOUS
+        ).dimensions()
+    )

@@ -63,3 +63,18 @@ def test_an_unknown_experiment_is_named(tmp_path):
     study = load_script()
     with pytest.raises(SystemExit, match="no experiment 'nope'"):
         study.collect(f"sqlite:///{tmp_path / 'mlflow.db'}", "nope")
+
+
+def test_a_round_without_top_bands_is_explained():
+    """Fed-PLoRA's random modules log no top band: the part on it is unknown (None), the rest
+    is read as for every merge."""
+    study = load_script()
+    rows = [
+        {"client_id": 3, "rank": 2, "status": "ok", "contribution": 2.0, "share": 0.8},
+        {"client_id": 5, "rank": 1, "status": "ok", "contribution": 1.0, "share": 0.2},
+    ]
+    dims = {"coverage": [1, 2, 0], "update_norm": [3.0, 4.0, 0.0]}
+    run = {"rounds": {1: {"dims": dims, "rows": rows}}, "clients": {}, "classes": []}
+    e = study.explain(run, 1)
+    assert e["own"] is None and e["top"]["client_id"] == 3
+    assert e["lone"] == "0-0" and e["lone_share"] == pytest.approx(9 / 25)

@@ -14,15 +14,17 @@ import fedsim
 from actors.client import ClientWorker
 from actors.server import ServerState
 from aggregation import FedAvg, get_merger, is_lora, lora_pairs
+from aggregation.diagnostics import rank_energy
 from aggregation.fedplora import module_indices
 from fedsim.config import ConfigError, load_config
 from fedsim.config.registry import enabled_methods
 from fedsim.messages import Broadcast, ClientMeta, ClientTask, Parts, Upload, nbytes
 from fedsim.methods.fedplora import FedPLoRA
+from fedsim.tracking.round_report import merge_metrics
 
 pytestmark = pytest.mark.usefixtures("restore_threads")
 
-ON = ("fedplora.enabled=true", "tracking.merge_diagnostics=false")
+ON = ("fedplora.enabled=true",)  # with the defaults: fedplora.rule=random, merge diagnostics on
 
 
 @pytest.mark.parametrize(
@@ -43,7 +45,6 @@ ON = ("fedplora.enabled=true", "tracking.merge_diagnostics=false")
         (["robust.rule=median"], "fedplora.rule", "turn robust off"),
         (["robust.clip_norm=1.0"], "fedplora.rule", "turn robust off"),
         (["pruning.gamma=0.1"], "fedplora.rule", "turn pruning off"),
-        (["tracking.merge_diagnostics=true"], "fedplora.rule", "merge_diagnostics=false"),
         (
             ["faults.attack=lie_about_rank", "faults.malicious=1"],
             "fedplora.rule",
@@ -55,6 +56,13 @@ def test_combinations_without_meaning_are_rejected_with_the_reason(overrides, ke
     with pytest.raises(ConfigError) as info:
         load_config(None, [*ON, *overrides])
     assert info.value.key == key and words in str(info.value)
+
+
+def test_the_defaults_turn_it_on_with_the_merge_diagnostics():
+    """``fedplora.enabled=true`` alone loads: the random rule, the diagnostics on."""
+    cfg = load_config(None, ["fedplora.enabled=true"])
+    assert cfg.fedplora.rule == "random" and cfg.tracking.merge_diagnostics
+    assert "fedplora" in [m.name for m in enabled_methods(cfg)]
 
 
 def test_privacy_rejects_the_random_rule():
@@ -161,7 +169,9 @@ def test_a_client_starts_from_the_global_model_exactly(worker, monkeypatch):
 
 
 def test_the_server_averages_each_module_over_its_trainers():
-    """Two rounds on a 4-module adapter; module by module, by hand."""
+    """Two rounds on a 4-module adapter; module by module, by hand. The merge diagnostics
+    (docs/algorithms.md §1.9) count each module for the clients that trained it, and the
+    global adapter's energy per rank band (§6.1) is measured."""
     g = torch.Generator().manual_seed(1)
     initial = {
         "m.lora_A.weight": torch.randn(4, 3, generator=g, dtype=torch.float64),
@@ -169,7 +179,16 @@ def test_the_server_averages_each_module_over_its_trainers():
         "head.weight": torch.randn(2, 5, generator=g, dtype=torch.float64),
     }
     cfg = load_config(None, list(ON))
-    server = ServerState(get_merger("fedilora"), initial, FedAvg(), [FedPLoRA(cfg)], 10)
+    levels = [1, 2, 3]
+    server = ServerState(
+        get_merger("fedilora"),
+        initial,
+        FedAvg(),
+        [FedPLoRA(cfg)],
+        10,
+        diagnostics=True,
+        rank_levels=levels,
+    )
     current = {k: v.clone() for k, v in initial.items()}
     for t, (indices, counts) in enumerate([([[0, 2], [2], [0, 1, 2]], [3, 1, 6]), ([[3]], [2])], 1):
         states = [
@@ -206,7 +225,40 @@ def test_the_server_averages_each_module_over_its_trainers():
             torch.testing.assert_close(new["m.lora_B.weight"][:, j], b, rtol=0, atol=1e-12)
         head = sum(n / sum(counts) * s["head.weight"] for n, s in zip(counts, states))
         torch.testing.assert_close(new["head.weight"], head, rtol=0, atol=1e-12)
+        _check_diagnostics(report, indices, counts, states, current, new, levels)
         current = {k: v.clone() for k, v in new.items()}
+
+
+def _check_diagnostics(report, indices, counts, states, current, new, levels):
+    """The round's diagnostics against loops over the index sets ``K_i``."""
+    dims = report.diagnostics
+    a, b = "m.lora_A.weight", "m.lora_B.weight"
+    contribution = [0.0] * len(indices)
+    for j in range(4):
+        holders = [i for i, k in enumerate(indices) if j in k]
+        assert dims["coverage"][j] == len(holders)
+        assert dims["weight"][j] == sum(counts[i] for i in holders)
+        assert dims["merge_weight"][j] == pytest.approx(1.0 if holders else 0.0)
+        change = (new[a][j] - current[a][j]).square().sum() + (
+            (new[b][:, j] - current[b][:, j]).square().sum()
+        )
+        assert dims["update_norm"][j] == pytest.approx(float(change.sqrt()), rel=1e-12)
+        for i in holders:  # w_ij (X_i[p_i(j)] - X_prev[j]), X_prev at the module j
+            p, w = indices[i].index(j), counts[i] / sum(counts[h] for h in holders)
+            contribution[i] += w**2 * float(
+                (states[i][a][p] - current[a][j]).square().sum()
+                + (states[i][b][:, p] - current[b][:, j]).square().sum()
+            )
+    for i, total in enumerate(contribution):
+        columns = report.columns[i]
+        assert columns["contribution"] == pytest.approx(total**0.5, rel=1e-12)
+        assert "top_band" not in columns and "contribution_top" not in columns
+    energy = rank_energy(new, levels, 4)
+    assert dims["energy"] == energy and energy["bands"] == ["1-1", "2-2", "3-3", "4-4"]
+    metrics = merge_metrics(report, levels)
+    assert metrics["merge/rank_collapse"] == energy["share"][0]
+    for band, share in zip(energy["bands"], energy["share"]):
+        assert metrics[f"merge/energy_share_band_{band}"] == share
 
 
 def _numbers(result) -> list[dict]:
@@ -217,6 +269,8 @@ def _numbers(result) -> list[dict]:
 def test_a_run_counts_the_folded_download_resumes_and_retries_to_the_same_numbers(
     experiment_config,
 ):
+    """Two rounds with the defaults (the random rule, the merge diagnostics on): the folded
+    download, the rank-collapse share every round, a resume and retries to the same numbers."""
     from actors.executor import LocalExecutor
     from fedsim.checkpoint.disk import load_checkpoint
     from fedsim.data.partition import sample_clients
@@ -225,10 +279,23 @@ def test_a_run_counts_the_folded_download_resumes_and_retries_to_the_same_number
     build = experiment_config("fedsim-fedplora")
     straight = fedsim.run(build(*ON, "rounds=2"), executor=LocalExecutor())
     adapter = nbytes(load_checkpoint(straight.run_dir).server["global"])
+    bands = straight.merge[-1]["energy"]["bands"]
     for h in straight.history[1:]:
         assert h["clients/rejected"] == 0 and h["clients/sampled"] == 3
         # every client downloads all R modules, those it folds included
         assert h["comm/download_bytes"] == 3 * adapter
+        # the merge diagnostics run by default: the rank-collapse share of every round
+        shares = [h[f"merge/energy_share_band_{band}"] for band in bands]
+        assert h["merge/rank_collapse"] == shares[0]
+        assert sum(shares) == pytest.approx(1.0)
+    assert [m["round"] for m in straight.merge] == [1, 2]
+    rows_of = {h["round"]: rows for h, rows in zip(straight.history, straight.clients)}
+    for m in straight.merge:
+        merged = [r for r in rows_of[m["round"]] if r.get("status", "ok") == "ok"]
+        assert len(merged) == 3
+        # a module's coverage counts the clients that trained it: r_i modules each
+        assert sum(m["coverage"]) == sum(r["rank"] for r in merged)
+        assert all("contribution" in r and "top_band" not in r for r in merged)
     first = fedsim.run(build(*ON, "rounds=1"), executor=LocalExecutor())
     resumed = fedsim.resume(first.run_dir, ["rounds=2"], executor=LocalExecutor())
     assert _numbers(resumed) == _numbers(straight)
