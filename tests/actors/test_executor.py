@@ -46,8 +46,10 @@ def _tensors(tree) -> list[tuple[str, torch.Tensor]]:
     [
         ("objective.method=scaffold", "train.optimizer=sgd", "train.lr=0.05"),
         ("aggregation.method=flora", "editing.enabled=false", "sharing.policy=all"),
+        # a fold of the frozen weights per task, undone before the actor's next client
+        ("fedplora.enabled=true",),
     ],
-    ids=["scaffold", "flora"],
+    ids=["scaffold", "flora", "fedplora"],
 )
 def test_in_process_run_equals_the_ray_run(warm_ray, experiment_config, overrides):
     build = experiment_config("fedsim-executor")
