@@ -221,6 +221,9 @@ def _numbers(h: dict) -> dict:
             "data.text_fill=mask",
         ],
         ["aggregation.method=flora", "editing.enabled=false"],
+        # the 2026 merges on a generative model, under a modality scenario
+        ["aggregation.method=raflora", "editing.enabled=false", "data.scenario=cross"],
+        ["fedplora.enabled=true", "editing.enabled=false", "data.image_fill=mask"],
         [
             "sharing.policy=B",
             "server.optimizer=fedadam",
@@ -228,7 +231,8 @@ def _numbers(h: dict) -> dict:
             "editing.key=lora_B",
         ],
     ],
-    ids=lambda o: o[0].split("=")[1] if "=" in o[0] else o[0],
+    # the first override's value names the case; a switched-on method, its section
+    ids=lambda o: o[0].split(".")[0] if o[0].endswith("=true") else o[0].split("=")[1],
 )
 def test_every_capability_runs_on_a_vlm(vlm_config, overrides, restore_threads):
     result = fedsim.run(vlm_config("llava", "rounds=2", *overrides), executor=LocalExecutor())
