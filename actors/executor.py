@@ -98,9 +98,9 @@ class RayExecutor:
             self.started = start.result()  # runs after the start: its error, if any
             size = per_round
             if size is None:  # how many clients a round samples
-                from fedsim.data.partition import sample_clients
+                from fedsim.data.partition import clients_per_round
 
-                size = len(sample_clients(cfg.clients.num, cfg.clients.fraction, cfg.seed, 1))
+                size = clients_per_round(cfg.clients.num, cfg.clients.fraction)
             return self._pool(cfg, pool_size(cfg, size), cancel)
 
         self._launched = start.submit(bring_up)

@@ -157,8 +157,13 @@ def hybrid_modalities(p: float, seed: int, client: int) -> tuple[bool, bool]:
     return keep_image, keep_text
 
 
+def clients_per_round(num_clients: int, fraction: float) -> int:
+    """How many clients every round samples: ``max(1, round(fraction * N))``."""
+    return max(1, int(round(fraction * num_clients)))
+
+
 def sample_clients(num_clients: int, fraction: float, seed: int, round_idx: int) -> list[int]:
-    """Clients sampled in round ``round_idx``: ``max(1, round(fraction * N))`` of them, sorted."""
-    m = max(1, int(round(fraction * num_clients)))
+    """Clients sampled in round ``round_idx``: :func:`clients_per_round` of them, sorted."""
+    m = clients_per_round(num_clients, fraction)
     rng = rng_for(seed, _SAMPLING, round_idx)
     return sorted(int(c) for c in rng.choice(num_clients, size=m, replace=False))

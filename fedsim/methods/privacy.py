@@ -82,7 +82,7 @@ from aggregation.privacy import (
     update_noise_multiplier,
 )
 from fedsim.config import limits
-from fedsim.data.partition import sample_clients
+from fedsim.data.partition import clients_per_round
 from fedsim.errors import ConfigError, RunFailed
 from fedsim.messages import ClientReport, State
 from fedsim.methods.base import ClientStep, MergeBatch, Method, ServerContext, configured_merger
@@ -100,7 +100,7 @@ _UPDATE, _COUNT = 0, 1  # the server's two draws of a merge
 
 def per_round(cfg: FedSimConfig) -> int:
     """The number ``n`` of clients sampled per round (as the round loop samples them)."""
-    return len(sample_clients(cfg.clients.num, cfg.clients.fraction, cfg.seed, 1))
+    return clients_per_round(cfg.clients.num, cfg.clients.fraction)
 
 
 def sampling_rate(cfg: FedSimConfig) -> float:

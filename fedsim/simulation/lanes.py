@@ -63,7 +63,7 @@ def lane_count(requested: int, cfgs: list) -> tuple[int, int]:
     import ray
 
     from actors.pool import cluster_slots
-    from fedsim.data.partition import sample_clients
+    from fedsim.data.partition import clients_per_round
 
     if requested == 1 or not ray.is_initialized():  # one lane: no cluster to ask
         return 1, 0
@@ -71,7 +71,7 @@ def lane_count(requested: int, cfgs: list) -> tuple[int, int]:
     for cfg in cfgs:
         fit, _, _ = cluster_slots(cfg)
         slots = fit if slots is None else min(slots, fit)
-        per_round = len(sample_clients(cfg.clients.num, cfg.clients.fraction, cfg.seed, 1))
+        per_round = clients_per_round(cfg.clients.num, cfg.clients.fraction)
         own = max(own, min(cfg.resources.actors or per_round, per_round))
     return plan_lanes(slots or 0, own, requested, len(cfgs))
 

@@ -41,7 +41,7 @@ from fedsim.config import (
 )
 from fedsim.config.arguments import check_flag, check_overrides, check_path
 from fedsim.config.registry import build_merger, build_server_optimizer, enabled_methods
-from fedsim.data.partition import sample_clients
+from fedsim.data.partition import clients_per_round
 from fedsim.errors import RunFailed, one_line
 from fedsim.simulation.preflight import check_ranks, preflight
 from fedsim.simulation.rounds import Phases, RoundLoop
@@ -291,7 +291,7 @@ class Run:
         self.new_run = bool(ckpt) and new_run
         self.cfg, self.ckpt, self.run_dir, self.dataset = cfg, ckpt, run_dir, dataset
         self.ranks = list(ckpt.meta["ranks"]) if ckpt else resolve_ranks(cfg.clients, cfg.seed)
-        self.per_round = len(sample_clients(cfg.clients.num, cfg.clients.fraction, cfg.seed, 1))
+        self.per_round = clients_per_round(cfg.clients.num, cfg.clients.fraction)
         self.ex = executor or RayExecutor()
         self.opened = self.inputs = None  # the tracking thread's futures
         self._ray_up, self._ray_joined = threading.Event(), False

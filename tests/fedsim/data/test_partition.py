@@ -8,6 +8,7 @@ import pytest
 from fedsim.config import ConfigError
 from fedsim.data.federated import FederatedData, load_dataset
 from fedsim.data.partition import (
+    clients_per_round,
     dirichlet_partition,
     fedilora_missing,
     holdout_split,
@@ -140,7 +141,11 @@ def test_fedilora_missing_is_seeded():
 )
 def test_sample_clients_counts_distinct_sorted_ids(num, fraction):
     sampled = sample_clients(num, fraction, seed=0, round_idx=1)
-    assert len(sampled) == max(1, round(fraction * num))
+    assert len(sampled) == max(1, round(fraction * num)) == clients_per_round(num, fraction)
+    # every round, whatever the seed: the count a run sizes its pool and DP's rate with
+    assert {len(sample_clients(num, fraction, s, t)) for s in (0, 7) for t in (1, 5)} == {
+        clients_per_round(num, fraction)
+    }
     assert sampled == sorted(set(sampled))
     assert all(0 <= c < num for c in sampled)
 
