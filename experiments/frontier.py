@@ -16,7 +16,9 @@ parent run; the latest parent is read) and writes one Markdown table, one row pe
 Then it says, from these numbers, which merges collapse (the top band's share is exactly 0 at
 the final round in at least one seed), which variant scores best on each score, and which
 others are inside the seed spread of the best (their mean +- std interval overlaps the
-best's), so a reader does not take a difference inside the noise for a ranking.
+best's), so a reader does not take a difference inside the noise for a ranking. Only the
+variants with every seed finished are ranked (a study still running, or one with failed runs,
+names the others).
 
     python3 experiments/frontier.py --experiment fedsim-frontier \\
         [--store sqlite:///mlflow.db] [--last-rounds 3] [--output FILE.md]
@@ -147,6 +149,13 @@ def _fmt(stat: tuple[float, float] | None, digits: int = 3) -> str:
     return "-" if stat is None else f"{stat[0]:.{digits}f} ± {stat[1]:.{digits}f}"
 
 
+def complete(rows: dict) -> dict:
+    """The variants that finished as many seeds as the most complete one (a mean over fewer
+    seeds, or a std over one, is not compared with the others)."""
+    most = max((len(row["seeds"]) for row in rows.values()), default=0)
+    return {v: row for v, row in rows.items() if len(row["seeds"]) == most}
+
+
 def best_and_ties(rows: dict, key: str) -> tuple[str, list[str]] | None:
     """The variant with the best mean on ``key`` and the others whose mean +- std interval
     overlaps the best's."""
@@ -201,8 +210,17 @@ def report(summary: dict, last: int, experiment: str) -> str:
             else ""
         )
     )
+    compared = complete(rows)
+    if len(compared) < len(rows):
+        most = len(next(iter(compared.values()))["seeds"])
+        short = [
+            f"{v} ({len(row['seeds'])} of {most} seeds)"
+            for v, row in rows.items()
+            if v not in compared
+        ]
+        text.append("**Not ranked** (not every seed finished): " + ", ".join(short) + ".")
     for key, title in scores:
-        found = best_and_ties(rows, key)
+        found = best_and_ties(compared, key)
         if found is None:
             continue
         best, ties = found

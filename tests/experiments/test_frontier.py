@@ -149,8 +149,10 @@ def test_the_report_holds_the_hand_computed_numbers(study, tmp_path):
     assert "zeropad (top band exactly empty in 1 of 2 seeds)" in text
     assert "fedilora (top band" not in text
     assert "Not measured (no global product to measure, docs/algorithms.md §6.1): flora." in text
-    # global acc: fedilora 0.8 ± 0.05; zeropad 0.575 ± 0.075 (0.65 < 0.75: outside); flora 0.3
+    # global acc: fedilora 0.8 ± 0.05; zeropad 0.575 ± 0.075 (0.65 < 0.75: outside); flora,
+    # with one of two seeds finished, is not ranked (its 0.3 ± 0 says nothing of a spread)
     assert "**global acc.** Best: fedilora (0.800 ± 0.050); no other variant is inside" in text
+    assert "**Not ranked** (not every seed finished): flora (1 of 2 seeds)." in text
 
 
 def test_variants_inside_the_best_ones_spread_are_named():
