@@ -85,6 +85,11 @@ PARALLEL_HELP = (
     "runs at once on the Ray cluster (default: the study's parallel key, whose 0 means as "
     "many as the cluster's resources hold with each run's own actor pool)"
 )
+RESUME_STUDY_HELP = (
+    "continue the latest try of this study in its MLflow experiment: runs that finished there "
+    "with the same settings are read back, not run again; the others run under the same parent "
+    "run (without an earlier try: a new study)"
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -153,6 +158,7 @@ def build_parser() -> argparse.ArgumentParser:
     cmp_p.add_argument("args", nargs="*", metavar="key=value", help=STUDY_ARGS)
     cmp_p.add_argument("-q", "--quiet", action="store_true", help=QUIET_HELP)
     cmp_p.add_argument("--parallel", type=_runs_at_once, metavar="N", help=PARALLEL_HELP)
+    cmp_p.add_argument("--resume", action="store_true", help=RESUME_STUDY_HELP)
     sweep_p = sub.add_parser(
         "sweep",
         help="run a grid study (cells x variants x seeds) under one MLflow parent run",
@@ -163,6 +169,7 @@ def build_parser() -> argparse.ArgumentParser:
     sweep_p.add_argument("args", nargs="*", metavar="key=value", help=STUDY_ARGS)
     sweep_p.add_argument("-q", "--quiet", action="store_true", help=QUIET_HELP)
     sweep_p.add_argument("--parallel", type=_runs_at_once, metavar="N", help=PARALLEL_HELP)
+    sweep_p.add_argument("--resume", action="store_true", help=RESUME_STUDY_HELP)
     insp_p = sub.add_parser(
         "inspect",
         help="print one round's merge diagnostics of a run (clients, ranks, labels, shares)",
@@ -269,7 +276,7 @@ def _dispatch(ns: argparse.Namespace, executor=None) -> int:
     if ns.command in ("compare", "sweep"):
         from fedsim.simulation.study import run_study
 
-        run_study(ns.study, ns.args, quiet=ns.quiet, parallel=ns.parallel)
+        run_study(ns.study, ns.args, quiet=ns.quiet, parallel=ns.parallel, resume=ns.resume)
         return 0
     if ns.command == "run" and ns.resume:
         from fedsim.simulation.run import resume

@@ -16,6 +16,7 @@ outputs and inputs and the table's ``output`` are checked.
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -75,6 +76,7 @@ def run_study(
     quiet: bool = False,
     pool=None,
     parallel: int | None = None,
+    resume: bool = False,
 ) -> str:
     """Run every cell x variant x seed and return (and write) the Markdown table.
 
@@ -92,6 +94,10 @@ def run_study(
             at its end. With more than one run at once, each lane has a pool of its own.
         parallel: how many runs at once (None: the study's ``parallel``; 0: as many as the
             cluster holds; see :mod:`fedsim.simulation.lanes`).
+        resume: continue the latest parent run of this study in its MLflow experiment: a
+            planned run whose child run there FINISHED with the same name and the same
+            ``fedsim.config_digest`` is not run again (its metrics are read back for the
+            table); the others run under that parent. Without such a parent: a new study.
 
     Raises:
         ConfigError: a bad study file, a run whose config is not allowed, or an ``output``
@@ -108,6 +114,7 @@ def run_study(
     check_path(path, "path")
     extra = check_overrides(extra, "extra")
     check_flag(quiet, "quiet")
+    check_flag(resume, "resume")
     if pool is not None and not (isinstance(pool, RayExecutor) and pool.keep_actors):
         raise ConfigError("pool", f"expected fedsim.warm_pool(), got {type(pool).__name__}")
     if parallel is not None:
@@ -118,18 +125,31 @@ def run_study(
 
     _preflight(study, plan)
 
-    parent = Tracker(plan[0][3], run_name=f"study {Path(path).stem}", log_config=False)
+    name = f"study {Path(path).stem}"
+    earlier, finished = finished_runs(plan, name) if resume else (None, {})
+    if earlier is not None:
+        parent = Tracker.continue_parent(plan[0][3], earlier)
+    else:
+        parent = Tracker(plan[0][3], run_name=name, log_config=False)
     try:  # whatever fails from here on, the parent run ends FAILED, never stays RUNNING
-        started = init_ray(all(cfg.resources.log_to_driver for *_, cfg in plan))
+        todo = [i for i in range(len(plan)) if i not in finished]
+        if resume and not quiet:
+            print(
+                f"resuming: {len(finished)} of {len(plan)} runs finished in MLflow parent run "
+                f"{parent.run_id}; {len(todo)} to run",
+                flush=True,
+            )
+        started = bool(todo) and init_ray(all(cfg.resources.log_to_driver for *_, cfg in plan))
         try:
             cfgs = [cfg for *_, cfg in plan]
             for cfg in cfgs:
                 cfg.tracking.parent_run_id = parent.run_id
+            cfgs = [cfgs[i] for i in todo]
             want = study.parallel if parallel is None else parallel
-            lanes, actors = lanes_mod.lane_count(want, cfgs)
+            lanes, actors = lanes_mod.lane_count(want, cfgs) if cfgs else (1, None)
             if lanes > 1 and not quiet:
                 cap = f", at most {actors} client actors each" if actors else ""
-                print(f"{len(plan)} runs, {lanes} at once{cap}", flush=True)
+                print(f"{len(cfgs)} runs, {lanes} at once{cap}", flush=True)
             done = [0]
 
             def report(i, outcome, seconds):
@@ -142,11 +162,16 @@ def run_study(
                     else f"MLflow run {outcome.run_id}"
                 )
                 label = cfgs[i].tracking.run_name
-                print(f"[{done[0]}/{len(plan)}] {label}: {seconds:.0f} s, {what}", flush=True)
+                print(f"[{done[0]}/{len(cfgs)}] {label}: {seconds:.0f} s, {what}", flush=True)
 
-            outcomes, failures = lanes_mod.run_all(
-                cfgs, lanes, actors, pool if lanes == 1 else None, report
+            ran, failures = (
+                lanes_mod.run_all(cfgs, lanes, actors, pool if lanes == 1 else None, report)
+                if cfgs
+                else ([], [])
             )
+            outcomes = [finished.get(i) for i in range(len(plan))]
+            for i, outcome in zip(todo, ran, strict=True):
+                outcomes[i] = outcome
         finally:
             if started:
                 ray.shutdown()
@@ -187,6 +212,64 @@ def run_study(
     if failures:
         raise StudyIncomplete(failures, len(plan), out)
     return table
+
+
+@dataclass
+class FinishedRun:
+    """A run of an earlier try of the study, read back from MLflow (``resume``): what the
+    table needs of a :class:`fedsim.simulation.run.RunResult`."""
+
+    run_id: str
+    history: list[dict]
+
+
+def finished_runs(plan: list[tuple], name: str) -> tuple[str | None, dict[int, FinishedRun]]:
+    """The latest parent run called ``name`` in the plan's MLflow experiment, and the plan's
+    runs that finished under it: plan index -> the run read back. A child counts when it
+    FINISHED and has the planned run's name and ``fedsim.config_digest`` (the settings that
+    decide its numbers); anything else runs again."""
+    from mlflow import MlflowClient
+
+    from fedsim.config import config_digest, tracking_uri
+
+    cfg = plan[0][3]
+    client = MlflowClient(tracking_uri(cfg.tracking.uri))
+    exp = client.get_experiment_by_name(cfg.tracking.experiment)
+    if exp is None:
+        return None, {}
+    runs = client.search_runs(
+        [exp.experiment_id], order_by=["attributes.start_time DESC"], max_results=50_000
+    )
+    parents = [
+        r for r in runs if r.info.run_name == name and "mlflow.parentRunId" not in r.data.tags
+    ]
+    parent = parents[0].info.run_id
+    children = [
+        r
+        for r in runs
+        if r.data.tags.get("mlflow.parentRunId") == parent and r.info.status == "FINISHED"
+    ]
+    by_name = {}
+    for child in sorted(children, key=lambda r: r.info.start_time):
+        by_name[child.info.run_name] = child  # the latest of a name
+    found = {}
+    for i, (*_, run_cfg) in enumerate(plan):
+        child = by_name.get(run_cfg.tracking.run_name)
+        if child is None or child.data.tags.get("fedsim.config_digest") != config_digest(run_cfg):
+            continue
+        found[i] = FinishedRun(child.info.run_id, _history(client, child))
+    return parent, found
+
+
+def _history(client, run) -> list[dict]:
+    """A run's metrics as :attr:`RunResult.history`: one dict per logged round."""
+    rounds: dict[int, dict] = {}
+    for key in run.data.metrics:
+        if key.startswith("system/"):
+            continue
+        for m in client.get_metric_history(run.info.run_id, key):
+            rounds.setdefault(m.step, {"round": m.step})[key] = m.value
+    return [rounds[t] for t in sorted(rounds)]
 
 
 class StudyIncomplete(RunFailed):

@@ -217,6 +217,25 @@ class Tracker:
         self._guard()
         return self
 
+    @classmethod
+    def continue_parent(cls, cfg: FedSimConfig, run_id: str) -> Tracker:
+        """Continue a study's parent run (``fedsim compare --resume``): same run id, status
+        RUNNING again; it logs no config (its child runs do)."""
+        quiet_mlflow()
+        self = cls.__new__(cls)
+        self.cfg = cfg
+        self.uri = tracking_uri(cfg.tracking.uri)
+        self.client = MlflowClient(tracking_uri=self.uri)
+        run = self.client.get_run(run_id)
+        self.run_id = run_id
+        self.reopened = True
+        self.system_metrics = None
+        self.experiment_id = run.info.experiment_id
+        self.client.update_run(run_id, status="RUNNING")
+        self.logged = -1
+        self._guard()
+        return self
+
     def last_step(self, metric: str) -> int:
         """The highest step logged for ``metric`` (-1 if none)."""
         history = self.client.get_metric_history(self.run_id, metric)
