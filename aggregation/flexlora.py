@@ -21,10 +21,13 @@ from typing import ClassVar, Literal, get_args
 import torch
 from torch import Tensor
 
-from aggregation.lora_keys import rank_axis
 from aggregation.pairs import lora_pairs, stack_factors
 from aggregation.rank_merger import RankMerger
-from aggregation.stacking import accumulation_dtype, sample_weights, weighted_average
+from aggregation.stacking import (
+    accumulation_dtype,
+    sample_weights,
+    with_dense_average,
+)
 from aggregation.validate import check_merge_arguments, check_merge_inputs
 
 SvdMethod = Literal["exact", "lowrank", "auto"]
@@ -194,10 +197,7 @@ def flexlora_merge(
         merged[a_key], merged[b_key] = refactor_pair(
             b_cat @ a_cat, rank, a_tensors[0], b_tensors[0], svd=svd
         )
-    for key in states[0]:
-        if rank_axis(key) is None:
-            merged[key] = weighted_average([state[key] for state in states], weights)
-    return {key: merged[key] for key in states[0]}
+    return with_dense_average(states, merged, weights)
 
 
 class FlexLoRAMerger(RankMerger):

@@ -15,10 +15,14 @@ from typing import ClassVar
 
 from torch import Tensor
 
-from aggregation.lora_keys import is_lora, rank_axis
+from aggregation.lora_keys import is_lora
 from aggregation.pairs import factor_product, lora_pairs, stack_factors
 from aggregation.rank_merger import RankMerger
-from aggregation.stacking import accumulation_dtype, sample_weights, weighted_average
+from aggregation.stacking import (
+    accumulation_dtype,
+    sample_weights,
+    with_dense_average,
+)
 from aggregation.streaming import StackedStream, StreamingMerge
 from aggregation.validate import check_merge_arguments, check_merge_inputs
 
@@ -58,10 +62,7 @@ def flora_stack(
         merged[b_key] = b_cat.reshape(b_cat.shape[0], total, *b_tensors[0].shape[2:]).to(
             b_tensors[0].dtype
         )
-    for key in states[0]:
-        if rank_axis(key) is None:
-            merged[key] = weighted_average([state[key] for state in states], weights)
-    return {key: merged[key] for key in states[0]}
+    return with_dense_average(states, merged, weights)
 
 
 def flora_delta(stacked_state: Mapping[str, Tensor]) -> dict[str, Tensor]:

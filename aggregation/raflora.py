@@ -43,10 +43,14 @@ from torch import Tensor
 
 from aggregation.fedilora import EMPTY_DIM_CHOICES, EmptyDim, dimension_weights
 from aggregation.flexlora import SVD_CHOICES, SvdMethod, refactor_pair
-from aggregation.lora_keys import default_global_rank, rank_axis
+from aggregation.lora_keys import default_global_rank
 from aggregation.pairs import a_matrix, b_matrix, lora_pairs, stack_factors
 from aggregation.rank_merger import RankMerger
-from aggregation.stacking import accumulation_dtype, sample_weights, weighted_average
+from aggregation.stacking import (
+    accumulation_dtype,
+    sample_weights,
+    with_dense_average,
+)
 from aggregation.validate import check_merge_arguments, check_merge_inputs
 
 PartitionWeights = Literal["samples", "clients"]
@@ -220,10 +224,7 @@ def raflora_merge(
             products[prefix], rank, states[0][a_key], states[0][b_key], svd=svd
         )
     client_weights = sample_weights(num_samples)
-    for key in states[0]:
-        if rank_axis(key) is None:
-            merged[key] = weighted_average([state[key] for state in states], client_weights)
-    return {key: merged[key] for key in states[0]}
+    return with_dense_average(states, merged, client_weights)
 
 
 class RaFLoRAMerger(RankMerger):

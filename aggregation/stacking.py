@@ -8,7 +8,7 @@ FediLoRA (per-dimension weights) alike, with no loop over dimensions.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 from torch import Tensor
@@ -120,3 +120,20 @@ def weighted_average(tensors: Sequence[Tensor], weights: Tensor) -> Tensor:
     stacked = torch.stack([tensor.to(dtype) for tensor in tensors])  # (|S|, *shape)
     merged = torch.tensordot(weights.to(device=stacked.device, dtype=dtype), stacked, dims=1)
     return merged.to(tensors[0].dtype)
+
+
+def with_dense_average(
+    states: Sequence[Mapping[str, Tensor]], merged: dict[str, Tensor], weights: Tensor
+) -> dict[str, Tensor]:
+    """``merged`` (the merged LoRA factors) completed with the dense keys (no rank axis:
+    heads, norms) averaged with ``weights``, in the clients' key order.
+
+    Args:
+        states: The clients' state dicts (same keys).
+        merged: The merged tensors of the LoRA keys (filled in place).
+        weights: One weight per client, shape ``(|S|,)``.
+    """
+    for key in states[0]:
+        if rank_axis(key) is None:
+            merged[key] = weighted_average([state[key] for state in states], weights)
+    return {key: merged[key] for key in states[0]}

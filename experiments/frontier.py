@@ -76,9 +76,10 @@ def collect(store: str, experiment: str) -> dict[str, list[dict]]:
         name = run.info.run_name or run.info.run_id
         match = re.search(r"\s+seed=(\d+)$", name)
         variant = name[: match.start()] if match else name
-        history = {
+        history = {  # system metrics: one read each per run, and no row reads them
             key: {m.step: m.value for m in client.get_metric_history(run.info.run_id, key)}
             for key in run.data.metrics
+            if not key.startswith("system/")
         }
         history["seed"] = int(match.group(1)) if match else 0
         out[variant].append(history)
